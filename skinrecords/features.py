@@ -1,0 +1,79 @@
+"""The tf.train.Example schema, defined once for the writer (records) and the reader (pipeline).
+
+Keys follow the public SIIM-ISIC Kaggle melanoma TFRecords (`image`, `image_name`, `target`) so those
+files read without conversion; `patient_id`, `fold`, `height` and `width` are ours and optional on
+read. Shard file names follow tensorflow/models: ``{split}-{i:05d}-of-{n:05d}.tfrecord``.
+"""
+
+from __future__ import annotations
+
+import re
+
+IMAGE = "image"  # encoded JPEG or PNG bytes, RGB
+IMAGE_NAME = "image_name"  # file stem, unique within a dataset
+TARGET = "target"  # int64 class id (index into manifest["classes"])
+PATIENT_ID = "patient_id"  # "" when unknown
+FOLD = "fold"  # int64 fold of a training example, -1 when no folds
+HEIGHT = "height"
+WIDTH = "width"
+
+# Keys every reader can rely on (present in the Kaggle files too).
+REQUIRED_KEYS = (IMAGE, IMAGE_NAME, TARGET)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid", "test")
+
+_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  """Canonical shard file name, e.g. ``train-00003-of-00016.tfrecord``."""
+  return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+  """Inverse of `shard_name`; None for anything else."""
+  m = _SHARD_RE.match(name)
+  if not m:
+    return None
+  return m["split"], int(m["index"]), int(m["count"])
+
+
+def serialize_example(*, image: bytes, image_name: str, target: int, patient_id: str = "",
+                      fold: int = -1, height: int, width: int) -> bytes:
+  """One record as serialized `tf.train.Example` bytes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (keeps `features` importable without TF)
+
+  def _bytes(v: bytes):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+  def _int(v: int):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+
+  feature = {
+      IMAGE: _bytes(image),
+      IMAGE_NAME: _bytes(image_name.encode("utf-8")),
+      TARGET: _int(target),
+      PATIENT_ID: _bytes(patient_id.encode("utf-8")),
+      FOLD: _int(fold),
+      HEIGHT: _int(height),
+      WIDTH: _int(width),
+  }
+  # deterministic=True fixes the order of the feature map, so shards are byte-for-byte reproducible.
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
+
+
+def feature_spec():
+  """`tf.io.parse_example` spec; our extra keys default so Kaggle files parse too."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return {
+      IMAGE: tf.io.FixedLenFeature([], tf.string),
+      IMAGE_NAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
+      TARGET: tf.io.FixedLenFeature([], tf.int64),
+      PATIENT_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+      FOLD: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+      HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+      WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+  }
