@@ -1,0 +1,167 @@
+"""Writing and checking sharded TFRecords: atomic shard files, the manifest, and verification.
+
+TensorFlow is imported inside the functions that need it: the converter's `spawn`ed OpenCV workers
+import this package too, and a TensorFlow import costs each of them ~3 s and ~400 MB for nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from skinrecords import features
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+  """Writes JSON to a temporary name, then renames: a reader never sees half a file."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def read_manifest(records_dir: str | os.PathLike) -> dict:
+  path = pathlib.Path(records_dir) / features.MANIFEST
+  try:
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError as err:
+    raise FileNotFoundError(
+        f"{path}: no manifest; is {records_dir} a folder written by bin/make_records?") from err
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from err
+  if manifest.get("format_version") != MANIFEST_VERSION:
+    raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}; this skinrecords "
+                     f"reads format_version {MANIFEST_VERSION}")
+  return manifest
+
+
+class ShardWriter:
+  """Writes one shard to `<name>.tmp`; `close()` returns its summary after the caller renames it.
+
+  Used as a context manager. Nothing under the final name exists until `commit()` renames it, so a
+  run killed mid-shard leaves only a `.tmp` file that the next run overwrites.
+  """
+
+  def __init__(self, path: str | os.PathLike, num_classes: int):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    self.path = pathlib.Path(path)
+    self.tmp = self.path.with_name(self.path.name + ".tmp")
+    self._writer = tf.io.TFRecordWriter(str(self.tmp))
+    self.num_examples = 0
+    self.class_counts = [0] * num_classes
+
+  def write(self, *, image: bytes, image_name: str, target: int, patient_id: str, fold: int,
+            height: int, width: int) -> None:
+    self._writer.write(features.serialize_example(
+        image=image, image_name=image_name, target=target, patient_id=patient_id, fold=fold,
+        height=height, width=width))
+    self.num_examples += 1
+    self.class_counts[target] += 1
+
+  def close(self) -> dict:
+    """Flushes the temporary file and returns {num_examples, sha256, class_counts}."""
+    self._writer.close()
+    return {"num_examples": self.num_examples, "sha256": sha256_file(self.tmp),
+            "class_counts": list(self.class_counts)}
+
+  def commit(self) -> None:
+    os.replace(self.tmp, self.path)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._writer.close()
+
+
+@dataclasses.dataclass
+class VerifyReport:
+  records_dir: str
+  shards: int = 0
+  examples: int = 0
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def ok(self) -> bool:
+    return not self.problems
+
+
+def _decode_check(image: bytes, height: int, width: int) -> str | None:
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  arr = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
+  if arr is None:
+    return "image does not decode"
+  if (height, width) != (0, 0) and arr.shape[:2] != (height, width):
+    return f"image is {arr.shape[1]}x{arr.shape[0]}, record says {width}x{height}"
+  return None
+
+
+def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyReport:
+  """Reads every shard named in the manifest: sha256, record count, labels, and that images decode.
+
+  Problems are collected (file, record index, what is wrong) rather than raised, so one run reports
+  everything that is wrong.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  records_dir = pathlib.Path(records_dir)
+  manifest = read_manifest(records_dir)
+  report = VerifyReport(str(records_dir))
+  num_classes = len(manifest["classes"])
+  shard_entries = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
+  total = sum(s["num_examples"] for _, s in shard_entries)
+  bar = tqdm.tqdm(total=total, unit="img", desc="verify", disable=not progress)
+  spec = features.feature_spec()
+  for split, entry in shard_entries:
+    path = records_dir / entry["file"]
+    report.shards += 1
+    if not path.exists():
+      report.problems.append(f"{path}: missing (listed in manifest.json under split {split!r})")
+      continue
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+      report.problems.append(f"{path}: sha256 {digest} does not match manifest {entry['sha256']}")
+    count = 0
+    try:
+      for index, raw in enumerate(tf.data.TFRecordDataset(str(path))):
+        count += 1
+        try:
+          ex = tf.io.parse_single_example(raw, spec)
+        except tf.errors.InvalidArgumentError as err:
+          report.problems.append(f"{path}: record {index}: not a valid Example ({err.message})")
+          continue
+        target = int(ex[features.TARGET])
+        if not 0 <= target < num_classes:
+          report.problems.append(f"{path}: record {index}: target {target} outside 0..{num_classes-1}")
+        problem = _decode_check(ex[features.IMAGE].numpy(), int(ex[features.HEIGHT]),
+                                int(ex[features.WIDTH]))
+        if problem:
+          name = ex[features.IMAGE_NAME].numpy().decode("utf-8", "replace")
+          report.problems.append(f"{path}: record {index} ({name}): {problem}")
+        bar.update(1)
+    except tf.errors.DataLossError as err:  # tensorflow#20835: the error does not name the file.
+      report.problems.append(f"{path}: corrupt after record {count} ({err.message.strip()})")
+    if count != entry["num_examples"]:
+      report.problems.append(
+          f"{path}: {count} records readable, manifest says {entry['num_examples']}")
+    report.examples += count
+  bar.close()
+  return report

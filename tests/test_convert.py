@@ -1,0 +1,325 @@
+"""The converter end to end: layouts, bad inputs, duplicates, splits, reproducibility, resume, verify."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import BIN, REPO, run_bin
+from skinrecords import convert
+from skinrecords import features
+from skinrecords import preprocess
+from skinrecords import records
+
+SIZE = 32
+
+
+def _image(rng, w=48, h=40):
+  """A distinct small image: random blocks, so no two files are identical."""
+  small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+  return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def _write(path: pathlib.Path, rng, ext=".jpg", **kw) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ok, buf = cv2.imencode(ext, _image(rng, **kw))
+  assert ok
+  path.write_bytes(buf.tobytes())
+  return path
+
+
+def _class_folders(root: pathlib.Path, counts: dict[str, int], seed=0) -> None:
+  rng = np.random.default_rng(seed)
+  for cls, n in counts.items():
+    for i in range(n):
+      _write(root / cls / f"{cls.lower()}_{i:04d}.jpg", rng)
+
+
+def _config(input_dir, output_dir, **kw) -> convert.ConvertConfig:
+  pre = preprocess.PreprocessConfig(image_size=SIZE, **kw.pop("pre", {}))
+  kw.setdefault("workers", 1)
+  kw.setdefault("progress", False)
+  return convert.ConvertConfig(input_dir=str(input_dir), output_dir=str(output_dir), preprocess=pre,
+                               **kw)
+
+
+def _read_split(out: pathlib.Path, manifest: dict, split: str) -> list[dict]:
+  spec = features.feature_spec()
+  rows = []
+  for shard in manifest["splits"][split]["shards"]:
+    for raw in tf.data.TFRecordDataset(str(out / shard["file"])):
+      ex = tf.io.parse_single_example(raw, spec)
+      rows.append({k: (v.numpy().decode() if v.dtype == tf.string and k != features.IMAGE
+                       else v.numpy()) for k, v in ex.items()} | {"shard": shard["file"]})
+  return rows
+
+
+def _invariant(manifest):
+  inputs = manifest["inputs"]
+  assert inputs["found"] == (inputs["converted"] + len(inputs["rejected"])
+                             + len(inputs["duplicates"]))
+  assert inputs["converted"] == sum(s["num_examples"] for s in manifest["splits"].values())
+
+
+def test_shard_writer_round_trip(tmp_path):
+  rng = np.random.default_rng(1)
+  written = []
+  for k in range(3):
+    with records.ShardWriter(tmp_path / features.shard_name("train", k, 3), 2) as w:
+      for j in range(5):
+        img = _image(rng, SIZE, SIZE)
+        data = cv2.imencode(".png", img)[1].tobytes()
+        written.append((f"im{k}_{j}", j % 2, f"P{k}", data, img))
+        w.write(image=data, image_name=f"im{k}_{j}", target=j % 2, patient_id=f"P{k}", fold=k,
+                height=SIZE, width=SIZE)
+      summary = w.close()
+      w.commit()
+    assert summary["num_examples"] == 5 and summary["class_counts"] == [3, 2]
+    assert summary["sha256"] == records.sha256_file(w.path)
+    assert not w.tmp.exists()
+  files = sorted(str(p) for p in tmp_path.glob("train-*.tfrecord"))
+  assert [features.parse_shard_name(os.path.basename(f)) for f in files] == [
+      ("train", k, 3) for k in range(3)]
+  spec = features.feature_spec()
+  got = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files)]
+  assert len(got) == len(written)
+  for ex, (name, target, patient, data, img) in zip(got, written):
+    assert ex[features.IMAGE_NAME].numpy().decode() == name
+    assert int(ex[features.TARGET]) == target
+    assert ex[features.PATIENT_ID].numpy().decode() == patient
+    assert ex[features.IMAGE].numpy() == data
+    np.testing.assert_array_equal(tf.io.decode_png(ex[features.IMAGE]).numpy()[..., ::-1], img)
+
+
+def test_class_folders_stratified_and_round_trip(tmp_path):
+  _class_folders(tmp_path / "in", {"Melanoma": 23, "NotMelanoma": 37})
+  result = convert.convert(_config(tmp_path / "in", tmp_path / "out",
+                                   classes=("NotMelanoma", "Melanoma"), min_train_shards=4))
+  m = result.manifest
+  _invariant(m)
+  assert m["classes"] == ["NotMelanoma", "Melanoma"] and m["inputs"]["converted"] == 60
+  assert len(m["splits"]["train"]["shards"]) == 4
+  for split, frac in zip(("train", "valid", "test"), (0.6, 0.2, 0.2)):
+    counts = m["splits"][split]["class_counts"]
+    assert abs(counts["Melanoma"] - 23 * frac) <= 1 and abs(counts["NotMelanoma"] - 37 * frac) <= 1
+  seen = {}
+  for split in ("train", "valid", "test"):
+    rows = _read_split(tmp_path / "out", m, split)
+    assert len(rows) == m["splits"][split]["num_examples"]
+    for r in rows:
+      expected = 1 if r["image_name"].startswith("melanoma") else 0
+      assert r["target"] == expected, r["image_name"]
+      img = tf.io.decode_jpeg(r["image"]).numpy()
+      assert img.shape == (SIZE, SIZE, 3) and (r["height"], r["width"]) == (SIZE, SIZE)
+      assert r["image_name"] not in seen
+      seen[r["image_name"]] = split
+  assert len(seen) == 60
+  assert records.verify(tmp_path / "out", progress=False).ok
+
+
+def test_presplit_layout_is_honoured(tmp_path):
+  rng = np.random.default_rng(2)
+  for split, n in (("train", 6), ("val", 3), ("test", 2)):
+    for cls in ("a", "b"):
+      for i in range(n):
+        _write(tmp_path / "in" / split / cls / f"{split}_{cls}_{i}.png", rng, ext=".png")
+  m = convert.convert(_config(tmp_path / "in", tmp_path / "out")).manifest
+  _invariant(m)
+  assert {s: v["num_examples"] for s, v in m["splits"].items()} == {
+      "train": 12, "valid": 6, "test": 4}
+  for split, prefix in (("train", "train_"), ("valid", "val_"), ("test", "test_")):
+    assert all(r["image_name"].startswith(prefix) for r in _read_split(tmp_path / "out", m, split))
+
+
+def _csv_dataset(root: pathlib.Path, patients=30, per_patient=4, seed=3):
+  """ISIC-like: flat image folder, CSV with image_name (no extension), patient_id, target."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for p in range(patients):
+    target = int(p % 3 == 0)
+    for j in range(per_patient):
+      name = f"ISIC_{p:03d}{j}"
+      _write(root / "images" / f"{name}.jpg", rng)
+      rows.append({"image_name": name, "patient_id": f"IP_{p:03d}", "target": target})
+  return rows
+
+
+def _write_csv(path, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+
+def test_csv_patients_never_cross_splits_and_folds(tmp_path):
+  rows = _csv_dataset(tmp_path / "in")
+  _write_csv(tmp_path / "labels.csv", rows)
+  m = convert.convert(_config(tmp_path / "in", tmp_path / "out", labels_csv=str(
+      tmp_path / "labels.csv"), patient_column="patient_id", folds=3, min_train_shards=6)).manifest
+  _invariant(m)
+  assert m["inputs"]["grouped_by_patient"] and m["inputs"]["converted"] == 120
+  owner = {}
+  for split in m["splits"]:
+    for r in _read_split(tmp_path / "out", m, split):
+      assert owner.setdefault(r["patient_id"], split) == split, r["patient_id"]
+      expected = next(x["target"] for x in rows if x["image_name"] == r["image_name"])
+      assert r["target"] == expected
+      if split == "train":
+        assert 0 <= r["fold"] < 3
+        shard_fold = next(s["fold"] for s in m["splits"]["train"]["shards"]
+                          if s["file"] == r["shard"])
+        assert r["fold"] == shard_fold  # every train shard holds exactly one fold
+      else:
+        assert r["fold"] == -1
+  train = _read_split(tmp_path / "out", m, "train")
+  fold_of_patient = {}
+  for r in train:
+    assert fold_of_patient.setdefault(r["patient_id"], r["fold"]) == r["fold"]
+  assert set(fold_of_patient.values()) == {0, 1, 2}
+  # 0.6/0.2/0.2 of 30 patients, whole patients only: train gets roughly 18 patients' images.
+  assert 60 <= m["splits"]["train"]["num_examples"] <= 84
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_nothing_lost(tmp_path):
+  rows = _csv_dataset(tmp_path / "in", patients=6, per_patient=2)
+  img_dir = tmp_path / "in" / "images"
+  (img_dir / "empty.jpg").write_bytes(b"")
+  (img_dir / "text.jpg").write_text("not an image at all")
+  good = (img_dir / "ISIC_0000.jpg").read_bytes()
+  (img_dir / "trunc.jpg").write_bytes(good[: len(good) // 2])
+  # A PNG whose header claims 100000 x 100000 pixels: must be refused before decoding.
+  png = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+  png[16:24] = (100000).to_bytes(4, "big") * 2
+  (img_dir / "bomb.png").write_bytes(bytes(png))
+  (img_dir / "copy.jpg").write_bytes(good)
+  _write(tmp_path / "outside.jpg", np.random.default_rng(9))
+  _write(img_dir / "odd.jpg", np.random.default_rng(10))
+  bad = [("empty", 0), ("text", 1), ("trunc", 0), ("bomb.png", 1), ("copy", 0), ("missing", 1),
+         ("../outside.jpg", 0), (str(tmp_path / "outside.jpg"), 1), ("odd", "unknown")]
+  rows += [{"image_name": n, "patient_id": "X", "target": t} for n, t in bad]
+  _write_csv(tmp_path / "labels.csv", rows)
+  flags = [f"--input_dir={tmp_path / 'in'}", f"--labels_csv={tmp_path / 'labels.csv'}",
+           "--patient_column=patient_id", "--image_size=32", "--classes=0,1", "--workers=2",
+           "--noprogress"]
+  proc = run_bin("make_records", *flags, f"--output_dir={tmp_path / 'out'}", "--strict",
+                 check=False)
+  assert proc.returncode == 1, proc.stderr
+  m = records.read_manifest(tmp_path / "out")
+  _invariant(m)
+  reasons = {r["path"]: r["reason"] for r in m["inputs"]["rejected"]}
+  by_name = {pathlib.PurePath(k).name: v for k, v in reasons.items()}
+  assert "zero" in by_name["empty.jpg"].lower() or "empty" in by_name["empty.jpg"].lower()
+  assert "trunc" in by_name["trunc.jpg"].lower()
+  assert "text.jpg" in by_name and "bomb.png" in by_name
+  assert "pixel" in by_name["bomb.png"].lower()
+  assert any("not found" in v for v in reasons.values())
+  assert sum("escape" in v for v in reasons.values()) == 2
+  assert any("unknown" in v and "label" in v for v in reasons.values())
+  dups = m["inputs"]["duplicates"]
+  assert [(pathlib.PurePath(d["path"]).name, pathlib.PurePath(d["duplicate_of"]).name)
+          for d in dups] == [("copy.jpg", "ISIC_0000.jpg")]
+  assert m["inputs"]["converted"] == 12  # the 12 good rows; copy.jpg is a duplicate.
+  assert "rejected" in proc.stdout
+  # Without --strict the same input converts and exits 0.
+  run_bin("make_records", *flags, f"--output_dir={tmp_path / 'out2'}")
+
+
+def test_duplicates_across_classes_kept_once(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 5, "b": 5})
+  data = (tmp_path / "in" / "a" / "a_0000.jpg").read_bytes()
+  (tmp_path / "in" / "b" / "zz_copy.jpg").write_bytes(data)
+  m = convert.convert(_config(tmp_path / "in", tmp_path / "out", split=(0.6, 0.4, 0.0))).manifest
+  _invariant(m)
+  assert m["inputs"]["found"] == 11 and m["inputs"]["converted"] == 10
+  assert m["inputs"]["duplicates"] == [{"path": "b/zz_copy.jpg", "duplicate_of": "a/a_0000.jpg"}]
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 10, "b": 10})
+  shas = []
+  for name, seed, workers in (("o1", 0, 1), ("o2", 0, 2), ("o3", 5, 1)):
+    m = convert.convert(_config(tmp_path / "in", tmp_path / name, seed=seed,
+                                workers=workers)).manifest
+    shas.append([s["sha256"] for v in m["splits"].values() for s in v["shards"]])
+  assert shas[0] == shas[1]  # worker count does not change a byte
+  assert shas[0] != shas[2]
+  assert (tmp_path / "o1" / "manifest.json").read_bytes() == (
+      tmp_path / "o2" / "manifest.json").read_bytes()
+
+
+def test_existing_output_from_other_flags_refused_unless_overwrite(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 4, "b": 4})
+  convert.convert(_config(tmp_path / "in", tmp_path / "out"))
+  (tmp_path / "out" / "notes.txt").write_text("mine")
+  again = convert.convert(_config(tmp_path / "in", tmp_path / "out"))  # same flags: nothing to do
+  assert again.resumed_shards == sum(len(s["shards"]) for s in again.manifest["splits"].values())
+  with pytest.raises(convert.OutputExistsError, match="--overwrite"):
+    convert.convert(_config(tmp_path / "in", tmp_path / "out", seed=1))
+  m = convert.convert(_config(tmp_path / "in", tmp_path / "out", seed=1, overwrite=True)).manifest
+  assert m["conversion"]["seed"] == 1
+  assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # unrelated files survive
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path):
+  # Enough work (hair removal on 640x480 sources) that the first kill lands mid-conversion.
+  rng = np.random.default_rng(4)
+  for cls in ("a", "b"):
+    for i in range(90):
+      _write(tmp_path / "in" / cls / f"{cls}{i:03d}.jpg", rng, w=640, h=480)
+  flags = [f"--input_dir={tmp_path / 'in'}", "--image_size=64", "--remove_hair", "--workers=1",
+           "--noprogress", "--min_train_shards=16"]
+  run_bin("make_records", *flags, f"--output_dir={tmp_path / 'ref'}")
+  out = tmp_path / "out"
+  env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen([sys.executable, str(BIN / "make_records"), *flags,
+                           f"--output_dir={out}"], env=env)
+  deadline = time.time() + 120
+  state = out / convert.STATE_DIR
+  while time.time() < deadline and len(list(state.glob("train-*.json"))) < 3:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+  finished = len(list(out.glob("*.tfrecord")))
+  assert finished >= 3
+  proc = run_bin("make_records", *flags, f"--output_dir={out}")
+  assert f"{finished} shards reused" in proc.stdout
+  assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
+  for shard in (tmp_path / "ref").glob("*.tfrecord"):
+    assert (out / shard.name).read_bytes() == shard.read_bytes()
+  assert not list(out.glob("*.tmp")) and not state.exists()
+
+
+def test_verify_catches_a_corrupted_byte(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 6, "b": 6})
+  m = convert.convert(_config(tmp_path / "in", tmp_path / "out")).manifest
+  assert run_bin("verify_records", f"--records_dir={tmp_path / 'out'}", "--noprogress").returncode == 0
+  shard = tmp_path / "out" / m["splits"]["train"]["shards"][0]["file"]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  proc = run_bin("verify_records", f"--records_dir={tmp_path / 'out'}", "--noprogress", check=False)
+  assert proc.returncode == 1
+  assert shard.name in proc.stderr and "sha256" in proc.stderr
+  report = records.verify(tmp_path / "out", progress=False)
+  assert not report.ok and all(shard.name in p for p in report.problems)
+
+
+def test_usage_errors_name_the_value(tmp_path):
+  proc = run_bin("make_records", f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
+                 "--split=0.5,0.6", check=False)
+  assert proc.returncode != 0 and "0.5,0.6" in proc.stderr
+  proc = run_bin("make_records", f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
+                 "--folds=1", check=False)
+  assert proc.returncode != 0 and "--folds=1" in proc.stderr
