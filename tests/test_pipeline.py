@@ -1,0 +1,173 @@
+"""The tf.data pipeline: exactly-once evaluation, balance, folds, per-worker sharding, Kaggle files."""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from skinrecords import convert
+from skinrecords import features
+from skinrecords import pipeline
+from skinrecords import preprocess
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+  """60 "dark" (class a) and 20 "bright" (class b) images: the label is visible in the pixels."""
+  root = tmp_path_factory.mktemp("pipe")
+  rng = np.random.default_rng(0)
+  for cls, n, base in (("a", 60, 40), ("b", 20, 210)):
+    (root / "in" / cls).mkdir(parents=True)
+    for i in range(n):
+      img = np.clip(base + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+      cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), img)
+  config = convert.ConvertConfig(
+      input_dir=str(root / "in"), output_dir=str(root / "out"), split=(0.6, 0.2, 0.2), folds=3,
+      min_train_shards=6, workers=1, progress=False,
+      preprocess=preprocess.PreprocessConfig(image_size=SIZE))
+  convert.convert(config)
+  return root / "out"
+
+
+def _collect(ds):
+  images, labels, names = [], [], []
+  for batch in ds:
+    images.append(batch[0].numpy())
+    labels.append(batch[1].numpy())
+    if len(batch) > 2:
+      names += [n.decode() for n in batch[2].numpy()]
+  return np.concatenate(images), np.concatenate(labels), names
+
+
+def test_evaluation_yields_every_record_once_with_its_label(records_dir):
+  info = pipeline.load_info(records_dir)
+  for split in ("train", "valid", "test"):
+    ds = pipeline.make_dataset(info, split, batch_size=7, training=False, with_names=True)
+    images, labels, names = _collect(ds)
+    assert images.dtype == np.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
+    assert len(names) == len(set(names)) == info.num_examples(split)
+    # Label travels with its own image: bright images are class b (id 1).
+    np.testing.assert_array_equal(labels, (images.mean(axis=(1, 2, 3)) > 128).astype(int))
+    np.testing.assert_array_equal(labels, [n.startswith("b") for n in names])
+    # Fixed order: a second pass is identical.
+    assert _collect(ds)[2] == names
+
+
+def test_training_batches_are_full_shuffled_and_repeat(records_dir):
+  info = pipeline.load_info(records_dir)
+  ds = pipeline.make_dataset(info, "train", batch_size=8, seed=1)
+  batches = list(ds.take(12))
+  assert all(b[0].shape == (8, SIZE, SIZE, 3) for b in batches)
+  assert 12 * 8 > info.num_examples("train")  # it went past one epoch without ending
+
+
+def test_oversample_gives_balanced_classes(records_dir):
+  ds = pipeline.make_dataset(records_dir, "train", batch_size=50, balance="oversample", seed=3)
+  labels = np.concatenate([b[1].numpy() for b in ds.take(20)])
+  assert abs(labels.mean() - 0.5) < 0.05  # the split itself is 25% class b
+  weights = pipeline.class_weights(pipeline.load_info(records_dir))
+  assert weights[1] == pytest.approx(2 * weights[0] * 1.5, rel=0.05)  # 3:1 imbalance, n/(k*n_c)
+
+
+def test_folds_are_disjoint_and_cover_train(records_dir):
+  info = pipeline.load_info(records_dir)
+  all_train = set(_collect(pipeline.make_dataset(info, "train", training=False,
+                                                 with_names=True))[2])
+  valid_sets = []
+  for k in range(3):
+    tr = set(_collect(pipeline.make_dataset(info, "train", fold=k, training=False,
+                                            with_names=True))[2])
+    va = set(_collect(pipeline.make_dataset(info, "valid", fold=k, training=False,
+                                            with_names=True))[2])
+    assert tr and va and not tr & va and tr | va == all_train
+    valid_sets.append(va)
+  assert set.union(*valid_sets) == all_train and sum(map(len, valid_sets)) == len(all_train)
+  with pytest.raises(ValueError, match="fold=7"):
+    info.select("train", fold=7)
+
+
+@pytest.mark.parametrize("pipelines", [3, 20])  # 3 <= shard files: by file; 20 > files: by record
+def test_multi_worker_sharding_is_disjoint_and_complete(records_dir, pipelines):
+  info = pipeline.load_info(records_dir)
+  n_files = len(info.select("train"))
+  assert (pipelines <= n_files) == (pipelines == 3)
+  seen = []
+  for i in range(pipelines):
+    ctx = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=i,
+                                     num_replicas_in_sync=pipelines)
+    ds = pipeline.make_dataset(info, "train", batch_size=1000, training=False, with_names=True,
+                               input_context=ctx)
+    seen.append(_collect(ds)[2] if any(True for _ in ds) else [])
+  flat = [n for names in seen for n in names]
+  assert len(flat) == len(set(flat)) == info.num_examples("train")
+
+
+def test_training_input_fn_per_replica_batch(records_dir):
+  fn = pipeline.input_fn(records_dir, "train", global_batch_size=8)
+  ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                   num_replicas_in_sync=2)
+  images, labels = next(iter(fn(ctx)))
+  assert images.shape[0] == 4 and labels.shape == (4,)
+
+
+def test_resize_only_when_sizes_differ(records_dir):
+  images, _, _ = _collect(pipeline.make_dataset(records_dir, "test", batch_size=4, training=False,
+                                                image_size=16).take(1))
+  assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
+
+
+def _kaggle_files(folder: pathlib.Path, n_files=2, per_file=5):
+  """Files with only the public SIIM-ISIC keys (image, image_name, target), Kaggle naming."""
+  folder.mkdir()
+  rng = np.random.default_rng(5)
+  expected = {}
+  for f in range(n_files):
+    with tf.io.TFRecordWriter(str(folder / f"train{f:02d}-{per_file}.tfrec")) as w:
+      for j in range(per_file):
+        target = (f + j) % 2
+        img = np.full((24, 24, 3), 200 if target else 30, np.uint8) + rng.integers(0, 20, (24, 24, 3),
+                                                                                   dtype=np.uint8)
+        name = f"ISIC_{f}{j}"
+        expected[name] = target
+        feature = {
+            features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[tf.io.encode_jpeg(img).numpy()])),
+            features.IMAGE_NAME: tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[name.encode()])),
+            features.TARGET: tf.train.Feature(int64_list=tf.train.Int64List(value=[target])),
+        }
+        w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+  return expected
+
+
+def test_kaggle_records_without_manifest(tmp_path):
+  expected = _kaggle_files(tmp_path / "kaggle")
+  info = pipeline.load_info(tmp_path / "kaggle")
+  assert info.num_examples("train") == 10 and info.image_size is None
+  with pytest.raises(ValueError, match="image_size"):
+    pipeline.make_dataset(info, "train", training=False)
+  images, labels, names = _collect(pipeline.make_dataset(info, "train", batch_size=4,
+                                                         training=False, image_size=32,
+                                                         with_names=True))
+  assert images.shape == (10, 32, 32, 3)
+  assert dict(zip(names, labels.tolist())) == expected
+  np.testing.assert_array_equal(labels, images.mean(axis=(1, 2, 3)) > 110)
+
+
+def test_corrupt_shard_error_names_the_file(tmp_path):
+  _kaggle_files(tmp_path / "k", n_files=3)
+  bad = sorted((tmp_path / "k").glob("*.tfrec"))[1]
+  data = bytearray(bad.read_bytes())
+  data[len(data) // 2] ^= 0x55
+  bad.write_bytes(bytes(data))
+  info = pipeline.load_info(tmp_path / "k")
+  ds = pipeline.make_dataset(info, "train", batch_size=4, training=False, image_size=24)
+  with pytest.raises(pipeline.CorruptShardError, match=bad.name):
+    collections.deque(pipeline.iterate(ds, info, "train"), maxlen=0)
