@@ -117,17 +117,24 @@ def class_weights(info: DatasetInfo, split: str = "train", fold: int | None = No
   return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
 
 
+def decode_image(encoded, image_size: int | None, stored_size: int | None = None) -> tf.Tensor:
+  """Encoded JPEG/PNG -> uint8 [S, S, 3]; resized (antialiased, rounded) only when S differs from
+  the stored size. `bin/predict` decodes through this too, so serving sees the training pixels."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  if image_size and image_size != stored_size:
+    image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+        image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8)
+  if image_size:
+    image = tf.ensure_shape(image, (image_size, image_size, 3))
+  return image
+
+
 def _decoder(image_size: int | None, stored_size: int | None):
   spec = features.feature_spec()
 
   def decode(serialized):
     ex = tf.io.parse_single_example(serialized, spec)
-    image = tf.io.decode_image(ex[features.IMAGE], channels=3, expand_animations=False)
-    if image_size and image_size != stored_size:  # resize only when the stored size differs
-      image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-          image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8)
-    if image_size:
-      image = tf.ensure_shape(image, (image_size, image_size, 3))
+    image = decode_image(ex[features.IMAGE], image_size, stored_size)
     return image, tf.cast(ex[features.TARGET], tf.int32), ex[features.IMAGE_NAME]
   return decode
 

@@ -1,0 +1,111 @@
+"""Figures: training curves, confusion matrix, ROC and precision-recall curves."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+from sklearn import metrics as skm
+
+# matplotlib's object API (Figure + savefig) renders with Agg and never touches pyplot's global
+# state or a display, so it works headless and from threads.
+
+
+def _figure(width=6.0, height=5.0):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (import ~0.3 s)
+  fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+  return fig, fig.add_subplot()
+
+
+def _title(m: dict, what: str) -> str:
+  fold = f" fold {m['fold']}" if m.get("fold") is not None else ""
+  return f"{what} - {m.get('split', '')}{fold} split, n={m['n']}"
+
+
+def plot_confusion(path: pathlib.Path, m: dict) -> None:
+  cm = np.asarray(m["confusion_matrix"])
+  k = len(m["classes"])
+  fig, ax = _figure(max(5.0, 1.0 + 0.9 * k), max(4.2, 0.8 + 0.8 * k))
+  rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # colour: fraction of the true class
+  im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(im, ax=ax, label="fraction of the true class")
+  for i in range(k):
+    for j in range(k):
+      ax.text(j, i, f"{cm[i, j]}\n({rows[i, j]:.0%})", ha="center", va="center",
+              color="white" if rows[i, j] > 0.5 else "black")
+  ax.set_xticks(range(k), m["classes"], rotation=30 if k > 3 else 0, ha="right" if k > 3 else
+                "center")
+  ax.set_yticks(range(k), m["classes"])
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  rule = (f"P({m['classes'][1]}) >= {m['threshold']:.3g}" if m["threshold"] is not None
+          else "argmax")
+  ax.set_title(f"{_title(m, 'Confusion matrix')}\naccuracy {m['accuracy']:.3f}, {rule}"
+               + ("\nWARNING: collapsed to one class" if m["collapsed"] else ""),
+               color="red" if m["collapsed"] else "black")
+  fig.savefig(path)
+
+
+def plot_curves(roc_path: pathlib.Path, pr_path: pathlib.Path, probs, labels, m: dict) -> None:
+  classes = m["classes"]
+  binary = len(classes) == 2
+  # (name, y_true, score) per curve: the positive class for two classes, one-vs-rest otherwise.
+  curves = [(classes[1], labels == 1, probs)] if binary else [
+      (c, labels == i, probs[:, i]) for i, c in enumerate(classes)]
+  curves = [c for c in curves if 0 < c[1].sum() < len(labels)]
+  fig_roc, ax_roc = _figure()
+  fig_pr, ax_pr = _figure()
+  for name, y, score in curves:
+    fpr, tpr, _ = skm.roc_curve(y, score)
+    precision, recall, _ = skm.precision_recall_curve(y, score)
+    auc = skm.roc_auc_score(y, score)
+    ap = skm.average_precision_score(y, score)
+    label = "" if binary else f"{name}: "
+    ax_roc.plot(fpr, tpr, lw=2, label=f"{label}AUC = {auc:.3f}")
+    ax_pr.step(recall, precision, where="post", lw=2, label=f"{label}AP = {ap:.3f}")
+    if binary:
+      pred = score >= m["threshold"]
+      point = (pred[~y].mean(), pred[y].mean())
+      ax_roc.plot(*point, "o", color="red", label=f"threshold {m['threshold']:.3g}")
+      ax_pr.axhline(y.mean(), ls="--", color="grey", label=f"chance (prevalence {y.mean():.3f})")
+  ax_roc.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
+  if not curves:
+    for ax in (ax_roc, ax_pr):
+      ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
+  positive = f" ({classes[1]} positive)" if binary else " (one-vs-rest)"
+  for ax, fig, path, what, xlabel, ylabel in (
+      (ax_roc, fig_roc, roc_path, "ROC", "false positive rate (1 - specificity)",
+       "true positive rate (sensitivity)"),
+      (ax_pr, fig_pr, pr_path, "Precision-recall", "recall (sensitivity)",
+       "precision (positive predictive value)")):
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(m, what + positive))
+    ax.grid(alpha=0.3)
+    if curves:
+      ax.legend(loc="lower right" if what == "ROC" else "lower left")
+    fig.savefig(path)
+
+
+def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The notebook's curves, train vs validation: accuracy.png, loss.png, auc.png."""
+  epochs = [int(r["epoch"]) for r in history]
+  paths = []
+  for key, title in (("accuracy", "Accuracy"), ("loss", "Loss"), ("auc", "ROC AUC")):
+    fig, ax = _figure(6.0, 4.0)
+    for prefix, label in (("", "train"), ("val_", "validation")):
+      values = [float(r[prefix + key]) for r in history]
+      if not all(math.isnan(v) for v in values):
+        ax.plot(epochs, values, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title(f"{title}: train vs validation")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = pathlib.Path(out_dir) / f"{key}.png"
+    fig.savefig(path)
+    paths.append(path)
+  return paths

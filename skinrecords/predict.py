@@ -1,0 +1,187 @@
+"""Predictions for image files, preprocessed exactly as the model's training records were.
+
+No train/serve skew: each file goes through the converter's own function
+(`preprocess.preprocess_file` with the PreprocessConfig recorded in config.json), which returns the
+encoded bytes the converter would have stored, JPEG artefacts included; those bytes are decoded and,
+when the model's image_size differs from the stored size, resized exactly as `pipeline` does. Bad
+files are reported with a reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+from skinrecords import evaluate
+from skinrecords import pipeline
+from skinrecords import preprocess
+from skinrecords import sources
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+  """What `run` does (bin/predict). Validated on construction."""
+  model_dir: str
+  images: tuple[str, ...] = ()
+  input_dir: str | None = None  # every image under it, recursively (hidden files skipped)
+  output_csv: str | None = None
+  batch_size: int = 32
+  threshold: float = 0.5  # two classes: predicted class 1 when P(class 1) >= threshold
+  tta: int = 0  # as EvalConfig.tta
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    if not self.images and not self.input_dir:
+      raise ValueError("no images given: pass image paths, an input_dir, or both")
+    if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
+        self.batch_size < 1:
+      raise ValueError(f"PredictConfig.batch_size={self.batch_size!r}: expected an integer >= 1")
+    if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
+      raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected a float strictly "
+                       "between 0 and 1")
+    evaluate._check_tta(self.tta, "PredictConfig.tta")  # pylint: disable=protected-access
+
+
+def list_images(input_dir) -> list[str]:
+  """Sorted paths of the image files under `input_dir` (recursive; hidden files/folders skipped)."""
+  root = pathlib.Path(input_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: input_dir is not a folder")
+  found = []
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+    found += [os.path.join(folder, f) for f in files if not f.startswith(".") and
+              os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS]
+  return sorted(found)
+
+
+def _preprocess(path: str, config: preprocess.PreprocessConfig) -> bytes | str:
+  """Encoded bytes, or the reason the file was rejected."""
+  try:
+    return preprocess.preprocess_file(path, config)
+  except preprocess.RejectedImage as err:
+    return err.reason + (f": {err.detail}" if err.detail else "")
+  except Exception as err:  # pylint: disable=broad-except  (one odd file must not end the run)
+    return f"unexpected {type(err).__name__}: {err}"
+
+
+def _decode(data: bytes, image_size: int, stored_size: int) -> np.ndarray:
+  return pipeline.decode_image(data, image_size, stored_size).numpy()
+
+
+def _preprocess_config(cfg: dict, model_dir) -> preprocess.PreprocessConfig:
+  if cfg.get("preprocessing"):
+    try:
+      return preprocess.PreprocessConfig.from_dict(cfg["preprocessing"])
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"{model_dir}/{evaluate.CONFIG_FILE}: bad 'preprocessing' ({err})") from err
+  logging.warning("%s/%s records no preprocessing (records made elsewhere?): using a plain "
+                  "%d px centre crop, JPEG q95; predictions may differ from evaluation", model_dir,
+                  evaluate.CONFIG_FILE, cfg["image_size"])
+  return preprocess.PreprocessConfig(image_size=cfg["image_size"])
+
+
+def _batches(paths, pconfig, image_size, batch_size, rejected):
+  """Yields full (images, labels=-1, paths) batches; rejected files go to `rejected`."""
+  # Threads, not processes: OpenCV releases the GIL while decoding and resizing, and a spawned
+  # process would pay ~2 s start-up. Work is submitted a few batches ahead to bound memory.
+  workers = max(1, min(4, os.cpu_count() or 1))
+  images, names = [], []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    step = batch_size * 4
+    for start in range(0, len(paths), step):
+      chunk = paths[start:start + step]
+      for path, result in zip(chunk, pool.map(_preprocess, chunk, [pconfig] * len(chunk))):
+        if isinstance(result, str):
+          rejected.append({"image": path, "reason": result})
+          continue
+        images.append(_decode(result, image_size, pconfig.image_size))
+        names.append(path)
+        if len(images) == batch_size:
+          yield np.stack(images), np.full(len(images), -1), names
+          images, names = [], []
+  if images:
+    yield np.stack(images), np.full(len(images), -1), names
+
+
+def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
+  classes = [str(c) for c in cfg["classes"]]
+  pconfig = _preprocess_config(cfg, model_dir)
+  rejected: list[dict] = []
+  probs, _, names = evaluate.predict_dataset(
+      model, _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected),
+      tta)
+  rows = []
+  for i, name in enumerate(names):
+    if probs.ndim == 1:
+      p = float(probs[i])
+      rows.append({"image": name, "probability": p, "predicted": classes[int(p >= threshold)]})
+    else:
+      p = [float(x) for x in probs[i]]
+      rows.append({"image": name, "probability": p, "predicted": classes[int(np.argmax(p))]})
+  order = {str(p): i for i, p in enumerate(paths)}
+  rejected.sort(key=lambda r: order[r["image"]])
+  return rows, rejected
+
+
+def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 0.5,
+                  tta: int = 0) -> tuple[list[dict], list[dict]]:
+  """Predicts each file in `paths` (in order).
+
+  Returns rows {"image": path, "probability": P(class 1) (two classes) or [P(class k)...],
+  "predicted": class name} and rejected [{"image": path, "reason": str}].
+  """
+  model, cfg = evaluate.load_model_dir(model_dir)
+  return _predict(model, cfg, paths, batch_size, threshold, tta, model_dir)
+
+
+def write_csv(rows: list[dict], path, classes: list[str]) -> None:
+  """image, probability (P(class 1), or P(predicted) for K > 2), predicted[, p_<class>...]."""
+  binary = len(classes) == 2
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["image", "probability", "predicted"] + ([] if binary else
+                                                        [f"p_{c}" for c in classes]))
+    for r in rows:
+      p = r["probability"]
+      if binary:
+        w.writerow([r["image"], f"{p:.8g}", r["predicted"]])
+      else:
+        w.writerow([r["image"], f"{max(p):.8g}", r["predicted"]] + [f"{q:.8g}" for q in p])
+
+
+def format_table(rows: list[dict], classes: list[str] | None = None) -> str:
+  """A fixed-width text table: image, probability, predicted class."""
+  header = "P(predicted)" if rows and isinstance(rows[0]["probability"], list) else (
+      f"P({classes[1]})" if classes and len(classes) == 2 else "probability")
+  width = max([len("image")] + [len(r["image"]) for r in rows])
+  lines = [f"{'image':<{width}}  {header:>12}  predicted"]
+  for r in rows:
+    p = max(r["probability"]) if isinstance(r["probability"], list) else r["probability"]
+    lines.append(f"{r['image']:<{width}}  {p:>12.4f}  {r['predicted']}")
+  return "\n".join(lines)
+
+
+def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
+  """bin/predict: lists the images, predicts them, writes the CSV when asked.
+
+  Returns (rows, rejected, classes).
+  """
+  config.validate()
+  paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
+  model, cfg = evaluate.load_model_dir(config.model_dir)
+  rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
+                            config.model_dir)
+  classes = [str(c) for c in cfg["classes"]]
+  if config.output_csv:
+    pathlib.Path(config.output_csv).parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, config.output_csv, classes)
+  return rows, rejected, classes

@@ -1,0 +1,349 @@
+"""Evaluation and prediction: labels stay with their images, sklearn metrics, collapse, TTA, skew.
+
+Private helpers (_write_outputs, _dihedral, _preprocess, _decode) are tested directly where a whole
+model run would only add compile time.
+"""
+# pylint: disable=protected-access
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+import tensorflow as tf
+
+from conftest import run_bin
+from skinrecords import convert
+from skinrecords import evaluate
+from skinrecords import metrics
+from skinrecords import models
+from skinrecords import pipeline
+from skinrecords import predict
+from skinrecords import preprocess
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """45 dark (class a) and 30 bright (class b) non-square PNGs -> 32 px JPEG records."""
+  root = tmp_path_factory.mktemp("eval")
+  rng = np.random.default_rng(0)
+  for cls, n, base in (("a", 45, 50), ("b", 30, 200)):
+    (root / "in" / cls).mkdir(parents=True)
+    for i in range(n):
+      shape = (40, 48, 3) if i % 2 else (52, 40, 3)  # crop + INTER_AREA resize both ways
+      img = np.clip(base + rng.integers(-40, 40, shape), 0, 255).astype(np.uint8)
+      cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), img)
+  convert.convert(convert.ConvertConfig(
+      input_dir=str(root / "in"), output_dir=str(root / "records"), split=(0.6, 0.2, 0.2),
+      min_train_shards=2, workers=1, progress=False,
+      preprocess=preprocess.PreprocessConfig(image_size=SIZE)))
+  return root
+
+
+def _save(model, root: pathlib.Path, name: str) -> pathlib.Path:
+  """A model directory as training writes it: model.keras + config.json."""
+  records = root / "records"
+  manifest = json.loads((records / "manifest.json").read_text())
+  out = root / name
+  out.mkdir()
+  model.save(out / evaluate.MODEL_FILE)
+  (out / evaluate.CONFIG_FILE).write_text(json.dumps({
+      "classes": manifest["classes"], "image_size": SIZE, "records_dir": str(records),
+      "fold": None, "preprocessing": manifest["preprocessing"],
+      "model": models.ModelConfig(backbone="simple_cnn", image_size=SIZE).to_dict(), "train": {}}))
+  return out
+
+
+def _cnn():
+  return models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=SIZE))
+
+
+def _layer(model, name):
+  """A layer of the model or of its nested simple_cnn backbone."""
+  if name in [layer.name for layer in model.layers]:
+    return model.get_layer(name)
+  return model.get_layer("simple_cnn").get_layer(name)
+
+
+@pytest.fixture(scope="module")
+def perfect_dir(data):
+  """Weights built by hand: logit = 30 * (max-pooled brightness - 0.55), so bright = class b.
+
+  Each conv passes the mean colour (block 1) or channel 0 (blocks 2-4) through its centre tap with
+  zero bias; ReLU and max pooling keep it. Batch norm, where the backbone has it, keeps its
+  identity initialisation (mean 0, variance 1).
+  """
+  model = _cnn()
+  for i in range(1, 5):
+    weights = [np.zeros_like(w) for w in _layer(model, f"block{i}_conv").get_weights()]
+    weights[0][1, 1, :, 0] = 1 / 3 if i == 1 else 0
+    weights[0][1, 1, 0, 0] = 1 / 3 if i == 1 else 1
+    _layer(model, f"block{i}_conv").set_weights(weights)
+  head = np.zeros((128, 1), np.float32)
+  head[0, 0] = 30.0
+  _layer(model, "logits").set_weights([head, np.array([-30 * 0.55], np.float32)])
+  return _save(model, data, "perfect")
+
+
+@pytest.fixture(scope="module")
+def constant_dir(data):
+  model = _cnn()
+  _layer(model, "logits").set_weights([np.zeros((128, 1), np.float32),
+                                       np.array([50.0], np.float32)])
+  return _save(model, data, "constant")
+
+
+@pytest.fixture(scope="module")
+def random_dir(data):
+  """Random conv weights (sensitive to every pixel); the head is rescaled so the logits spread
+  over ~N(0, 2) on the training images instead of sitting near 0."""
+  keras.utils.set_random_seed(3)
+  model = _cnn()
+  features = keras.Model(model.input, model.get_layer("pool").output)
+  images = np.concatenate([b[0].numpy() for b in pipeline.make_dataset(
+      data / "records", "train", training=False)])
+  kernel, _ = model.get_layer("logits").get_weights()
+  z = features(images.astype(np.float32)).numpy() @ kernel[:, 0]
+  scale = 2.0 / z.std()
+  bias = np.array([-np.median(z) * scale], np.float32)
+  _layer(model, "logits").set_weights([kernel * scale, bias])
+  return _save(model, data, "random")
+
+
+def _read_csv(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _records(records_dir, split):
+  ds = pipeline.make_dataset(records_dir, split, training=False, with_names=True)
+  return {n.decode(): int(t) for b in ds for n, t in zip(b[2].numpy(), b[1].numpy())}
+
+
+# --------------------------------------------------------------------------------- pure metrics
+
+
+def test_youden_threshold_hand_made():
+  # Negatives 0.1 0.2 0.3 0.45, positives 0.4 0.6 0.7 0.8 0.9. With "p >= t": any t in (0.45, 0.6]
+  # gives TPR 4/5, FPR 0, J 0.8; t in (0.4, 0.45] J 0.8 - 0.25; t in (0.3, 0.4] TPR 1, FPR 1/4,
+  # J 0.75; t in (0.6, 0.7] J 0.6. The maximum is the interval (0.45, 0.6]: its midpoint 0.525.
+  probs = [0.1, 0.2, 0.3, 0.45, 0.4, 0.6, 0.7, 0.8, 0.9]
+  labels = [0, 0, 0, 0, 1, 1, 1, 1, 1]
+  t = metrics.youden_threshold(probs, labels)
+  assert t == pytest.approx(0.525)
+  pred = np.array(probs) >= t
+  assert pred[4:].mean() - pred[:4].mean() == pytest.approx(0.8)
+  # Perfect separation: halfway between the highest negative and the lowest positive.
+  assert metrics.youden_threshold([0.2, 0.3, 0.7, 0.9], [0, 0, 1, 1]) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="both classes"):
+    metrics.youden_threshold([0.2, 0.3], [1, 1])
+  with pytest.raises(ValueError, match="chance"):
+    metrics.youden_threshold([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1])  # inverted scores
+
+
+def test_compute_metrics_equal_sklearn_and_collapse():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 2, 200)
+  probs = np.clip(0.3 * labels + rng.uniform(0, 0.7, 200), 0, 1)
+  m = metrics.compute_metrics(probs, labels, ["benign", "malignant"], 0.4)
+  pred = (probs >= 0.4).astype(int)
+  assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+  assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
+  assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+  assert m["confusion_matrix"] == skm.confusion_matrix(labels, pred).tolist()
+  assert m["classification_report"]["malignant"]["recall"] == pytest.approx(
+      skm.recall_score(labels, pred))
+  assert not m["collapsed"] and m["warning"] is None
+  # 3 classes: one-vs-rest macro AUC as sklearn computes it.
+  y3 = rng.integers(0, 3, 300)
+  logits = rng.normal(size=(300, 3)) + 1.5 * np.eye(3)[y3]
+  p3 = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  m3 = metrics.compute_metrics(p3, y3, ["x", "y", "z"], None)
+  assert m3["roc_auc"] == pytest.approx(skm.roc_auc_score(y3, p3, multi_class="ovr"))
+  assert m3["pr_auc"] == pytest.approx(skm.average_precision_score(np.eye(3)[y3], p3))
+  assert m3["accuracy"] == pytest.approx(np.mean(p3.argmax(1) == y3)) and not m3["collapsed"]
+  # Collapse: 199 of 200 predicted positive fires, 197 of 200 does not.
+  for n_neg, collapsed in ((1, True), (3, False)):
+    p = np.full(200, 0.9)
+    p[:n_neg] = 0.1
+    m = metrics.compute_metrics(p, labels, ["benign", "malignant"], 0.5)
+    assert m["collapsed"] is collapsed
+    assert (m["warning"] is not None) is collapsed
+  assert "'malignant'" in metrics.compute_metrics(np.full(200, 0.9), labels, ["benign",
+                                                   "malignant"], 0.5)["warning"]
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.compute_metrics(np.full(200, np.nan), labels, ["benign", "malignant"], 0.5)
+
+
+def test_write_outputs_three_classes(tmp_path):
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 3, 40)
+  p = rng.dirichlet(np.ones(3), 40)
+  m = metrics.compute_metrics(p, y, ["mel", "nv", "bkl"], None)
+  m.update(split="test", fold=None)
+  evaluate._write_outputs(tmp_path, m, p, y, [f"img{i}" for i in range(40)])
+  rows = _read_csv(tmp_path / "predictions.csv")
+  assert [r["label"] for r in rows] == [["mel", "nv", "bkl"][i] for i in y]
+  assert [r["predicted"] for r in rows] == [["mel", "nv", "bkl"][i] for i in p.argmax(1)]
+  np.testing.assert_allclose([float(r["p_nv"]) for r in rows], p[:, 1], rtol=1e-6)
+  for name in ("roc.png", "pr.png", "confusion_matrix.png"):
+    assert cv2.imread(str(tmp_path / name)) is not None
+  report = (tmp_path / "report.txt").read_text()
+  assert "one-vs-rest" in report and f"nv {m['roc_auc_per_class']['nv']:.4f}" in report
+
+
+def test_dihedral_order_matches_numpy():
+  x = np.random.default_rng(4).integers(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  expected = [x, np.flip(x, 2), np.flip(x, 1), np.rot90(x, 1, (1, 2)), np.rot90(x, 2, (1, 2)),
+              np.rot90(x, 3, (1, 2)), x.transpose(0, 2, 1, 3),
+              np.rot90(x, 2, (1, 2)).transpose(0, 2, 1, 3)]
+  got = [evaluate._dihedral(tf.constant(x), k).numpy() for k in range(8)]
+  for k in range(8):
+    np.testing.assert_array_equal(got[k], expected[k], err_msg=evaluate.DIHEDRAL[k])
+  assert len({g.tobytes() for g in got}) == 8
+
+
+# ---------------------------------------------------------------------------------- with models
+
+
+def test_tta8_is_the_mean_over_the_eight_transforms(data, random_dir):
+  model, _ = evaluate.load_model_dir(random_dir)
+  images = np.concatenate([b[0].numpy() for b in pipeline.make_dataset(
+      data / "records", "test", training=False)])
+  got, _, _ = evaluate.predict_dataset(model, [(images, np.zeros(len(images)))], tta=8)
+  x = images.astype(np.float32)
+  views = [x, np.flip(x, 2), np.flip(x, 1), np.rot90(x, 1, (1, 2)), np.rot90(x, 2, (1, 2)),
+           np.rot90(x, 3, (1, 2)), x.transpose(0, 2, 1, 3),
+           np.rot90(x, 2, (1, 2)).transpose(0, 2, 1, 3)]
+  each = np.stack([1 / (1 + np.exp(-model(np.ascontiguousarray(v)).numpy()[:, 0]))
+                   for v in views])
+  assert np.ptp(each, axis=0).max() > 0.05  # the transforms really change this model's output
+  np.testing.assert_allclose(got, each.mean(0), atol=1e-5)
+
+
+def test_evaluate_labels_line_up_and_perfect_model_scores_one(data, perfect_dir, capsys):
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(perfect_dir), threshold="youden",
+                                            batch_size=8))
+  out = perfect_dir / "eval_test"
+  rows = _read_csv(out / "predictions.csv")
+  truth = _records(data / "records", "test")
+  assert len(rows) == len(truth) == m["n"]
+  assert {r["image_name"]: r["label"] for r in rows} == {n: "ab"[t] for n, t in truth.items()}
+  assert all(r["image_name"][0] == r["label"] == r["predicted"] for r in rows)  # a000 is class a
+  probs = np.array([float(r["probability"]) for r in rows])
+  labels = np.array([r["label"] == "b" for r in rows], int)
+  assert m["roc_auc"] == skm.roc_auc_score(labels, probs) == 1.0
+  assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
+  assert skm.roc_auc_score(np.random.default_rng(0).permutation(labels), probs) < 0.9
+  assert m["accuracy"] == 1.0 and not m["collapsed"] and "WARNING" not in capsys.readouterr().err
+  assert 0 < m["threshold"] < 1 and "valid" in m["threshold_source"]
+  assert probs[labels == 0].max() < m["threshold"] < probs[labels == 1].min()  # well separated
+  saved = json.loads((out / "metrics.json").read_text())
+  n_b = sum(truth.values())
+  assert saved["roc_auc"] == 1.0 and saved["confusion_matrix"] == [[len(truth) - n_b, 0], [0, n_b]]
+  report = (out / "report.txt").read_text()
+  assert "ROC AUC: 1.0000" in report and "precision" in report
+  for name in ("roc.png", "pr.png", "confusion_matrix.png"):
+    assert cv2.imread(str(out / name)).shape[0] > 300
+
+
+def test_constant_model_warns_collapse_and_corrupt_shard_is_named(data, constant_dir, tmp_path,
+                                                                  capsys):
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(constant_dir)))
+  assert m["collapsed"] and m["predicted_counts"] == {"a": 0, "b": m["n"]}
+  err = capsys.readouterr().err
+  assert "WARNING" in err and "collapsed" in err and "'b'" in err
+  assert "WARNING" in (constant_dir / "eval_test" / "report.txt").read_text()
+  # A corrupt shard is named, not an anonymous DataLossError.
+  bad = tmp_path / "records"
+  shutil.copytree(data / "records", bad)
+  shard = sorted(bad.glob("test-*.tfrecord"))[0]
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 2] ^= 0x55
+  shard.write_bytes(bytes(raw))
+  with pytest.raises(pipeline.CorruptShardError, match=shard.name):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(constant_dir), records_dir=str(bad),
+                                          output_dir=str(tmp_path / "out")))
+
+
+def test_load_model_dir_names_missing_files(tmp_path, constant_dir):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    evaluate.load_model_dir(tmp_path / "nope")
+  (tmp_path / "m").mkdir()
+  shutil.copy(constant_dir / "config.json", tmp_path / "m")
+  with pytest.raises(FileNotFoundError, match="model.keras"):
+    evaluate.load_model_dir(tmp_path / "m")
+  with pytest.raises(ValueError, match="youden"):
+    evaluate.EvalConfig(model_dir="m", threshold="1.5")
+  with pytest.raises(ValueError, match="tta=9"):
+    evaluate.EvalConfig(model_dir="m", tta=9)
+
+
+def test_predict_matches_evaluate_and_reports_bad_files(data, random_dir):
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), batch_size=8))
+  evaluated = {r["image_name"]: float(r["probability"])
+               for r in _read_csv(random_dir / "eval_test" / "predictions.csv")}
+  assert np.std(list(evaluated.values())) > 0.1 and m["n"] == len(evaluated)
+  paths = [str(data / "in" / name[0] / f"{name}.png") for name in sorted(evaluated)]
+  bad = data / "not_an_image.jpg"
+  bad.write_text("hello, I am text")
+  rows, rejected = predict.predict_files(random_dir, paths[:5] + [str(bad)] + paths[5:],
+                                         batch_size=4)
+  assert rejected == [{"image": str(bad), "reason": rejected[0]["reason"]}]
+  assert "not an image" in rejected[0]["reason"]
+  assert [r["image"] for r in rows] == paths
+  got = {pathlib.Path(r["image"]).stem: r["probability"] for r in rows}
+  np.testing.assert_allclose([got[n] for n in sorted(got)], [evaluated[n] for n in sorted(got)],
+                             atol=1e-5)
+  assert all(r["predicted"] == "ab"[r["probability"] >= 0.5] for r in rows)
+  assert predict.list_images(data / "in") == sorted(str(p) for p in (data / "in").rglob("*.png"))
+
+
+def test_predict_pixels_equal_the_pipeline(data):
+  """Train/serve skew check on pixels: predict's path == the records read by pipeline, also when
+  the model's size differs from the stored size (pipeline resizes on read)."""
+  manifest = json.loads((data / "records" / "manifest.json").read_text())
+  config = preprocess.PreprocessConfig.from_dict(manifest["preprocessing"])
+  for size in (SIZE, 24):
+    ds = pipeline.make_dataset(data / "records", "valid", training=False, with_names=True,
+                               image_size=size)
+    for images, _, names in ds:
+      for image, name in zip(images.numpy(), names.numpy()):
+        name = name.decode()
+        encoded = predict._preprocess(str(data / "in" / name[0] / f"{name}.png"), config)
+        np.testing.assert_array_equal(predict._decode(encoded, size, SIZE), image)
+
+
+def test_bins(data, perfect_dir, tmp_path):
+  proc = run_bin("evaluate", f"--model_dir={perfect_dir}", "--tta=2", "--threshold=0.5",
+                 f"--output_dir={tmp_path / 'ev'}")
+  assert "ROC AUC: 1.0000" in proc.stdout and "precision" in proc.stdout
+  assert "threshold: P(b) >= 0.5" in proc.stdout and str(tmp_path / "ev") in proc.stdout
+  for name in ("metrics.json", "report.txt", "predictions.csv", "roc.png", "pr.png",
+               "confusion_matrix.png"):
+    assert (tmp_path / "ev" / name).stat().st_size > 0
+  assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == 2
+
+  folder = tmp_path / "imgs"
+  shutil.copytree(data / "in" / "b", folder)
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+  proc = run_bin("predict", f"--model_dir={perfect_dir}", f"--input_dir={folder}",
+                 f"--output_csv={tmp_path / 'p.csv'}", str(data / "in" / "a" / "a000.png"))
+  rows = _read_csv(tmp_path / "p.csv")
+  assert len(rows) == 31 and rows[0]["image"].endswith("a000.png") and rows[0]["predicted"] == "a"
+  assert all(r["predicted"] == "b" for r in rows[1:]) and "broken.jpg" in proc.stderr
+  assert "a000.png" in proc.stdout
+
+  proc = run_bin("predict", f"--model_dir={perfect_dir}", check=False)
+  assert proc.returncode != 0 and "no images" in proc.stderr
+  proc = run_bin("evaluate", f"--model_dir={perfect_dir}", "--threshold=high", check=False)
+  assert proc.returncode != 0 and "threshold='high'" in proc.stderr and "youden" in proc.stderr
