@@ -1,0 +1,80 @@
+"""Smoke tests for bin/bench_convert and bin/bench_input at a tiny size, so that they cannot rot.
+
+The speed targets live in the benchmarks themselves; here only the report's shape is checked: every
+row printed with a positive rate, one PASS/MISS verdict per target, the work folder removed (or kept
+with --keep).
+"""
+
+from __future__ import annotations
+
+import re
+
+from conftest import run_bin
+
+_RATE = r"\s+(\d+(?:\.\d+)?)"
+
+
+def _rate(stdout: str, label: str, middle: str = "") -> float:
+  m = re.search(re.escape(label) + middle + _RATE, stdout)
+  assert m, f"row {label!r} missing from:\n{stdout}"
+  return float(m[1])
+
+
+def _verdicts(stdout: str) -> list[str]:
+  return [line for line in stdout.splitlines() if re.match(r"(PASS|MISS|n/a) ", line)]
+
+
+def test_bench_convert_prints_every_row_and_removes_its_folder(tmp_path):
+  proc = run_bin("bench_convert", "--num_images=8", "--num_large=2", "--source_size=128x96",
+                 "--large_size=384x288", "--image_size=64", f"--workdir={tmp_path}")
+  out = proc.stdout
+  for label in ("convert.convert, whole run (incl. any start-up)",
+                "worker path only (warm pool, excl. start-up)"):
+    for workers in (1, 2):
+      # workers, seconds, then img/s
+      assert _rate(out, label, rf"\s+{workers}\s+\d+\.\d+") > 0
+  assert "overhead with 1 worker" in out and "overhead with 2 workers" in out
+  assert _rate(out, "reduced_decode=True", r"\s+\d+\.\d+") > 0
+  assert _rate(out, "reduced_decode=False", r"\s+\d+\.\d+") > 0
+  verdicts = _verdicts(out)
+  assert len(verdicts) == 3, out
+  assert all(v.startswith(("PASS", "MISS")) for v in verdicts), verdicts
+  assert [v.split()[1] for v in verdicts] == ["A", "A", "B"]
+  assert ">= 25 img/s" in verdicts[0] and ">= 1.70x" in verdicts[1] and ">= 2.0x" in verdicts[2]
+  assert list(tmp_path.iterdir()) == []  # sources and records removed
+
+
+def test_bench_convert_rejects_a_large_size_too_small_for_reduced_decoding(tmp_path):
+  proc = run_bin("bench_convert", "--image_size=64", "--large_size=120x100",
+                 f"--workdir={tmp_path}", check=False)
+  assert proc.returncode != 0
+  assert "--large_size=120x100" in proc.stderr and "2 x --image_size=64" in proc.stderr
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
+  proc = run_bin("bench_input", "--num_images=16", "--image_size=64", "--batch_size=8",
+                 "--batches=2", "--batches_slow=1", "--warmup=1", "--keep", f"--workdir={tmp_path}")
+  out = proc.stdout
+  lines = out.splitlines()
+  for label in ("(2) keras image_dataset_from_directory + Keras 3 aug layers in map",
+                "(3) skinrecords make_dataset (train)",
+                "(4) (3) + augment_batch, jit_compile=True, per batch",
+                "(5) decode limit: in-memory bytes -> decode_jpeg, AUTOTUNE",
+                "aug alone: Keras Flip+Rotation+Translation+Shear, tf.function",
+                "aug alone: augment_batch, uint8, jit_compile=True"):
+    row = next((line for line in lines if line.startswith(label)), None)
+    assert row, f"row {label!r} missing from:\n{out}"
+    rates = re.fullmatch(re.escape(label) + r"\s+(\d+\.\d)\s+(\d+\.\d)", row)
+    assert rates and float(rates[1]) > 0 and float(rates[2]) > 0, row
+  # Row (1) needs tf_keras (the [bench] extra); without it the row says how to get it.
+  row1 = next(line for line in lines if line.startswith("(1) tf_keras"))
+  assert re.search(r"\s\d+\.\d\s+\d+\.\d$", row1) or row1.endswith("n/a (pip install -e .[bench])")
+  verdicts = _verdicts(out)
+  assert [v.split()[1] for v in verdicts] == ["(3)/(5)", "aug", "(4)/(1)"], out
+  assert all(re.search(r": \d+\.\d\d \[\d+\.\d\d\]$", v) for v in verdicts if v[:4] != "n/a "), out
+  kept = list(tmp_path.iterdir())
+  assert len(kept) == 1 and kept[0].name.startswith("bench_input-"), kept
+  assert f"kept {kept[0]}" in out
+  assert (kept[0] / "records" / "manifest.json").is_file()
+  assert len(list((kept[0] / "images").glob("*/*.jpg"))) == 16
