@@ -1,30 +1,47 @@
-"""Choosing a tf.distribute strategy, mixed precision, and which process may write files.
+"""Choosing a tf.distribute strategy, mixed precision, which process writes files, and the cluster.
 
 MultiWorkerMirroredStrategy must be created before any other TensorFlow op runs, with TF_CONFIG
 already set ("Collective ops must be configured at program startup", tensorflow#34568), so the
-binaries call `make_strategy` first thing.
+binaries build TF_CONFIG (`tf_config_from_hosts`, `tf_config_from_slurm`) and then call
+`make_strategy` first thing.
+
+`train_input` and `valid_input` feed training under any strategy: per-worker file sharding or a
+tf.data service for training, exactly-once padded shares for validation. `serve_data` runs a tf.data
+service dispatcher or worker (`bin/data_service`), so decoding can run on separate CPU machines.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import socket
 import tempfile
+from typing import NamedTuple
 
 import tensorflow as tf
 
+from skinrecords import pipeline
+
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("auto", "on", "off")
+DATA_SERVICE_ROLES = ("dispatcher", "worker")
+_MIRRORED_COUNT = itertools.count()
+_ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[^:/\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)$")
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
   """auto: MirroredStrategy over all GPUs when there are several, else one device (GPU or CPU).
 
   Without GPUs, `mirrored` mirrors over the logical CPU devices (the tests make two of them to stand
-  in for two GPUs).
+  in for two GPUs). `multi_worker` reads the cluster from TF_CONFIG (no TF_CONFIG: one worker) and
+  mirrors over this host's GPUs, or its CPU.
   """
   if name not in STRATEGIES:
     raise ValueError(f"strategy={name!r}; choose one of {', '.join(STRATEGIES)}")
@@ -33,6 +50,14 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
   gpus = tf.config.list_logical_devices("GPU")
   devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
   if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+    # Every MirroredStrategy starts its collective group and instance keys from the same class
+    # attribute (0), so a second one in the same process (a notebook training fold after fold, a
+    # test suite) reuses the first one's keys, which the collective runtime has cached: "Shape
+    # mismatch in the collective instance 102 ... expected shape [32] but another member in the
+    # group expected shape [8]". TensorFlow's own tests move this (private) base by 100000 per
+    # strategy; so do we.
+    setattr(tf.distribute.MirroredStrategy, "_collective_key_base",
+            100000 * next(_MIRRORED_COUNT))
     return tf.distribute.MirroredStrategy(devices)
   return tf.distribute.OneDeviceStrategy(devices[0])
 
@@ -46,18 +71,33 @@ def use_mixed_precision(setting: str) -> bool:
   return setting == "on"
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  """True for the one process that writes results (always true outside multi-worker training)."""
+def _multi_worker_task(strategy) -> tuple[dict, str | None, int | None]:
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    return True
-  task_type, task_id = resolver.task_type, resolver.task_id
+    return {}, None, None
+  return resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """True for the one process that writes results (always true outside multi-worker training)."""
+  cluster, task_type, task_id = _multi_worker_task(strategy)
   if task_type is None:
     return True
-  cluster = resolver.cluster_spec().as_dict()
   if "chief" in cluster:
     return task_type == "chief"
   return task_type == "worker" and task_id == 0
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """Processes taking part in training (chief included); 1 outside multi-worker training."""
+  cluster, _, _ = _multi_worker_task(strategy)
+  return max(1, len(cluster.get("chief", ())) + len(cluster.get("worker", ())))
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+  """"worker 1", "chief 0", or "local" (for log lines)."""
+  _, task_type, task_id = _multi_worker_task(strategy)
+  return "local" if task_type is None else f"{task_type} {task_id}"
 
 
 class WriteDir:
@@ -65,16 +105,23 @@ class WriteDir:
 
   Keras 3's ModelCheckpoint and BackupAndRestore have no chief logic (every worker writes the same
   file); the old tf.keras wrote non-chief copies to temporary paths, which collective saving still
-  needs (every worker must take part in a save). `cleanup()` removes the temporary copy.
+  needs (every worker must take part in a save). `cleanup()` removes the temporary copy. The
+  temporary folder's name carries `tag` and a hash of model_dir, so a restarted worker also removes
+  what a killed predecessor (SIGKILL runs no cleanup) left behind.
   """
 
   def __init__(self, model_dir: str | os.PathLike, chief: bool, tag: str = "worker"):
     self.chief = chief
     if chief:
       self.path = pathlib.Path(model_dir)
-    else:
-      self.path = pathlib.Path(tempfile.mkdtemp(prefix=f"skinrecords_{tag}_"))
-    self.path.mkdir(parents=True, exist_ok=True)
+      self.path.mkdir(parents=True, exist_ok=True)
+      return
+    key = hashlib.sha256(str(pathlib.Path(model_dir).resolve()).encode()).hexdigest()[:12]
+    prefix = f"skinrecords_{re.sub(r'[^A-Za-z0-9]+', '', tag)}_{key}_"
+    for stale in pathlib.Path(tempfile.gettempdir()).glob(prefix + "*"):
+      if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.getuid():
+        shutil.rmtree(stale, ignore_errors=True)
+    self.path = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
 
   def cleanup(self) -> None:
     if not self.chief:
@@ -82,7 +129,15 @@ class WriteDir:
 
 
 def tf_config_from_hosts(worker_hosts: list[str], task_index: int) -> str:
-  """The TF_CONFIG JSON for `--worker_hosts=h1:p,h2:p --task_index=i`."""
+  """The TF_CONFIG JSON for `--worker_hosts=h1:p,h2:p --task_index=i` (worker 0 is the chief)."""
+  if not worker_hosts:
+    raise ValueError("worker_hosts is empty; give host:port for every worker, e.g. "
+                     "h1:12345,h2:12345")
+  for host in worker_hosts:
+    if not _ADDRESS.match(host) or host.startswith("grpc://"):
+      raise ValueError(f"worker host {host!r} is not host:port (e.g. 10.0.0.2:12345)")
+  if len(set(worker_hosts)) != len(worker_hosts):
+    raise ValueError(f"worker_hosts {','.join(worker_hosts)} lists an address twice")
   if not 0 <= task_index < len(worker_hosts):
     raise ValueError(f"task_index={task_index} outside 0..{len(worker_hosts) - 1} for "
                      f"{len(worker_hosts)} worker hosts")
@@ -90,6 +145,201 @@ def tf_config_from_hosts(worker_hosts: list[str], task_index: int) -> str:
                      "task": {"type": "worker", "index": task_index}})
 
 
+def tf_config_from_slurm(port_base: int = 8888) -> str:
+  """The TF_CONFIG JSON for this task of a SLURM job step (`srun`), via SlurmClusterResolver.
+
+  Task i of the step is worker i (worker 0, the chief, is SLURM_PROCID 0); tasks on one node take
+  ports port_base, port_base + 1, .... The resolver also shares the node's GPUs between its tasks
+  by setting CUDA_VISIBLE_DEVICES, which must happen before TensorFlow touches a GPU — hence before
+  `make_strategy`. GPUs per node come from SLURM_GPUS_ON_NODE or CUDA_VISIBLE_DEVICES, else the
+  resolver asks nvidia-smi. Raises ValueError outside a SLURM job step.
+  """
+  resolver_lib = tf.distribute.cluster_resolver
+  missing = [v for v in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                         "SLURM_STEP_TASKS_PER_NODE") if v not in os.environ]
+  if missing:
+    raise ValueError(f"cluster=slurm but {', '.join(missing)} not set: start the workers with "
+                     "srun inside an sbatch/salloc allocation")
+  gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if gpus is None and visible is None and not shutil.which("nvidia-smi"):
+    gpus = "0"  # a CPU node: nvidia-smi is absent and the resolver would fail looking for it
+  kwargs = {}
+  if gpus is not None and gpus.strip() == "0":
+    # With 0 GPUs the resolver's per-node loop `range(0, gpus_per_node, gpus_per_task)` has step 0
+    # and fails; a virtual count of one "GPU" per task keeps every task, and auto_set_gpu=False
+    # leaves CUDA_VISIBLE_DEVICES alone.
+    kwargs = {"gpus_per_node": 1024, "gpus_per_task": 1, "auto_set_gpu": False}
+  try:
+    if gpus is not None and not kwargs:
+      kwargs = {"gpus_per_node": int(gpus)}
+    resolver = resolver_lib.SlurmClusterResolver(port_base=port_base, **kwargs)
+    cluster = resolver.cluster_spec().as_dict()
+  except (RuntimeError, ValueError, KeyError) as err:
+    raise ValueError(f"could not resolve the SLURM cluster from SLURM_* variables "
+                     f"(SLURM_STEP_NODELIST={os.environ['SLURM_STEP_NODELIST']!r}, "
+                     f"SLURM_GPUS_ON_NODE={gpus!r}): {err}") from err
+  # The resolver numbers a node's GPUs 0..n-1; where SLURM already narrowed the visible devices
+  # (CUDA_VISIBLE_DEVICES=4,5,6,7 without device cgroups), index into that list instead.
+  chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible and chosen and chosen != visible:
+    ids = visible.split(",")
+    if all(i.isdigit() and int(i) < len(ids) for i in chosen.split(",")):
+      os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[int(i)] for i in chosen.split(","))
+  return json.dumps({"cluster": cluster,
+                     "task": {"type": resolver.task_type, "index": resolver.task_id}})
+
+
 def log_strategy(strategy: tf.distribute.Strategy) -> None:
-  logging.info("strategy %s with %d replica(s)", type(strategy).__name__,
-               strategy.num_replicas_in_sync)
+  logging.info("strategy %s with %d replica(s) on %d worker(s); this is %s%s",
+               type(strategy).__name__, strategy.num_replicas_in_sync, num_workers(strategy),
+               task_name(strategy), " (chief)" if is_chief(strategy) else "")
+
+
+def same_on_all_workers(strategy: tf.distribute.Strategy, value: int) -> bool:
+  """Whether every worker holds `value` (one all-gather, so also a barrier)."""
+  per_worker = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant([value], tf.int64))
+  values = strategy.gather(per_worker, axis=0).numpy()
+  return int(values.min()) == int(values.max())
+
+
+class ValidInput(NamedTuple):
+  dataset: tf.distribute.DistributedDataset
+  steps: int  # the same on every worker
+  examples: int  # real ones, padding excluded
+
+
+def valid_input(strategy: tf.distribute.Strategy, info: pipeline.DatasetInfo, batch_size: int,
+                image_size: int, fold: int | None = None) -> ValidInput:
+  """The validation split for `strategy`, every example scored exactly once, hang-free.
+
+  Every worker predicts its own share and the predictions are gathered. Shares differ in size (24
+  records over 2 workers are 12 + 12, but 5 files of 18 are 54 + 36), and a worker that runs out
+  of batches first leaves the others waiting in a collective forever (tensorflow#36153). So every
+  worker pads its share with label -1 examples to the same number of full batches, `steps`, and
+  the caller drops label -1 after the gather. (The alternative, every worker predicting the whole
+  set alone, needs no collectives but costs every worker the full validation time.) The bound on a
+  share covers both ways the pipeline shards: by file when there are at least as many files as
+  workers, else by record. `batch_size` is global.
+  """
+  shards = info.select("valid", fold)
+  total = sum(s.num_examples for s in shards)
+  workers = num_workers(strategy)
+  per_replica = batch_size // strategy.num_replicas_in_sync
+  per_step = per_replica * (strategy.num_replicas_in_sync // workers)  # one worker, one step
+  share = -(-total // workers)
+  if len(shards) >= workers:
+    share = max(share, max(sum(s.num_examples for s in shards[i::workers])
+                           for i in range(workers)))
+  steps = max(1, -(-share // per_step))
+
+  def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    ds = pipeline.make_dataset(info, "valid", per_replica, training=False, image_size=image_size,
+                               fold=fold, input_context=ctx)
+    pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),
+                                        tf.constant(-1, tf.int32))).repeat()
+    ds = ds.unbatch().concatenate(pad).take(steps * per_step)
+    return ds.batch(per_replica, drop_remainder=True).prefetch(pipeline.AUTOTUNE)
+
+  return ValidInput(strategy.distribute_datasets_from_function(fn), steps, total)
+
+
+def train_input(strategy: tf.distribute.Strategy, info: pipeline.DatasetInfo, batch_size: int,
+                data_service: str = "", job_key: str = "", **kwargs):
+  """Training batches (`batch_size` global), endless; `kwargs` go to `pipeline.make_dataset`.
+
+  Without `data_service`, each worker reads its own files (pipeline.make_dataset shards by file
+  when there are enough, and logs which). With `data_service` (grpc://host:port of a dispatcher),
+  the pipeline runs on the tf.data service workers: the dispatcher hands whole files to them on
+  demand (dynamic sharding: each file once per pass over the data; files a tf.data worker held when
+  it died are not handed out again, so at-most-once under failures), and every trainer joins one
+  job named from `job_key`, so each batch reaches exactly one trainer.
+  """
+  if not data_service:
+    return strategy.distribute_datasets_from_function(
+        pipeline.input_fn(info, "train", batch_size, **kwargs))
+  service = tf.data.experimental.service
+  job = f"skinrecords_{hashlib.sha256(job_key.encode()).hexdigest()[:16]}"
+  logging.info("training input from the tf.data service at %s, job %s (dynamic sharding by "
+               "file)", data_service, job)
+
+  def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    ds = pipeline.make_dataset(info, "train", ctx.get_per_replica_batch_size(batch_size),
+                               **kwargs)
+    ds = ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC,
+                                     service=data_service, job_name=job))
+    return ds.prefetch(pipeline.AUTOTUNE)
+
+  return strategy.distribute_datasets_from_function(fn)
+
+
+def weights_digest(weights) -> str:
+  """sha256 over the bytes of every weight array, in order: equal digests mean equal weights."""
+  digest = hashlib.sha256()
+  for w in weights:
+    digest.update(w.tobytes())
+  return digest.hexdigest()
+
+
+def parse_address(address: str, what: str = "address") -> tuple[str, int]:
+  """'grpc://host:port' or 'host:port' -> (host, port); ValueError naming the value otherwise."""
+  m = _ADDRESS.match(address or "")
+  if not m or not 0 < int(m["port"]) < 65536:
+    raise ValueError(f"{what}={address!r} is not [grpc://]host:port (e.g. grpc://10.0.0.5:5050)")
+  return m["host"], int(m["port"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DataServiceConfig:
+  """One tf.data service server. A dispatcher hands out work; workers run the input pipelines.
+
+  port: 0 picks a free port (printed at start). worker_address: how trainers reach this worker,
+  `%port%` standing for the bound port; "" means `<hostname>:%port%`. work_dir (dispatcher only):
+  a journal folder that lets a restarted dispatcher recover its jobs (fault-tolerant mode).
+  """
+  role: str
+  port: int = 0
+  dispatcher_address: str = ""
+  worker_address: str = ""
+  work_dir: str = ""
+
+  def validate(self) -> None:
+    if self.role not in DATA_SERVICE_ROLES:
+      raise ValueError(f"role={self.role!r}; choose one of {', '.join(DATA_SERVICE_ROLES)}")
+    if not 0 <= self.port < 65536:
+      raise ValueError(f"port={self.port} must be within 0..65535 (0: any free port)")
+    if self.role == "worker":
+      parse_address(self.dispatcher_address, "dispatcher_address")
+      if self.work_dir:
+        raise ValueError(f"work_dir={self.work_dir!r} is for the dispatcher only")
+    elif self.dispatcher_address or self.worker_address:
+      raise ValueError("dispatcher_address and worker_address are for role=worker only")
+
+
+def start_data_server(config: DataServiceConfig):
+  """Starts the server, which serves in the background, and returns it (keep a reference)."""
+  config.validate()
+  service = tf.data.experimental.service
+  if config.role == "dispatcher":
+    return service.DispatchServer(service.DispatcherConfig(
+        port=config.port, work_dir=config.work_dir or None,
+        fault_tolerant_mode=bool(config.work_dir)))
+  host, port = parse_address(config.dispatcher_address, "dispatcher_address")
+  worker_address = config.worker_address or f"{socket.gethostname()}:%port%"
+  return service.WorkerServer(service.WorkerConfig(
+      dispatcher_address=f"{host}:{port}", worker_address=worker_address, port=config.port))
+
+
+def serve_data(config: DataServiceConfig) -> None:
+  """Runs a tf.data service dispatcher or worker until the process is killed."""
+  server = start_data_server(config)
+  if config.role == "dispatcher":
+    port = server.target.rsplit(":", 1)[1]
+    print(f"tf.data service dispatcher listening on port {port}; train with "
+          f"--data_service=grpc://{socket.gethostname()}:{port}", flush=True)
+  else:
+    port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
+    print(f"tf.data service worker listening on port {port}, registered with dispatcher "
+          f"{config.dispatcher_address}", flush=True)
+  server.join()

@@ -187,11 +187,14 @@ def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "tra
     n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
     if len(files) >= n:
       ds = ds.shard(n, i)
-      logging.info("input pipeline %d/%d reads %d of %d files", i, n, len(files[i::n]), len(files))
+      logging.info("input pipeline %d/%d reads %d of %d %r files: %s", i, n, len(files[i::n]),
+                   len(files), split, ", ".join(os.path.basename(f) for f in files[i::n]))
     else:
-      logging.warning("%d input pipelines but only %d shard files for %r: sharding by record "
-                      "(every pipeline reads every file). Convert with --min_train_shards=%d to "
-                      "shard by file.", n, len(files), split, n)
+      # Evaluation sets are small and often one file: reading every file is expected there.
+      (logging.warning if training else logging.info)(
+          "input pipeline %d/%d: only %d %r shard files, sharding by record (every pipeline reads "
+          "every file)%s", i, n, len(files), split,
+          f". Convert with --min_train_shards={n} to shard by file." if training else "")
       shard_data = (n, i)
   if training:
     # Sharding by record needs the same record order in every pipeline, or pipelines would pick

@@ -6,6 +6,13 @@ per-replica forward + backward (augmentation included) is one `jit_compile=True`
 inside `strategy.run`; the optimizer's `apply_gradients` outside it all-reduces (sums) the gradients
 across replicas and updates the mirrored weights. Per-replica losses are divided by the GLOBAL batch
 so the sum is the mean over the global batch, whatever the replica count.
+
+Multi-worker (MultiWorkerMirroredStrategy, one process per host): every worker runs the same number
+of steps (the training input repeats forever and each epoch is `steps_per_epoch` steps, so no worker
+meets an uneven last batch, tensorflow#36153); only the chief writes model.keras, history, plots,
+config.json and TensorBoard logs; every worker takes part in each backup save (collective saving),
+the chief into MODEL_DIR/backup and the others into temporary folders they remove; on restart every
+worker restores the chief's backup (MODEL_DIR must be on a filesystem all workers see).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class TrainConfig:
   seed: int = 0
   cache: bool = False
   progress: bool = True
+  data_service: str = ""  # grpc://host:port of a tf.data service dispatcher for the train input
 
   def validate(self) -> None:
     if self.balance not in BALANCE:
@@ -64,6 +72,11 @@ class TrainConfig:
     if self.steps_per_epoch < 0 or not 0 <= self.warmup_epochs <= self.epochs:
       raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must be >= 0 and warmup_epochs="
                        f"{self.warmup_epochs} within 0..epochs={self.epochs}")
+    if self.data_service:
+      distribute.parse_address(self.data_service, "data_service")
+      if self.cache:
+        raise ValueError(f"cache=True with data_service={self.data_service!r}: each tf.data "
+                         "worker would cache only the files it happened to get; drop cache")
     self.model.validate()
     self.augment.validate()
 
@@ -107,10 +120,15 @@ class Steps:
       grads = tape.gradient(scaled, model.trainable_variables)
       return loss, grads, _probabilities(logits)
 
+    # Not XLA-compiled on purpose: a jit-compiled forward inside strategy.run failed under
+    # MirroredStrategy on 2 logical CPUs ("Trying to access resource .../replica_1 ... from device
+    # CPU:0"), while the jit-compiled forward + backward above works.
     @tf.function
     def forward(images, labels):
       logits = model(tf.cast(images, tf.float32), training=False)
-      per_example = loss_fn(labels, logits)
+      # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
+      # negative labels, so they are scored as class 0 here and dropped after the gather.
+      per_example = loss_fn(tf.maximum(labels, 0), logits)
       return per_example, _probabilities(logits)
 
     def replica_train(images, labels, step):
@@ -140,15 +158,23 @@ def _scores(probs, labels, classes) -> dict:
   return {"accuracy": m["accuracy"], "auc": math.nan if m["roc_auc"] is None else m["roc_auc"]}
 
 
-def _evaluate(steps: Steps, dist_ds, classes) -> dict:
+def _evaluate(steps: Steps, valid: distribute.ValidInput, classes) -> dict:
+  dist_ds, num_steps, total = valid
   losses, probs, labels = [], [], []
-  for images, lab in dist_ds:
+  iterator = iter(dist_ds)
+  for _ in range(num_steps):  # the same count on every worker: no end-of-data collective
+    images, lab = next(iterator)
     l, p, y = steps.predict_step(images, lab)
     losses.append(l.numpy())
     probs.append(p.numpy())
     labels.append(y.numpy())
-  probs, labels = np.concatenate(probs), np.concatenate(labels)
-  return {"loss": float(np.mean(np.concatenate(losses))), **_scores(probs, labels, classes)}
+  losses, probs, labels = np.concatenate(losses), np.concatenate(probs), np.concatenate(labels)
+  real = labels >= 0
+  if int(real.sum()) != total:
+    raise RuntimeError(f"validation scored {int(real.sum())} examples but the manifest lists "
+                       f"{total}: the per-worker shares were not exactly-once")
+  logging.info("validated %d examples", total)
+  return {"loss": float(np.mean(losses[real])), **_scores(probs[real], labels[real], classes)}
 
 
 def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
@@ -172,11 +198,25 @@ def _make_optimizer(learning_rate: float, mixed: bool):
 
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
   """Trains, writing model.keras (best validation AUC), config.json, history.csv, plots and
-  TensorBoard logs to `config.model_dir`; resumes from its backup when restarted. Returns the
-  final history row plus paths."""
+  TensorBoard logs to `config.model_dir` (the chief only, under multi-worker training); resumes
+  from its backup when restarted. Returns the final history row plus paths."""
   config.validate()
   strategy = strategy or distribute.make_strategy(config.strategy)
   distribute.log_strategy(strategy)
+  replicas = strategy.num_replicas_in_sync
+  if config.batch_size % replicas:
+    raise ValueError(f"batch_size={config.batch_size} does not split evenly over {replicas} "
+                     f"replicas; use a multiple of {replicas}")
+  out = distribute.WriteDir(config.model_dir, distribute.is_chief(strategy),
+                            tag=distribute.task_name(strategy))
+  try:
+    return _train(config, strategy, out)
+  finally:
+    out.cleanup()
+
+
+def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
+           out: distribute.WriteDir) -> dict:
   mixed = distribute.use_mixed_precision(config.mixed_precision)
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   info = pipeline.load_info(config.records_dir)
@@ -190,8 +230,6 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
   if config.balance == "class_weights":
     class_weights = [w for _, w in sorted(pipeline.class_weights(info, "train", fold).items())]
   has_valid = "valid" in info.shards if fold is None else True
-
-  out = distribute.WriteDir(config.model_dir, distribute.is_chief(strategy))
   with strategy.scope():
     model = models.build_model(model_config, class_counts=counts if all(counts) else None)
     warm_opt = _make_optimizer(config.learning_rate, mixed)
@@ -205,34 +243,45 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
     models.set_freeze(model, model_config.freeze)
     main_opt.build(model.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+    best_var = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
   ckpt = tf.train.Checkpoint(model=model, warmup_optimizer=warm_opt, optimizer=main_opt,
                              epoch=epoch_var, best=best_var)
+  # Saves go to this process's folder (a temporary one off the chief); restores always read the
+  # chief's backup, so every worker resumes from the same state.
   manager = tf.train.CheckpointManager(ckpt, str(out.path / "backup"), max_to_keep=1)
-  if manager.latest_checkpoint:
-    ckpt.restore(manager.latest_checkpoint).expect_partial()
-    logging.info("resuming from %s at epoch %d", manager.latest_checkpoint, int(epoch_var.numpy()))
+  latest = tf.train.latest_checkpoint(str(pathlib.Path(config.model_dir) / "backup"))
+  if latest:
+    ckpt.restore(latest).expect_partial()
+    logging.info("resuming from %s at epoch %d", latest, int(epoch_var.numpy()))
   start = int(epoch_var.numpy())
-  history = _read_history(out.path / "history.csv", start)
-  run_config = {"classes": list(info.classes), "image_size": size,
-                "records_dir": str(config.records_dir), "fold": fold,
-                "preprocessing": (info.manifest or {}).get("preprocessing"),
-                "model": model_config.to_dict(), "train": config.to_dict(),
-                "replicas": strategy.num_replicas_in_sync, "mixed_precision": mixed}
-  (out.path / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+  workers = distribute.num_workers(strategy)
+  if workers > 1 and not distribute.same_on_all_workers(strategy, start):
+    raise RuntimeError(f"workers restored different epochs from {config.model_dir}/backup "
+                       f"(this one: {start}); model_dir must be on a filesystem shared by all "
+                       "workers")
+  history = _read_history(out.path / "history.csv", start) if out.chief else []
+  if out.chief:
+    run_config = {"classes": list(info.classes), "image_size": size,
+                  "records_dir": str(config.records_dir), "fold": fold,
+                  "preprocessing": (info.manifest or {}).get("preprocessing"),
+                  "model": model_config.to_dict(), "train": config.to_dict(),
+                  "replicas": strategy.num_replicas_in_sync, "workers": workers,
+                  "mixed_precision": mixed}
+    (out.path / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
-  train_ds = strategy.distribute_datasets_from_function(pipeline.input_fn(
-      info, "train", config.batch_size, training=True, image_size=size, fold=fold,
-      balance="oversample" if config.balance == "oversample" else None,
-      seed=config.seed + start, cache=config.cache))
-  valid_ds = None
-  if has_valid:
-    valid_ds = strategy.experimental_distribute_dataset(pipeline.make_dataset(
-        info, "valid", config.batch_size, training=False, image_size=size, fold=fold))
-  iterator = iter(train_ds)
+  kwargs = dict(training=True, image_size=size, fold=fold, seed=config.seed + start,
+                balance="oversample" if config.balance == "oversample" else None,
+                cache=config.cache)
+  # With a tf.data service, one job per run and resumed epoch, shared by all trainers.
+  job = (f"{pathlib.Path(config.model_dir).resolve()}|{info.records_dir}|{fold}|{config.seed}|"
+         f"{start}")
+  iterator = iter(distribute.train_input(strategy, info, config.batch_size, config.data_service,
+                                         job, **kwargs))
+  valid = (distribute.valid_input(strategy, info, config.batch_size, size, fold) if has_valid
+           else None)
   writer = tf.summary.create_file_writer(str(out.path / "logs")) if out.chief else None
   phase, steps = None, None
-  result = {}
+  result = dict(history[-1]) if history else {}
   for epoch in range(start, config.epochs):
     new_phase = "warmup" if epoch < config.warmup_epochs else "train"
     if new_phase != phase:
@@ -240,33 +289,47 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
       models.set_freeze(model, "all" if phase == "warmup" else model_config.freeze)
       steps = Steps(strategy, model, warm_opt if phase == "warmup" else main_opt, config,
                      class_weights)
-    row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid_ds, info.classes)
+    row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid, info.classes)
     row["phase"] = phase
     history.append(row)
-    score = row["val_auc"] if valid_ds is not None else -row["loss"]
-    if np.isfinite(score) and score > float(best_var.numpy()) or not (out.path / "model.keras").exists():
-      best_var.assign(score if np.isfinite(score) else -1.0)
-      model.save(out.path / "model.keras")
-    # History before the backup: a kill in between leaves a row that the resumed run drops.
-    _write_history(out.path / "history.csv", history)
+    # Every worker gathered the same predictions, so every worker takes the same decision here.
+    score = row["val_auc"] if valid is not None else -row["loss"]
+    improved = bool(np.isfinite(score) and score > float(best_var.numpy()))
+    if improved:
+      best_var.assign(score)
+    if out.chief:
+      if improved or not (out.path / "model.keras").exists():
+        model.save(out.path / "model.keras")
+      # History before the backup: a kill in between leaves a row that the resumed run drops.
+      _write_history(out.path / "history.csv", history)
     epoch_var.assign(epoch + 1)
-    manager.save()
+    manager.save()  # on every worker: saving takes part in collectives
     if writer:
       with writer.as_default(step=epoch + 1):
         for k, v in row.items():
           if isinstance(v, float):
             tf.summary.scalar(k, v)
-    plots.plot_history(history, out.path)
+    if out.chief:
+      plots.plot_history(history, out.path)
     logging.info("epoch %d/%d %s", epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     result = dict(row)
-  out.cleanup()
-  result.update(model_dir=str(out.path), epochs_run=config.epochs - start)
+  digest = distribute.weights_digest(model.get_weights())
+  logging.info("final weights sha256 %s (%s)", digest, distribute.task_name(strategy))
+  result.update(model_dir=str(config.model_dir), epochs_run=config.epochs - start,
+                weights_sha256=digest, chief=out.chief)
+  # Measured with 2 workers on one host: destroying the training iterator blocked 0-10 s in a
+  # tf.data thread join on one worker or the other. Destroy it here, then wait for every worker,
+  # so that no worker leaves the cluster while another still needs it (the one left behind logs
+  # "tasks are unhealthy" errors otherwise).
+  del iterator
+  if workers > 1:
+    distribute.same_on_all_workers(strategy, config.epochs)
   return result
 
 
 def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: TrainConfig,
-               valid_ds, classes) -> dict:
+               valid, classes) -> dict:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   losses, probs, labels = [], [], []
@@ -292,8 +355,8 @@ def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: Train
   train_m = _scores(np.concatenate(probs), np.concatenate(labels), classes)
   row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "accuracy": train_m["accuracy"],
          "auc": train_m["auc"], "images_per_sec": float(ips), "seconds": float(seconds)}
-  if valid_ds is not None:
-    val = _evaluate(steps, valid_ds, classes)
+  if valid is not None:
+    val = _evaluate(steps, valid, classes)
     row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
   else:
     row.update(val_loss=float("nan"), val_accuracy=float("nan"), val_auc=float("nan"))
