@@ -43,3 +43,38 @@ def run_bin(name, *args, check=True, env=None, timeout=600):
     raise AssertionError(f"bin/{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
                          f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
   return proc
+
+
+def convert_folder(input_dir, output_dir, image_size, **kwargs):
+  """Runs the converter in-process (1 worker, no progress bar); returns the output folder."""
+  from skinrecords import convert, preprocess  # pylint: disable=g-import-not-at-top
+
+  kwargs.setdefault("workers", 1)
+  convert.convert(convert.ConvertConfig(
+      input_dir=str(input_dir), output_dir=str(output_dir), progress=False,
+      preprocess=preprocess.PreprocessConfig(image_size=image_size), **kwargs))
+  return output_dir
+
+
+def synthetic_records(root, num_images, min_size, max_size, image_size, **kwargs):
+  """Synthetic ABCD lesions (NotMelanoma = id 0, Melanoma = id 1) converted to records."""
+  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+
+  synthetic.write_dataset(root / "images", synthetic.SyntheticConfig(
+      num_images=num_images, seed=0, min_size=min_size, max_size=max_size), progress=False)
+  return convert_folder(root / "images", root / "records", image_size,
+                        classes=("NotMelanoma", "Melanoma"), **kwargs)
+
+
+def write_dark_bright(folder, classes, noise, shape_of, seed=0):
+  """Class folders of flat PNGs whose class shows in the pixels: `classes` maps a class name to
+  (count, base grey level); `shape_of(i)` gives image i's shape."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  for cls, (n, base) in classes.items():
+    (folder / cls).mkdir(parents=True)
+    for i in range(n):
+      img = np.clip(base + rng.integers(-noise, noise, shape_of(i)), 0, 255).astype(np.uint8)
+      cv2.imwrite(str(folder / cls / f"{cls}{i:03d}.png"), img)

@@ -19,8 +19,7 @@ import pytest
 from sklearn import metrics as skm
 import tensorflow as tf
 
-from conftest import run_bin
-from skinrecords import convert
+from conftest import convert_folder, run_bin, write_dark_bright
 from skinrecords import evaluate
 from skinrecords import metrics
 from skinrecords import models
@@ -35,17 +34,10 @@ SIZE = 32
 def data(tmp_path_factory):
   """45 dark (class a) and 30 bright (class b) non-square PNGs -> 32 px JPEG records."""
   root = tmp_path_factory.mktemp("eval")
-  rng = np.random.default_rng(0)
-  for cls, n, base in (("a", 45, 50), ("b", 30, 200)):
-    (root / "in" / cls).mkdir(parents=True)
-    for i in range(n):
-      shape = (40, 48, 3) if i % 2 else (52, 40, 3)  # crop + INTER_AREA resize both ways
-      img = np.clip(base + rng.integers(-40, 40, shape), 0, 255).astype(np.uint8)
-      cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), img)
-  convert.convert(convert.ConvertConfig(
-      input_dir=str(root / "in"), output_dir=str(root / "records"), split=(0.6, 0.2, 0.2),
-      min_train_shards=2, workers=1, progress=False,
-      preprocess=preprocess.PreprocessConfig(image_size=SIZE)))
+  # Non-square sources: crop + INTER_AREA resize both ways.
+  write_dark_bright(root / "in", {"a": (45, 50), "b": (30, 200)}, 40,
+                    lambda i: (40, 48, 3) if i % 2 else (52, 40, 3))
+  convert_folder(root / "in", root / "records", SIZE, split=(0.6, 0.2, 0.2), min_train_shards=2)
   return root
 
 

@@ -19,12 +19,9 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, run_bin
-from skinrecords import convert
+from conftest import BIN, REPO, run_bin, synthetic_records
 from skinrecords import distribute
 from skinrecords import pipeline
-from skinrecords import preprocess
-from skinrecords import synthetic
 from skinrecords import train
 
 # No augmentation: in a handful of steps it only slows learning, and the tests check that loss falls.
@@ -35,14 +32,8 @@ TRAIN_FLAGS = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16", "--
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
   """120 synthetic lesions as 32 px records: 4 train shards (72 images), 1 valid (24), 1 test."""
-  root = tmp_path_factory.mktemp("mw")
-  synthetic.write_dataset(root / "images", synthetic.SyntheticConfig(
-      num_images=120, seed=0, min_size=(64, 48), max_size=(80, 60)))
-  convert.convert(convert.ConvertConfig(
-      input_dir=str(root / "images"), output_dir=str(root / "records"),
-      classes=("NotMelanoma", "Melanoma"), min_train_shards=4, workers=1, progress=False,
-      preprocess=preprocess.PreprocessConfig(image_size=32)))
-  return root / "records"
+  return synthetic_records(tmp_path_factory.mktemp("mw"), 120, (64, 48), (80, 60), 32,
+                           min_train_shards=4)
 
 
 def _free_port() -> int:

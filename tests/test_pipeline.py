@@ -5,15 +5,13 @@ from __future__ import annotations
 import collections
 import pathlib
 
-import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from skinrecords import convert
+from conftest import convert_folder, write_dark_bright
 from skinrecords import features
 from skinrecords import pipeline
-from skinrecords import preprocess
 
 SIZE = 32
 
@@ -22,18 +20,9 @@ SIZE = 32
 def records_dir(tmp_path_factory):
   """60 "dark" (class a) and 20 "bright" (class b) images: the label is visible in the pixels."""
   root = tmp_path_factory.mktemp("pipe")
-  rng = np.random.default_rng(0)
-  for cls, n, base in (("a", 60, 40), ("b", 20, 210)):
-    (root / "in" / cls).mkdir(parents=True)
-    for i in range(n):
-      img = np.clip(base + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
-      cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), img)
-  config = convert.ConvertConfig(
-      input_dir=str(root / "in"), output_dir=str(root / "out"), split=(0.6, 0.2, 0.2), folds=3,
-      min_train_shards=6, workers=1, progress=False,
-      preprocess=preprocess.PreprocessConfig(image_size=SIZE))
-  convert.convert(config)
-  return root / "out"
+  write_dark_bright(root / "in", {"a": (60, 40), "b": (20, 210)}, 30, lambda i: (40, 40, 3))
+  return convert_folder(root / "in", root / "out", SIZE, split=(0.6, 0.2, 0.2), folds=3,
+                        min_train_shards=6)
 
 
 def _collect(ds):

@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BIN, REPO, run_bin
+from conftest import BIN, REPO, run_bin, synthetic_records
 from skinrecords import augment
-from skinrecords import convert
 from skinrecords import distribute
 from skinrecords import models
 from skinrecords import pipeline
-from skinrecords import preprocess
-from skinrecords import synthetic
 from skinrecords import train
 
 NO_AUGMENT = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, rotation_range=0.0,
@@ -32,14 +29,8 @@ NO_AUGMENT = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, r
 @pytest.fixture(scope="module")
 def abcd_records(tmp_path_factory):
   """Synthetic ABCD dermoscopy, 32 px records, split 0.6/0.2/0.2 (240/80/80 images)."""
-  root = tmp_path_factory.mktemp("abcd")
-  synthetic.write_dataset(root / "images", synthetic.SyntheticConfig(
-      num_images=400, seed=0, min_size=(96, 72), max_size=(128, 96)))
-  convert.convert(convert.ConvertConfig(
-      input_dir=str(root / "images"), output_dir=str(root / "records"),
-      classes=("NotMelanoma", "Melanoma"), min_train_shards=4, workers=1, progress=False,
-      preprocess=preprocess.PreprocessConfig(image_size=32)))
-  return root / "records"
+  return synthetic_records(tmp_path_factory.mktemp("abcd"), 400, (96, 72), (128, 96), 32,
+                           min_train_shards=4)
 
 
 def _weights_after_steps(strategy, init, images, labels, xla=True, steps=3):
