@@ -289,7 +289,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
       models.set_freeze(model, "all" if phase == "warmup" else model_config.freeze)
       steps = Steps(strategy, model, warm_opt if phase == "warmup" else main_opt, config,
                      class_weights)
-    row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid, info.classes)
+    row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid, info)
     row["phase"] = phase
     history.append(row)
     # Every worker gathered the same predictions, so every worker takes the same decision here.
@@ -329,7 +329,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: TrainConfig,
-               valid, classes) -> dict:
+               valid, info: pipeline.DatasetInfo) -> dict:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   losses, probs, labels = [], [], []
@@ -338,7 +338,7 @@ def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: Train
   t0 = time.perf_counter()
   for s in range(num_steps):
     step = tf.constant(epoch * num_steps + s, tf.int64)
-    loss, p, y = pipeline_guard(steps.train_step, iterator, step, config.records_dir)
+    loss, p, y = pipeline_guard(steps.train_step, iterator, step, info)
     losses.append(float(loss))
     probs.append(p.numpy())
     labels.append(y.numpy())
@@ -352,22 +352,21 @@ def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: Train
       config.batch_size / seconds)
   bar.set_postfix(loss=f"{np.mean(losses):.4f}", img_s=f"{ips:.0f}")
   bar.close()
-  train_m = _scores(np.concatenate(probs), np.concatenate(labels), classes)
+  train_m = _scores(np.concatenate(probs), np.concatenate(labels), info.classes)
   row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "accuracy": train_m["accuracy"],
          "auc": train_m["auc"], "images_per_sec": float(ips), "seconds": float(seconds)}
   if valid is not None:
-    val = _evaluate(steps, valid, classes)
+    val = _evaluate(steps, valid, info.classes)
     row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
   else:
     row.update(val_loss=float("nan"), val_accuracy=float("nan"), val_auc=float("nan"))
   return row
 
 
-def pipeline_guard(fn, iterator, step, records_dir):
+def pipeline_guard(fn, iterator, step, info: pipeline.DatasetInfo):
   """Calls a train step; a corrupt shard's anonymous DataLossError becomes one naming the file."""
   try:
     return fn(iterator, step)
   except tf.errors.DataLossError as err:
-    info = pipeline.load_info(records_dir)
     files = [s.path for shards in info.shards.values() for s in shards]
-    raise pipeline.corrupt_shard_error(files, err, records_dir) from err
+    raise pipeline.corrupt_shard_error(files, err, info.records_dir) from err

@@ -28,17 +28,29 @@ def _two_logical_cpus():
 _two_logical_cpus()
 
 
+def bin_env(**extra) -> dict:
+  """The environment bin/ subprocesses run with: this checkout importable, TF logs quiet."""
+  env = dict(os.environ)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(extra)
+  return env
+
+
+def start_bin(name, *args, env=None, **popen_kwargs):
+  """Starts bin/<name> with this interpreter in the background (for kill-and-resume tests)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  return subprocess.Popen([sys.executable, str(BIN / name), *map(str, args)],
+                          env=env or bin_env(), **popen_kwargs)
+
+
 def run_bin(name, *args, check=True, env=None, timeout=600):
   """Runs bin/<name> with this interpreter; returns the CompletedProcess (text output)."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  full_env = dict(os.environ)
-  full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-  if env:
-    full_env.update(env)
   proc = subprocess.run([sys.executable, str(BIN / name), *map(str, args)], capture_output=True,
-                        text=True, env=full_env, timeout=timeout, check=False)
+                        text=True, env=bin_env(**(env or {})), timeout=timeout, check=False)
   if check and proc.returncode != 0:
     raise AssertionError(f"bin/{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
                          f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")

@@ -6,8 +6,6 @@ import csv
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import cv2
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BIN, REPO, run_bin
+from conftest import run_bin, start_bin
 from skinrecords import convert
 from skinrecords import features
 from skinrecords import preprocess
@@ -280,9 +278,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
            "--noprogress", "--min_train_shards=16"]
   run_bin("make_records", *flags, f"--output_dir={tmp_path / 'ref'}")
   out = tmp_path / "out"
-  env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen([sys.executable, str(BIN / "make_records"), *flags,
-                           f"--output_dir={out}"], env=env)
+  proc = start_bin("make_records", *flags, f"--output_dir={out}")
   deadline = time.time() + 120
   state = out / convert.STATE_DIR
   while time.time() < deadline and len(list(state.glob("train-*.json"))) < 3:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, run_bin, synthetic_records
+from conftest import BIN, bin_env, run_bin, synthetic_records
 from skinrecords import distribute
 from skinrecords import pipeline
 from skinrecords import train
@@ -43,8 +43,8 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-  env.update({"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **extra})
+  env = bin_env(**{"TF_CPP_MIN_LOG_LEVEL": "2", **extra})
+  env.pop("TF_CONFIG", None)
   return env
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import keras
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BIN, REPO, run_bin, synthetic_records
+from conftest import run_bin, start_bin, synthetic_records
 from skinrecords import augment
 from skinrecords import distribute
 from skinrecords import models
@@ -102,9 +100,7 @@ def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_p
   flags = [f"--records_dir={abcd_records}", f"--model_dir={model_dir}", "--backbone=simple_cnn",
            "--weights=none", "--batch_size=16", "--epochs=3", "--steps_per_epoch=4",
            "--strategy=one_device", "--noprogress", "--learning_rate=1e-3"]
-  env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen([sys.executable, str(BIN / "train"), *flags], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start_bin("train", *flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and not (model_dir / "backup" / "checkpoint").exists():
     time.sleep(0.05)
