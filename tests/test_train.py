@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -135,3 +136,17 @@ def test_imagenet_weights_offline_fail_fast_with_the_file_to_place(abcd_records,
   assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in proc.stderr
   assert "--weights" in proc.stderr
   assert time.time() - start < 120
+
+
+def test_corrupt_training_shard_is_named(abcd_records, tmp_path):
+  records = tmp_path / "records"
+  shutil.copytree(abcd_records, records)
+  for shard in records.glob("train-*.tfrecord"):
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+  proc = run_bin("train", f"--records_dir={records}", f"--model_dir={tmp_path / 'm'}",
+                 "--backbone=simple_cnn", "--weights=none", "--epochs=1", "--noprogress",
+                 "--strategy=one_device", check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "corrupt TFRecord shard" in proc.stderr and "train-000" in proc.stderr
