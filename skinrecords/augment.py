@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import keras
 import tensorflow as tf
@@ -364,50 +363,3 @@ class Augment(keras.layers.Layer):
 
   def get_config(self) -> dict:
     return {**super().get_config(), "config": self.config.to_dict(), "seed": self.seed}
-
-
-def benchmark(image_size: int = 512, batch_size: int = 32, iters: int = 3,
-              config: AugmentConfig = AugmentConfig()) -> list[tuple[str, float, float]]:
-  """Keras' layer chain vs `augment_batch` with and without XLA, on the default device.
-
-  Returns (path, images per wall second, images per CPU second of this process). Every path is
-  called once untimed (compilation), then the paths take turns `iters` times, each call with a
-  fresh seed, so a load change on shared cores hits all of them alike; the wall rate uses the median
-  call, the CPU rate (robust to other processes on the cores) the total.
-  """
-  config.validate()
-  images = tf.random.stateless_uniform([batch_size, image_size, image_size, 3], [0, 0], 0, 256,
-                                       tf.int32)
-  images_u8, images_f32 = tf.cast(images, tf.uint8), tf.cast(images, tf.float32)
-  same = dict(fill_mode=config.fill_mode, fill_value=config.fill_value,
-              interpolation=config.interpolation)
-  # Keras' shear factor is the tangent of the shear angle; ours is the angle in degrees.
-  shear = math.tan(math.radians(config.shear_range))
-  chain = keras.Sequential([
-      keras.layers.RandomFlip("horizontal_and_vertical", seed=1),
-      keras.layers.RandomRotation(config.rotation_range / 360.0, seed=2, **same),
-      keras.layers.RandomTranslation(config.height_shift_range, config.width_shift_range, seed=3,
-                                     **same),
-      keras.layers.RandomShear(shear, shear, seed=4, **same)])
-  ours = lambda x, s: augment_batch(x, s, config)
-  paths = [
-      ("(a) keras.layers Flip+Rotation+Translation+Shear, float32, tf.function",
-       tf.function(lambda x, s: chain(x, training=True)), images_f32),
-      ("(b) augment_batch, tf.function(jit_compile=True), float32", tf.function(
-          ours, jit_compile=True), images_f32),
-      ("(b) augment_batch, tf.function(jit_compile=True), uint8", tf.function(
-          ours, jit_compile=True), images_u8),
-      ("(c) augment_batch, tf.function without XLA, float32", tf.function(ours), images_f32)]
-  for _, fn, x in paths:
-    fn(x, tf.constant([0, 0])).numpy()  # compile + warm-up
-  # Fetch one value, not the batch: `.numpy()` of a 100 MB result would time a copy into fresh,
-  # page-faulting memory (~0.1 s here), not the augmentation.
-  walls, cpus = [[] for _ in paths], [[] for _ in paths]
-  for i in range(iters):
-    for k, (_, fn, x) in enumerate(paths):
-      wall, cpu = time.perf_counter(), time.process_time()
-      fn(x, tf.constant([0, i + 1]))[0, 0, 0, 0].numpy()
-      walls[k].append(time.perf_counter() - wall)
-      cpus[k].append(time.process_time() - cpu)
-  return [(name, batch_size / sorted(w)[len(w) // 2], iters * batch_size / sum(c))
-          for (name, _, _), w, c in zip(paths, walls, cpus)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from benchmarks import augment as bench_augment
 from conftest import run_bin
 
 _RATE = r"\s+(\d+(?:\.\d+)?)"
@@ -78,3 +79,9 @@ def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
   assert f"kept {kept[0]}" in out
   assert (kept[0] / "records" / "manifest.json").is_file()
   assert len(list((kept[0] / "images").glob("*/*.jpg"))) == 16
+
+
+def test_benchmark_reports_every_path():
+  rows = bench_augment.benchmark(image_size=24, batch_size=2, iters=1)
+  assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(b)", "(c)"]
+  assert all(rate > 0 and cpu_rate > 0 for _, rate, cpu_rate in rows)

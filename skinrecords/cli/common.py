@@ -1,0 +1,108 @@
+"""What every command shares: a quiet start, one-line user errors, and Ctrl-C without a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import os
+import re
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+
+VERBOSE_ENV = "SKINRECORDS_VERBOSE"
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+  """Sends file descriptor 2 to a temporary file; replays it only if the block raises."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+  """Runs the first `import tensorflow` with stderr held back.
+
+  TF 2.21 prints `oneDNN custom operations are on`, `Could not find cuda drivers` and, on some
+  CPU-only hosts, `E0000 ... failed call to cuInit (303)` from C++ *before* absl::InitializeLog,
+  so TF_CPP_MIN_LOG_LEVEL=3 does not hide them (checked here); every CPU run looked like an error.
+  Installed as an import hook rather than importing TensorFlow up front, so that flag errors still
+  come back in well under a second.
+  """
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "tensorflow":
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+      return spec
+    real = spec.loader.exec_module
+
+    def exec_module(module):
+      with _stderr_held_back():
+        real(module)
+    spec.loader.exec_module = exec_module
+    return spec
+
+
+def _quiet_tensorflow() -> None:
+  """Quiet by default; --verbosity >= 1 or SKINRECORDS_VERBOSE=1 brings TensorFlow's lines back."""
+  verbose = (flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1) or os.environ.get(
+      VERBOSE_ENV, "") not in ("", "0")
+  if verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if "tensorflow" not in sys.modules:
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def run(main, command: str) -> None:
+  """`app.run(main)`, with app.UsageError and Ctrl-C turned into short messages on stderr.
+
+  `command` names the program in messages when it runs as `python -m` (argv[0] is then a path to
+  the module); otherwise the name it was started by (bin/train: `train`) is used.
+  """
+  name = os.path.basename(sys.argv[0])
+  if not name or name.endswith(".py"):
+    name = command
+
+  def wrapped(argv):
+    _quiet_tensorflow()
+    try:
+      return main(argv)
+    except app.UsageError as err:
+      print(f"{name}: {err}\n(see {name} --help)", file=sys.stderr)
+      return 2
+    except KeyboardInterrupt:
+      print(f"{name}: interrupted; what was finished is kept (rerun the same command to resume "
+            "where resuming applies)", file=sys.stderr)
+      return 130
+
+  try:
+    app.run(wrapped)
+  except KeyboardInterrupt:  # Ctrl-C while flags were parsed or modules imported.
+    print(f"{name}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def as_flags(message: str, names) -> str:
+  """A library message in flag terms: `task_index=2` becomes `--task_index=2` for these names."""
+  return re.sub(r"(?<![-\w])(" + "|".join(map(re.escape, names)) + r")\b", r"--\1", message)

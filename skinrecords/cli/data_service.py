@@ -1,0 +1,60 @@
+"""Runs a tf.data service server, so training input can be decoded on separate CPU machines.
+
+Start one dispatcher, then any number of workers (each on a machine with spare cores and access to
+the records), then train with --data_service=grpc://DISPATCHER_HOST:PORT. The dispatcher hands
+whole shard files to the workers on demand (dynamic sharding: within one pass over the data each
+file goes to exactly one worker; files a worker was reading when it died are not handed out again,
+so a pass is at-most-once under failures). Every trainer of one run shares one job, so each batch
+reaches exactly one trainer. Validation never goes through the service (it stays exactly-once).
+Runs until killed.
+
+Example:
+  data_service --role=dispatcher --port=5050
+  data_service --role=worker --dispatcher_address=cpu0:5050 --port=5051 \
+      --worker_address=cpu1:5051
+"""
+
+from absl import app
+from absl import flags
+
+from skinrecords.cli import common as cli_common
+
+_ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "dispatcher: the one server "
+                          "trainers connect to; worker: runs input pipelines for it.")
+_PORT = flags.DEFINE_integer("port", 0, "Port to listen on; 0 picks a free one (printed at "
+                             "start). Trainers reach the dispatcher, and the dispatcher and "
+                             "trainers reach each worker, on this port.")
+_DISPATCHER = flags.DEFINE_string("dispatcher_address", "", "Worker only: the dispatcher's "
+                                  "host:port (grpc:// optional).")
+_WORKER_ADDRESS = flags.DEFINE_string("worker_address", "", "Worker only: the address trainers "
+                                      "use to reach this worker, %port% standing for --port "
+                                      "(e.g. cpu1:%port%); default: this host's name:%port%.")
+_WORK_DIR = flags.DEFINE_string("work_dir", "", "Dispatcher only: a folder for its journal, so a "
+                                "restarted dispatcher recovers its jobs (fault-tolerant mode); "
+                                "empty: state is lost on restart.")
+flags.mark_flag_as_required("role")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skinrecords import data_service  # pylint: disable=g-import-not-at-top
+
+  config = data_service.DataServiceConfig(
+      role=_ROLE.value, port=_PORT.value, dispatcher_address=_DISPATCHER.value,
+      worker_address=_WORKER_ADDRESS.value, work_dir=_WORK_DIR.value)
+  try:
+    config.validate()
+  except ValueError as err:
+    raise app.UsageError(str(err)) from err
+  data_service.serve(config)
+  return 0
+
+
+def run():
+  """Console entry point (`skinrecords-data-service`)."""
+  cli_common.run(main, "skinrecords-data-service")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,72 @@
+"""Evaluates a trained model directory on one split of its records.
+
+Reads every example of the split exactly once with its own label, and writes to --output_dir
+(default MODEL_DIR/eval_<split>): metrics.json, report.txt, predictions.csv (image_name, label,
+probability, predicted), confusion_matrix.png, roc.png and pr.png. Prints the classification report,
+ROC AUC, PR AUC and the decision threshold, and warns loudly on stderr when 99% or more of the
+predictions fall in one class. Exits 2 when the model directory or records cannot be used.
+
+Example:
+  evaluate --model_dir=/runs/densenet_fold0 --split=test --threshold=youden --tta=8
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+from skinrecords.cli import common as cli_common
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
+                                 "config.json.")
+_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Records folder to evaluate on (default: "
+                                   "the records_dir in MODEL_DIR/config.json).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate: train, valid or test. With a "
+                             "fold, train/valid are the training folds / the held-out fold.")
+_FOLD = flags.DEFINE_integer("fold", None, "Cross-validation fold for --split=train/valid and the "
+                             "Youden threshold (default: the fold in MODEL_DIR/config.json).")
+_THRESHOLD = flags.DEFINE_string("threshold", "0.5", "Two-class decision threshold on P(class 1): "
+                                 "a float strictly between 0 and 1, or 'youden' (maximise "
+                                 "TPR - FPR on the validation split, then apply it to --split). "
+                                 "Ignored for more than two classes (argmax).")
+_TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 to average the "
+                            "probabilities over the first n of identity, flip left-right, flip "
+                            "up-down, rot90, rot180, rot270, transpose, transverse.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report files go (default: "
+                                  "MODEL_DIR/eval_<split>).")
+flags.mark_flag_as_required("model_dir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skinrecords import evaluate  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  from skinrecords import metrics, pipeline  # pylint: disable=g-import-not-at-top
+
+  try:
+    config = evaluate.EvalConfig(
+        model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
+        fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+        tta=_TTA.value, output_dir=_OUTPUT_DIR.value)
+  except ValueError as err:
+    raise app.UsageError(str(err).replace("EvalConfig.", "--")) from err
+  try:
+    result = evaluate.evaluate(config)
+  except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
+    print(f"evaluate: {err}", file=sys.stderr)
+    return 2
+  print(metrics.format_report(result))
+  print(f"\nwrote {', '.join(pathlib.Path(p).name for p in result['files'].values())} to "
+        f"{result['output_dir']}")
+  return 0
+
+
+def run():
+  """Console entry point (`skinrecords-evaluate`)."""
+  cli_common.run(main, "skinrecords-evaluate")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,69 @@
+"""Predicts image files with a trained model directory, preprocessed exactly like its records.
+
+Each image goes through the preprocessing recorded in MODEL_DIR/config.json (the converter's own
+code: crop, resize, hair removal, JPEG round trip), so predictions match what evaluation sees.
+Prints a table (image, probability, predicted class), writes it as CSV with --output_csv, and lists
+images that could not be read on stderr. Exits 0 when at least one image was predicted, else 1.
+
+Example:
+  predict --model_dir=/runs/densenet_fold0 --input_dir=/clinic/today --output_csv=today.csv
+  predict --model_dir=/runs/densenet_fold0 lesion1.jpg lesion2.png
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from skinrecords.cli import common as cli_common
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
+                                 "config.json.")
+_INPUT_DIR = flags.DEFINE_string("input_dir", None, "Predict every image under this folder "
+                                 "(recursive, sorted; hidden files skipped). Can be combined with "
+                                 "image paths given as arguments.")
+_OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Also write the predictions to this CSV "
+                                  "(image, probability, predicted; per-class columns for more "
+                                  "than two classes).")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two-class decision threshold on P(class 1), "
+                                "strictly between 0 and 1 (e.g. the one bin/evaluate "
+                                "--threshold=youden reported).")
+_TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 dihedral "
+                            "transforms averaged (as bin/evaluate --tta).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+flags.mark_flag_as_required("model_dir")
+
+
+def main(argv):
+  if len(argv) < 2 and not _INPUT_DIR.value:
+    raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER")
+  from skinrecords import predict  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  try:
+    config = predict.PredictConfig(
+        model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
+        output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+        tta=_TTA.value)
+  except ValueError as err:
+    raise app.UsageError(str(err).replace("PredictConfig.", "--")) from err
+  try:
+    rows, rejected, classes = predict.run(config)
+  except (FileNotFoundError, ValueError) as err:
+    print(f"predict: {err}", file=sys.stderr)
+    return 2
+  if rows:
+    print(predict.format_table(rows, classes))
+  for r in rejected:
+    print(f"predict: rejected {r['image']}: {r['reason']}", file=sys.stderr)
+  print(f"{len(rows)} predicted, {len(rejected)} rejected"
+        + (f"; wrote {config.output_csv}" if config.output_csv else ""), file=sys.stderr)
+  return 0 if rows else 1
+
+
+def run():
+  """Console entry point (`skinrecords-predict`)."""
+  cli_common.run(main, "skinrecords-predict")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,200 @@
+r"""Trains a skin-lesion classifier on make_records output, on one GPU, several, or the CPU.
+
+The per-replica forward/backward pass and the augmentation are XLA-compiled inside
+`strategy.run`; the gradient all-reduce and optimizer step run outside (Keras 3 `fit` silently turns
+XLA off under a strategy). Writes to --model_dir: model.keras (best validation AUC), config.json,
+history.csv, accuracy.png / loss.png / auc.png, TensorBoard logs in logs/, and a backup/ it resumes
+from when restarted with the same command.
+
+Several hosts: run the same command on every host with --strategy=multi_worker and the cluster
+from TF_CONFIG, from --worker_hosts=h1:port,h2:port --task_index=i, or from SLURM (--cluster=slurm,
+under srun). Worker 0 is the chief and the only one writing to --model_dir, which must be on a
+filesystem all hosts see (restarts resume from its backup). --data_service=grpc://host:port sends
+the training input through a tf.data service (bin/data_service) so decoding can run elsewhere.
+
+Example:
+  train --records_dir=/data/isic_records --model_dir=/runs/densenet --backbone=densenet121 \
+      --weights=imagenet --warmup_epochs=2 --epochs=20 --balance=oversample
+  train ... --strategy=multi_worker --worker_hosts=10.0.0.1:12345,10.0.0.2:12345 --task_index=0
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from skinrecords.cli import common as cli_common
+
+_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Folder written by make_records (or of "
+                                   "SIIM-ISIC Kaggle .tfrec files).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Where the model, curves and logs go.")
+_BACKBONE = flags.DEFINE_enum("backbone", "densenet121", ["simple_cnn", "vgg16", "resnet50",
+                                                          "densenet121", "efficientnetv2s"],
+                              "Network: simple_cnn is the notebook's small CNN (CPU demos); the "
+                              "others come from keras.applications.")
+_WEIGHTS = flags.DEFINE_string("weights", "imagenet", "imagenet, none, or a path to a weights file "
+                               "(.weights.h5/.h5/.keras). Offline, imagenet needs the file in "
+                               "~/.keras/models/.")
+_FREEZE = flags.DEFINE_string("freeze", "none", "Backbone layers not trained: all, none, or "
+                              "from:LAYER (layers before LAYER frozen, e.g. from:block4_conv1).")
+_DROPOUT = flags.DEFINE_float("dropout", 0.3, "Dropout before the classification head.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Training image side in pixels; 0 uses the "
+                                   "records' size (other sizes are resized on read).")
+_STRATEGY = flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored",
+                                                   "multi_worker"],
+                              "auto: MirroredStrategy over all GPUs if several, else one device. "
+                              "multi_worker: one process per host, all-reducing over the network "
+                              "(cluster from --cluster).")
+_CLUSTER = flags.DEFINE_enum("cluster", "tf_config", ["tf_config", "slurm"],
+                             "Where --strategy=multi_worker finds its peers. tf_config: the "
+                             "TF_CONFIG environment variable, or --worker_hosts/--task_index "
+                             "(neither: a single worker); slurm: the SLURM job step this process "
+                             "was started in by srun (tf.distribute.cluster_resolver."
+                             "SlurmClusterResolver).")
+_WORKER_HOSTS = flags.DEFINE_list("worker_hosts", None, "Every worker's host:port, the same list "
+                                  "on every host, e.g. 10.0.0.1:12345,10.0.0.2:12345; the first is "
+                                  "the chief. Turned into TF_CONFIG; needs --task_index.")
+_TASK_INDEX = flags.DEFINE_integer("task_index", None, "This host's position in --worker_hosts "
+                                   "(0-based; 0 is the chief).")
+_SLURM_PORT = flags.DEFINE_integer("slurm_port_base", 8888, "With --cluster=slurm: the port of "
+                                   "each node's first task; further tasks on a node add 1, 2, ...")
+_DATA_SERVICE = flags.DEFINE_string("data_service", "", "grpc://host:port of a tf.data service "
+                                    "dispatcher (bin/data_service): the training input is read and "
+                                    "decoded by its workers, files handed out dynamically; "
+                                    "validation stays local. Empty: input built in this process.")
+_XLA = flags.DEFINE_enum("xla", "auto", ["auto", "on", "off", "augment"],
+                         "XLA compilation of the per-replica train step. on: augmentation, forward "
+                         "and backward in one XLA program; augment: only the augmentation (the "
+                         "model runs on TensorFlow's kernels); off: none. auto: on with GPUs/TPUs; "
+                         "augment on the CPU, where XLA's convolutions ran at ~0.5x of TensorFlow's "
+                         "oneDNN ones but the fused augmentation needs XLA (off if --noaugment).")
+_MIXED = flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"],
+                           "float16 compute; auto: on with a GPU, off on the CPU.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size, split evenly over all "
+                              "replicas of all workers (must be a multiple of their number).")
+_LR = flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate (head-only during warm-up).")
+_FT_LR = flags.DEFINE_float("fine_tune_learning_rate", 1e-5, "Learning rate after the warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup_epochs", 0, "Epochs training only the head (backbone "
+                               "frozen) before applying --freeze.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Total epochs, warm-up included.")
+_STEPS = flags.DEFINE_integer("steps_per_epoch", 0, "0: train examples // batch size (manifest).")
+_FOLD = flags.DEFINE_integer("fold", None, "Train on every fold but this one, validate on it "
+                             "(records made with --folds).")
+_BALANCE = flags.DEFINE_enum("balance", "none", ["none", "oversample", "class_weights"],
+                             "Class imbalance: class-balanced sampling, or loss weights n/(k*n_c).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for input order and augmentation.")
+_CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
+_PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
+# Augmentation: defaults reproduce the notebook's ImageDataGenerator.
+_AUGMENT = flags.DEFINE_boolean("augment", True, "On-device augmentation (off: none at all).")
+_HFLIP = flags.DEFINE_boolean("horizontal_flip", True, "Random left-right flips.")
+_VFLIP = flags.DEFINE_boolean("vertical_flip", True, "Random up-down flips.")
+_ROTATION = flags.DEFINE_float("rotation_range", 60.0, "Max rotation in degrees.")
+_SHEAR = flags.DEFINE_float("shear_range", 0.3, "Max shear angle in degrees (ImageDataGenerator "
+                            "semantics: 0.3 means 0.3 degrees).")
+_WSHIFT = flags.DEFINE_float("width_shift_range", 0.3, "Max shift, fraction of the width.")
+_HSHIFT = flags.DEFINE_float("height_shift_range", 0.3, "Max shift, fraction of the height.")
+_ZOOM = flags.DEFINE_float("zoom_range", 0.0, "Zoom factor drawn in [1-z, 1+z] per axis.")
+_INTERP = flags.DEFINE_enum("interpolation", "bilinear", ["bilinear", "nearest"], "Resampling.")
+_FILL = flags.DEFINE_enum("fill_mode", "nearest", ["nearest", "reflect", "constant"],
+                          "How pixels from outside the image are filled.")
+_BRIGHT = flags.DEFINE_float("brightness", 0.0, "Max brightness delta in 0..255 units (0: off).")
+_CONTRAST = flags.DEFINE_float("contrast", 0.0, "Contrast factor in [1-c, 1+c] (0: off).")
+_SAT = flags.DEFINE_float("saturation", 0.0, "Saturation factor in [1-s, 1+s] (0: off).")
+_HUE = flags.DEFINE_float("hue", 0.0, "Max hue delta as a fraction of the circle (0: off).")
+
+flags.mark_flags_as_required(["records_dir", "model_dir"])
+
+
+def _config():
+  from skinrecords import augment, models, pipeline, train  # pylint: disable=g-import-not-at-top
+
+  try:
+    info = pipeline.load_info(_RECORDS_DIR.value)
+  except (FileNotFoundError, ValueError) as err:
+    raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: {err}") from err
+  size = _IMAGE_SIZE.value or info.image_size
+  if not size:
+    raise app.UsageError(f"--records_dir={_RECORDS_DIR.value} does not record an image size: "
+                         "pass --image_size")
+  if _AUGMENT.value:
+    aug = augment.AugmentConfig(
+        horizontal_flip=_HFLIP.value, vertical_flip=_VFLIP.value, rotation_range=_ROTATION.value,
+        shear_range=_SHEAR.value, width_shift_range=_WSHIFT.value,
+        height_shift_range=_HSHIFT.value, zoom_range=_ZOOM.value,
+        interpolation=_INTERP.value, fill_mode=_FILL.value, brightness=_BRIGHT.value,
+        contrast=_CONTRAST.value, saturation=_SAT.value, hue=_HUE.value)
+  else:
+    aug = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, rotation_range=0.0,
+                                shear_range=0.0, width_shift_range=0.0, height_shift_range=0.0)
+  config = train.TrainConfig(
+      records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value,
+      model=models.ModelConfig(backbone=_BACKBONE.value, image_size=size, weights=_WEIGHTS.value,
+                               dropout=_DROPOUT.value, freeze=_FREEZE.value,
+                               num_classes=max(info.num_classes, 2)),
+      augment=aug, strategy=_STRATEGY.value, xla=_XLA.value, mixed_precision=_MIXED.value,
+      batch_size=_BATCH.value, learning_rate=_LR.value, fine_tune_learning_rate=_FT_LR.value,
+      warmup_epochs=_WARMUP.value, epochs=_EPOCHS.value, steps_per_epoch=_STEPS.value,
+      fold=_FOLD.value, balance=_BALANCE.value, seed=_SEED.value, cache=_CACHE.value,
+      progress=_PROGRESS.value, data_service=_DATA_SERVICE.value)
+  try:
+    config.validate()
+    if config.fold is not None:
+      info.select("train", config.fold)
+  except ValueError as err:
+    raise app.UsageError(str(err)) from err
+  return config
+
+
+def _set_cluster():
+  """Turns --worker_hosts/--task_index or SLURM into TF_CONFIG, before TensorFlow runs any op."""
+  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+
+  try:
+    tf_config = distribute.configure_cluster(_STRATEGY.value, _CLUSTER.value, _WORKER_HOSTS.value,
+                                             _TASK_INDEX.value, _SLURM_PORT.value)
+  except ValueError as err:
+    raise app.UsageError(cli_common.as_flags(str(err), (
+        "strategy", "cluster", "worker_hosts", "task_index"))) from err
+  if tf_config:
+    logging.info("TF_CONFIG=%s", tf_config)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+
+  _set_cluster()
+  # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
+  strategy = distribute.make_strategy(_STRATEGY.value)
+  if _BATCH.value % strategy.num_replicas_in_sync:
+    raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
+                         f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
+                         f"{strategy.num_replicas_in_sync}")
+  config = _config()
+  from skinrecords import models, pipeline, train  # pylint: disable=g-import-not-at-top
+
+  try:
+    result = train.train(config, strategy)
+  except (models.WeightsUnavailableError, pipeline.CorruptShardError) as err:
+    print(f"train: {err}", file=sys.stderr)
+    return 2
+  logging.info("done: %s", result)
+  if not result["chief"]:
+    print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
+    return 0
+  print(f"model and curves in {result['model_dir']}: model.keras, history.csv, accuracy.png, "
+        f"loss.png, auc.png; last epoch: loss {float(result.get('loss', 'nan')):.4f}, "
+        f"val_auc {float(result.get('val_auc', 'nan')):.4f}")
+  return 0
+
+
+def run():
+  """Console entry point (`skinrecords-train`)."""
+  cli_common.run(main, "skinrecords-train")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,41 @@
+"""Reads every shard listed in manifest.json and checks sha256, record counts, labels and decoding.
+
+Exits 0 when everything matches; otherwise prints one line per problem (file, record, what) and exits 1.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from skinrecords.cli import common as cli_common
+
+_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Folder written by make_records.")
+_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+flags.mark_flag_as_required("records_dir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skinrecords import records  # pylint: disable=g-import-not-at-top
+
+  try:
+    report = records.verify(_RECORDS_DIR.value, progress=_PROGRESS.value)
+  except (FileNotFoundError, ValueError) as err:
+    print(f"verify_records: {err}", file=sys.stderr)
+    return 2
+  for problem in report.problems:
+    print(f"verify_records: {problem}", file=sys.stderr)
+  status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+  print(f"{report.records_dir}: {report.shards} shards, {report.examples} records: {status}")
+  return 0 if report.ok else 1
+
+
+def run():
+  """Console entry point (`skinrecords-verify-records`)."""
+  cli_common.run(main, "skinrecords-verify-records")
+
+
+if __name__ == "__main__":
+  run()
