@@ -25,6 +25,8 @@ import numpy as np
 
 import skinrecords
 from skinrecords import features
+from skinrecords import fileio
+from skinrecords import manifest
 from skinrecords import preprocess
 from skinrecords import records
 from skinrecords import sources
@@ -96,7 +98,7 @@ def _plan_shards(split_items: dict[str, list[int]], folds: list[int], config: Co
   rng = np.random.default_rng([config.seed, 1])
   size, fmt = config.preprocess.image_size, config.preprocess.image_format
   plan = []
-  for split in splits.SPLIT_NAMES:
+  for split in manifest.SPLITS:
     idx = list(split_items.get(split, []))
     if not idx:
       continue
@@ -112,7 +114,7 @@ def _plan_shards(split_items: dict[str, list[int]], folds: list[int], config: Co
       n = _num_shards(len(idx), size, fmt, config.shard_size_mb, minimum)
       plan += [(split, -1, list(c)) for c in np.array_split(idx, n)]
   named = []
-  for split in splits.SPLIT_NAMES:
+  for split in manifest.SPLITS:
     mine = [p for p in plan if p[0] == split]
     for i, (_, fold, members) in enumerate(mine):
       named.append((features.shard_name(split, i, len(mine)), split, fold, [int(m) for m in members]))
@@ -128,7 +130,7 @@ def _fingerprint(config: ConvertConfig, listing: sources.Listing) -> str:
 
 def _ours(name: str) -> bool:
   base = name[:-4] if name.endswith(".tmp") else name
-  return base == features.MANIFEST or base == STATE_DIR or features.parse_shard_name(base) is not None
+  return base == manifest.FILE or base == STATE_DIR or features.parse_shard_name(base) is not None
 
 
 def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> bool:
@@ -137,8 +139,8 @@ def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> boo
   existing = sorted(p.name for p in out.iterdir()) if out.exists() else []
   if existing and not overwrite:
     try:
-      if (out / features.MANIFEST).exists():
-        if records.read_manifest(out).get("fingerprint") == fingerprint:
+      if (out / manifest.FILE).exists():
+        if manifest.read(out).get("fingerprint") == fingerprint:
           return True
       elif json.loads(state.read_text())["fingerprint"] == fingerprint:
         return False  # resume
@@ -154,7 +156,7 @@ def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> boo
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
   (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-  records.write_json_atomic(state, {"fingerprint": fingerprint})
+  fileio.write_json_atomic(state, {"fingerprint": fingerprint})
   return False
 
 
@@ -217,7 +219,7 @@ def convert(config: ConvertConfig) -> Result:
   else:
     assigned = splits.assign_splits(labels, [it.patient_id for it in items] if grouped else None,
                                     config.split, config.seed)
-  split_items = {s: [i for i, a in enumerate(assigned) if a == s] for s in splits.SPLIT_NAMES}
+  split_items = {s: [i for i, a in enumerate(assigned) if a == s] for s in manifest.SPLITS}
   folds = [-1] * len(items)
   if config.folds:
     train = split_items["train"]
@@ -231,8 +233,7 @@ def convert(config: ConvertConfig) -> Result:
   out = pathlib.Path(config.output_dir)
   fingerprint = _fingerprint(config, listing)
   if _prepare_output(out, fingerprint, config.overwrite):
-    manifest = records.read_manifest(out)
-    return Result(manifest, str(out), resumed_shards=len(plan))
+    return Result(manifest.read(out), str(out), resumed_shards=len(plan))
   state_dir = out / STATE_DIR
 
   done = {}
@@ -262,65 +263,27 @@ def convert(config: ConvertConfig) -> Result:
       summary = writer.close()
       summary.update(rejected=rejected, fold=fold)
       # State first, then the shard: a shard under its final name always has its state file.
-      records.write_json_atomic(state_dir / (name + ".json"), summary)
+      fileio.write_json_atomic(state_dir / (name + ".json"), summary)
       writer.commit()
     done[name] = summary
   bar.close()
 
-  manifest = _manifest(config, listing, classes, plan, done, fingerprint, grouped)
-  records.write_json_atomic(out / features.MANIFEST, manifest)
+  written = _manifest(config, listing, classes, plan, done, fingerprint, grouped)
+  manifest.write(out, written)
   shutil.rmtree(state_dir)
-  return Result(manifest, str(out), resumed_shards=len(plan) - len(todo))
+  return Result(written, str(out), resumed_shards=len(plan) - len(todo))
 
 
 def _manifest(config, listing, classes, plan, done, fingerprint, grouped) -> dict:
-  rejected = [dataclasses.asdict(r) for r in listing.rejected]
-  for name, *_ in plan:
-    rejected += done[name]["rejected"]
-  rejected.sort(key=lambda r: r["path"])
-  split_info = {}
-  for name, split, fold, _ in plan:
-    info = split_info.setdefault(split, {"num_examples": 0, "class_counts": [0] * len(classes),
-                                         "shards": []})
-    s = done[name]
-    info["num_examples"] += s["num_examples"]
-    info["class_counts"] = [a + b for a, b in zip(info["class_counts"], s["class_counts"])]
-    entry = {"file": name, "num_examples": s["num_examples"], "sha256": s["sha256"],
-             "class_counts": s["class_counts"]}
-    if config.folds and split == "train":
-      entry["fold"] = fold
-    info["shards"].append(entry)
-  for split, info in split_info.items():
-    info["class_counts"] = dict(zip(classes, info["class_counts"]))
-    for entry in info["shards"]:
-      entry["class_counts"] = dict(zip(classes, entry["class_counts"]))
-    if config.folds and split == "train":
-      info["folds"] = config.folds
-  converted = sum(info["num_examples"] for info in split_info.values())
-  return {
-      "format_version": records.MANIFEST_VERSION,
-      "fingerprint": fingerprint,
-      "classes": classes,
-      "image_size": config.preprocess.image_size,
-      "image_format": config.preprocess.image_format,
-      "features": {"image": features.IMAGE, "image_name": features.IMAGE_NAME,
-                   "target": features.TARGET, "patient_id": features.PATIENT_ID,
-                   "fold": features.FOLD, "height": features.HEIGHT, "width": features.WIDTH},
-      "splits": split_info,
-      "inputs": {
-          "input_dir": config.input_dir,
-          "labels_csv": config.labels_csv,
-          "layout": listing.layout,
-          "grouped_by_patient": grouped,
-          "found": listing.found,
-          "converted": converted,
-          "rejected": rejected,
-          "duplicates": [dataclasses.asdict(d) for d in listing.duplicates],
-      },
-      "conversion": config.plan_dict(),
-      "preprocessing": config.preprocess.to_dict(),
-      "versions": _versions(),
-  }
+  inputs = {"input_dir": config.input_dir, "labels_csv": config.labels_csv,
+            "layout": listing.layout, "grouped_by_patient": grouped, "found": listing.found,
+            "rejected": [dataclasses.asdict(r) for r in listing.rejected],
+            "duplicates": [dataclasses.asdict(d) for d in listing.duplicates]}
+  return manifest.build(fingerprint=fingerprint, classes=classes, plan=plan, done=done,
+                        image_size=config.preprocess.image_size,
+                        image_format=config.preprocess.image_format, folds=config.folds,
+                        inputs=inputs, conversion=config.plan_dict(),
+                        preprocessing=config.preprocess.to_dict(), versions=_versions())
 
 
 def summary(result: Result, max_listed: int = 10) -> str:

@@ -12,7 +12,6 @@ service dispatcher or worker (`bin/data_service`), so decoding can run on separa
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -21,19 +20,21 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import tempfile
 from typing import NamedTuple
 
 import tensorflow as tf
 
+from skinrecords import data_service
+from skinrecords import manifest
 from skinrecords import pipeline
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("auto", "on", "off")
-DATA_SERVICE_ROLES = ("dispatcher", "worker")
+# off: TensorFlow's kernels; augment: only the augmentation XLA-compiled; on: the whole step.
+XLA_MODES = ("off", "augment", "on")
+XLA_SETTINGS = ("auto",) + XLA_MODES
 _MIRRORED_COUNT = itertools.count()
-_ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[^:/\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)$")
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -69,6 +70,28 @@ def use_mixed_precision(setting: str) -> bool:
   if setting == "auto":
     return bool(tf.config.list_physical_devices("GPU"))
   return setting == "on"
+
+
+def resolve_xla(setting: str, device_names, augmenting: bool = True) -> str:
+  """`auto` -> the XLA mode for these replica devices; other settings are returned as they are.
+
+  GPU/TPU: the whole step (NVIDIA's ResNet-50 figures: 1.4-1.6x from XLA alone; the fused warp's
+  gathers are cheap there). CPU: XLA's CPU backend has no oneDNN convolutions, so an XLA-compiled
+  conv-net step ran at 0.48-0.52x of TensorFlow's kernels here (simple_cnn 64 and 256 px, resnet50
+  64 px), while the fused augmentation needs XLA (~5x its non-XLA speed at 512 px): so only the
+  augmentation is compiled (`bin/bench_train --xla=on,off,augment`, BUILD_NOTES "Training step").
+  """
+  if setting not in XLA_SETTINGS:
+    raise ValueError(f"xla={setting!r}; choose one of {', '.join(XLA_SETTINGS)}")
+  if setting != "auto":
+    return setting
+  if any(("GPU" in name.upper() or "TPU" in name.upper()) for name in device_names):
+    return "on"
+  return "augment" if augmenting else "off"
+
+
+def replica_devices(strategy: tf.distribute.Strategy) -> list[str]:
+  return list(strategy.extended.worker_devices)
 
 
 def _multi_worker_task(strategy) -> tuple[dict, str | None, int | None]:
@@ -134,7 +157,7 @@ def tf_config_from_hosts(worker_hosts: list[str], task_index: int) -> str:
     raise ValueError("worker_hosts is empty; give host:port for every worker, e.g. "
                      "h1:12345,h2:12345")
   for host in worker_hosts:
-    if not _ADDRESS.match(host) or host.startswith("grpc://"):
+    if not data_service.ADDRESS.match(host) or host.startswith("grpc://"):
       raise ValueError(f"worker host {host!r} is not host:port (e.g. 10.0.0.2:12345)")
   if len(set(worker_hosts)) != len(worker_hosts):
     raise ValueError(f"worker_hosts {','.join(worker_hosts)} lists an address twice")
@@ -190,6 +213,35 @@ def tf_config_from_slurm(port_base: int = 8888) -> str:
                      "task": {"type": resolver.task_type, "index": resolver.task_id}})
 
 
+def configure_cluster(strategy: str, cluster: str = "tf_config", worker_hosts=None,
+                      task_index: int | None = None, slurm_port_base: int = 8888) -> str | None:
+  """Sets TF_CONFIG from worker hosts or SLURM for `strategy="multi_worker"` and returns it.
+
+  Must run before TensorFlow runs any op (tensorflow#34568). ValueError names the conflicting
+  settings: cluster flags without multi_worker, hosts without a task index, TF_CONFIG and hosts
+  both given.
+  """
+  multi = strategy == "multi_worker"
+  given = [f for f, on in (("worker_hosts", worker_hosts), ("task_index", task_index is not None),
+                           ("cluster=slurm", cluster == "slurm")) if on]
+  if given and not multi:
+    raise ValueError(f"{', '.join(given)} given with strategy={strategy}; use "
+                     "strategy=multi_worker")
+  if worker_hosts or task_index is not None:
+    if cluster == "slurm":
+      raise ValueError("cluster=slurm takes the cluster from SLURM; drop worker_hosts and "
+                       "task_index")
+    if not worker_hosts or task_index is None:
+      raise ValueError(f"worker_hosts and task_index go together (got worker_hosts="
+                       f"{worker_hosts}, task_index={task_index})")
+    if os.environ.get("TF_CONFIG"):
+      raise ValueError("TF_CONFIG is set and worker_hosts given: use one or the other")
+    os.environ["TF_CONFIG"] = tf_config_from_hosts(worker_hosts, task_index)
+  elif cluster == "slurm":
+    os.environ["TF_CONFIG"] = tf_config_from_slurm(slurm_port_base)
+  return os.environ.get("TF_CONFIG") if multi else None
+
+
 def log_strategy(strategy: tf.distribute.Strategy) -> None:
   logging.info("strategy %s with %d replica(s) on %d worker(s); this is %s%s",
                type(strategy).__name__, strategy.num_replicas_in_sync, num_workers(strategy),
@@ -210,7 +262,7 @@ class ValidInput(NamedTuple):
   examples: int  # real ones, padding excluded
 
 
-def valid_input(strategy: tf.distribute.Strategy, info: pipeline.DatasetInfo, batch_size: int,
+def valid_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, batch_size: int,
                 image_size: int, fold: int | None = None) -> ValidInput:
   """The validation split for `strategy`, every example scored exactly once, hang-free.
 
@@ -245,33 +297,22 @@ def valid_input(strategy: tf.distribute.Strategy, info: pipeline.DatasetInfo, ba
   return ValidInput(strategy.distribute_datasets_from_function(fn), steps, total)
 
 
-def train_input(strategy: tf.distribute.Strategy, info: pipeline.DatasetInfo, batch_size: int,
-                data_service: str = "", job_key: str = "", **kwargs):
+def train_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, batch_size: int,
+                service_address: str = "", job_key: str = "", **kwargs):
   """Training batches (`batch_size` global), endless; `kwargs` go to `pipeline.make_dataset`.
 
   Without `data_service`, each worker reads its own files (pipeline.make_dataset shards by file
-  when there are enough, and logs which). With `data_service` (grpc://host:port of a dispatcher),
+  when there are enough, and logs which). With `service_address` (grpc://host:port of a dispatcher),
   the pipeline runs on the tf.data service workers: the dispatcher hands whole files to them on
   demand (dynamic sharding: each file once per pass over the data; files a tf.data worker held when
   it died are not handed out again, so at-most-once under failures), and every trainer joins one
   job named from `job_key`, so each batch reaches exactly one trainer.
   """
-  if not data_service:
+  if not service_address:
     return strategy.distribute_datasets_from_function(
         pipeline.input_fn(info, "train", batch_size, **kwargs))
-  service = tf.data.experimental.service
-  job = f"skinrecords_{hashlib.sha256(job_key.encode()).hexdigest()[:16]}"
-  logging.info("training input from the tf.data service at %s, job %s (dynamic sharding by "
-               "file)", data_service, job)
-
-  def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    ds = pipeline.make_dataset(info, "train", ctx.get_per_replica_batch_size(batch_size),
-                               **kwargs)
-    ds = ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC,
-                                     service=data_service, job_name=job))
-    return ds.prefetch(pipeline.AUTOTUNE)
-
-  return strategy.distribute_datasets_from_function(fn)
+  return strategy.distribute_datasets_from_function(
+      data_service.service_input_fn(info, batch_size, service_address, job_key, **kwargs))
 
 
 def weights_digest(weights) -> str:
@@ -280,66 +321,3 @@ def weights_digest(weights) -> str:
   for w in weights:
     digest.update(w.tobytes())
   return digest.hexdigest()
-
-
-def parse_address(address: str, what: str = "address") -> tuple[str, int]:
-  """'grpc://host:port' or 'host:port' -> (host, port); ValueError naming the value otherwise."""
-  m = _ADDRESS.match(address or "")
-  if not m or not 0 < int(m["port"]) < 65536:
-    raise ValueError(f"{what}={address!r} is not [grpc://]host:port (e.g. grpc://10.0.0.5:5050)")
-  return m["host"], int(m["port"])
-
-
-@dataclasses.dataclass(frozen=True)
-class DataServiceConfig:
-  """One tf.data service server. A dispatcher hands out work; workers run the input pipelines.
-
-  port: 0 picks a free port (printed at start). worker_address: how trainers reach this worker,
-  `%port%` standing for the bound port; "" means `<hostname>:%port%`. work_dir (dispatcher only):
-  a journal folder that lets a restarted dispatcher recover its jobs (fault-tolerant mode).
-  """
-  role: str
-  port: int = 0
-  dispatcher_address: str = ""
-  worker_address: str = ""
-  work_dir: str = ""
-
-  def validate(self) -> None:
-    if self.role not in DATA_SERVICE_ROLES:
-      raise ValueError(f"role={self.role!r}; choose one of {', '.join(DATA_SERVICE_ROLES)}")
-    if not 0 <= self.port < 65536:
-      raise ValueError(f"port={self.port} must be within 0..65535 (0: any free port)")
-    if self.role == "worker":
-      parse_address(self.dispatcher_address, "dispatcher_address")
-      if self.work_dir:
-        raise ValueError(f"work_dir={self.work_dir!r} is for the dispatcher only")
-    elif self.dispatcher_address or self.worker_address:
-      raise ValueError("dispatcher_address and worker_address are for role=worker only")
-
-
-def start_data_server(config: DataServiceConfig):
-  """Starts the server, which serves in the background, and returns it (keep a reference)."""
-  config.validate()
-  service = tf.data.experimental.service
-  if config.role == "dispatcher":
-    return service.DispatchServer(service.DispatcherConfig(
-        port=config.port, work_dir=config.work_dir or None,
-        fault_tolerant_mode=bool(config.work_dir)))
-  host, port = parse_address(config.dispatcher_address, "dispatcher_address")
-  worker_address = config.worker_address or f"{socket.gethostname()}:%port%"
-  return service.WorkerServer(service.WorkerConfig(
-      dispatcher_address=f"{host}:{port}", worker_address=worker_address, port=config.port))
-
-
-def serve_data(config: DataServiceConfig) -> None:
-  """Runs a tf.data service dispatcher or worker until the process is killed."""
-  server = start_data_server(config)
-  if config.role == "dispatcher":
-    port = server.target.rsplit(":", 1)[1]
-    print(f"tf.data service dispatcher listening on port {port}; train with "
-          f"--data_service=grpc://{socket.gethostname()}:{port}", flush=True)
-  else:
-    port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
-    print(f"tf.data service worker listening on port {port}, registered with dispatcher "
-          f"{config.dispatcher_address}", flush=True)
-  server.join()

@@ -20,9 +20,6 @@ WIDTH = "width"
 # Keys every reader can rely on (present in the Kaggle files too).
 REQUIRED_KEYS = (IMAGE, IMAGE_NAME, TARGET)
 
-MANIFEST = "manifest.json"
-SPLITS = ("train", "valid", "test")
-
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
 
 

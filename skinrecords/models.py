@@ -90,10 +90,12 @@ def _parse_freeze(freeze: str) -> tuple[str, str | None]:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """What `build_model` builds. `num_classes=2` gives one binary logit, more give softmax logits."""
-  backbone: str = "simple_cnn"
+  # The defaults are what `skinrecords-train` uses too (its flags read them from here): the
+  # notebook's best backbone with ImageNet weights, at its 512 px.
+  backbone: str = "densenet121"
   image_size: int = 512
   num_classes: int = 2
-  weights: str = "none"  # "imagenet" | "none" | path to a .weights.h5 / .h5 / .keras file
+  weights: str = "imagenet"  # "imagenet" | "none" | path to a .weights.h5 / .h5 / .keras file
   dropout: float = 0.3
   freeze: str = "none"  # "all" | "none" | "from:LAYER"
 

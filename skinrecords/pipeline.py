@@ -8,7 +8,6 @@ Measured on 2 cores, 512^2 JPEG: a plain TFRecord -> decode_jpeg pipeline reads 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
@@ -17,7 +16,7 @@ import re
 import tensorflow as tf
 
 from skinrecords import features
-from skinrecords import records
+from skinrecords import manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
 _KAGGLE_COUNT = re.compile(r"-(\d+)\.tfrec(ord)?$")  # SIIM-ISIC names: train00-2071.tfrec
@@ -27,94 +26,35 @@ class CorruptShardError(RuntimeError):
   """A shard failed its CRC while reading; the message names the file."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Shard:
-  path: str
-  num_examples: int
-  fold: int = -1
-  class_counts: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the pipeline needs to know about a records folder (from manifest.json, or guessed)."""
-  records_dir: str
-  classes: tuple[str, ...]
-  image_size: int | None  # None: sizes vary or are unknown (Kaggle files); resize on read
-  shards: dict[str, tuple[Shard, ...]]  # split -> shards in manifest order
-  manifest: dict | None = None
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.classes)
-
-  def select(self, split: str, fold: int | None = None) -> tuple[Shard, ...]:
-    """Shards of `split`; with `fold=k`, "train" is every fold but k and "valid" is fold k."""
-    if fold is None:
-      if split not in self.shards:
-        raise ValueError(f"{self.records_dir}: no split {split!r}; it has {sorted(self.shards)}")
-      return self.shards[split]
-    train = self.shards.get("train", ())
-    folds = sorted({s.fold for s in train if s.fold >= 0})
-    if fold not in folds:
-      raise ValueError(f"{self.records_dir}: fold={fold} not available; folds present: "
-                       f"{folds or 'none (convert with --folds=K)'}")
-    if split == "train":
-      return tuple(s for s in train if s.fold != fold)
-    if split == "valid":
-      return tuple(s for s in train if s.fold == fold)
-    return self.select(split)
-
-  def num_examples(self, split: str, fold: int | None = None) -> int:
-    return sum(s.num_examples for s in self.select(split, fold))
-
-  def class_counts(self, split: str, fold: int | None = None) -> list[int]:
-    counts = [0] * self.num_classes
-    for s in self.select(split, fold):
-      counts = [a + b for a, b in zip(counts, s.class_counts)]
-    return counts
+# The manifest owns these; re-exported because every reader meets them through the pipeline.
+Shard = manifest.Shard
+DatasetInfo = manifest.DatasetInfo
 
 
 def load_info(records_dir: str | os.PathLike) -> DatasetInfo:
   """Reads manifest.json; a folder of SIIM-ISIC Kaggle `.tfrec` files without one also works."""
   records_dir = pathlib.Path(records_dir)
-  if not (records_dir / features.MANIFEST).exists():
+  if not manifest.exists(records_dir):
     return _kaggle_info(records_dir)
-  m = records.read_manifest(records_dir)
-  classes = tuple(m["classes"])
-  shards = {split: tuple(Shard(str(records_dir / s["file"]), s["num_examples"], s.get("fold", -1),
-                               tuple(s["class_counts"][c] for c in classes))
-                         for s in info["shards"])
-            for split, info in m["splits"].items()}
-  return DatasetInfo(str(records_dir), classes, m["image_size"], shards, m)
+  return manifest.read_info(records_dir)
 
 
 def _kaggle_info(records_dir: pathlib.Path) -> DatasetInfo:
   files = sorted(p for p in records_dir.glob("*.tfrec*") if p.is_file())
   if not files:
-    raise FileNotFoundError(f"{records_dir}: neither {features.MANIFEST} nor *.tfrec/*.tfrecord "
+    raise FileNotFoundError(f"{records_dir}: neither {manifest.FILE} nor *.tfrec/*.tfrecord "
                             "files; point --records_dir at a make_records output folder or a "
                             "folder of SIIM-ISIC TFRecords")
   by_split: dict[str, list[Shard]] = {}
   for p in files:
     m = _KAGGLE_COUNT.search(p.name)
     n = int(m[1]) if m else sum(1 for _ in tf.data.TFRecordDataset(str(p)))
-    split = next((s for s in features.SPLITS if p.name.startswith(s)), "train")
+    split = next((s for s in manifest.SPLITS if p.name.startswith(s)), "train")
     by_split.setdefault(split, []).append(Shard(str(p), n))
   logging.info("%s: no manifest; read %d files as SIIM-ISIC records (classes 0/1)", records_dir,
                len(files))
   return DatasetInfo(str(records_dir), ("0", "1"), None,
                      {k: tuple(v) for k, v in by_split.items()})
-
-
-def class_weights(info: DatasetInfo, split: str = "train", fold: int | None = None) -> dict[int, float]:
-  """Keras-style weights n / (k * n_c): ISIC 2020's 1.8% melanoma gets ~27.8, the rest ~0.51."""
-  counts = info.class_counts(split, fold)
-  if not any(counts):
-    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (Kaggle files carry "
-                     "none; use balance='oversample' instead)")
-  total, k = sum(counts), len(counts)
-  return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
 
 
 def decode_image(encoded, image_size: int | None, stored_size: int | None = None) -> tf.Tensor:

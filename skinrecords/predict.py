@@ -18,9 +18,10 @@ import pathlib
 
 import numpy as np
 
-from skinrecords import evaluate
+from skinrecords import inference
 from skinrecords import pipeline
 from skinrecords import preprocess
+from skinrecords import rundir
 from skinrecords import sources
 
 
@@ -47,7 +48,7 @@ class PredictConfig:
     if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
       raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected a float strictly "
                        "between 0 and 1")
-    evaluate._check_tta(self.tta, "PredictConfig.tta")  # pylint: disable=protected-access
+    inference.check_tta(self.tta, "PredictConfig.tta")
 
 
 def list_images(input_dir) -> list[str]:
@@ -82,10 +83,10 @@ def _preprocess_config(cfg: dict, model_dir) -> preprocess.PreprocessConfig:
     try:
       return preprocess.PreprocessConfig.from_dict(cfg["preprocessing"])
     except (TypeError, ValueError) as err:
-      raise ValueError(f"{model_dir}/{evaluate.CONFIG_FILE}: bad 'preprocessing' ({err})") from err
+      raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE}: bad 'preprocessing' ({err})") from err
   logging.warning("%s/%s records no preprocessing (records made elsewhere?): using a plain "
                   "%d px centre crop, JPEG q95; predictions may differ from evaluation", model_dir,
-                  evaluate.CONFIG_FILE, cfg["image_size"])
+                  rundir.CONFIG_FILE, cfg["image_size"])
   return preprocess.PreprocessConfig(image_size=cfg["image_size"])
 
 
@@ -116,7 +117,7 @@ def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
   classes = [str(c) for c in cfg["classes"]]
   pconfig = _preprocess_config(cfg, model_dir)
   rejected: list[dict] = []
-  probs, _, names = evaluate.predict_dataset(
+  probs, _, names = inference.predict_dataset(
       model, _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected),
       tta)
   rows = []
@@ -139,7 +140,7 @@ def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 
   Returns rows {"image": path, "probability": P(class 1) (two classes) or [P(class k)...],
   "predicted": class name} and rejected [{"image": path, "reason": str}].
   """
-  model, cfg = evaluate.load_model_dir(model_dir)
+  model, cfg = rundir.load_model_dir(model_dir)
   return _predict(model, cfg, paths, batch_size, threshold, tta, model_dir)
 
 
@@ -177,7 +178,7 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   """
   config.validate()
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
-  model, cfg = evaluate.load_model_dir(config.model_dir)
+  model, cfg = rundir.load_model_dir(config.model_dir)
   rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
                             config.model_dir)
   classes = [str(c) for c in cfg["classes"]]

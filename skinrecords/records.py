@@ -1,4 +1,4 @@
-"""Writing and checking sharded TFRecords: atomic shard files, the manifest, and verification.
+"""Writing and checking sharded TFRecords: atomic shard files and verification against the manifest.
 
 TensorFlow is imported inside the functions that need it: the converter's `spawn`ed OpenCV workers
 import this package too, and a TensorFlow import costs each of them ~3 s and ~400 MB for nothing.
@@ -7,48 +7,14 @@ import this package too, and a TensorFlow import costs each of them ~3 s and ~40
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import pathlib
 
 import numpy as np
 
 from skinrecords import features
-
-MANIFEST_VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-  """Writes JSON to a temporary name, then renames: a reader never sees half a file."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
-
-
-def read_manifest(records_dir: str | os.PathLike) -> dict:
-  path = pathlib.Path(records_dir) / features.MANIFEST
-  try:
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-  except FileNotFoundError as err:
-    raise FileNotFoundError(
-        f"{path}: no manifest; is {records_dir} a folder written by bin/make_records?") from err
-  except json.JSONDecodeError as err:
-    raise ValueError(f"{path}: not valid JSON ({err})") from err
-  if manifest.get("format_version") != MANIFEST_VERSION:
-    raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}; this skinrecords "
-                     f"reads format_version {MANIFEST_VERSION}")
-  return manifest
-
+from skinrecords import fileio
+from skinrecords import manifest
 
 class ShardWriter:
   """Writes one shard to `<name>.tmp`; `close()` returns its summary after the caller renames it.
@@ -77,7 +43,7 @@ class ShardWriter:
   def close(self) -> dict:
     """Flushes the temporary file and returns {num_examples, sha256, class_counts}."""
     self._writer.close()
-    return {"num_examples": self.num_examples, "sha256": sha256_file(self.tmp),
+    return {"num_examples": self.num_examples, "sha256": fileio.sha256_file(self.tmp),
             "class_counts": list(self.class_counts)}
 
   def commit(self) -> None:
@@ -123,10 +89,10 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
   import tqdm  # pylint: disable=g-import-not-at-top
 
   records_dir = pathlib.Path(records_dir)
-  manifest = read_manifest(records_dir)
+  m = manifest.read(records_dir)
   report = VerifyReport(str(records_dir))
-  num_classes = len(manifest["classes"])
-  shard_entries = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
+  num_classes = len(m["classes"])
+  shard_entries = [(split, s) for split, info in m["splits"].items() for s in info["shards"]]
   total = sum(s["num_examples"] for _, s in shard_entries)
   bar = tqdm.tqdm(total=total, unit="img", desc="verify", disable=not progress)
   spec = features.feature_spec()
@@ -136,7 +102,7 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
     if not path.exists():
       report.problems.append(f"{path}: missing (listed in manifest.json under split {split!r})")
       continue
-    digest = sha256_file(path)
+    digest = fileio.sha256_file(path)
     if digest != entry["sha256"]:
       report.problems.append(f"{path}: sha256 {digest} does not match manifest {entry['sha256']}")
     count = 0

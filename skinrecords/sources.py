@@ -16,11 +16,12 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import hashlib
 import os
 import posixpath
 import re
 from typing import Iterator, Sequence
+
+from skinrecords import fileio
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")  # Matched in any case.
 
@@ -33,7 +34,6 @@ _SPLIT_FOLDERS = {"train": "train", "valid": "valid", "val": "valid", "test": "t
 _ESCAPES = "path escapes input folder"
 _STRAY = "not inside a class folder"
 _FOLDER_LINK = "symbolic link to a folder (not followed)"
-_HASH_CHUNK = 1 << 20  # 1 MiB reads keep hashing streamed; dermoscopy files are 0.1-20 MB.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,14 +269,6 @@ def _scan_csv(root: str, root_real: str, labels_csv: str, columns: dict[str, str
   return scan
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _deduplicate(items: list[SourceItem]) -> tuple[list[SourceItem], list[Duplicate]]:
   """Keeps the first (by relpath) of each set of byte-identical files.
 
@@ -299,7 +291,7 @@ def _deduplicate(items: list[SourceItem]) -> tuple[list[SourceItem], list[Duplic
     kept: dict[str, str] = {}
     for item in same_size:  # Already in relpath order.
       try:
-        first = kept.setdefault(_sha256(item.path), item.relpath)
+        first = kept.setdefault(fileio.sha256_file(item.path), item.relpath)
       except OSError:
         continue
       if first != item.relpath:

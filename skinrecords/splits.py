@@ -15,7 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-SPLIT_NAMES = ("train", "valid", "test")
+from skinrecords import manifest
+
+SPLIT_NAMES = manifest.SPLITS
 _SUM_TOLERANCE = 1e-6
 _EPS = 1e-9  # Float slack in quotas: 0.29 * 100 is 28.999999999999996.
 

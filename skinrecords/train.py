@@ -17,9 +17,7 @@ worker restores the chief's backup (MODEL_DIR must be on a filesystem all worker
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -30,15 +28,17 @@ import numpy as np
 import tensorflow as tf
 
 from skinrecords import augment
+from skinrecords import data_service
 from skinrecords import distribute
+from skinrecords import inference
 from skinrecords import metrics
+from skinrecords import manifest
 from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
+from skinrecords import rundir
 
 BALANCE = ("none", "oversample", "class_weights")
-HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_accuracy",
-                  "val_auc", "images_per_sec", "seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TrainConfig:
   model: models.ModelConfig = models.ModelConfig()
   augment: augment.AugmentConfig = augment.AugmentConfig()
   strategy: str = "auto"
-  xla: bool = True
+  xla: str = "auto"  # auto | on | off | augment (distribute.resolve_xla)
   mixed_precision: str = "auto"
   batch_size: int = 32  # global, over all replicas
   learning_rate: float = 1e-4
@@ -73,10 +73,12 @@ class TrainConfig:
       raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must be >= 0 and warmup_epochs="
                        f"{self.warmup_epochs} within 0..epochs={self.epochs}")
     if self.data_service:
-      distribute.parse_address(self.data_service, "data_service")
+      data_service.parse_address(self.data_service, "data_service")
       if self.cache:
         raise ValueError(f"cache=True with data_service={self.data_service!r}: each tf.data "
                          "worker would cache only the files it happened to get; drop cache")
+    if self.xla not in distribute.XLA_SETTINGS:
+      raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(distribute.XLA_SETTINGS)}")
     self.model.validate()
     self.augment.validate()
 
@@ -94,31 +96,34 @@ def _loss_fn(num_classes: int):
   return scce
 
 
-def _probabilities(logits):
-  logits = tf.cast(logits, tf.float32)
-  return tf.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else tf.nn.softmax(logits)
-
-
 class Steps:
   """The compiled train and predict steps for one model/optimizer pair (rebuilt after unfreezing)."""
 
-  def __init__(self, strategy, model, optimizer, config: TrainConfig, class_weights):
+  def __init__(self, strategy, model, optimizer, config: TrainConfig, class_weights,
+               xla_mode: str | None = None):
+    xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
+                                                  config.augment.enabled)
     loss_fn = _loss_fn(len(class_weights))
     global_batch = float(config.batch_size)
     weights = tf.constant(class_weights, tf.float32)
     mixed = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     aug = config.augment
 
-    @tf.function(jit_compile=config.xla)
+    # "augment": the warp compiled on its own (it needs XLA: ~5x faster at 512 px), the model on
+    # TensorFlow's oneDNN kernels (an XLA conv net ran at ~0.5x of them on the CPU).
+    augment_fn = tf.function(lambda images, seed: augment.augment_batch(images, seed, aug),
+                             jit_compile=xla_mode != "off")
+
+    @tf.function(jit_compile=xla_mode == "on")
     def forward_backward(images, labels, seed):
-      x = augment.augment_batch(images, seed, aug) if aug.enabled else tf.cast(images, tf.float32)
+      x = augment_fn(images, seed) if aug.enabled else tf.cast(images, tf.float32)
       with tf.GradientTape() as tape:
         logits = model(x, training=True)
         per_example = loss_fn(labels, logits) * tf.gather(weights, labels)
         loss = tf.reduce_sum(per_example) / global_batch
         scaled = optimizer.scale_loss(loss) if mixed else loss
       grads = tape.gradient(scaled, model.trainable_variables)
-      return loss, grads, _probabilities(logits)
+      return loss, grads, inference.probabilities(logits)
 
     # Not XLA-compiled on purpose: a jit-compiled forward inside strategy.run failed under
     # MirroredStrategy on 2 logical CPUs ("Trying to access resource .../replica_1 ... from device
@@ -129,7 +134,7 @@ class Steps:
       # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
       # negative labels, so they are scored as class 0 here and dropped after the gather.
       per_example = loss_fn(tf.maximum(labels, 0), logits)
-      return per_example, _probabilities(logits)
+      return per_example, inference.probabilities(logits)
 
     def replica_train(images, labels, step):
       seed = augment.replica_seed(tf.stack([tf.constant(config.seed, tf.int64), step]))
@@ -177,20 +182,6 @@ def _evaluate(steps: Steps, valid: distribute.ValidInput, classes) -> dict:
   return {"loss": float(np.mean(losses[real])), **_scores(probs[real], labels[real], classes)}
 
 
-def _read_history(path: pathlib.Path, upto: int) -> list[dict]:
-  if not path.exists():
-    return []
-  with open(path, newline="") as f:
-    return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto]
-
-
-def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def _make_optimizer(learning_rate: float, mixed: bool):
   opt = keras.optimizers.Adam(learning_rate)
   return keras.optimizers.LossScaleOptimizer(opt) if mixed else opt
@@ -218,6 +209,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
 def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
            out: distribute.WriteDir) -> dict:
   mixed = distribute.use_mixed_precision(config.mixed_precision)
+  devices = distribute.replica_devices(strategy)
+  xla_mode = distribute.resolve_xla(config.xla, devices, config.augment.enabled)
+  logging.info("XLA: %s (xla=%s on %s)", xla_mode, config.xla, ", ".join(devices))
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   info = pipeline.load_info(config.records_dir)
   fold = config.fold
@@ -228,7 +222,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
       1, info.num_examples("train", fold) // config.batch_size)
   class_weights = [1.0] * info.num_classes
   if config.balance == "class_weights":
-    class_weights = [w for _, w in sorted(pipeline.class_weights(info, "train", fold).items())]
+    class_weights = [w for _, w in sorted(manifest.class_weights(info, "train", fold).items())]
   has_valid = "valid" in info.shards if fold is None else True
   with strategy.scope():
     model = models.build_model(model_config, class_counts=counts if all(counts) else None)
@@ -248,8 +242,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                              epoch=epoch_var, best=best_var)
   # Saves go to this process's folder (a temporary one off the chief); restores always read the
   # chief's backup, so every worker resumes from the same state.
-  manager = tf.train.CheckpointManager(ckpt, str(out.path / "backup"), max_to_keep=1)
-  latest = tf.train.latest_checkpoint(str(pathlib.Path(config.model_dir) / "backup"))
+  manager = tf.train.CheckpointManager(ckpt, str(out.path / rundir.BACKUP_DIR), max_to_keep=1)
+  latest = tf.train.latest_checkpoint(str(pathlib.Path(config.model_dir) / rundir.BACKUP_DIR))
   if latest:
     ckpt.restore(latest).expect_partial()
     logging.info("resuming from %s at epoch %d", latest, int(epoch_var.numpy()))
@@ -259,15 +253,15 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     raise RuntimeError(f"workers restored different epochs from {config.model_dir}/backup "
                        f"(this one: {start}); model_dir must be on a filesystem shared by all "
                        "workers")
-  history = _read_history(out.path / "history.csv", start) if out.chief else []
+  history = rundir.read_history(out.path, start) if out.chief else []
   if out.chief:
     run_config = {"classes": list(info.classes), "image_size": size,
                   "records_dir": str(config.records_dir), "fold": fold,
                   "preprocessing": (info.manifest or {}).get("preprocessing"),
                   "model": model_config.to_dict(), "train": config.to_dict(),
                   "replicas": strategy.num_replicas_in_sync, "workers": workers,
-                  "mixed_precision": mixed}
-    (out.path / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+                  "mixed_precision": mixed, "xla": xla_mode}
+    rundir.write_config(out.path, run_config)
 
   kwargs = dict(training=True, image_size=size, fold=fold, seed=config.seed + start,
                 balance="oversample" if config.balance == "oversample" else None,
@@ -279,7 +273,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                                          job, **kwargs))
   valid = (distribute.valid_input(strategy, info, config.batch_size, size, fold) if has_valid
            else None)
-  writer = tf.summary.create_file_writer(str(out.path / "logs")) if out.chief else None
+  writer = tf.summary.create_file_writer(str(out.path / rundir.LOGS_DIR)) if out.chief else None
   phase, steps = None, None
   result = dict(history[-1]) if history else {}
   for epoch in range(start, config.epochs):
@@ -288,7 +282,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
       phase = new_phase
       models.set_freeze(model, "all" if phase == "warmup" else model_config.freeze)
       steps = Steps(strategy, model, warm_opt if phase == "warmup" else main_opt, config,
-                     class_weights)
+                    class_weights, xla_mode)
     row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid, info)
     row["phase"] = phase
     history.append(row)
@@ -298,10 +292,10 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     if improved:
       best_var.assign(score)
     if out.chief:
-      if improved or not (out.path / "model.keras").exists():
-        model.save(out.path / "model.keras")
+      if improved or not (out.path / rundir.MODEL_FILE).exists():
+        rundir.save_model(model, out.path)
       # History before the backup: a kill in between leaves a row that the resumed run drops.
-      _write_history(out.path / "history.csv", history)
+      rundir.write_history(out.path, history)
     epoch_var.assign(epoch + 1)
     manager.save()  # on every worker: saving takes part in collectives
     if writer:
@@ -329,7 +323,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: TrainConfig,
-               valid, info: pipeline.DatasetInfo) -> dict:
+               valid, info: manifest.DatasetInfo) -> dict:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   losses, probs, labels = [], [], []
@@ -363,7 +357,7 @@ def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: Train
   return row
 
 
-def pipeline_guard(fn, iterator, step, info: pipeline.DatasetInfo):
+def pipeline_guard(fn, iterator, step, info: manifest.DatasetInfo):
   """Calls a train step; a corrupt shard's anonymous DataLossError becomes one naming the file."""
   try:
     return fn(iterator, step)

@@ -16,6 +16,8 @@ import tensorflow as tf
 from conftest import run_bin, start_bin
 from skinrecords import convert
 from skinrecords import features
+from skinrecords import fileio
+from skinrecords import manifest
 from skinrecords import preprocess
 from skinrecords import records
 
@@ -83,7 +85,7 @@ def test_shard_writer_round_trip(tmp_path):
       summary = w.close()
       w.commit()
     assert summary["num_examples"] == 5 and summary["class_counts"] == [3, 2]
-    assert summary["sha256"] == records.sha256_file(w.path)
+    assert summary["sha256"] == fileio.sha256_file(w.path)
     assert not w.tmp.exists()
   files = sorted(str(p) for p in tmp_path.glob("train-*.tfrecord"))
   assert [features.parse_shard_name(os.path.basename(f)) for f in files] == [
@@ -212,7 +214,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_lost(tmp_path):
   proc = run_bin("make_records", *flags, f"--output_dir={tmp_path / 'out'}", "--strict",
                  check=False)
   assert proc.returncode == 1, proc.stderr
-  m = records.read_manifest(tmp_path / "out")
+  m = manifest.read(tmp_path / "out")
   _invariant(m)
   reasons = {r["path"]: r["reason"] for r in m["inputs"]["rejected"]}
   by_name = {pathlib.PurePath(k).name: v for k, v in reasons.items()}

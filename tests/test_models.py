@@ -351,7 +351,7 @@ def test_imagenet_file_names_match_installed_keras():
     ({"freeze": "some"}, "freeze"),
     ({"freeze": "from:"}, "freeze"),
     ({"weights": "model.pt"}, "weights"),
-    ({"weights": "imagenet"}, "weights"),  # simple_cnn has no ImageNet weights.
+    ({"backbone": "simple_cnn", "weights": "imagenet"}, "weights"),  # no ImageNet weights.
 ])
 def test_config_validation_names_field(kwargs, field):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}="):

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from conftest import BIN, bin_env, run_bin, synthetic_records
+from skinrecords import data_service
 from skinrecords import distribute
 from skinrecords import pipeline
 from skinrecords import train
@@ -260,7 +261,7 @@ def test_cluster_flags_are_checked(records, tmp_path):
     with pytest.raises(ValueError, match=message):
       distribute.tf_config_from_hosts(hosts, index)
   with pytest.raises(ValueError, match="dispatcher_address"):
-    distribute.DataServiceConfig(role="worker", dispatcher_address="nohost").validate()
+    data_service.DataServiceConfig(role="worker", dispatcher_address="nohost").validate()
   base = [f"--records_dir={records}", f"--model_dir={tmp_path / 'm'}", "--weights=none"]
   proc = run_bin("train", *base, "--worker_hosts=127.0.0.1:1,127.0.0.1:2", "--task_index=0",
                  check=False)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from conftest import convert_folder, write_dark_bright
 from skinrecords import features
+from skinrecords import manifest
 from skinrecords import pipeline
 
 SIZE = 32
@@ -61,7 +62,7 @@ def test_oversample_gives_balanced_classes(records_dir):
   ds = pipeline.make_dataset(records_dir, "train", batch_size=50, balance="oversample", seed=3)
   labels = np.concatenate([b[1].numpy() for b in ds.take(20)])
   assert abs(labels.mean() - 0.5) < 0.05  # the split itself is 25% class b
-  weights = pipeline.class_weights(pipeline.load_info(records_dir))
+  weights = manifest.class_weights(pipeline.load_info(records_dir))
   assert weights[1] == pytest.approx(2 * weights[0] * 1.5, rel=0.05)  # 3:1 imbalance, n/(k*n_c)
 
 

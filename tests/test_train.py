@@ -32,9 +32,9 @@ def abcd_records(tmp_path_factory):
                            min_train_shards=4)
 
 
-def _weights_after_steps(strategy, init, images, labels, xla=True, steps=3):
+def _weights_after_steps(strategy, init, images, labels, xla="on", steps=3):
   with strategy.scope():
-    model = models.build_model(models.ModelConfig(image_size=32, dropout=0.0))
+    model = models.build_model(models.ModelConfig(backbone="simple_cnn", weights="none", image_size=32, dropout=0.0))
     model.set_weights(init)
     opt = keras.optimizers.Adam(1e-2)
     opt.build(model.trainable_variables)
@@ -55,7 +55,7 @@ def test_two_replicas_with_xla_match_one_replica():
   # Two identical halves: each replica's batch-norm statistics then equal the global ones, so the
   # only thing that can differ is how gradients are combined.
   images, labels = np.concatenate([half, half]), np.concatenate([half_labels, half_labels])
-  init = models.build_model(models.ModelConfig(image_size=32, dropout=0.0)).get_weights()
+  init = models.build_model(models.ModelConfig(backbone="simple_cnn", weights="none", image_size=32, dropout=0.0)).get_weights()
   one, loss1 = _weights_after_steps(distribute.make_strategy("one_device"), init, images, labels)
   two, loss2 = _weights_after_steps(distribute.make_strategy("mirrored"), init, images, labels)
   assert not np.allclose(one[0], init[0])  # it trained
@@ -67,7 +67,7 @@ def test_two_replicas_with_xla_match_one_replica():
 def test_simple_cnn_learns_the_synthetic_abcd_task(abcd_records, tmp_path):
   config = train.TrainConfig(
       records_dir=str(abcd_records), model_dir=str(tmp_path / "m"),
-      model=models.ModelConfig(image_size=32), strategy="mirrored", batch_size=32,
+      model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=32), strategy="mirrored", batch_size=32,
       learning_rate=2e-3, epochs=10, progress=False,
       augment=augment.AugmentConfig(rotation_range=30.0, width_shift_range=0.1,
                                     height_shift_range=0.1))
@@ -150,3 +150,45 @@ def test_corrupt_training_shard_is_named(abcd_records, tmp_path):
                  "--strategy=one_device", check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "corrupt TFRecord shard" in proc.stderr and "train-000" in proc.stderr
+
+
+def test_xla_auto_resolves_by_device():
+  cpu, gpus = ["/job:localhost/replica:0/task:0/device:CPU:0"], ["/device:GPU:0", "/device:GPU:1"]
+  assert distribute.resolve_xla("auto", cpu) == "augment"
+  assert distribute.resolve_xla("auto", cpu, augmenting=False) == "off"
+  assert distribute.resolve_xla("auto", gpus) == "on"
+  assert distribute.resolve_xla("auto", ["/job:worker/replica:0/task:1/device:TPU:0"]) == "on"
+  for setting in ("on", "off", "augment"):
+    assert distribute.resolve_xla(setting, gpus) == setting
+  with pytest.raises(ValueError, match="xla='yes'"):
+    distribute.resolve_xla("yes", cpu)
+  with pytest.raises(ValueError, match="xla='yes'"):
+    train.TrainConfig(records_dir="r", model_dir="m", xla="yes").validate()
+
+
+def test_every_xla_mode_takes_the_same_augmented_step():
+  """off, augment and on compute the same step: the warp is bit-identical with and without XLA,
+  so only float rounding in the convolutions may differ."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+  labels = np.array([0, 1] * 4, np.int32)
+  init = models.build_model(models.ModelConfig(backbone="simple_cnn", weights="none",
+                                               image_size=32, dropout=0.0)).get_weights()
+  strategy = distribute.make_strategy("one_device")
+  results = {}
+  for mode in ("off", "augment", "on"):
+    with strategy.scope():
+      model = models.build_model(models.ModelConfig(backbone="simple_cnn", weights="none",
+                                                    image_size=32, dropout=0.0))
+      model.set_weights(init)
+      opt = keras.optimizers.Adam(1e-2)
+      opt.build(model.trainable_variables)
+    config = train.TrainConfig(records_dir="", model_dir="", xla=mode, batch_size=8)
+    steps = train.Steps(strategy, model, opt, config, [1.0, 1.0])
+    ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(ds))
+    results[mode] = [float(steps.train_step(iterator, tf.constant(s, tf.int64))[0])
+                     for s in range(2)]
+  assert results["off"][0] != results["off"][1]  # the weights moved between the steps
+  np.testing.assert_allclose(results["augment"], results["off"], rtol=1e-4)
+  np.testing.assert_allclose(results["on"], results["off"], rtol=1e-3)

@@ -1,0 +1,107 @@
+"""The tf.data service: a dispatcher and workers that run the training input on other machines.
+
+`bin/data_service --role=dispatcher|worker` serves; `bin/train --data_service=grpc://host:port`
+reads through it. The dispatcher hands whole files to workers on demand (dynamic sharding: each
+file once per pass over the data; files a worker held when it died are not handed out again, so
+at-most-once under failures), and every trainer joins one job, so each batch reaches exactly one
+trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import socket
+
+import tensorflow as tf
+
+from skinrecords import manifest
+from skinrecords import pipeline
+
+ROLES = ("dispatcher", "worker")
+# [grpc://]host:port, the host a name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[^:/\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)$")
+
+
+def service_input_fn(info: manifest.DatasetInfo, batch_size: int, address: str, job_key: str,
+                     **kwargs):
+  """An input function for `distribute_datasets_from_function` reading through the service at
+  `address`; every trainer with the same `job_key` shares one job."""
+  service = tf.data.experimental.service
+  job = f"skinrecords_{hashlib.sha256(job_key.encode()).hexdigest()[:16]}"
+  logging.info("training input from the tf.data service at %s, job %s (dynamic sharding by "
+               "file)", address, job)
+
+  def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    ds = pipeline.make_dataset(info, "train", ctx.get_per_replica_batch_size(batch_size),
+                               **kwargs)
+    ds = ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC,
+                                     service=address, job_name=job))
+    return ds.prefetch(pipeline.AUTOTUNE)
+
+  return fn
+
+
+def parse_address(address: str, what: str = "address") -> tuple[str, int]:
+  """'grpc://host:port' or 'host:port' -> (host, port); ValueError naming the value otherwise."""
+  m = ADDRESS.match(address or "")
+  if not m or not 0 < int(m["port"]) < 65536:
+    raise ValueError(f"{what}={address!r} is not [grpc://]host:port (e.g. grpc://10.0.0.5:5050)")
+  return m["host"], int(m["port"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DataServiceConfig:
+  """One tf.data service server. A dispatcher hands out work; workers run the input pipelines.
+
+  port: 0 picks a free port (printed at start). worker_address: how trainers reach this worker,
+  `%port%` standing for the bound port; "" means `<hostname>:%port%`. work_dir (dispatcher only):
+  a journal folder that lets a restarted dispatcher recover its jobs (fault-tolerant mode).
+  """
+  role: str
+  port: int = 0
+  dispatcher_address: str = ""
+  worker_address: str = ""
+  work_dir: str = ""
+
+  def validate(self) -> None:
+    if self.role not in ROLES:
+      raise ValueError(f"role={self.role!r}; choose one of {', '.join(ROLES)}")
+    if not 0 <= self.port < 65536:
+      raise ValueError(f"port={self.port} must be within 0..65535 (0: any free port)")
+    if self.role == "worker":
+      parse_address(self.dispatcher_address, "dispatcher_address")
+      if self.work_dir:
+        raise ValueError(f"work_dir={self.work_dir!r} is for the dispatcher only")
+    elif self.dispatcher_address or self.worker_address:
+      raise ValueError("dispatcher_address and worker_address are for role=worker only")
+
+
+def start_server(config: DataServiceConfig):
+  """Starts the server, which serves in the background, and returns it (keep a reference)."""
+  config.validate()
+  service = tf.data.experimental.service
+  if config.role == "dispatcher":
+    return service.DispatchServer(service.DispatcherConfig(
+        port=config.port, work_dir=config.work_dir or None,
+        fault_tolerant_mode=bool(config.work_dir)))
+  host, port = parse_address(config.dispatcher_address, "dispatcher_address")
+  worker_address = config.worker_address or f"{socket.gethostname()}:%port%"
+  return service.WorkerServer(service.WorkerConfig(
+      dispatcher_address=f"{host}:{port}", worker_address=worker_address, port=config.port))
+
+
+def serve(config: DataServiceConfig) -> None:
+  """Runs a tf.data service dispatcher or worker until the process is killed."""
+  server = start_server(config)
+  if config.role == "dispatcher":
+    port = server.target.rsplit(":", 1)[1]
+    print(f"tf.data service dispatcher listening on port {port}; train with "
+          f"--data_service=grpc://{socket.gethostname()}:{port}", flush=True)
+  else:
+    port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
+    print(f"tf.data service worker listening on port {port}, registered with dispatcher "
+          f"{config.dispatcher_address}", flush=True)
+  server.join()

@@ -1,0 +1,173 @@
+"""The records folder's contract: `manifest.json`, written by the converter, read by everyone else.
+
+TensorFlow-free (the converter's spawned workers and `verify_records` import it). `DatasetInfo` is
+the one typed view of a records folder, in the spirit of TFDS' `dataset_info.json`: the writer
+builds the manifest with `build`, readers get `read_info` (or `pipeline.load_info`, which also
+accepts a folder of SIIM-ISIC Kaggle files without a manifest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+from skinrecords import features
+from skinrecords import fileio
+
+FILE = "manifest.json"
+VERSION = 1
+SPLITS = ("train", "valid", "test")  # the only split names, in this order, everywhere
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  path: str
+  num_examples: int
+  fold: int = -1
+  class_counts: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What readers need to know about a records folder (from manifest.json, or guessed)."""
+  records_dir: str
+  classes: tuple[str, ...]
+  image_size: int | None  # None: sizes vary or are unknown (Kaggle files); resize on read
+  shards: dict[str, tuple[Shard, ...]]  # split -> shards in manifest order
+  manifest: dict | None = None
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def select(self, split: str, fold: int | None = None) -> tuple[Shard, ...]:
+    """Shards of `split`; with `fold=k`, "train" is every fold but k and "valid" is fold k."""
+    if fold is None:
+      if split not in self.shards:
+        raise ValueError(f"{self.records_dir}: no split {split!r}; it has {sorted(self.shards)}")
+      return self.shards[split]
+    train = self.shards.get("train", ())
+    folds = sorted({s.fold for s in train if s.fold >= 0})
+    if fold not in folds:
+      raise ValueError(f"{self.records_dir}: fold={fold} not available; folds present: "
+                       f"{folds or 'none (convert with --folds=K)'}")
+    if split == "train":
+      return tuple(s for s in train if s.fold != fold)
+    if split == "valid":
+      return tuple(s for s in train if s.fold == fold)
+    return self.select(split)
+
+  def num_examples(self, split: str, fold: int | None = None) -> int:
+    return sum(s.num_examples for s in self.select(split, fold))
+
+  def class_counts(self, split: str, fold: int | None = None) -> list[int]:
+    counts = [0] * self.num_classes
+    for s in self.select(split, fold):
+      counts = [a + b for a, b in zip(counts, s.class_counts)]
+    return counts
+
+  @property
+  def fingerprint(self) -> str | None:
+    return (self.manifest or {}).get("fingerprint")
+
+  @property
+  def preprocessing(self) -> dict | None:
+    return (self.manifest or {}).get("preprocessing")
+
+
+def read(records_dir: str | os.PathLike) -> dict:
+  """The manifest as a dict; clear errors for a missing, broken or newer-format file."""
+  path = pathlib.Path(records_dir) / FILE
+  try:
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError as err:
+    raise FileNotFoundError(
+        f"{path}: no manifest; is {records_dir} a folder written by make_records?") from err
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from err
+  if manifest.get("format_version") != VERSION:
+    raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}; this skinrecords "
+                     f"reads format_version {VERSION}")
+  return manifest
+
+
+def write(records_dir: str | os.PathLike, manifest: dict) -> None:
+  fileio.write_json_atomic(pathlib.Path(records_dir) / FILE, manifest)
+
+
+def exists(records_dir: str | os.PathLike) -> bool:
+  return (pathlib.Path(records_dir) / FILE).exists()
+
+
+def read_info(records_dir: str | os.PathLike) -> DatasetInfo:
+  records_dir = pathlib.Path(records_dir)
+  m = read(records_dir)
+  classes = tuple(m["classes"])
+  shards = {split: tuple(Shard(str(records_dir / s["file"]), s["num_examples"], s.get("fold", -1),
+                               tuple(s["class_counts"][c] for c in classes))
+                         for s in info["shards"])
+            for split, info in m["splits"].items()}
+  return DatasetInfo(str(records_dir), classes, m["image_size"], shards, m)
+
+
+def class_weights(info: DatasetInfo, split: str = "train", fold: int | None = None) -> dict[int, float]:
+  """Keras-style weights n / (k * n_c): ISIC 2020's 1.8% melanoma gets ~27.8, the rest ~0.51."""
+  counts = info.class_counts(split, fold)
+  if not any(counts):
+    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (Kaggle files carry "
+                     "none; use balance='oversample' instead)")
+  total, k = sum(counts), len(counts)
+  return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
+
+
+def _splits(classes, plan, done, folds: int) -> dict:
+  """Per split: example and class counts, and the shards in plan order with their digests."""
+  split_info = {}
+  for name, split, fold, _ in plan:
+    info = split_info.setdefault(split, {"num_examples": 0, "class_counts": [0] * len(classes),
+                                         "shards": []})
+    s = done[name]
+    info["num_examples"] += s["num_examples"]
+    info["class_counts"] = [a + b for a, b in zip(info["class_counts"], s["class_counts"])]
+    entry = {"file": name, "num_examples": s["num_examples"], "sha256": s["sha256"],
+             "class_counts": s["class_counts"]}
+    if folds and split == "train":
+      entry["fold"] = fold
+    info["shards"].append(entry)
+  for split, info in split_info.items():
+    info["class_counts"] = dict(zip(classes, info["class_counts"]))
+    for entry in info["shards"]:
+      entry["class_counts"] = dict(zip(classes, entry["class_counts"]))
+    if folds and split == "train":
+      info["folds"] = folds
+  return split_info
+
+
+def build(*, fingerprint: str, classes: list[str], plan, done: dict, image_size: int,
+          image_format: str, folds: int, inputs: dict, conversion: dict, preprocessing: dict,
+          versions: dict) -> dict:
+  """The manifest of a finished conversion. `plan` is (shard name, split, fold, ...) in write
+  order; `done[name]` holds each shard's summary (num_examples, sha256, class_counts, rejected)."""
+  split_info = _splits(classes, plan, done, folds)
+  rejected = list(inputs.get("rejected", []))
+  for name, *_ in plan:
+    rejected += done[name]["rejected"]
+  rejected.sort(key=lambda r: r["path"])
+  converted = sum(info["num_examples"] for info in split_info.values())
+  return {
+      "format_version": VERSION,
+      "fingerprint": fingerprint,
+      "classes": classes,
+      "image_size": image_size,
+      "image_format": image_format,
+      "features": {"image": features.IMAGE, "image_name": features.IMAGE_NAME,
+                   "target": features.TARGET, "patient_id": features.PATIENT_ID,
+                   "fold": features.FOLD, "height": features.HEIGHT, "width": features.WIDTH},
+      "splits": split_info,
+      "inputs": {**inputs, "converted": converted, "rejected": rejected},
+      "conversion": conversion,
+      "preprocessing": preprocessing,
+      "versions": versions,
+  }

@@ -1,0 +1,117 @@
+"""The run directory's contract: what training writes to MODEL_DIR, and how everyone reads it.
+
+    MODEL_DIR/model.keras    the best epoch's model (safe-mode loadable)
+    MODEL_DIR/config.json    classes, image size, records, preprocessing, model and training config
+    MODEL_DIR/history.csv    one row per epoch
+    MODEL_DIR/summary.json   which epoch was saved as best, and with what validation metrics
+    MODEL_DIR/backup/        the checkpoint a restarted run resumes from
+    MODEL_DIR/logs/          TensorBoard
+Every file is written atomically (temporary name, then rename): a kill during a save used to leave a
+0-byte best model that a rerun reported as success.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pathlib
+
+import keras
+
+from skinrecords import fileio
+from skinrecords import models  # pylint: disable=unused-import  (registers layers for load_model)
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+SUMMARY_FILE = "summary.json"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_accuracy",
+                  "val_auc", "images_per_sec", "seconds")
+
+
+def write_config(model_dir: str | os.PathLike, config: dict) -> None:
+  fileio.write_text_atomic(pathlib.Path(model_dir) / CONFIG_FILE,
+                           json.dumps(config, indent=2) + "\n")
+
+
+def write_summary(model_dir: str | os.PathLike, summary: dict) -> None:
+  fileio.write_text_atomic(pathlib.Path(model_dir) / SUMMARY_FILE,
+                           json.dumps(summary, indent=2) + "\n")
+
+
+def read_config(model_dir: str | os.PathLike) -> dict | None:
+  """config.json as a dict, or None when the run has not written one yet."""
+  path = pathlib.Path(model_dir) / CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def save_model(model: keras.Model, model_dir: str | os.PathLike) -> None:
+  """model.keras, atomically (Keras insists on the .keras suffix, so the temporary name keeps it)."""
+  path = pathlib.Path(model_dir) / MODEL_FILE
+  tmp = path.with_name(".tmp-" + path.name)
+  try:
+    model.save(tmp)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def read_history(model_dir: str | os.PathLike, upto: int) -> list[dict]:
+  path = pathlib.Path(model_dir) / HISTORY_FILE
+  if not path.exists():
+    return []
+  with open(path, newline="") as f:
+    return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto]
+
+
+def write_history(model_dir: str | os.PathLike, rows: list[dict]) -> None:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\r\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  fileio.write_text_atomic(pathlib.Path(model_dir) / HISTORY_FILE, buf.getvalue())
+
+
+def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
+  """Loads MODEL_DIR/model.keras (safe mode) and MODEL_DIR/config.json; checks they agree."""
+  d = pathlib.Path(model_dir)
+  need = f"a model directory holds {MODEL_FILE} (model.save()) and {CONFIG_FILE} from training"
+  if not d.is_dir():
+    raise FileNotFoundError(f"{d}: model directory not found; {need}")
+  missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (d / name).is_file()]
+  if missing:
+    raise FileNotFoundError(f"{d}: missing {' and '.join(missing)}; {need}")
+  if (d / MODEL_FILE).stat().st_size == 0:
+    raise ValueError(f"{d / MODEL_FILE} is empty (0 bytes): a save was interrupted; train again "
+                     "into this directory to resume from its backup")
+  try:
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{d / CONFIG_FILE}: not valid JSON ({err})") from err
+  classes = cfg.get("classes") if isinstance(cfg, dict) else None
+  if not isinstance(classes, list) or len(classes) < 2:
+    raise ValueError(f"{d / CONFIG_FILE}: 'classes' must list at least 2 class names in id order, "
+                     f"got {classes!r}")
+  size = cfg.get("image_size")
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ValueError(f"{d / CONFIG_FILE}: 'image_size' must be a positive integer, got {size!r}")
+  try:
+    model = keras.models.load_model(d / MODEL_FILE, compile=False)  # safe_mode stays on
+  except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
+    raise ValueError(f"{d / MODEL_FILE}: could not load the Keras model "
+                     f"({type(err).__name__}: {err})") from err
+  units = model.outputs[0].shape[-1]
+  expected = 1 if len(classes) == 2 else len(classes)
+  if units != expected:
+    raise ValueError(f"{d / MODEL_FILE}: the model outputs {units} logit(s) but {CONFIG_FILE} "
+                     f"lists {len(classes)} classes {classes}; expected {expected}")
+  return model, cfg
