@@ -98,6 +98,12 @@ class AugmentConfig:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  @classmethod
+  def none(cls) -> AugmentConfig:
+    """No augmentation at all (the defaults flip, rotate, shear and shift)."""
+    return cls(horizontal_flip=False, vertical_flip=False, rotation_range=0.0, shear_range=0.0,
+               width_shift_range=0.0, height_shift_range=0.0)
+
   @property
   def geometric(self) -> bool:
     return bool(self.horizontal_flip or self.vertical_flip or self.rotation_range or

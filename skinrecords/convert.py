@@ -60,6 +60,20 @@ class ConvertConfig:
   progress: bool = True
   preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
 
+  def validate(self) -> None:
+    """Raises ValueError naming the field, its value and what would be accepted."""
+    splits.check_fractions(self.split)
+    if self.folds == 1 or self.folds < 0:
+      raise ValueError(f"folds={self.folds}: use 0 (no folds) or a number >= 2")
+    if self.workers < 0:
+      raise ValueError(f"workers={self.workers}: use 0 (all cores) or a positive number")
+    if self.shard_size_mb <= 0 or self.min_train_shards < 1:
+      raise ValueError(f"shard_size_mb={self.shard_size_mb} must be > 0 and min_train_shards="
+                       f"{self.min_train_shards} >= 1")
+    if self.labels_csv is None and self.patient_column:
+      raise ValueError("patient_column needs labels_csv")
+    self.preprocess.validate()
+
   def plan_dict(self) -> dict:
     """Settings that change the output bytes (not where it goes or how fast it is made)."""
     d = dataclasses.asdict(self)

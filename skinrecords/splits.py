@@ -22,7 +22,10 @@ _SUM_TOLERANCE = 1e-6
 _EPS = 1e-9  # Float slack in quotas: 0.29 * 100 is 28.999999999999996.
 
 
-def _check_fractions(fractions: Sequence[float], shown: str) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float], shown: str | None = None
+                    ) -> tuple[float, float, float]:
+  """(train, valid, test) from 2 or 3 non-negative fractions summing to 1; ValueError otherwise."""
+  shown = shown or ",".join(map(str, fractions))
   if len(fractions) not in (2, 3):
     raise ValueError(f"split fractions {shown}: expected 2 or 3 numbers (train,valid[,test]), "
                      f"e.g. '0.6,0.2,0.2' or '0.8,0.2'")
@@ -45,7 +48,7 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     raise ValueError(f"split fractions {text!r}: expected comma-separated numbers "
                      f"(train,valid[,test]) summing to 1, e.g. '0.6,0.2,0.2' or '0.8,0.2'"
                      ) from err
-  return _check_fractions(numbers, repr(text))
+  return check_fractions(numbers, repr(text))
 
 
 def _as_arrays(labels: Sequence[int], groups: Sequence[str] | None
@@ -158,7 +161,7 @@ def assign_splits(labels: Sequence[int], groups: Sequence[str] | None,
     One of SPLIT_NAMES per example. Without groups each split's count of every class is within
     +-1 of fraction * class size (floor or ceil), and split totals within +-1 of fraction * n.
   """
-  shares = np.asarray(_check_fractions(tuple(fractions), repr(fractions)))
+  shares = np.asarray(check_fractions(tuple(fractions), repr(fractions)))
   label_array, group_ids = _as_arrays(labels, groups)
   if not len(label_array):
     return []

@@ -111,8 +111,9 @@ class Steps:
 
     # "augment": the warp compiled on its own (it needs XLA: ~5x faster at 512 px), the model on
     # TensorFlow's oneDNN kernels (an XLA conv net ran at ~0.5x of them on the CPU).
-    augment_fn = tf.function(lambda images, seed: augment.augment_batch(images, seed, aug),
-                             jit_compile=xla_mode != "off")
+    @tf.function(jit_compile=xla_mode != "off")
+    def augment_fn(images, seed):
+      return augment.augment_batch(images, seed, aug)
 
     @tf.function(jit_compile=xla_mode == "on")
     def forward_backward(images, labels, seed):

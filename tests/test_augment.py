@@ -14,8 +14,7 @@ from conftest import run_bin
 
 from skinrecords import augment
 
-OFF = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, rotation_range=0.0,
-                            shear_range=0.0, width_shift_range=0.0, height_shift_range=0.0)
+OFF = augment.AugmentConfig.none()
 FULL = augment.AugmentConfig(zoom_range=0.2, shear_range=10.0, brightness=30.0, contrast=0.3,
                              saturation=0.4, hue=0.1)
 

@@ -21,8 +21,7 @@ from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import train
 
-NO_AUGMENT = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, rotation_range=0.0,
-                                   shear_range=0.0, width_shift_range=0.0, height_shift_range=0.0)
+NO_AUGMENT = augment.AugmentConfig.none()
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,10 @@ _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
+_FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
+               "patient_column", "image_size", "image_format", "jpeg_quality", "max_pixels")
+
+
 def _config():
   from skinrecords import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
 
@@ -72,23 +76,15 @@ def _config():
     split = splits.parse_fractions(_SPLIT.value)
   except ValueError as err:
     raise app.UsageError(f"--split={_SPLIT.value}: {err}") from err
-  if _FOLDS.value == 1 or _FOLDS.value < 0:
-    raise app.UsageError(f"--folds={_FOLDS.value}: use 0 (no folds) or a number >= 2")
-  if _WORKERS.value < 0:
-    raise app.UsageError(f"--workers={_WORKERS.value}: use 0 (all cores) or a positive number")
-  if _SHARD_MB.value <= 0 or _MIN_TRAIN_SHARDS.value < 1:
-    raise app.UsageError("--shard_size_mb must be > 0 and --min_train_shards >= 1")
-  if _LABELS_CSV.value is None and _PATIENT_COLUMN.value:
-    raise app.UsageError("--patient_column needs --labels_csv")
-  pre = preprocess.PreprocessConfig(
-      image_size=_IMAGE_SIZE.value, image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
-      remove_hair=_REMOVE_HAIR.value, notebook_cleanup=_CLEANUP.value,
-      reduced_decode=_REDUCED.value, max_pixels=_MAX_PIXELS.value)
   try:
-    pre.validate()
+    pre = preprocess.PreprocessConfig(
+        image_size=_IMAGE_SIZE.value, image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
+        remove_hair=_REMOVE_HAIR.value, notebook_cleanup=_CLEANUP.value,
+        reduced_decode=_REDUCED.value, max_pixels=_MAX_PIXELS.value)
   except ValueError as err:
-    raise app.UsageError(str(err)) from err
-  return convert.ConvertConfig(
+    raise app.UsageError(cli_common.as_flags(str(err).replace("PreprocessConfig.", ""),
+                                             _FLAG_NAMES)) from err
+  config = convert.ConvertConfig(
       input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, labels_csv=_LABELS_CSV.value,
       image_column=_IMAGE_COLUMN.value, label_column=_LABEL_COLUMN.value,
       patient_column=_PATIENT_COLUMN.value,
@@ -96,6 +92,11 @@ def _config():
       seed=_SEED.value, shard_size_mb=_SHARD_MB.value, min_train_shards=_MIN_TRAIN_SHARDS.value,
       workers=_WORKERS.value, strict=_STRICT.value, overwrite=_OVERWRITE.value,
       progress=_PROGRESS.value, preprocess=pre)
+  try:
+    config.validate()
+  except ValueError as err:
+    raise app.UsageError(cli_common.as_flags(str(err), _FLAG_NAMES)) from err
+  return config
 
 
 def main(argv):

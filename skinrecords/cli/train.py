@@ -126,8 +126,7 @@ def _config():
         interpolation=_INTERP.value, fill_mode=_FILL.value, brightness=_BRIGHT.value,
         contrast=_CONTRAST.value, saturation=_SAT.value, hue=_HUE.value)
   else:
-    aug = augment.AugmentConfig(horizontal_flip=False, vertical_flip=False, rotation_range=0.0,
-                                shear_range=0.0, width_shift_range=0.0, height_shift_range=0.0)
+    aug = augment.AugmentConfig.none()
   config = train.TrainConfig(
       records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value,
       model=models.ModelConfig(backbone=_BACKBONE.value, image_size=size, weights=_WEIGHTS.value,
