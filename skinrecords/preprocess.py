@@ -345,7 +345,11 @@ _HAIR_DILATE = 1.0  # px at 512 that `remove_hair` adds around the mask (anti-al
 _INPAINT_RADIUS = 1.0
 _HAIR_MAX_WIDTH = 512 / 40  # components wider on average (2 * area / perimeter) are not hair;
 # S/60 cut thick-hair recall to 0.69: the response of a 6-px hair is ~9 px wide.
-_HAIR_MIN_LENGTH = 512 / 20  # nor those shorter (perimeter / 2)
+# ...but never below 4.5 px: the 3x3 blur and anti-aliasing make even a 1-px line ~3.3 px wide
+# in the response (six crossing 1-px lines at 128 px measured 3.34).
+_HAIR_WIDTH_PX = 4.5
+_HAIR_MIN_LENGTH = 512 / 20
+_HAIR_MAX_FILL = 0.35  # bounding-box fill above which a wide component is a mesh  # nor those shorter (perimeter / 2)
 
 
 def _line_kernels(length: int, angles: int) -> list[np.ndarray]:
@@ -395,7 +399,11 @@ def _long_thin(mask: np.ndarray, size: int) -> np.ndarray:
   area = stats[:, cv2.CC_STAT_AREA]
   length = perim / 2
   width = area / np.maximum(length, 1)
-  keep = (length >= _HAIR_MIN_LENGTH * s) & (width <= _HAIR_MAX_WIDTH * s)
+  keep = (length >= _HAIR_MIN_LENGTH * s) & (width <= max(_HAIR_WIDTH_PX, _HAIR_MAX_WIDTH * s))
+  # A mesh of short thin lines (a dense pigment network) is thin and long by perimeter too, but
+  # fills its bounding box: a 2-px honeycomb patch filled 63 %, 20 crossing hairs ~11 %.
+  bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+  keep &= (np.minimum(bw, bh) < _HAIR_MIN_LENGTH * s) | (area < _HAIR_MAX_FILL * bw * bh)
   keep[0] = False
   return np.where(keep, 255, 0).astype(np.uint8)[labels]
 
@@ -445,7 +453,8 @@ def inpaint(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Telea inpainting of the mask's pixels only; `rgb` itself if the mask is empty."""
   if not cv2.countNonZero(mask):
     return rgb
-  return cv2.inpaint(rgb, mask, max(1, round(_INPAINT_RADIUS * rgb.shape[0] / 512)), cv2.INPAINT_TELEA)
+  radius = max(1, round(_INPAINT_RADIUS * rgb.shape[0] / 512))
+  return cv2.inpaint(rgb, mask, radius, cv2.INPAINT_TELEA)
 
 
 def remove_hair(rgb: np.ndarray) -> np.ndarray:
