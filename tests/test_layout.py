@@ -14,7 +14,8 @@ LIB = REPO / "skinrecords"
 # The data-flow order of the library's stages; a module may import only modules at its own stage or
 # earlier. "cli" sits on top and may import anything.
 STAGES = [
-    {"features", "manifest", "splits", "sources", "synthetic", "preprocess", "uncertainty"},
+    {"fileio", "features", "manifest", "splits", "sources", "synthetic", "preprocess",
+     "uncertainty"},
     {"records", "convert", "tfrecord"},
     {"pipeline"},
     {"augment"},
@@ -75,6 +76,8 @@ def test_bin_scripts_are_shims_into_importable_modules():
     assert "def run()" in module.read_text(), module
     if m[1] == "skinrecords.cli":
       assert "sys.path" not in text, f"bin/{path.name} edits sys.path"
+    # Without the guard, each spawned converter worker re-ran the whole command (a hang).
+    assert 'if __name__ == "__main__":' in text, f"bin/{path.name} runs on import"
 
 
 def test_installed_commands_are_namespaced_and_benchmarks_not_installed():

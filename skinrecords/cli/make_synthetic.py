@@ -41,6 +41,9 @@ _IMAGES_PER_PATIENT = flags.DEFINE_integer(
     "images_per_patient", 4,
     "Consecutive images sharing one patient_id in labels.csv; patients are mostly one class.")
 _JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality, 1-100.")
+_HAIR_MASKS_DIR = flags.DEFINE_string(
+    "hair_masks_dir", None,
+    "Also write each image's exact hair coverage here as <image_name>.png (0-255; > 127 = hair).")
 _WORKERS = flags.DEFINE_integer(
     "workers", 1, "Processes drawing images (spawned); output does not depend on it.")
 
@@ -60,7 +63,8 @@ def main(argv):
   except ValueError as err:
     raise app.UsageError(str(err)) from err
   try:
-    summary = synthetic.write_dataset(_OUTPUT_DIR.value, config)
+    summary = synthetic.write_dataset(_OUTPUT_DIR.value, config,
+                                      hair_masks_dir=_HAIR_MASKS_DIR.value)
   except FileExistsError as err:
     raise app.UsageError(str(err)) from err
   logging.info("Wrote %s", summary)

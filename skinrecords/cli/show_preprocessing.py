@@ -1,0 +1,67 @@
+"""Contact sheet of what hair removal does to N random inputs: original | mask | result.
+
+  bin/show_preprocessing --input_dir=DIR --output=sheet.png --num=6 --image_size=512
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import cv2
+import numpy as np
+from absl import flags
+
+from skinrecords import preprocess as pp
+from skinrecords.cli import common as cli_common
+
+_INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder searched recursively for images.")
+_OUTPUT = flags.DEFINE_string("output", "preprocessing.png", "Contact sheet PNG to write.")
+_NUM = flags.DEFINE_integer("num", 6, "Random images shown (>= 1).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Output size the converter would use.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for picking the images.")
+_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def sheet(paths: list[pathlib.Path], size: int) -> np.ndarray:
+  """RGB rows original | mask (red on grey) | result, each size x size."""
+  config = pp.PreprocessConfig(image_size=size)
+  rows = []
+  for path in paths:
+    rgb = pp.preprocess_array(pp.decode(path.read_bytes(), config), config)
+    mask = pp.hair_mask(rgb)
+    shown = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB) // 2
+    shown[mask > 0] = (255, 40, 40)
+    rows.append(np.hstack([rgb, shown, pp.remove_hair(rgb)]))
+  return np.vstack(rows)
+
+
+def main(argv):
+  if len(argv) > 1 or not _INPUT_DIR.value or _NUM.value < 1:
+    print("show_preprocessing: need --input_dir=DIR (a folder of images) and --num >= 1",
+          file=sys.stderr)
+    return 2
+  files = sorted(p for p in pathlib.Path(_INPUT_DIR.value).rglob("*") if p.suffix.lower() in _EXTS)
+  if not files:
+    print(f"show_preprocessing: no images under {_INPUT_DIR.value}; point --input_dir at a "
+          "folder of JPEG/PNG files", file=sys.stderr)
+    return 2
+  rng = np.random.default_rng(_SEED.value)
+  picked = [files[i] for i in sorted(rng.choice(len(files), min(_NUM.value, len(files)), False))]
+  try:
+    img = sheet(picked, _IMAGE_SIZE.value)
+  except (pp.RejectedImage, ValueError) as err:
+    print(f"show_preprocessing: {err}; remove or fix that file", file=sys.stderr)
+    return 2
+  out = pathlib.Path(_OUTPUT.value)
+  tmp = out.with_name(out.name + ".tmp.png")
+  cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+  os.replace(tmp, out)
+  print(f"wrote {out} ({len(picked)} images: original | hair mask | result)")
+  return 0
+
+
+def run():
+  """Console entry point (`skinrecords-show-preprocessing`)."""
+  cli_common.run(main, "skinrecords-show-preprocessing")
