@@ -66,7 +66,7 @@ def rank_auc(labels, scores) -> float:
 
 
 def _units(n: int, groups) -> tuple[np.ndarray | None, int, str]:
-  """Maps each prediction to its resampling unit; empty or None patient ids are units of their own."""
+  """Maps each prediction to its resampling unit; an empty or None patient id is its own unit."""
   if groups is None:
     return None, n, "image"
   groups = [str(g) if g is not None and str(g) != "" else None for g in groups]

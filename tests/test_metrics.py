@@ -1,4 +1,4 @@
-"""Tests for skinrecords.metrics and skinrecords.uncertainty: CIs, operating points, ISIC pAUC, folds."""
+"""Tests for skinrecords.metrics and .uncertainty: CIs, operating points, ISIC pAUC, folds."""
 
 from __future__ import annotations
 
