@@ -23,38 +23,54 @@ _CHUNK = 200
 
 
 class SortedScores:
-  """One score column sorted ascending, with runs of tied scores grouped."""
+  """One score column split into positives and negatives, each sorted, with tie positions.
+
+  For each positive (in sorted order) it keeps how many negatives score strictly below it and how
+  many at most equal to it, and how many positives score strictly below it: all a weighted AUC
+  and AP need, so a resample costs two cumulative sums and three gathers, no sort.
+  """
 
   def __init__(self, scores, positive):
     scores = np.asarray(scores, np.float64).reshape(-1)
-    self.order = np.argsort(scores, kind="stable")
-    s = scores[self.order]
-    self.positive = np.asarray(positive, bool).reshape(-1)[self.order]
-    # First index of each run of equal scores: sums over a run treat tied scores as one threshold,
-    # as roc_curve and average_precision_score do.
-    self.starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    positive = np.asarray(positive, bool).reshape(-1)
+    order = np.argsort(scores, kind="stable")
+    self.pos_idx = order[positive[order]]
+    self.neg_idx = order[~positive[order]]
+    pos_s, neg_s = scores[self.pos_idx], scores[self.neg_idx]
+    self.neg_lo = np.searchsorted(neg_s, pos_s, side="left")
+    self.neg_hi = np.searchsorted(neg_s, pos_s, side="right")
+    self.pos_lo = np.searchsorted(pos_s, pos_s, side="left")
+
+
+def _cumsum0(w: np.ndarray) -> np.ndarray:
+  """Cumulative sums along rows with a leading 0 column: out[:, j] = sum of w[:, :j]."""
+  out = np.zeros((w.shape[0], w.shape[1] + 1))
+  np.cumsum(w, axis=1, out=out[:, 1:])
+  return out
 
 
 def weighted_auc_ap(sorted_scores: SortedScores, weights) -> tuple[np.ndarray, np.ndarray]:
   """ROC AUC and average precision of each row of `weights` [B, N] (counts in original order).
 
-  AUC is the Mann-Whitney statistic: P(positive score > negative score) + 1/2 P(tie). AP is
-  sum over descending thresholds of (recall step) x precision, scikit-learn's definition (no
-  interpolation). Rows without a positive or a negative give NaN.
+  AUC is the Mann-Whitney statistic: P(positive score > negative score) + 1/2 P(tie). AP is the
+  sum over positives of weight x precision at the threshold equal to its score, scikit-learn's
+  definition (tied scores are one threshold; no interpolation). Rows without a positive or a
+  negative give NaN.
   """
-  w = np.atleast_2d(np.asarray(weights, np.float64))[:, sorted_scores.order]
-  pos = np.add.reduceat(np.where(sorted_scores.positive, w, 0.0), sorted_scores.starts, axis=1)
-  neg = np.add.reduceat(np.where(sorted_scores.positive, 0.0, w), sorted_scores.starts, axis=1)
-  n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-  valid = (n_pos > 0) & (n_neg > 0)
-  neg_below = np.cumsum(neg, axis=1) - neg
+  ss = sorted_scores
+  w = np.atleast_2d(np.asarray(weights, np.float64))
+  w_pos = w[:, ss.pos_idx]
+  cneg, cpos = _cumsum0(w[:, ss.neg_idx]), _cumsum0(w_pos)
+  n_pos, n_neg = cpos[:, -1], cneg[:, -1]
+  below = cneg[:, ss.neg_lo]
+  tied = cneg[:, ss.neg_hi] - below
   with np.errstate(invalid="ignore", divide="ignore"):
-    auc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
-    # Descending thresholds: true and false positives predicted at or above each distinct score.
-    tp = np.cumsum(pos[:, ::-1], axis=1)
-    fp = np.cumsum(neg[:, ::-1], axis=1)
-    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
-    ap = (pos[:, ::-1] * precision).sum(axis=1) / n_pos
+    auc = (w_pos * (below + 0.5 * tied)).sum(axis=1) / (n_pos * n_neg)
+    # Predicted positive at the threshold s_j: every score >= s_j.
+    tp = n_pos[:, None] - cpos[:, ss.pos_lo]
+    fp = n_neg[:, None] - below
+    ap = (w_pos * tp / np.maximum(tp + fp, 1e-300)).sum(axis=1) / n_pos
+  valid = (n_pos > 0) & (n_neg > 0)
   return np.where(valid, auc, np.nan), np.where(valid, ap, np.nan)
 
 
