@@ -12,7 +12,13 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from skinrecords import uncertainty
+
 COLLAPSE_FRACTION = 0.99
+# Clinical operating points: a melanoma triage tool is judged at high specificity (few needless
+# excisions) or high sensitivity (few missed melanomas), not at one arbitrary threshold.
+SPECIFICITY_TARGETS = (0.80, 0.90, 0.95)
+SENSITIVITY_TARGETS = (0.90, 0.95)
 
 
 def youden_threshold(probs, labels) -> float:
@@ -42,13 +48,57 @@ def youden_threshold(probs, labels) -> float:
   return float(thresholds[best])
 
 
-def compute_metrics(probs, labels, classes, threshold: float | None = 0.5) -> dict:
+def compute_metrics(probs, labels, classes, threshold: float | None = 0.5, *, groups=None,
+                    bootstrap: int = uncertainty.DEFAULT_RESAMPLES, seed: int = 0) -> dict:
   """Accuracy, ROC AUC, PR AUC (average precision), confusion matrix, per-class report, collapse.
 
-  Two classes: `probs` is [N] P(class 1), predicted positive when >= threshold. K > 2: `probs` is
-  [N, K], predicted = argmax (threshold unused), AUCs are one-vs-rest and macro-averaged over the
-  classes present in `labels` (per class too). AUCs are None when undefined (one class present).
+  Two classes: `probs` is [N] P(class 1), predicted positive when >= threshold; adds sensitivity
+  and specificity at the threshold, the clinical operating points and the ISIC `auc_sens_80`.
+  K > 2: `probs` is [N, K], predicted = argmax (threshold unused), AUCs are one-vs-rest and
+  macro-averaged over the classes present in `labels` (per class too); classes with no image are
+  named in `absent_classes`. AUCs are None when undefined (one class present).
+
+  `bootstrap` resamples (0: none) give 95 % percentile intervals (`roc_auc_ci`, ...), resampling
+  patients when `groups` holds one patient id per prediction, images otherwise; `seed` fixes them.
   """
+  classes, probs, labels = _checked(probs, labels, classes)
+  k, n = len(classes), len(labels)
+  if k == 2:
+    threshold = float(threshold)
+    predicted = (probs >= threshold).astype(np.int64)
+  else:
+    threshold = None
+    predicted = probs.argmax(axis=1)
+  ids = list(range(k))
+  label_counts = np.bincount(labels, minlength=k)
+  out = {
+      "n": n,
+      "classes": classes,
+      "threshold": threshold,
+      "accuracy": float(skm.accuracy_score(labels, predicted)),
+      "roc_auc": None,
+      "pr_auc": None,
+      "label_counts": dict(zip(classes, label_counts.tolist())),
+      "predicted_counts": dict(zip(classes, np.bincount(predicted, minlength=k).tolist())),
+      "absent_classes": [c for c, count in zip(classes, label_counts) if count == 0],
+      "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=ids).tolist(),
+      "classification_report": skm.classification_report(
+          labels, predicted, labels=ids, target_names=classes, output_dict=True, zero_division=0),
+  }
+  out.update(_binary_metrics(probs, labels, predicted) if k == 2 else
+             _multiclass_aucs(probs, labels, classes))
+  top = max(out["predicted_counts"], key=out["predicted_counts"].get)
+  count = out["predicted_counts"][top]
+  out["collapsed"] = n >= 2 and count >= COLLAPSE_FRACTION * n
+  out["warning"] = _collapse_warning(out, top, count) if out["collapsed"] else None
+  if bootstrap:
+    out.update(uncertainty.bootstrap_ci(probs, labels, threshold=threshold, groups=groups,
+                                        resamples=bootstrap, seed=seed))
+  return out
+
+
+def _checked(probs, labels, classes):
+  """Arrays of the right shapes and dtypes, or a ValueError naming what is wrong."""
   classes = [str(c) for c in classes]
   k = len(classes)
   labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -67,46 +117,84 @@ def compute_metrics(probs, labels, classes, threshold: float | None = 0.5) -> di
   if labels.min() < 0 or labels.max() >= k:
     raise ValueError(f"labels range over [{labels.min()}, {labels.max()}] but there are {k} "
                      f"classes {classes}")
-  if k == 2:
-    threshold = float(threshold)
-    predicted = (probs >= threshold).astype(np.int64)
-  else:
-    threshold = None
-    predicted = probs.argmax(axis=1)
-  ids = list(range(k))
+  return classes, probs, labels
+
+
+def _binary_metrics(probs, labels, predicted) -> dict:
+  positives, negatives = labels == 1, labels == 0
   out = {
-      "n": n,
-      "classes": classes,
-      "threshold": threshold,
-      "accuracy": float(skm.accuracy_score(labels, predicted)),
-      "roc_auc": None,
-      "pr_auc": None,
-      "label_counts": dict(zip(classes, np.bincount(labels, minlength=k).tolist())),
-      "predicted_counts": dict(zip(classes, np.bincount(predicted, minlength=k).tolist())),
-      "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=ids).tolist(),
-      "classification_report": skm.classification_report(
-          labels, predicted, labels=ids, target_names=classes, output_dict=True, zero_division=0),
+      "sensitivity": float(predicted[positives].mean()) if positives.any() else None,
+      "specificity": float(1 - predicted[negatives].mean()) if negatives.any() else None,
   }
-  if k == 2:
-    if len(np.unique(labels)) == 2:
-      out["roc_auc"] = float(skm.roc_auc_score(labels, probs))
-      out["pr_auc"] = float(skm.average_precision_score(labels, probs))
-  else:
-    roc, pr = {}, {}
-    for c, name in enumerate(classes):
-      y = labels == c
-      if 0 < y.sum() < n:
-        roc[name] = float(skm.roc_auc_score(y, probs[:, c]))
-        pr[name] = float(skm.average_precision_score(y, probs[:, c]))
-    out["roc_auc_per_class"], out["pr_auc_per_class"] = roc, pr
-    if roc:
-      out["roc_auc"], out["pr_auc"] = float(np.mean(list(roc.values()))), float(
-          np.mean(list(pr.values())))
-  top = max(out["predicted_counts"], key=out["predicted_counts"].get)
-  count = out["predicted_counts"][top]
-  out["collapsed"] = n >= 2 and count >= COLLAPSE_FRACTION * n
-  out["warning"] = _collapse_warning(out, top, count) if out["collapsed"] else None
+  if positives.any() and negatives.any():
+    out["roc_auc"] = float(skm.roc_auc_score(labels, probs))
+    out["pr_auc"] = float(skm.average_precision_score(labels, probs))
+    out["auc_sens_80"] = auc_above_sensitivity(probs, labels, 0.80)
+    out.update(operating_points(probs, labels))
   return out
+
+
+def _multiclass_aucs(probs, labels, classes) -> dict:
+  roc, pr = {}, {}
+  for c, name in enumerate(classes):
+    y = labels == c
+    if 0 < y.sum() < len(labels):
+      roc[name] = float(skm.roc_auc_score(y, probs[:, c]))
+      pr[name] = float(skm.average_precision_score(y, probs[:, c]))
+  out = {"roc_auc_per_class": roc, "pr_auc_per_class": pr}
+  if roc:
+    out["roc_auc"] = float(np.mean(list(roc.values())))
+    out["pr_auc"] = float(np.mean(list(pr.values())))
+  return out
+
+
+def operating_points(probs, labels) -> dict:
+  """Sensitivity at fixed specificities and specificity at fixed sensitivities, from the ROC curve.
+
+  No interpolation between ROC points: each value is reached by a real threshold (`probs >=
+  threshold`), the best one meeting the constraint. Interpolating would report a rate no single
+  threshold gives (only a coin flip between two thresholds would), which overstates it on small
+  splits. Ties between points with the same target rate keep the better other rate.
+  """
+  fpr, tpr, thresholds = skm.roc_curve(labels, probs, drop_intermediate=False)
+  points, sens_at, spec_at = [], {}, {}
+  eps = 1e-12  # rates are ratios of counts: 1 - 2/10 must count as specificity 0.80
+  for target in SPECIFICITY_TARGETS:
+    ok = np.flatnonzero(1 - fpr >= target - eps)  # a prefix: FPR grows along the curve
+    i = ok[np.argmax(tpr[ok])]  # first maximum: same sensitivity at the lowest FPR
+    sens_at[f"{target:.2f}"] = float(tpr[i])
+    points.append(_point(f"specificity >= {target:.2f}", tpr[i], fpr[i], thresholds[i]))
+  for target in SENSITIVITY_TARGETS:
+    ok = np.flatnonzero(tpr >= target - eps)  # a suffix, never empty: the last point has TPR 1
+    i = ok[np.flatnonzero(fpr[ok] == fpr[ok].min())[-1]]  # lowest FPR, then highest TPR
+    spec_at[f"{target:.2f}"] = float(1 - fpr[i])
+    points.append(_point(f"sensitivity >= {target:.2f}", tpr[i], fpr[i], thresholds[i]))
+  return {"sensitivity_at_specificity": sens_at, "specificity_at_sensitivity": spec_at,
+          "operating_points": points}
+
+
+def _point(constraint, tpr, fpr, threshold) -> dict:
+  # roc_curve's first threshold is +inf (nothing predicted positive): JSON has no infinity.
+  return {"constraint": constraint, "sensitivity": float(tpr), "specificity": float(1 - fpr),
+          "threshold": float(threshold) if math.isfinite(threshold) else None}
+
+
+def auc_above_sensitivity(probs, labels, min_sensitivity: float = 0.80) -> float:
+  """ROC area over the part of the curve with sensitivity >= `min_sensitivity` (ISIC `auc_sens_80`).
+
+  Computed as the ISIC Challenge scorer (isic-challenge-scoring, `auc_above_sensitivity`) does: not
+  scikit-learn's `max_fpr` partial AUC, which applies the McClish correction, but the raw area
+  under the ROC curve between the FPR where the curve first reaches `min_sensitivity` (linear
+  between ROC points) and FPR 1. Perfect scores give 1; chance gives 0.18 at 0.80. Note: the 2024
+  Kaggle ISIC pAUC is a different number (the area above TPR 0.80 only, at most 0.2).
+  """
+  if not 0 < min_sensitivity <= 1:
+    raise ValueError(f"min_sensitivity must be in (0, 1]; got {min_sensitivity}")
+  fpr, tpr, _ = skm.roc_curve(labels, probs, drop_intermediate=False)
+  i = int(np.searchsorted(tpr, min_sensitivity, side="left"))  # first point at or above it
+  # TPR starts at 0 < min_sensitivity, so i >= 1 and the segment [i - 1, i] straddles the target.
+  start = np.interp(min_sensitivity, tpr[i - 1:i + 1], fpr[i - 1:i + 1])
+  return float(skm.auc(np.r_[start, fpr[i:]], np.r_[min_sensitivity, tpr[i:]]))
 
 
 def _collapse_warning(m: dict, top: str, count: int) -> str:
@@ -123,7 +211,7 @@ def _collapse_warning(m: dict, top: str, count: int) -> str:
 
 
 def format_report(m: dict) -> str:
-  """Human text: classification report, AUCs, threshold and confusion matrix (also report.txt)."""
+  """Human text: classification report, AUCs with CIs, operating points, threshold, confusion."""
   lines = []
   if "records_dir" in m:
     fold = f" (fold {m['fold']})" if m.get("fold") is not None else ""
@@ -138,14 +226,12 @@ def format_report(m: dict) -> str:
       lines.append(f"{'accuracy':>{width}} {'':>9} {'':>9} {m['accuracy']:>9.4f} {m['n']:>9d}")
     lines.append(f"{name:>{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
                  f"{r['f1-score']:>9.4f} {int(r['support']):>9d}")
-  fmt = lambda v: "undefined (one class present)" if v is None else f"{v:.4f}"
-  avg = " (one-vs-rest, macro)" if len(m["classes"]) > 2 else ""
-  lines += ["", f"ROC AUC{avg}: {fmt(m['roc_auc'])}",
-            f"PR AUC (average precision){avg}: {fmt(m['pr_auc'])}"]
+  lines += [""] + _estimate_lines(m)
   if m.get("roc_auc_per_class"):
     lines.append("per class ROC AUC / PR AUC: " + ", ".join(
         f"{c} {m['roc_auc_per_class'][c]:.4f} / {m['pr_auc_per_class'][c]:.4f}"
         for c in m["roc_auc_per_class"]))
+  lines += _operating_point_lines(m)
   if m["threshold"] is not None:
     lines.append(f"threshold: P({m['classes'][1]}) >= {m['threshold']:.6g}"
                  f"{' (' + m['threshold_source'] + ')' if m.get('threshold_source') else ''}")
@@ -154,8 +240,95 @@ def format_report(m: dict) -> str:
   lines.append("confusion matrix (rows: true class, columns: predicted class, order "
                f"{', '.join(m['classes'])}):")
   lines += ["  " + " ".join(f"{v:>7d}" for v in row) for row in m["confusion_matrix"]]
+  if m.get("absent_classes") and len(m["classes"]) > 2:
+    present = len(m["classes"]) - len(m["absent_classes"])
+    lines += ["", f"WARNING: no image of class {', '.join(map(repr, m['absent_classes']))} in "
+                  f"this split: its AUCs are undefined and the macro averages cover the other "
+                  f"{present} classes only."]
   if m["collapsed"]:
     lines += ["", f"WARNING: {m['warning']}"]
+  return "\n".join(lines)
+
+
+def _estimate_lines(m: dict) -> list[str]:
+  """Point estimates, each with its bootstrap interval in an aligned column when computed."""
+  fmt = lambda v: "undefined (one class present)" if v is None else f"{v:.4f}"
+  avg = " (one-vs-rest, macro)" if len(m["classes"]) > 2 else ""
+  rows = [(f"ROC AUC{avg}", "roc_auc"), (f"PR AUC (average precision){avg}", "pr_auc")]
+  if m["threshold"] is not None:
+    rows += [("sensitivity at the threshold", "sensitivity"),
+             ("specificity at the threshold", "specificity")]
+  texts = [f"{name}: {fmt(m.get(key))}" for name, key in rows]
+  if "ci_level" not in m:
+    return texts
+  level = f"{m['ci_level']:.0%} CI"
+  pad = max(map(len, texts)) + 2
+  lines = [f"{t:<{pad}}{level} " + (f"[{m[key + '_ci'][0]:.4f}, {m[key + '_ci'][1]:.4f}]"
+                                    if m.get(key + "_ci") else "undefined")
+           for t, (_, key) in zip(texts, rows)]
+  skipped = (f"; {m['ci_skipped']} skipped for lacking a class" if m["ci_skipped"] else "")
+  lines.append(f"({level}: percentile bootstrap, {m['ci_resamples']} resamples of "
+               f"{m['ci_units']} {m['ci_unit']}s, seed {m['ci_seed']}{skipped})")
+  if m["ci_unit"] == "image":
+    lines.append("(images resampled one by one: if patients have several images here, these "
+                 "intervals are too narrow)")
+  return lines
+
+
+def _operating_point_lines(m: dict) -> list[str]:
+  if not m.get("operating_points"):
+    return []
+  lines = [f"ISIC partial AUC above 80% sensitivity (auc_sens_80): {m['auc_sens_80']:.4f} "
+           "(chance 0.18, perfect 1)",
+           "operating points (each reached by a real threshold, no interpolation):",
+           f"  {'constraint':<21} {'sensitivity':>11} {'specificity':>11} {'threshold':>11}"]
+  for p in m["operating_points"]:
+    t = "none" if p["threshold"] is None else f"{p['threshold']:.6g}"
+    lines.append(f"  {p['constraint']:<21} {p['sensitivity']:>11.4f} {p['specificity']:>11.4f} "
+                 f"{t:>11}")
+  return lines
+
+
+# Scalar metrics averaged over folds; nested dicts of scalars (operating points) are flattened.
+FOLD_KEYS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "auc_sens_80",
+             "sensitivity_at_specificity", "specificity_at_sensitivity")
+
+
+def summarize_folds(fold_metrics: list[dict]) -> dict:
+  """Mean ± sample standard deviation over cross-validation folds of each `FOLD_KEYS` metric.
+
+  std uses ddof=1 (folds are a sample of possible splits; ddof=0 would understate the spread of 5
+  folds by 11 %). Folds where a metric is undefined (None) are left out of its mean and counted:
+  `n` says how many folds it averages. The pooled CI is `compute_metrics` on the concatenated
+  out-of-fold predictions with patient ids, not computed here.
+  """
+  if not fold_metrics:
+    raise ValueError("no fold metrics to summarize")
+  values: dict[str, list] = {}
+  for m in fold_metrics:
+    for key in FOLD_KEYS:
+      v = m.get(key)
+      items = v.items() if isinstance(v, dict) else [(None, v)]
+      for sub, x in items:
+        values.setdefault(key if sub is None else f"{key}_{sub}", []).append(x)
+  out = {"n_folds": len(fold_metrics)}
+  for key, xs in values.items():
+    defined = np.array([x for x in xs if x is not None], np.float64)
+    if not len(defined):
+      continue
+    out[key] = {"mean": float(defined.mean()),
+                "std": float(defined.std(ddof=1)) if len(defined) > 1 else None,
+                "n": len(defined), "values": [None if x is None else float(x) for x in xs]}
+  return out
+
+
+def format_folds(summary: dict) -> str:
+  """One line per metric: `roc_auc  0.9123 ± 0.0131  (5 folds)`."""
+  lines = [f"mean ± std over {summary['n_folds']} folds:"]
+  for key, s in summary.items():
+    if key != "n_folds":
+      std = "" if s["std"] is None else f" ± {s['std']:.4f}"
+      lines.append(f"  {key:<36} {s['mean']:.4f}{std}  ({s['n']} folds)")
   return "\n".join(lines)
 
 

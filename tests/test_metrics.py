@@ -1,0 +1,267 @@
+"""Tests for skinrecords.metrics and .uncertainty: CIs, operating points, ISIC pAUC, folds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from skinrecords import metrics
+from skinrecords import uncertainty
+
+BINARY = ["NotMelanoma", "Melanoma"]
+
+
+def _scores(n, seed, prevalence=0.2, shift=0.3):
+  """Labels and informative continuous scores (AUC ~0.8), no ties."""
+  rng = np.random.default_rng(seed)
+  labels = (rng.random(n) < prevalence).astype(np.int64)
+  return np.clip(shift * labels + rng.random(n) * (1 - shift), 0, 1), labels
+
+
+def _width(ci):
+  return ci[1] - ci[0]
+
+
+# Hand-made case: 10 negatives at 0.05, 0.15, ..., 0.95 and 10 positives in between. Walking the
+# threshold down the 20 scores, (FPR, TPR) goes (0, .1) at 0.97, (.1, .6) at 0.87, (.2, .6) at
+# 0.85, (.5, .8) at 0.52, (.7, .9) at 0.32 and (.9, 1) at 0.12.
+HAND_NEG = np.arange(10) * 0.1 + 0.05
+HAND_POS = np.array([0.12, 0.32, 0.52, 0.72, 0.87, 0.88, 0.89, 0.91, 0.92, 0.97])
+HAND_PROBS = np.r_[HAND_NEG, HAND_POS]
+HAND_LABELS = np.r_[np.zeros(10, int), np.ones(10, int)]
+
+
+def test_rank_auc_and_weighted_ap_equal_sklearn_on_resamples():
+  rng = np.random.default_rng(0)
+  probs, labels = _scores(3000, 1)
+  probs = np.round(probs, 2)  # ~100 distinct scores: ties between classes must count one half
+  assert uncertainty.rank_auc(labels, probs) == pytest.approx(skm.roc_auc_score(labels, probs),
+                                                              abs=1e-12)
+  idx = rng.integers(0, len(labels), size=(4, len(labels)))
+  counts = np.stack([np.bincount(i, minlength=len(labels)) for i in idx])
+  auc, ap = uncertainty.weighted_auc_ap(uncertainty.SortedScores(probs, labels == 1), counts)
+  for r in range(4):
+    assert auc[r] == pytest.approx(skm.roc_auc_score(labels[idx[r]], probs[idx[r]]), abs=1e-12)
+    assert ap[r] == pytest.approx(skm.average_precision_score(labels[idx[r]], probs[idx[r]]),
+                                  abs=1e-12)
+  # A resample without positives is NaN (skipped), not 0 or 1.
+  no_pos = np.where(labels == 1, 0, 1)[None, :]
+  auc, ap = uncertainty.weighted_auc_ap(uncertainty.SortedScores(probs, labels == 1), no_pos)
+  assert np.isnan(auc[0]) and np.isnan(ap[0])
+
+
+def test_ci_contains_estimate_and_widens_as_n_shrinks():
+  widths = {}
+  for n in (200, 2000):
+    probs, labels = _scores(n, 2)
+    m = metrics.compute_metrics(probs, labels, BINARY, 0.5, seed=3)
+    for key in ("roc_auc", "pr_auc", "sensitivity", "specificity"):
+      lo, hi = m[f"{key}_ci"]
+      assert lo < m[key] < hi, (n, key, m[key], lo, hi)
+      widths[n, key] = hi - lo
+    assert m["ci_resamples"] == 1000 and m["ci_level"] == 0.95 and m["ci_unit"] == "image"
+    assert m["ci_units"] == n and m["ci_skipped"] == 0
+    json.dumps(m, allow_nan=False)  # metrics.json must stay strict JSON
+  # The level is right: at a threshold, sensitivity is a binomial proportion, so its 95 % interval
+  # is close to 2 x 1.96 standard errors (ratios 0.92-1.03 over 6 seeds; 90 % would give 0.84).
+  for key, label in (("sensitivity", 1), ("specificity", 0)):
+    se = np.sqrt(m[key] * (1 - m[key]) / np.sum(labels == label))
+    assert 0.88 < widths[2000, key] / (2 * 1.959964 * se) < 1.12, key
+  for key in ("roc_auc", "pr_auc", "sensitivity", "specificity"):
+    # Width scales as 1 / sqrt(n): sqrt(10) ~ 3.2 times wider with 10 times fewer images.
+    assert 2.2 < widths[200, key] / widths[2000, key] < 4.5, (key, widths)
+
+
+def test_patient_resampling_is_wider_when_patients_repeat_images():
+  probs, labels = _scores(300, 4)
+  # Each of 300 patients has 5 identical images: 1,500 images carry the information of 300.
+  dup_probs, dup_labels = np.repeat(probs, 5), np.repeat(labels, 5)
+  patients = np.repeat([f"p{i}" for i in range(300)], 5)
+  by_image = uncertainty.bootstrap_ci(dup_probs, dup_labels, threshold=0.5, seed=5)
+  by_patient = uncertainty.bootstrap_ci(dup_probs, dup_labels, threshold=0.5, groups=patients,
+                                        seed=5)
+  alone = uncertainty.bootstrap_ci(probs, labels, threshold=0.5, seed=5)
+  assert by_patient["ci_unit"] == "patient" and by_patient["ci_units"] == 300
+  for key in ("roc_auc_ci", "pr_auc_ci", "sensitivity_ci", "specificity_ci"):
+    ratio = _width(by_patient[key]) / _width(by_image[key])
+    assert 1.7 < ratio < 3.0, (key, ratio)  # sqrt(5) ~ 2.24
+    # Resampling patients of the duplicated set is resampling the 300 originals.
+    assert _width(by_patient[key]) == pytest.approx(_width(alone[key]), rel=0.25), key
+
+
+def test_empty_patient_ids_are_units_of_their_own():
+  probs, labels = _scores(40, 6)
+  groups = ["a"] * 10 + ["b"] * 10 + [""] * 10 + [None] * 10
+  ci = uncertainty.bootstrap_ci(probs, labels, groups=groups, resamples=50)
+  assert ci["ci_units"] == 22
+  with pytest.raises(ValueError, match="one id per prediction"):
+    uncertainty.bootstrap_ci(probs, labels, groups=groups[:-1])
+
+
+def test_bootstrap_is_seeded():
+  probs, labels = _scores(500, 7)
+  a = metrics.compute_metrics(probs, labels, BINARY, 0.5, seed=11)
+  b = metrics.compute_metrics(probs, labels, BINARY, 0.5, seed=11)
+  c = metrics.compute_metrics(probs, labels, BINARY, 0.5, seed=12)
+  keys = ("roc_auc_ci", "pr_auc_ci", "sensitivity_ci", "specificity_ci")
+  assert all(a[k] == b[k] for k in keys) and a["ci_seed"] == 11
+  assert all(a[k] != c[k] for k in keys)
+
+
+def test_resamples_lacking_a_class_are_skipped_and_counted():
+  # 1 positive in 20: a resample misses it with probability (19/20)^20 = 0.358.
+  probs = np.linspace(0, 1, 20)
+  labels = np.zeros(20, int)
+  labels[15] = 1
+  ci = uncertainty.bootstrap_ci(probs, labels, threshold=0.5, resamples=1000, seed=0)
+  assert 300 < ci["ci_skipped"] < 420, ci["ci_skipped"]
+  assert ci["sensitivity_ci"] == [1.0, 1.0]  # every kept resample holds the one positive, caught
+  one_class = metrics.compute_metrics(probs, np.zeros(20, int), BINARY, 0.5, bootstrap=100)
+  assert one_class["roc_auc_ci"] is None and one_class["ci_skipped"] == 100
+
+
+def test_bootstrap_of_10000_predictions_is_fast():
+  probs, labels = _scores(10000, 8, prevalence=0.1)
+  best = float("inf")
+  for _ in range(2):  # best of two: the machine is shared
+    start = time.perf_counter()
+    uncertainty.bootstrap_ci(probs, labels, threshold=0.5, resamples=1000)
+    best = min(best, time.perf_counter() - start)
+  # Measured 0.4-0.9 s here (shared 2 cores); 1,000 pairs of sklearn calls took 7-11 s.
+  assert best < 3.0, best
+
+
+def test_operating_points_hand_made():
+  m = metrics.compute_metrics(HAND_PROBS, HAND_LABELS, BINARY, 0.5, bootstrap=0)
+  points = {p["constraint"]: p for p in m["operating_points"]}
+  expected = {  # constraint: (sensitivity, specificity reached, threshold)
+      "specificity >= 0.80": (0.6, 0.9, 0.87),  # 0.85 gives the same 0.6 at specificity 0.8
+      "specificity >= 0.90": (0.6, 0.9, 0.87),
+      "specificity >= 0.95": (0.1, 1.0, 0.97),
+      "sensitivity >= 0.90": (0.9, 0.3, 0.32),
+      "sensitivity >= 0.95": (1.0, 0.1, 0.12),
+  }
+  assert list(points) == list(expected)
+  for constraint, (sens, spec, t) in expected.items():
+    p = points[constraint]
+    assert (p["sensitivity"], p["specificity"], p["threshold"]) == pytest.approx((sens, spec, t))
+    predicted = HAND_PROBS >= p["threshold"]  # the threshold really gives these rates
+    assert predicted[HAND_LABELS == 1].mean() == pytest.approx(sens)
+    assert 1 - predicted[HAND_LABELS == 0].mean() == pytest.approx(spec)
+  assert m["sensitivity_at_specificity"] == pytest.approx({"0.80": 0.6, "0.90": 0.6, "0.95": 0.1})
+  assert m["specificity_at_sensitivity"] == pytest.approx({"0.90": 0.3, "0.95": 0.1})
+  # Several thresholds reach the target sensitivity at the same specificity: the one that also
+  # catches the most melanomas is reported. Curve: (0, .85), (.25, .85), (.25, .9), (.25, .95),
+  # (.25, 1) for thresholds 0.96, 0.95, 0.5, 0.49, 0.48.
+  probs = np.r_[np.linspace(0.96, 0.99, 17), 0.5, 0.49, 0.48, 0.95, 0.3, 0.2, 0.1]
+  labels = np.r_[np.ones(20, int), np.zeros(4, int)]
+  at_sens = metrics.operating_points(probs, labels)["operating_points"][3]
+  assert at_sens == {"constraint": "sensitivity >= 0.90", "sensitivity": 1.0,
+                     "specificity": 0.75, "threshold": 0.48}
+  # At threshold 0.5: positives 0.52 ... 0.97 (8 of 10) and negatives 0.55 ... 0.95 (5 of 10).
+  assert (m["sensitivity"], m["specificity"]) == pytest.approx((0.8, 0.5))
+
+
+def test_auc_sens_80_hand_made():
+  # TPR reaches 0.8 on the vertical step at FPR 0.5; then TPR .8 to FPR .7, .9 to .9, 1 to 1:
+  # 0.2 * 0.8 + 0.2 * 0.9 + 0.1 * 1 = 0.44.
+  assert metrics.auc_above_sensitivity(HAND_PROBS, HAND_LABELS) == pytest.approx(0.44)
+  # Ties make a diagonal segment: positives .9 .8 .7 .5 .5, negatives .5 .5 .2 .1. The curve goes
+  # (0, .6) -> (.5, 1) through the tie, crossing TPR .8 at FPR .25: 0.25 * 0.9 + 0.5 * 1 = 0.725.
+  probs = [0.9, 0.8, 0.7, 0.5, 0.5, 0.5, 0.5, 0.2, 0.1]
+  labels = [1, 1, 1, 1, 1, 0, 0, 0, 0]
+  assert metrics.auc_above_sensitivity(probs, labels) == pytest.approx(0.725)
+  assert metrics.auc_above_sensitivity([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="min_sensitivity"):
+    metrics.auc_above_sensitivity(probs, labels, 0.0)
+
+
+def test_auc_sens_80_equals_independent_computation():
+  # Independent route through scikit-learn's partial AUC: with labels and scores flipped, the
+  # area at FPR' <= 0.2 is the ROC area above TPR 0.8 (McClish-corrected; undo it). Adding the
+  # rectangle below TPR 0.8, from FPR* (where TPR first reaches 0.8, exact without ties) to 1,
+  # gives the ISIC scorer's area.
+  for seed in range(3):
+    probs, labels = _scores(1000, 20 + seed)
+    corrected = skm.roc_auc_score(1 - labels, 1 - probs, max_fpr=0.2)
+    lo, hi = 0.5 * 0.2**2, 0.2
+    above = lo + (2 * corrected - 1) * (hi - lo)
+    fpr, tpr, _ = skm.roc_curve(labels, probs)
+    fpr_star = fpr[np.argmax(tpr >= 0.8)]
+    expected = above + 0.8 * (1 - fpr_star)
+    m = metrics.compute_metrics(probs, labels, BINARY, 0.5, bootstrap=0)
+    assert m["auc_sens_80"] == pytest.approx(expected, abs=1e-9)
+    assert m["auc_sens_80"] != pytest.approx(corrected, abs=1e-3)  # not sklearn's max_fpr number
+
+
+def test_multiclass_absent_classes_and_per_class_aucs():
+  rng = np.random.default_rng(9)
+  labels = rng.integers(0, 3, 400)  # class 3 ("vasc") never occurs
+  logits = rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[labels]
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  classes = ["mel", "nv", "bkl", "vasc"]
+  m = metrics.compute_metrics(probs, labels, classes, None, seed=1)
+  assert m["absent_classes"] == ["vasc"]
+  assert list(m["roc_auc_per_class"]) == ["mel", "nv", "bkl"]
+  for c, name in enumerate(classes[:3]):
+    assert m["roc_auc_per_class"][name] == pytest.approx(skm.roc_auc_score(labels == c,
+                                                                           probs[:, c]))
+  assert m["roc_auc"] == pytest.approx(np.mean(list(m["roc_auc_per_class"].values())))
+  lo, hi = m["roc_auc_ci"]
+  assert lo < m["roc_auc"] < hi and "sensitivity_ci" not in m and "operating_points" not in m
+  report = metrics.format_report(m)
+  assert "WARNING: no image of class 'vasc'" in report and "other 3 classes" in report
+  full = metrics.compute_metrics(probs[labels < 3][:, :3], labels[labels < 3], classes[:3], None,
+                                 bootstrap=0)
+  assert full["absent_classes"] == [] and "WARNING" not in metrics.format_report(full)
+
+
+def test_backward_compatible_keys_and_no_bootstrap():
+  probs, labels = _scores(300, 10)
+  m = metrics.compute_metrics(probs, labels, BINARY, 0.4, bootstrap=0)
+  for key in ("n", "classes", "threshold", "accuracy", "roc_auc", "pr_auc", "label_counts",
+              "predicted_counts", "confusion_matrix", "classification_report", "collapsed",
+              "warning"):
+    assert key in m
+  assert not any(k.startswith("ci_") or k.endswith("_ci") for k in m)
+  assert m["sensitivity"] == pytest.approx(m["classification_report"]["Melanoma"]["recall"])
+  assert m["specificity"] == pytest.approx(m["classification_report"]["NotMelanoma"]["recall"])
+  assert "95% CI" not in metrics.format_report(m)
+
+
+def test_report_shows_intervals_and_operating_points():
+  probs, labels = _scores(600, 12)
+  patients = [f"p{i // 3}" for i in range(600)]
+  m = metrics.compute_metrics(probs, labels, BINARY, 0.5, groups=patients, bootstrap=200)
+  report = metrics.format_report(m)
+  lo, hi = m["roc_auc_ci"]
+  assert f"ROC AUC: {m['roc_auc']:.4f}" in report and f"95% CI [{lo:.4f}, {hi:.4f}]" in report
+  assert "200 resamples of 200 patients, seed 0" in report
+  assert f"(auc_sens_80): {m['auc_sens_80']:.4f}" in report
+  row = next(line for line in report.splitlines() if "specificity >= 0.90" in line).split()
+  p = m["operating_points"][1]
+  assert row[-3:] == [f"{p['sensitivity']:.4f}", f"{p['specificity']:.4f}",
+                      f"{p['threshold']:.6g}"]
+
+
+def test_summarize_folds():
+  folds = [
+      {"roc_auc": 0.8, "pr_auc": 0.4, "sensitivity_at_specificity": {"0.90": 0.5}},
+      {"roc_auc": 0.9, "pr_auc": 0.6, "sensitivity_at_specificity": {"0.90": 0.7}},
+      {"roc_auc": None, "pr_auc": 0.5, "sensitivity_at_specificity": {"0.90": 0.6}},
+  ]
+  s = metrics.summarize_folds(folds)
+  assert s["n_folds"] == 3
+  assert s["roc_auc"] == pytest.approx({"mean": 0.85, "std": 0.0707107, "n": 2,
+                                        "values": [0.8, 0.9, None]})
+  assert s["pr_auc"]["mean"] == pytest.approx(0.5) and s["pr_auc"]["std"] == pytest.approx(0.1)
+  assert s["sensitivity_at_specificity_0.90"]["mean"] == pytest.approx(0.6)
+  assert "accuracy" not in s  # no fold had it
+  text = metrics.format_folds(s)
+  assert "roc_auc" in text and "0.8500 ± 0.0707  (2 folds)" in text
+  with pytest.raises(ValueError, match="no fold"):
+    metrics.summarize_folds([])
