@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -200,11 +201,10 @@ def _work(task: Task):
 # in its helper threads whatever the payload (60 bytes or 60 KB, measured here), so in a 200-image,
 # 2-worker conversion the coordinator spent 0.52-0.68 ms per image with 4 tasks a message and
 # 0.29-0.37 ms with 8 or 16 (interleaved rounds, same wall time). A chunk is handed out whole, so
-# small jobs keep >= 8 chunks per worker to bound the idle tail at the end.
+# the last `workers x chunk` tasks go one by one: no worker idles at the end while another still
+# holds a whole chunk (up to 16 x ~25 ms).
 _MAX_CHUNK = 16
 _CHUNKS_PER_WORKER = 8
-
-
 class RecordPool:
   """The converter's workers: `imap(tasks)` yields `_work`'s (record, reason) per task, in order.
 
@@ -233,13 +233,15 @@ class RecordPool:
       raise RuntimeError(f"{workers} spawned workers did not all start within {timeout:.0f} s") \
           from err
 
-  def imap(self, tasks: list[Task], chunksize: int | None = None):
+  def imap(self, tasks: list[Task]):
     """Yields `_work(task)` for each task, in order."""
     if self._pool is None:
       return map(_work, tasks)
-    if chunksize is None:
-      chunksize = max(1, min(_MAX_CHUNK, len(tasks) // (self.workers * _CHUNKS_PER_WORKER)))
-    return self._pool.imap(_work, tasks, chunksize=chunksize)
+    chunk = max(1, min(_MAX_CHUNK, len(tasks) // (self.workers * _CHUNKS_PER_WORKER)))
+    tail = max(0, len(tasks) - self.workers * chunk) if chunk > 1 else 0
+    # Both are queued now, in this order: workers take the chunks first, then the single tasks.
+    return itertools.chain(self._pool.imap(_work, tasks[:tail], chunksize=chunk),
+                           self._pool.imap(_work, tasks[tail:], chunksize=1))
 
   def close(self) -> None:
     if self._pool is not None:
