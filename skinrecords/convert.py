@@ -183,7 +183,8 @@ def _work(task: Task):
 
   All per-image work happens here (decode, preprocess, encode, the Example, its framing and CRCs),
   so the coordinator only appends bytes: with TensorFlow building the Example and writing the
-  record in the coordinator, 2 workers reached 0.75-0.77 of this machine's 2-process ceiling.
+  record in the coordinator, 2 workers reached 0.75-0.77 of this machine's 2-process ceiling
+  (issue 17).
   """
   path, image_name, target, patient_id, fold = task
   try:
