@@ -38,27 +38,11 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
 
 def serialize_example(*, image: bytes, image_name: str, target: int, patient_id: str = "",
                       fold: int = -1, height: int, width: int) -> bytes:
-  """One record as serialized `tf.train.Example` bytes."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (keeps `features` importable without TF)
+  """One record as serialized `tf.train.Example` bytes (built without TensorFlow, see `tfrecord`)."""
+  from skinrecords import tfrecord  # pylint: disable=g-import-not-at-top  (tfrecord imports this module)
 
-  def _bytes(v: bytes):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-  def _int(v: int):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
-
-  feature = {
-      IMAGE: _bytes(image),
-      IMAGE_NAME: _bytes(image_name.encode("utf-8")),
-      TARGET: _int(target),
-      PATIENT_ID: _bytes(patient_id.encode("utf-8")),
-      FOLD: _int(fold),
-      HEIGHT: _int(height),
-      WIDTH: _int(width),
-  }
-  # deterministic=True fixes the order of the feature map, so shards are byte-for-byte reproducible.
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-      deterministic=True)
+  return tfrecord.serialize_example(image=image, image_name=image_name, target=target,
+                                    patient_id=patient_id, fold=fold, height=height, width=width)
 
 
 def feature_spec():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import pathlib
 import signal
@@ -320,3 +321,75 @@ def test_usage_errors_name_the_value(tmp_path):
   proc = run_bin("make_records", f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}",
                  "--folds=1", check=False)
   assert proc.returncode != 0 and "--folds=1" in proc.stderr
+
+
+def _reference_shard(path: pathlib.Path, sources: dict, classes, fold: int, pconfig) -> bytes:
+  """Rebuilds a shard as the converter did before its workers built records: preprocess in this
+  process, tf.train.Example, tf.io.TFRecordWriter. Record order and membership come from `path`."""
+  spec = features.feature_spec()
+  names = [tf.io.parse_single_example(r, spec)[features.IMAGE_NAME].numpy().decode()
+           for r in tf.data.TFRecordDataset(str(path))]
+  ref = path.with_name(path.name + ".reference")
+  with tf.io.TFRecordWriter(str(ref)) as writer:
+    for name in names:
+      source = sources.pop(name)  # each source once
+      size = pconfig.image_size
+      feature = {
+          "image": tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[preprocess.preprocess_file(source, pconfig)])),
+          "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
+          "target": tf.train.Feature(int64_list=tf.train.Int64List(
+              value=[classes.index(source.parent.name)])),
+          "patient_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""])),
+          "fold": tf.train.Feature(int64_list=tf.train.Int64List(value=[fold])),
+          "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[size])),
+          "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[size])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+          deterministic=True))
+  data = ref.read_bytes()
+  ref.unlink()
+  return data
+
+
+def test_worker_built_shards_match_the_tensorflow_writer(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 9, "b": 7})
+  (tmp_path / "in" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  config = _config(tmp_path / "in", tmp_path / "out", workers=2, folds=2, min_train_shards=4,
+                   pre={"remove_hair": True})
+  m = convert.convert(config).manifest
+  _invariant(m)
+  assert m["inputs"]["converted"] == 16 and len(m["inputs"]["rejected"]) == 1
+  sources = {p.stem: p for p in (tmp_path / "in").glob("*/*.jpg") if p.stem != "broken"}
+  for split, info in m["splits"].items():
+    for entry in info["shards"]:
+      path = tmp_path / "out" / entry["file"]
+      data = path.read_bytes()
+      assert data == _reference_shard(path, sources, m["classes"], entry.get("fold", -1),
+                                      config.preprocess), entry["file"]
+      assert entry["sha256"] == fileio.sha256_file(path)
+  assert not sources  # every good source is in exactly one shard
+  # Workers started beforehand (as the benchmark runs it) write the same bytes.
+  with convert.RecordPool(2, config.preprocess, wait_ready=True) as pool:
+    again = dataclasses.replace(config, output_dir=str(tmp_path / "again"))
+    convert.convert(again, pool=pool)
+    with pytest.raises(ValueError, match="preprocessing settings"):
+      convert.convert(dataclasses.replace(again, preprocess=preprocess.PreprocessConfig(
+          image_size=SIZE + 8)), pool=pool)
+  for path in (tmp_path / "out").iterdir():
+    assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_record_pool_keeps_task_order_across_chunks_and_the_tail(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 5})
+  (tmp_path / "in" / "a" / "broken.jpg").write_bytes(b"nope")
+  paths = sorted(str(p) for p in (tmp_path / "in" / "a").iterdir())
+  # 60 tasks over 2 workers: chunks of 3 for the first 54, then one by one; names keep them apart.
+  tasks = [(paths[k % len(paths)], f"im{k:03d}", k % 2, "", k % 3 - 1) for k in range(60)]
+  pconfig = preprocess.PreprocessConfig(image_size=SIZE)
+  with convert.RecordPool(1, pconfig) as one:
+    expected = list(one.imap(tasks))
+  with convert.RecordPool(2, pconfig) as two:
+    got = list(two.imap(tasks))
+  assert [reason for _, reason in got].count(None) == 50
+  assert got == expected
