@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import pathlib
 import sys
 
 
+from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
@@ -45,6 +47,10 @@ class EvalConfig:
   threshold: str = "0.5"  # a float in (0, 1), or "youden" (chosen on the validation split)
   tta: int = 0  # 0: off; n in 1..8: mean probability over the first n transforms of DIHEDRAL
   output_dir: str | None = None  # default: MODEL_DIR/eval_<split>
+  # train/valid splits of records other than the model's training records: refused unless True
+  # (a different fold of other records is no leak, but usually a mistake worth stopping).
+  allow_other_records: bool = False
+  bootstrap: int = 1000  # resamples for the 95 % confidence intervals; 0: none
 
   def __post_init__(self):
     self.validate()
@@ -60,6 +66,9 @@ class EvalConfig:
                                   or self.fold < 0):
       raise ValueError(f"EvalConfig.fold={self.fold!r}: expected None or an integer >= 0")
     inference.check_tta(self.tta, "EvalConfig.tta")
+    if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or \
+        self.bootstrap < 0:
+      raise ValueError(f"EvalConfig.bootstrap={self.bootstrap!r}: expected an integer >= 0")
     parse_threshold(self.threshold)
 
   @property
@@ -83,70 +92,171 @@ def parse_threshold(text: str | float) -> float | str:
 def _check_classes(info: manifest.DatasetInfo, classes: list[str], model_dir) -> None:
   if len(info.classes) != len(classes) or (info.manifest is not None and
                                            list(info.classes) != list(classes)):
-    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {classes} but {info.records_dir} "
-                     f"holds {list(info.classes)}; evaluate on records made with the same classes "
+    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {classes} but "
+                     f"{info.records_dir} holds {list(info.classes)}; evaluate on records made with the same classes "
                      "in the same order")
+
+
+def _same_records(info: manifest.DatasetInfo, cfg: dict) -> bool:
+  """Whether `info` is the records the model was trained on: the manifest fingerprint when both
+  sides have one (a copied or moved folder still matches), else the resolved path."""
+  trained = cfg.get("records_fingerprint")
+  if trained and info.fingerprint:
+    return trained == info.fingerprint
+  return pathlib.Path(info.records_dir).resolve() == pathlib.Path(
+      str(cfg.get("records_dir", ""))).resolve()
+
+
+def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fold,
+                   youden: bool) -> bool:
+  """Refuses evaluations that would score (or pick a threshold on) the model's training data.
+  Returns whether `info` holds the model's own training records."""
+  same = _same_records(info, cfg)
+  trained_fold = cfg.get("fold")
+  uses_folds = config.split in ("train", "valid") or youden
+  if same and uses_folds and fold != trained_fold:
+    trained = (f"fold={trained_fold} (fold {trained_fold} held out)" if trained_fold is not None
+               else "no fold (train/valid splits)")
+    raise ValueError(f"{config.model_dir} was trained with {trained}; fold={fold}'s validation "
+                     "examples were in its training data, so its metrics and Youden threshold "
+                     f"would leak. Evaluate with fold={trained_fold}, or on split=test")
+  if not same and config.split in ("train", "valid") and not config.allow_other_records:
+    raise ValueError(f"split={config.split} of {info.records_dir}, which are not the records "
+                     f"{config.model_dir} was trained on ({cfg.get('records_dir')}); pass "
+                     "allow_other_records to do it anyway, or evaluate split=test")
+  if youden and "valid" not in info.shards and fold is None:
+    raise ValueError(f"threshold='youden' needs a validation split to be chosen on, and "
+                     f"{info.records_dir} has none (splits: {sorted(info.shards)}); pass a fixed "
+                     "threshold or a fold")
+  return same
+
+
+def _preprocessing_warnings(cfg: dict, info: manifest.DatasetInfo) -> list[str]:
+  """Differences between the preprocessing of the model's training records and of these."""
+  trained, here = cfg.get("preprocessing") or {}, info.preprocessing or {}
+  keys = sorted(k for k in set(trained) | set(here)
+                if k not in ("jpeg_quality", "max_pixels", "reduced_decode")
+                and trained.get(k) != here.get(k))
+  if not trained or not here or not keys:
+    return []
+  diffs = ", ".join(f"{k}: trained {trained.get(k)!r}, here {here.get(k)!r}" for k in keys)
+  return [f"these records were preprocessed differently from the model's training records "
+          f"({diffs}); its scores here may not reflect its real accuracy"]
+
+
+def _patient_ids(info: manifest.DatasetInfo, split: str, fold,
+                 names: list[str]) -> list[str] | None:
+  """Patient ids in prediction order (read from the records), or None when none are recorded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  by_name = {}
+  for shard in info.select(split, fold):
+    for raw in tf.data.TFRecordDataset(shard.path):
+      feature = tf.train.Example.FromString(raw.numpy()).features.feature
+      name = feature["image_name"].bytes_list.value
+      patient = feature.get("patient_id")
+      if not name or patient is None:
+        continue
+      value = (patient.bytes_list.value or patient.int64_list.value or [b""])[0]
+      value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      by_name[name[0].decode("utf-8")] = value
+  groups = [by_name.get(n, "") for n in names]
+  return groups if any(groups) else None
+
+
+def _threshold(config, cfg, run, fold, classes):
+  """(threshold, where it came from) — a fixed value, or Youden's J on the validation split."""
+  threshold = config.threshold_value
+  if len(classes) != 2:
+    return None, None
+  if threshold != "youden":
+    return threshold, "fixed"
+  valid_probs, valid_labels, _ = run("valid")
+  where = f"valid{f' fold {fold}' if fold is not None else ''}"
+  return (metrics.youden_threshold(valid_probs, valid_labels),
+          f"Youden's J on {len(valid_labels)} {where} predictions")
 
 
 def evaluate(config: EvalConfig) -> dict:
   """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
+  # Inputs: model, records, and the guards that keep training data out of the scores.
   config.validate()
   model, cfg = rundir.load_model_dir(config.model_dir)
   classes = [str(c) for c in cfg["classes"]]
   records_dir = config.records_dir or cfg.get("records_dir")
   if not records_dir:
-    raise ValueError(f"{config.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass records_dir")
+    raise ValueError(f"{config.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass "
+                     "records_dir")
   info = pipeline.load_info(records_dir)
   _check_classes(info, classes, config.model_dir)
   fold = config.fold if config.fold is not None else cfg.get("fold")
-  threshold = config.threshold_value
-  if threshold == "youden" and len(classes) != 2:
+  if config.threshold_value == "youden" and len(classes) != 2:
     raise ValueError(f"threshold='youden' needs a two-class model; {config.model_dir} has "
                      f"{len(classes)} classes (decided by argmax, no threshold)")
+  same = _check_leakage(config, cfg, info, fold, config.threshold_value == "youden")
+  out = fileio.check_writable_dir(config.output_dir or pathlib.Path(config.model_dir) /
+                                  f"eval_{config.split}")
 
+  # Predictions, then the threshold and the metrics with their confidence intervals.
   def run(split):
     split_fold = fold if split in ("train", "valid") else None
     ds = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,
                                image_size=cfg["image_size"], fold=split_fold, with_names=True)
-    return inference.predict_dataset(model, ds, config.tta, info=info, split=split, fold=split_fold)
+    return inference.predict_dataset(model, ds, config.tta, info=info, split=split,
+                                     fold=split_fold)
 
   probs, labels, names = run(config.split)
-  source = "fixed"
-  if threshold == "youden":
-    valid_probs, valid_labels, _ = run("valid")
-    threshold = metrics.youden_threshold(valid_probs, valid_labels)
-    where = f"valid{f' fold {fold}' if fold is not None else ''}"
-    source = f"Youden's J on {len(valid_labels)} {where} predictions"
-    if config.split == "valid":
+  threshold, source = _threshold(config, cfg, run, fold, classes)
+  split_fold = fold if config.split in ("train", "valid") else None
+  groups = _patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
+  m = metrics.compute_metrics(probs, labels, classes, threshold, groups=groups,
+                              bootstrap=config.bootstrap)
+  warnings = _preprocessing_warnings(cfg, info)
+  if config.split == "valid" and same:
+    m["optimistic"] = ("this validation split chose the saved epoch" +
+                       (" and the threshold" if source and source != "fixed" else "") +
+                       ": its scores are optimistic; report the test split")
+    if source and source != "fixed":
       source += ", the split evaluated here (optimistic)"
-  m = metrics.compute_metrics(probs, labels, classes, threshold if len(classes) == 2 else None)
-  out = pathlib.Path(config.output_dir or pathlib.Path(config.model_dir) / f"eval_{config.split}")
-  m.update(model_dir=str(config.model_dir), records_dir=str(records_dir), split=config.split,
-           fold=fold if config.split in ("train", "valid") else None, tta=config.tta,
-           threshold_source=source if len(classes) == 2 else None, output_dir=str(out))
+  m.update(model_dir=str(config.model_dir), records_dir=str(records_dir),
+           training_records=same, split=config.split, fold=split_fold, tta=config.tta,
+           threshold_source=source, output_dir=str(out), warnings=warnings)
   _write_outputs(out, m, probs, labels, names)
-  if m["collapsed"]:
+  for text in warnings + ([m["warning"]] if m["collapsed"] else []):
     bar = "!" * 100
-    print(f"{bar}\nWARNING: {m['warning']}\n{bar}", file=sys.stderr, flush=True)
+    print(f"{bar}\nWARNING: {text}\n{bar}", file=sys.stderr, flush=True)
   return m
 
 
 def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
-  out.mkdir(parents=True, exist_ok=True)
   classes = m["classes"]
   binary = len(classes) == 2
   predicted = (probs >= m["threshold"]).astype(int) if binary else probs.argmax(axis=1)
-  with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(["image_name", "label", "probability", "predicted"] +
-               ([] if binary else [f"p_{c}" for c in classes]))
-    for i, name in enumerate(names):
-      p = probs[i] if binary else probs[i, predicted[i]]  # multi-class: P(predicted class)
-      w.writerow([name, classes[labels[i]], f"{p:.8g}", classes[predicted[i]]] +
-                 ([] if binary else [f"{q:.8g}" for q in probs[i]]))
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(["image_name", "label", "probability", "predicted"] +
+             ([] if binary else [f"p_{c}" for c in classes]))
+  for i, name in enumerate(names):
+    p = probs[i] if binary else probs[i, predicted[i]]  # multi-class: P(predicted class)
+    w.writerow([name, classes[labels[i]], f"{p:.8g}", classes[predicted[i]]] +
+               ([] if binary else [f"{q:.8g}" for q in probs[i]]))
+  fileio.write_text_atomic(out / "predictions.csv", buf.getvalue())
   m["files"] = {name: str(out / name) for name in (
       "metrics.json", "report.txt", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png")}
   plots.plot_confusion(out / "confusion_matrix.png", m)
   plots.plot_curves(out / "roc.png", out / "pr.png", probs, labels, m)
-  (out / "report.txt").write_text(metrics.format_report(m) + "\n", encoding="utf-8")
-  (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+  fileio.write_text_atomic(out / "report.txt", report_text(m) + "\n")
+  fileio.write_text_atomic(out / "metrics.json", json.dumps(m, indent=2) + "\n")
+
+
+def report_text(m: dict) -> str:
+  """The metrics report plus what a reviewer must know about where the numbers come from."""
+  whose = ("the model's training records" if m["training_records"] else
+           "NOT the records the model was trained on")
+  fold = f" fold {m['fold']}" if m.get("fold") is not None else ""
+  notes = [f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}"]
+  if m.get("threshold_source"):
+    notes.append(f"threshold: {m['threshold_source']}")
+  notes += [f"OPTIMISTIC: {m['optimistic']}"] if m.get("optimistic") else []
+  notes += [f"WARNING: {w}" for w in m.get("warnings", [])]
+  return metrics.format_report(m) + "\n\n" + "\n".join(notes)

@@ -50,3 +50,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
   """JSON with sorted keys and a final newline, written atomically."""
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> pathlib.Path:
+  """Creates `path` if needed and proves a file can be written there, before any long work.
+
+  Raises ValueError naming the folder: a read-only output used to lose every prediction after
+  they had been computed.
+  """
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{what} {path} is a file, not a folder; choose another path")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as err:
+    raise ValueError(f"{what} {path} is not writable ({err.strerror}); choose another path or "
+                     "fix its permissions") from err
+  return path

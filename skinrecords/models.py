@@ -95,7 +95,9 @@ class ModelConfig:
   backbone: str = "densenet121"
   image_size: int = 512
   num_classes: int = 2
-  weights: str = "imagenet"  # "imagenet" | "none" | path to a .weights.h5 / .h5 / .keras file
+  # "auto" | "imagenet" | "none" | a .weights.h5 / .h5 / .keras file; auto: imagenet for the
+  # keras.applications backbones, none for simple_cnn (which has no pretrained weights).
+  weights: str = "auto"
   dropout: float = 0.3
   freeze: str = "none"  # "all" | "none" | "from:LAYER"
 
@@ -115,14 +117,24 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dropout={self.dropout!r} must be a float in [0, 1).")
     _parse_freeze(self.freeze)
     if not isinstance(self.weights, str) or not self.weights:
-      raise ValueError(f"ModelConfig.weights={self.weights!r} must be 'imagenet', 'none' or a path "
+      raise ValueError(f"ModelConfig.weights={self.weights!r} must be 'auto', 'imagenet', 'none' "
+                       "or a path "
                        f"ending in one of {_WEIGHT_SUFFIXES}.")
     if self.weights == "imagenet" and self.backbone == "simple_cnn":
       raise ValueError("ModelConfig.weights='imagenet' has no meaning for backbone='simple_cnn'; "
                        f"use 'none', a weights file, or a backbone from {BACKBONES[1:]}.")
-    if self.weights not in ("imagenet", "none") and not self.weights.endswith(_WEIGHT_SUFFIXES):
-      raise ValueError(f"ModelConfig.weights={self.weights!r} is neither 'imagenet', 'none' nor a "
+    if self.weights not in ("auto", "imagenet", "none") and not self.weights.endswith(
+        _WEIGHT_SUFFIXES):
+      raise ValueError(f"ModelConfig.weights={self.weights!r} is neither 'auto', 'imagenet', "
+                       "'none' nor a "
                        f"path ending in one of {_WEIGHT_SUFFIXES}.")
+
+  @property
+  def resolved_weights(self) -> str:
+    """`weights` with "auto" resolved for this backbone."""
+    if self.weights != "auto":
+      return self.weights
+    return "none" if self.backbone == "simple_cnn" else "imagenet"
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -303,7 +315,7 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   """
   config.validate()
   bias = _initial_bias(config.num_classes, class_counts)
-  weights = _fetch_imagenet(config.backbone) if config.weights == "imagenet" else None
+  weights = _fetch_imagenet(config.backbone) if config.resolved_weights == "imagenet" else None
   try:
     backbone = _backbone(config, weights)
   except Exception as err:  # pylint: disable=broad-except
@@ -325,8 +337,8 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   outputs = keras.layers.Dense(units, bias_initializer=bias_init, dtype="float32",
                                name="logits")(x)
   model = keras.Model(inputs, outputs, name=f"skinrecords_{config.backbone}")
-  if config.weights not in ("imagenet", "none"):
-    _load_weights_file(model, config.weights)
+  if config.resolved_weights not in ("imagenet", "none"):
+    _load_weights_file(model, config.resolved_weights)
   set_freeze(model, config.freeze)
   return model
 

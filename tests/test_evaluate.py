@@ -21,11 +21,13 @@ import tensorflow as tf
 
 from conftest import convert_folder, run_bin, write_dark_bright
 from skinrecords import evaluate
+from skinrecords import inference
 from skinrecords import metrics
 from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import predict
 from skinrecords import preprocess
+from skinrecords import rundir
 
 SIZE = 32
 
@@ -47,8 +49,8 @@ def _save(model, root: pathlib.Path, name: str) -> pathlib.Path:
   manifest = json.loads((records / "manifest.json").read_text())
   out = root / name
   out.mkdir()
-  model.save(out / evaluate.MODEL_FILE)
-  (out / evaluate.CONFIG_FILE).write_text(json.dumps({
+  model.save(out / rundir.MODEL_FILE)
+  (out / rundir.CONFIG_FILE).write_text(json.dumps({
       "classes": manifest["classes"], "image_size": SIZE, "records_dir": str(records),
       "fold": None, "preprocessing": manifest["preprocessing"],
       "model": models.ModelConfig(backbone="simple_cnn", image_size=SIZE).to_dict(), "train": {}}))
@@ -56,7 +58,8 @@ def _save(model, root: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def _cnn():
-  return models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=SIZE))
+  return models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=SIZE,
+                                               weights="none"))
 
 
 def _layer(model, name):
@@ -198,9 +201,9 @@ def test_dihedral_order_matches_numpy():
   expected = [x, np.flip(x, 2), np.flip(x, 1), np.rot90(x, 1, (1, 2)), np.rot90(x, 2, (1, 2)),
               np.rot90(x, 3, (1, 2)), x.transpose(0, 2, 1, 3),
               np.rot90(x, 2, (1, 2)).transpose(0, 2, 1, 3)]
-  got = [evaluate._dihedral(tf.constant(x), k).numpy() for k in range(8)]
+  got = [inference.dihedral(tf.constant(x), k).numpy() for k in range(8)]
   for k in range(8):
-    np.testing.assert_array_equal(got[k], expected[k], err_msg=evaluate.DIHEDRAL[k])
+    np.testing.assert_array_equal(got[k], expected[k], err_msg=inference.DIHEDRAL[k])
   assert len({g.tobytes() for g in got}) == 8
 
 
@@ -208,10 +211,10 @@ def test_dihedral_order_matches_numpy():
 
 
 def test_tta8_is_the_mean_over_the_eight_transforms(data, random_dir):
-  model, _ = evaluate.load_model_dir(random_dir)
+  model, _ = rundir.load_model_dir(random_dir)
   images = np.concatenate([b[0].numpy() for b in pipeline.make_dataset(
       data / "records", "test", training=False)])
-  got, _, _ = evaluate.predict_dataset(model, [(images, np.zeros(len(images)))], tta=8)
+  got, _, _ = inference.predict_dataset(model, [(images, np.zeros(len(images)))], tta=8)
   x = images.astype(np.float32)
   views = [x, np.flip(x, 2), np.flip(x, 1), np.rot90(x, 1, (1, 2)), np.rot90(x, 2, (1, 2)),
            np.rot90(x, 3, (1, 2)), x.transpose(0, 2, 1, 3),
@@ -269,11 +272,11 @@ def test_constant_model_warns_collapse_and_corrupt_shard_is_named(data, constant
 
 def test_load_model_dir_names_missing_files(tmp_path, constant_dir):
   with pytest.raises(FileNotFoundError, match="not found"):
-    evaluate.load_model_dir(tmp_path / "nope")
+    rundir.load_model_dir(tmp_path / "nope")
   (tmp_path / "m").mkdir()
   shutil.copy(constant_dir / "config.json", tmp_path / "m")
   with pytest.raises(FileNotFoundError, match="model.keras"):
-    evaluate.load_model_dir(tmp_path / "m")
+    rundir.load_model_dir(tmp_path / "m")
   with pytest.raises(ValueError, match="youden"):
     evaluate.EvalConfig(model_dir="m", threshold="1.5")
   with pytest.raises(ValueError, match="tta=9"):
@@ -339,3 +342,91 @@ def test_bins(data, perfect_dir, tmp_path):
   assert proc.returncode != 0 and "no images" in proc.stderr
   proc = run_bin("evaluate", f"--model_dir={perfect_dir}", "--threshold=high", check=False)
   assert proc.returncode != 0 and "threshold='high'" in proc.stderr and "youden" in proc.stderr
+
+
+# ------------------------------------------------------------------------- leakage guards, CIs
+
+
+def _copy_records(data, dest, edit=None):
+  shutil.copytree(data / "records", dest)
+  if edit:
+    m = json.loads((dest / "manifest.json").read_text())
+    edit(m)
+    (dest / "manifest.json").write_text(json.dumps(m))
+  return dest
+
+
+def test_youden_threshold_is_chosen_on_valid_not_test(data, perfect_dir, tmp_path):
+  model, _ = rundir.load_model_dir(perfect_dir)
+
+  def youden(split):
+    ds = pipeline.make_dataset(data / "records", split, batch_size=8, training=False)
+    probs, labels, _ = inference.predict_dataset(model, ds)
+    return metrics.youden_threshold(probs, labels)
+
+  valid_t, test_t = youden("valid"), youden("test")
+  assert abs(valid_t - test_t) > 1e-6  # the data makes the two choices differ
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(perfect_dir), threshold="youden",
+                                            output_dir=str(tmp_path / "o"), bootstrap=0))
+  assert m["threshold"] == pytest.approx(valid_t, abs=1e-9)
+  assert "valid" in m["threshold_source"] and "optimistic" not in m["threshold_source"]
+
+
+def test_folds_and_records_other_than_the_training_ones_are_refused(data, random_dir, tmp_path):
+  # Trained without folds: any fold's "valid" was training data.
+  with pytest.raises(ValueError, match="trained with no fold"):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), split="valid", fold=1,
+                                          output_dir=str(tmp_path / "a")))
+  other = _copy_records(data, tmp_path / "other")
+  with pytest.raises(ValueError, match="allow_other_records"):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(other),
+                                          split="valid", output_dir=str(tmp_path / "b")))
+  assert not (tmp_path / "b").exists()  # refused before anything was written
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(other),
+                                            split="valid", allow_other_records=True,
+                                            output_dir=str(tmp_path / "c"), bootstrap=0))
+  assert not m["training_records"] and "optimistic" not in m
+  assert "NOT the records" in (tmp_path / "c" / "report.txt").read_text()
+  no_valid = _copy_records(data, tmp_path / "no_valid", lambda m: m["splits"].pop("valid"))
+  with pytest.raises(ValueError, match="needs a validation split"):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(no_valid),
+                                          threshold="youden", output_dir=str(tmp_path / "d")))
+
+
+def test_moved_training_records_are_recognised_by_fingerprint(data, random_dir, tmp_path):
+  moved = _copy_records(data, tmp_path / "moved")
+  model_dir = tmp_path / "model"
+  shutil.copytree(random_dir, model_dir, ignore=shutil.ignore_patterns("eval_*"))
+  cfg = json.loads((model_dir / "config.json").read_text())
+  cfg.update(records_dir=str(tmp_path / "gone"),
+             records_fingerprint=json.loads((moved / "manifest.json").read_text())["fingerprint"])
+  (model_dir / "config.json").write_text(json.dumps(cfg))
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(model_dir), records_dir=str(moved),
+                                            split="valid", bootstrap=0))
+  assert m["training_records"] and "optimistic" in m["optimistic"]
+  assert "OPTIMISTIC" in (model_dir / "eval_valid" / "report.txt").read_text()
+
+
+def test_preprocessing_mismatch_warns_and_cis_are_written(data, random_dir, tmp_path, capsys):
+  def hair(m):
+    m["preprocessing"]["remove_hair"] = not m["preprocessing"]["remove_hair"]
+  other = _copy_records(data, tmp_path / "hair", hair)
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(other),
+                                            output_dir=str(tmp_path / "o"), bootstrap=200))
+  assert len(m["warnings"]) == 1 and "remove_hair" in m["warnings"][0]
+  assert "remove_hair" in capsys.readouterr().err
+  saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+  lo, hi = saved["roc_auc_ci"]
+  assert lo <= saved["roc_auc"] <= hi and saved["ci_resamples"] == 200
+  assert saved["ci_unit"] in ("image", "patient") and len(saved["sensitivity_ci"]) == 2
+
+
+def test_unwritable_output_fails_before_predicting(data, random_dir, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for bad in (blocker, blocker / "sub"):
+    with pytest.raises(ValueError, match="a_file"):
+      evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), output_dir=str(bad)))
+  proc = run_bin("evaluate", f"--model_dir={random_dir}", f"--output_dir={blocker}", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "a_file" in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2

@@ -14,9 +14,9 @@ LIB = REPO / "skinrecords"
 # The data-flow order of the library's stages; a module may import only modules at its own stage or
 # earlier. "cli" sits on top and may import anything.
 STAGES = [
-    {"fileio", "features", "manifest", "splits", "sources", "synthetic", "preprocess",
+    {"fileio", "tfrecord", "features", "manifest", "splits", "sources", "synthetic", "preprocess",
      "uncertainty"},
-    {"records", "convert", "tfrecord"},
+    {"records", "convert"},
     {"pipeline"},
     {"augment"},
     {"models"},

@@ -22,8 +22,8 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training:
                                  "config.json.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Records folder to evaluate on (default: "
                                    "the records_dir in MODEL_DIR/config.json).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate: train, valid or test. With a "
-                             "fold, train/valid are the training folds / the held-out fold.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split to evaluate. With "
+                           "a fold, train/valid are the training folds / the held-out fold.")
 _FOLD = flags.DEFINE_integer("fold", None, "Cross-validation fold for --split=train/valid and the "
                              "Youden threshold (default: the fold in MODEL_DIR/config.json).")
 _THRESHOLD = flags.DEFINE_string("threshold", "0.5", "Two-class decision threshold on P(class 1): "
@@ -32,8 +32,16 @@ _THRESHOLD = flags.DEFINE_string("threshold", "0.5", "Two-class decision thresho
                                  "Ignored for more than two classes (argmax).")
 _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 to average the "
                             "probabilities over the first n of identity, flip left-right, flip "
-                            "up-down, rot90, rot180, rot270, transpose, transverse.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+                            "up-down, rot90, rot180, rot270, transpose, transverse.",
+                            lower_bound=0, upper_bound=8)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1)
+_ALLOW_OTHER = flags.DEFINE_boolean("allow_other_records", False, "Allow --split=train or valid "
+                                    "on records other than the model's training records "
+                                    "(refused by default: usually a mix-up).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95%% confidence "
+                                  "intervals in metrics.json and the report (patients are "
+                                  "resampled when the records carry patient ids); 0: none.",
+                                  lower_bound=0)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report files go (default: "
                                   "MODEL_DIR/eval_<split>).")
 flags.mark_flag_as_required("model_dir")
@@ -43,13 +51,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from skinrecords import evaluate  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  from skinrecords import metrics, pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
 
   try:
     config = evaluate.EvalConfig(
         model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
         fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-        tta=_TTA.value, output_dir=_OUTPUT_DIR.value)
+        tta=_TTA.value, output_dir=_OUTPUT_DIR.value, allow_other_records=_ALLOW_OTHER.value,
+        bootstrap=_BOOTSTRAP.value)
   except ValueError as err:
     raise app.UsageError(str(err).replace("EvalConfig.", "--")) from err
   try:
@@ -57,7 +66,7 @@ def main(argv):
   except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
     print(f"evaluate: {err}", file=sys.stderr)
     return 2
-  print(metrics.format_report(result))
+  print(evaluate.report_text(result))
   print(f"\nwrote {', '.join(pathlib.Path(p).name for p in result['files'].values())} to "
         f"{result['output_dir']}")
   return 0

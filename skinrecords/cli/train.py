@@ -33,9 +33,10 @@ _BACKBONE = flags.DEFINE_enum("backbone", "densenet121", ["simple_cnn", "vgg16",
                                                           "densenet121", "efficientnetv2s"],
                               "Network: simple_cnn is the notebook's small CNN (CPU demos); the "
                               "others come from keras.applications.")
-_WEIGHTS = flags.DEFINE_string("weights", "imagenet", "imagenet, none, or a path to a weights file "
-                               "(.weights.h5/.h5/.keras). Offline, imagenet needs the file in "
-                               "~/.keras/models/.")
+_WEIGHTS = flags.DEFINE_string("weights", "auto", "auto (imagenet for the keras.applications "
+                               "backbones, none for simple_cnn), imagenet, none, or a path to a "
+                               "weights file (.weights.h5/.h5/.keras). Offline, imagenet needs the "
+                               "file in ~/.keras/models/.")
 _FREEZE = flags.DEFINE_string("freeze", "none", "Backbone layers not trained: all, none, or "
                               "from:LAYER (layers before LAYER frozen, e.g. from:block4_conv1).")
 _DROPOUT = flags.DEFINE_float("dropout", 0.3, "Dropout before the classification head.")
