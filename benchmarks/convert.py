@@ -35,6 +35,8 @@ import time
 from absl import app
 from absl import flags
 
+from skinrecords.cli import common as cli_common
+
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 200, "A: number of synthetic sources.")
 _SOURCE_SIZE = flags.DEFINE_string("source_size", "1024x768", "A: source WIDTHxHEIGHT in pixels.")
 _NUM_LARGE = flags.DEFINE_integer("num_large", 40, "B: number of large synthetic sources.")
@@ -390,5 +392,10 @@ def main(argv):
       shutil.rmtree(root, ignore_errors=True)
 
 
+def run():
+  """Console entry point (`bin/bench_convert`)."""
+  cli_common.run(main, "bench_convert")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

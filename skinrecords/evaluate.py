@@ -251,12 +251,14 @@ def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
 
 def report_text(m: dict) -> str:
   """The metrics report plus what a reviewer must know about where the numbers come from."""
-  whose = ("the model's training records" if m["training_records"] else
-           "NOT the records the model was trained on")
-  fold = f" fold {m['fold']}" if m.get("fold") is not None else ""
-  notes = [f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}"]
+  notes = []
+  if "training_records" in m:
+    whose = ("the model's training records" if m["training_records"] else
+             "NOT the records the model was trained on")
+    fold = f" fold {m['fold']}" if m.get("fold") is not None else ""
+    notes.append(f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}")
   if m.get("threshold_source"):
     notes.append(f"threshold: {m['threshold_source']}")
   notes += [f"OPTIMISTIC: {m['optimistic']}"] if m.get("optimistic") else []
   notes += [f"WARNING: {w}" for w in m.get("warnings", [])]
-  return metrics.format_report(m) + "\n\n" + "\n".join(notes)
+  return metrics.format_report(m) + "".join("\n" + n for n in [""] * bool(notes) + notes)

@@ -26,7 +26,8 @@ def built():
 
   def get(backbone: str) -> keras.Model:
     if backbone not in cache:
-      cache[backbone] = models.build_model(models.ModelConfig(backbone=backbone, image_size=SIZE))
+      cache[backbone] = models.build_model(models.ModelConfig(backbone=backbone, image_size=SIZE,
+                                                              weights="none"))
     return cache[backbone]
 
   return get
@@ -150,7 +151,8 @@ def test_head_is_float32_under_mixed_precision():
   try:
     keras.mixed_precision.set_global_policy("mixed_float16")
     for backbone in ("simple_cnn", "vgg16"):
-      model = models.build_model(models.ModelConfig(backbone=backbone, image_size=SIZE), [3, 1])
+      model = models.build_model(models.ModelConfig(backbone=backbone, image_size=SIZE,
+                                                            weights="none"), [3, 1])
       conv = _first_weighted(model.get_layer(index=2))
       assert conv.compute_dtype == "float16"
       assert model.get_layer("preprocess").compute_dtype == "float32"
@@ -165,7 +167,8 @@ def test_head_is_float32_under_mixed_precision():
 
 def test_freeze_from_layer_vgg16():
   model = models.build_model(
-      models.ModelConfig(backbone="vgg16", image_size=SIZE, freeze="from:block4_conv1"))
+      models.ModelConfig(backbone="vgg16", image_size=SIZE, freeze="from:block4_conv1",
+                         weights="none"))
   names = models.backbone_layer_names(model)
   start = names.index("block4_conv1")
   expected = set(names[start:])
@@ -201,7 +204,8 @@ def test_freeze_from_layer_resnet50_notebook_name(built):
 
 
 def test_unknown_freeze_layer_names_valid_choices():
-  config = models.ModelConfig(backbone="vgg16", image_size=SIZE, freeze="from:block9_conv1")
+  config = models.ModelConfig(backbone="vgg16", image_size=SIZE, freeze="from:block9_conv1",
+                              weights="none")
   with pytest.raises(ValueError) as info:
     models.build_model(config)
   msg = str(info.value)
@@ -362,3 +366,11 @@ def test_config_to_dict_round_trips():
   config = models.ModelConfig(backbone="densenet121", image_size=64,
                               freeze="from:conv5_block1_0_bn")
   assert models.ModelConfig(**config.to_dict()) == config
+
+
+def test_weights_auto_means_imagenet_except_for_simple_cnn():
+  assert models.ModelConfig().weights == "auto"
+  assert models.ModelConfig(backbone="simple_cnn").resolved_weights == "none"
+  assert models.ModelConfig(backbone="densenet121").resolved_weights == "imagenet"
+  assert models.ModelConfig(backbone="vgg16", weights="none").resolved_weights == "none"
+  models.ModelConfig(backbone="simple_cnn").validate()  # auto is valid for every backbone
