@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import re
 import sys
@@ -12,6 +13,7 @@ import tempfile
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 
 VERBOSE_ENV = "SKINRECORDS_VERBOSE"
@@ -62,14 +64,26 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     return spec
 
 
+class _OnlyOurInfo(logging.Filter):
+  """Passes warnings and errors from anywhere, INFO lines only from skinrecords itself.
+
+  Keras and TensorFlow log INFO lines of their own through the same root logger, e.g. Keras 3.15's
+  `functional_saver.py ... Sharding callback duration: 29 microseconds` on every checkpoint save.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f"{os.sep}skinrecords{os.sep}" in record.pathname
+
+
 def _quiet_tensorflow() -> None:
-  """Quiet by default; --verbosity >= 1 or SKINRECORDS_VERBOSE=1 brings TensorFlow's lines back."""
+  """Quiet by default; --verbosity >= 1 or SKINRECORDS_VERBOSE=1 brings every line back."""
   verbose = (flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1) or os.environ.get(
       VERBOSE_ENV, "") not in ("", "0")
   if verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  absl_logging.get_absl_handler().addFilter(_OnlyOurInfo())
   if "tensorflow" not in sys.modules:
     sys.meta_path.insert(0, _QuietTensorFlowImport())
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from skinrecords.cli import common as cli_common
 
@@ -67,8 +66,9 @@ def main(argv):
                                       hair_masks_dir=_HAIR_MASKS_DIR.value)
   except FileExistsError as err:
     raise app.UsageError(str(err)) from err
-  logging.info("Wrote %s", summary)
-  print(summary)
+  counts = ", ".join(f"{name} {n}" for name, n in summary["counts"].items())
+  print(f"wrote {sum(summary['counts'].values())} images to {summary['output_dir']} ({counts})"
+        + (f"; labels in {summary['csv']}" if summary.get("csv") else ""))
 
 
 def run():
