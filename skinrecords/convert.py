@@ -154,8 +154,9 @@ def _fingerprint(config: ConvertConfig, listing: sources.Listing) -> str:
 
   Content hashes, not sizes alone: an image replaced by one of the same size (a re-export, a
   corrected crop) must not reuse its old shard. Patient ids too: a corrected patient column
-  changes the splits. Hashing 1,000 60-KB images takes ~0.1 s (see tests/test_convert.py),
-  against ~30 s to convert them.
+  changes the splits. Hashing all of 1,000 1024x768 JPEGs (308 MB, in the page cache) took
+  0.24-0.30 s here, against ~33 s to convert them at ~30 img/s: under 1 %, so every run hashes
+  (de-duplication has already hashed the files whose size is shared; those are not read twice).
   """
   h = hashlib.sha256(json.dumps(config.plan_dict(), sort_keys=True).encode())
   hashes = sources.content_hashes(listing)
