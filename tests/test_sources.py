@@ -295,3 +295,24 @@ def test_listing_is_deterministic(tmp_path):
                            listing.duplicates, listing.classes, listing.found)
   assert strip(listings[0]) == strip(listings[1])
   assert listings[0].duplicates == [sources.Duplicate("nev/copy.jpg", "mel/img_03.jpg")]
+
+
+def test_patients_csv_for_presplit_reports_leaks_missing_and_unused_rows(tmp_path):
+  root = tmp_path / "in"
+  for name in ("train/0/a.jpg", "train/1/b.jpg", "valid/0/c.jpg", "valid/1/d.jpg", "train/0/e.jpg"):
+    _write(root / name)
+  csv_path = tmp_path / "patients.csv"
+  # By stem, file name and relative path; "e" has an empty cell, "zz" names no image.
+  csv_path.write_text("image_name,patient_id\na,P1\nc.jpg,P1\ntrain/1/b,P2\nvalid/1/d.jpg,P3\n"
+                      "e,\nzz,P9\n")
+  listing = _check(sources.list_sources(str(root), patients_csv=str(csv_path),
+                                        patient_column="patient_id"))
+  assert {i.image_name: i.patient_id for i in listing.items} == {
+      "a": "P1", "b": "P2", "c": "P1", "d": "P3", "e": ""}
+  assert listing.missing_patient == 1
+  assert listing.patient_source == f"patients CSV {csv_path} column 'patient_id'"
+  assert listing.warnings[0] == f"patients CSV {csv_path}: 1 of 6 rows name no listed image (first: zz)"
+  assert listing.warnings[1].startswith("1 patients have images in more than one of the given "
+                                        "splits (first: P1 in train, valid)")
+  with pytest.raises(ValueError, match="give the patient_column"):
+    sources.list_sources(str(root), patients_csv=str(csv_path))

@@ -83,6 +83,10 @@ def _config():
     split = splits.parse_fractions(_SPLIT.value)
   except ValueError as err:
     raise app.UsageError(f"--split={_SPLIT.value}: {err}") from err
+  if _IMAGE_SIZE.value < convert.MIN_TRAIN_IMAGE_SIZE:  # Before preprocess's wider [8, 8192].
+    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: training needs at least "
+                         f"{convert.MIN_TRAIN_IMAGE_SIZE} px; use --image_size >= "
+                         f"{convert.MIN_TRAIN_IMAGE_SIZE}")
   try:
     pre = preprocess.PreprocessConfig(
         image_size=_IMAGE_SIZE.value, image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
