@@ -53,25 +53,15 @@ class PredictConfig:
 
 def list_images(input_dir) -> list[str]:
   """Sorted paths of the image files under `input_dir` (recursive; hidden files/folders skipped)."""
-  root = pathlib.Path(input_dir)
-  if not root.is_dir():
-    raise FileNotFoundError(f"{root}: input_dir is not a folder")
-  found = []
-  for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
-    found += [os.path.join(folder, f) for f in files if not f.startswith(".") and
-              os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS]
-  return sorted(found)
+  return sources.list_image_files(input_dir)
 
 
 def _preprocess(path: str, config: preprocess.PreprocessConfig) -> bytes | str:
   """Encoded bytes, or the reason the file was rejected."""
   try:
     return preprocess.preprocess_file(path, config)
-  except preprocess.RejectedImage as err:
-    return err.reason + (f": {err.detail}" if err.detail else "")
   except Exception as err:  # pylint: disable=broad-except  (one odd file must not end the run)
-    return f"unexpected {type(err).__name__}: {err}"
+    return preprocess.describe_rejection(err)
 
 
 def _decode(data: bytes, image_size: int, stored_size: int) -> np.ndarray:

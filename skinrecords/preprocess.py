@@ -40,6 +40,27 @@ _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_
 
 _BOOL_FIELDS = ("remove_hair", "notebook_cleanup", "reduced_decode")
 
+# Rejection reasons: short and stable (fit for counting). The converter's manifest and bin/predict
+# both word a rejection with `describe_rejection`, so one bad file reads the same everywhere.
+ZERO_BYTE = "zero-byte file"
+NOT_AN_IMAGE = "not an image"
+TOO_MANY_PIXELS = "too many pixels"
+TOO_SMALL = "image too small"
+TRUNCATED_JPEG = "truncated JPEG"
+UNSUPPORTED_SAMPLES = "unsupported sample type"
+UNSUPPORTED_CHANNELS = "unsupported channel layout"
+UNREADABLE = "unreadable file"
+UNEXPECTED = "unexpected error"
+
+
+def corrupt_header(fmt: str) -> str:
+  return f"corrupt {fmt.upper()} header"
+
+
+def undecodable(fmt: str) -> str:
+  return f"undecodable {fmt.upper()}"
+
+
 
 class RejectedImage(ValueError):
   """Bad input data. `reason` is short and stable (fit for counting), `detail` says more."""
@@ -56,6 +77,13 @@ class RejectedImage(ValueError):
 
   def __reduce__(self):  # Keeps reason/detail/path when a spawned worker pickles it back.
     return RejectedImage, (self.reason, self.detail, self.path)
+
+
+def describe_rejection(err: BaseException) -> str:
+  """The one wording of why a file was not used: "reason: detail" (no path; callers list it)."""
+  if isinstance(err, RejectedImage):
+    return f"{err.reason}: {err.detail}" if err.detail else err.reason
+  return f"{UNEXPECTED}: {type(err).__name__}: {err}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,27 +262,27 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
 def _check(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]:
   """Validates the bytes without decoding; returns (format, width, height)."""
   if len(data) == 0:
-    raise RejectedImage("zero-byte file")
+    raise RejectedImage(ZERO_BYTE)
   fmt = _sniff(data)
   if fmt is None:
-    raise RejectedImage("not an image", f"unrecognised signature {bytes(data[:8]).hex()}; "
+    raise RejectedImage(NOT_AN_IMAGE, f"unrecognised signature {bytes(data[:8]).hex()}; "
                         f"accepted formats: {', '.join(SOURCE_FORMATS)}")
   size = _header_size(data, fmt)
   if size is None:
-    raise RejectedImage(f"corrupt {fmt.upper()} header", f"no readable dimensions in {len(data)} "
+    raise RejectedImage(corrupt_header(fmt), f"no readable dimensions in {len(data)} "
                         "bytes")
   w, h = size
   if w * h > config.max_pixels:
-    raise RejectedImage("too many pixels", f"{w}x{h} = {w * h} pixels > max_pixels="
+    raise RejectedImage(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > max_pixels="
                         f"{config.max_pixels} (possible decompression bomb; not decoded)")
   if min(w, h) < MIN_SIDE:
-    raise RejectedImage("image too small", f"{w}x{h}; each side must be >= {MIN_SIDE} px")
+    raise RejectedImage(TOO_SMALL, f"{w}x{h}; each side must be >= {MIN_SIDE} px")
   if fmt == "jpeg":
     sos = _jpeg_scan(data)[2]
     # Scan data byte-stuffs 0xFF (FF00) and only allows RSTn markers, so an FFD9 after the first SOS
     # is the EOI. OpenCV 4.x decoded truncated JPEGs with grey fill; check it ourselves.
     if sos < 0 or data.rfind(b"\xff\xd9", sos) < 0:
-      raise RejectedImage("truncated JPEG", f"no EOI marker (FFD9) after the scan data; "
+      raise RejectedImage(TRUNCATED_JPEG, f"no EOI marker (FFD9) after the scan data; "
                           f"{len(data)} bytes")
   return fmt, w, h
 
@@ -265,7 +293,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
   if img.dtype == np.uint16:
     return (img >> 8).astype(np.uint8)  # Scale, not clip: 65535 -> 255, 32768 -> 128.
   # Float / 32-bit TIFFs have no agreed range (and cv2 5.0 cannot convert them itself).
-  raise RejectedImage("unsupported sample type", f"{img.dtype} samples; accepted: 8 or 16-bit")
+  raise RejectedImage(UNSUPPORTED_SAMPLES, f"{img.dtype} samples; accepted: 8 or 16-bit")
 
 
 def decode(data: bytes, config: PreprocessConfig | None = None) -> np.ndarray:
@@ -290,13 +318,13 @@ def decode(data: bytes, config: PreprocessConfig | None = None) -> np.ndarray:
   try:
     img = cv2.imdecode(buf, flags)
   except cv2.error as err:  # E.g. over OPENCV_IO_MAX_IMAGE_PIXELS (2**30 by default).
-    raise RejectedImage(f"undecodable {fmt.upper()}", str(err).strip().splitlines()[-1]) from err
+    raise RejectedImage(undecodable(fmt), str(err).strip().splitlines()[-1]) from err
   if img is None:
-    raise RejectedImage(f"undecodable {fmt.upper()}", "OpenCV could not decode it (truncated or "
+    raise RejectedImage(undecodable(fmt), "OpenCV could not decode it (truncated or "
                         "corrupt)")
   img = _to_uint8(img)
   if img.ndim != 3 or img.shape[2] != 3:
-    raise RejectedImage("unsupported channel layout", f"decoded shape {img.shape}")
+    raise RejectedImage(UNSUPPORTED_CHANNELS, f"decoded shape {img.shape}")
   return img if flags == _JPEG_FLAGS else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -564,7 +592,7 @@ def preprocess_file(path: str | os.PathLike, config: PreprocessConfig | None = N
     with open(path, "rb") as f:
       data = f.read()
   except OSError as err:
-    raise RejectedImage("unreadable file", err.strerror or str(err), path) from err
+    raise RejectedImage(UNREADABLE, err.strerror or str(err), path) from err
   try:
     return preprocess_bytes(data, config)
   except RejectedImage as err:

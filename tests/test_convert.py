@@ -393,3 +393,122 @@ def test_record_pool_keeps_task_order_across_chunks_and_the_tail(tmp_path):
     got = list(two.imap(tasks))
   assert [reason for _, reason in got].count(None) == 50
   assert got == expected
+
+
+def _bmp_folders(root: pathlib.Path, per_class=6, seed=5) -> list[pathlib.Path]:
+  """BMPs of one size: a replacement image has the same file size as the one it replaces."""
+  rng = np.random.default_rng(seed)
+  return [_write(root / cls / f"{cls}{i}.bmp", rng, ext=".bmp") for cls in ("a", "b")
+          for i in range(per_class)]
+
+
+def _patients_csv(path: pathlib.Path, patients: dict[str, str]) -> pathlib.Path:
+  _write_csv(path, [{"image_name": k, "patient_id": v} for k, v in patients.items()])
+  return path
+
+
+def test_changed_image_or_patient_column_never_reuses_old_shards(tmp_path):
+  files = _bmp_folders(tmp_path / "in")
+  patients = {f.stem: f"P{i // 2}" for i, f in enumerate(files)}
+  csv_path = _patients_csv(tmp_path / "patients.csv", patients)
+  config = _config(tmp_path / "in", tmp_path / "out", patients_csv=str(csv_path),
+                   patient_column="patient_id", min_train_shards=2)
+  first = convert.convert(config).manifest
+  assert convert.convert(config).resumed_shards > 0  # Unchanged inputs: reused, nothing to do.
+  size = files[0].stat().st_size
+  _write(files[0], np.random.default_rng(99), ext=".bmp")
+  assert files[0].stat().st_size == size
+  with pytest.raises(convert.OutputExistsError, match="--overwrite"):
+    convert.convert(config)
+  redone = convert.convert(dataclasses.replace(config, overwrite=True))
+  assert redone.resumed_shards == 0 and redone.manifest["fingerprint"] != first["fingerprint"]
+  _patients_csv(csv_path, patients | {files[1].stem: "P_corrected"})
+  with pytest.raises(convert.OutputExistsError):
+    convert.convert(config)
+
+
+def test_interrupted_run_does_not_resume_after_a_same_size_replacement(tmp_path, monkeypatch):
+  files = _bmp_folders(tmp_path / "in")
+  config = _config(tmp_path / "in", tmp_path / "out", min_train_shards=2)
+
+  def killed(*_):
+    raise KeyboardInterrupt  # After every shard, before manifest.json: state files remain.
+
+  monkeypatch.setattr(convert, "_versions", killed)
+  for _ in range(2):  # The second run shows an unchanged input would resume.
+    with pytest.raises(KeyboardInterrupt):
+      convert.convert(config)
+  assert (tmp_path / "out" / convert.STATE_DIR).is_dir()
+  monkeypatch.undo()
+  _write(files[3], np.random.default_rng(98), ext=".bmp")
+  with pytest.raises(convert.OutputExistsError):
+    convert.convert(config)
+
+
+def test_patients_csv_groups_class_folders_and_counts_missing_ids(tmp_path):
+  rng = np.random.default_rng(6)
+  rows = {}
+  for p in range(20):
+    cls = "Melanoma" if p % 4 == 0 else "NotMelanoma"
+    for j in range(3):
+      _write(tmp_path / "in" / cls / f"img_{p:02d}_{j}.jpg", rng)
+      rows[f"img_{p:02d}_{j}"] = f"P{p:02d}"
+  rows.update({"img_19_0": "", "img_19_1": ""})  # Empty cells.
+  del rows["img_18_0"], rows["img_18_1"]  # No row at all.
+  csv_path = _patients_csv(tmp_path / "patients.csv", rows)
+  result = convert.convert(_config(tmp_path / "in", tmp_path / "out", patients_csv=str(csv_path),
+                                   patient_column="patient_id", classes=("NotMelanoma", "Melanoma")))
+  m = result.manifest
+  assert m["inputs"]["grouped_by_patient"] and m["inputs"]["missing_patient_ids"] == 4
+  assert m["inputs"]["patient_warning"].startswith("4 of 60 images have no patient id")
+  owner = {}
+  for split in m["splits"]:
+    for r in _read_split(tmp_path / "out", m, split):
+      if r["patient_id"]:
+        assert owner.setdefault(r["patient_id"], split) == split, r["patient_id"]
+  assert len(owner) == 20 and len(set(owner.values())) == 3
+  assert "WARNING: 4 of 60 images have no patient id" in convert.summary(result)
+
+
+def test_ungrouped_split_is_said_loudly(tmp_path):
+  _class_folders(tmp_path / "in", {"Melanoma": 4, "NotMelanoma": 4})
+  result = convert.convert(_config(tmp_path / "in", tmp_path / "out"))
+  inputs = result.manifest["inputs"]
+  assert not inputs["grouped_by_patient"]
+  assert inputs["patient_warning"].startswith("NOT GROUPED BY PATIENT")
+  text = convert.summary(result)
+  assert "WARNING: NOT GROUPED BY PATIENT" in text and "--patients_csv" in text
+  # Sorted names made Melanoma class 0: said too, with the fix.
+  assert "WARNING: class order" in text and "--classes=NotMelanoma,Melanoma" in text
+
+
+def test_make_records_refuses_bad_sizes_and_outputs_before_work(tmp_path):
+  from skinrecords import models  # pylint: disable=g-import-not-at-top
+
+  assert convert.MIN_TRAIN_IMAGE_SIZE == models._MIN_IMAGE_SIZE  # pylint: disable=protected-access
+  _class_folders(tmp_path / "in", {"a": 3, "b": 3})
+  (tmp_path / "file").write_text("x")
+  base = [f"--input_dir={tmp_path / 'in'}", "--noprogress", "--workers=1"]
+  for flags, expected in (
+      (["--image_size=16", f"--output_dir={tmp_path / 'o'}"], "--image_size=16: training needs"),
+      ([f"--output_dir={tmp_path / 'file'}"], "is a file, not a folder"),
+      ([f"--output_dir={tmp_path / 'file' / 'sub'}"], "is a file, not a folder"),
+      (["--output_dir=/proc/skinrecords_out"], "cannot write in /proc"),
+  ):
+    proc = run_bin("make_records", *base, "--image_size=32", *flags, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 2 and expected in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+  assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_input_warns_and_resumes(tmp_path):
+  _class_folders(tmp_path / "in", {"a": 4, "b": 4})
+  flags = [f"--input_dir={tmp_path / 'in'}", f"--output_dir={tmp_path / 'in' / 'records'}",
+           "--image_size=32", "--noprogress", "--workers=1", "--min_train_shards=2"]
+  proc = run_bin("make_records", *flags)
+  assert "is inside input_dir" in proc.stderr
+  m = manifest.read(tmp_path / "in" / "records")
+  assert m["classes"] == ["a", "b"] and m["inputs"]["found"] == 8
+  again = run_bin("make_records", *flags)  # The shards are not read as a class "records".
+  assert "shards reused" in again.stdout

@@ -73,12 +73,14 @@ def test_classes_argument_orders_ids_and_rejects_unknown_labels(tmp_path):
   root = tmp_path / "in"
   for name in ("nev/1.jpg", "mel/2.jpg", "other/3.jpg"):
     _write(root / name)
-  listing = _check(sources.list_sources(str(root), classes=["nev", "mel", "bcc"]))
-  assert listing.classes == ["nev", "mel", "bcc"]  # "bcc" has no items: fine.
+  listing = _check(sources.list_sources(str(root), classes=["nev", "mel"]))
+  assert listing.classes == ["nev", "mel"]
   assert [i.relpath for i in listing.items] == ["mel/2.jpg", "nev/1.jpg"]
-  assert _reasons(listing) == {"other/3.jpg": "unknown label 'other' (known: nev, mel, bcc)"}
+  assert _reasons(listing) == {"other/3.jpg": "unknown label 'other' (known: nev, mel)"}
   with pytest.raises(ValueError, match="distinct non-empty"):
     sources.list_sources(str(root), classes=["nev", "nev"])
+  with pytest.raises(ValueError, match="class 'bcc' .*matches no class folder"):
+    sources.list_sources(str(root), classes=["nev", "mel", "bcc"])
 
 
 def test_integer_class_folders_sort_numerically(tmp_path):
@@ -143,8 +145,9 @@ def test_symlinks_in_folders(tmp_path):
   (root / "nev").symlink_to(tmp_path / "outside", target_is_directory=True)
   _write(root / "mel" / "sub" / "s.jpg")
   (root / "mel" / "loop").symlink_to(root / "mel", target_is_directory=True)
+  _write(root / "bcc" / "b.jpg")  # A second class: one class alone is refused.
   listing = _check(sources.list_sources(str(root)))
-  assert [i.relpath for i in listing.items] == ["mel/a.jpg", "mel/sub/s.jpg"]
+  assert [i.relpath for i in listing.items] == ["bcc/b.jpg", "mel/a.jpg", "mel/sub/s.jpg"]
   assert listing.duplicates == [sources.Duplicate("mel/alias.jpg", "mel/a.jpg")]
   assert _reasons(listing) == {"mel/escape.jpg": "path escapes input folder",
                                "mel/broken.jpg": "broken symbolic link",
@@ -214,9 +217,13 @@ def test_isic_csv(tmp_path):
 
 def test_csv_without_patient_column_and_given_classes(tmp_path):
   root, csv_path, _, _ = _isic_input(tmp_path)
-  listing = _check(sources.list_sources(str(root), labels_csv=str(csv_path), classes=["1"]))
-  assert [(i.relpath, i.patient_id) for i in listing.items] == [("jpeg/train/ISIC_0002.jpg", "")]
-  assert _reasons(listing)["jpeg/train/ISIC_0001.jpg"] == "unknown label '0' (known: 1)"
+  listing = _check(sources.list_sources(str(root), labels_csv=str(csv_path), classes=["1", "0"]))
+  assert listing.classes == ["1", "0"]
+  assert [(i.relpath, i.label, i.patient_id) for i in listing.items][:2] == [
+      ("jpeg/train/ISIC_0001.jpg", "0", ""), ("jpeg/train/ISIC_0002.jpg", "1", "")]
+  assert listing.patient_source is None and listing.missing_patient == 0
+  with pytest.raises(ValueError, match=r"classes \['1'\]: expected 2 or more"):
+    sources.list_sources(str(root), labels_csv=str(csv_path), classes=["1"])
 
 
 def test_ham10000_csv(tmp_path):
@@ -288,3 +295,24 @@ def test_listing_is_deterministic(tmp_path):
                            listing.duplicates, listing.classes, listing.found)
   assert strip(listings[0]) == strip(listings[1])
   assert listings[0].duplicates == [sources.Duplicate("nev/copy.jpg", "mel/img_03.jpg")]
+
+
+def test_patients_csv_for_presplit_reports_leaks_missing_and_unused_rows(tmp_path):
+  root = tmp_path / "in"
+  for name in ("train/0/a.jpg", "train/1/b.jpg", "valid/0/c.jpg", "valid/1/d.jpg", "train/0/e.jpg"):
+    _write(root / name)
+  csv_path = tmp_path / "patients.csv"
+  # By stem, file name and relative path; "e" has an empty cell, "zz" names no image.
+  csv_path.write_text("image_name,patient_id\na,P1\nc.jpg,P1\ntrain/1/b,P2\nvalid/1/d.jpg,P3\n"
+                      "e,\nzz,P9\n")
+  listing = _check(sources.list_sources(str(root), patients_csv=str(csv_path),
+                                        patient_column="patient_id"))
+  assert {i.image_name: i.patient_id for i in listing.items} == {
+      "a": "P1", "b": "P2", "c": "P1", "d": "P3", "e": ""}
+  assert listing.missing_patient == 1
+  assert listing.patient_source == f"patients CSV {csv_path} column 'patient_id'"
+  assert listing.warnings[0] == f"patients CSV {csv_path}: 1 of 6 rows name no listed image (first: zz)"
+  assert listing.warnings[1].startswith("1 patients have images in more than one of the given "
+                                        "splits (first: P1 in train, valid)")
+  with pytest.raises(ValueError, match="give the patient_column"):
+    sources.list_sources(str(root), patients_csv=str(csv_path))

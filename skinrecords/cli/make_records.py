@@ -30,10 +30,17 @@ _IMAGE_COLUMN = flags.DEFINE_string("image_column", "image_name", "CSV column na
 _LABEL_COLUMN = flags.DEFINE_string("label_column", "target", "CSV column with the class "
                                     "(ISIC: target, HAM10000: dx).")
 _PATIENT_COLUMN = flags.DEFINE_string("patient_column", None, "CSV column grouping images that must "
-                                      "stay in one split (ISIC: patient_id, HAM10000: lesion_id).")
+                                      "stay in one split (ISIC: patient_id, HAM10000: lesion_id)"
+                                      ", in --labels_csv or --patients_csv.")
+_PATIENTS_CSV = flags.DEFINE_string("patients_csv", None, "For class-folder or pre-split inputs: a "
+                                    "CSV of image name (--image_column) -> patient or lesion id "
+                                    "(--patient_column), so that splits and folds keep each "
+                                    "patient's images together. Without patient ids images are "
+                                    "split one by one (the summary warns).")
 _CLASSES = flags.DEFINE_list("classes", None, "Class names in id order (binary: negative first, so "
                              "id 1 is the positive class), e.g. NotMelanoma,Melanoma. Default: "
-                             "sorted names. Inputs with other labels are rejected.")
+                             "sorted names (warned when that makes e.g. Melanoma class 0). Inputs with other labels are "
+                             "rejected.")
 _SPLIT = flags.DEFINE_string("split", "0.6,0.2,0.2", "train,valid[,test] fractions, stratified by "
                              "label and grouped by patient. Ignored for a pre-split layout.")
 _FOLDS = flags.DEFINE_integer("folds", 0, "If >= 2, assign a stratified (patient-grouped) fold to "
@@ -66,7 +73,7 @@ flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
-               "patient_column", "image_size", "image_format", "jpeg_quality", "max_pixels")
+               "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels")
 
 
 def _config():
@@ -76,6 +83,10 @@ def _config():
     split = splits.parse_fractions(_SPLIT.value)
   except ValueError as err:
     raise app.UsageError(f"--split={_SPLIT.value}: {err}") from err
+  if _IMAGE_SIZE.value < convert.MIN_TRAIN_IMAGE_SIZE:  # Before preprocess's wider [8, 8192].
+    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: training needs at least "
+                         f"{convert.MIN_TRAIN_IMAGE_SIZE} px; use --image_size >= "
+                         f"{convert.MIN_TRAIN_IMAGE_SIZE}")
   try:
     pre = preprocess.PreprocessConfig(
         image_size=_IMAGE_SIZE.value, image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
@@ -87,7 +98,7 @@ def _config():
   config = convert.ConvertConfig(
       input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, labels_csv=_LABELS_CSV.value,
       image_column=_IMAGE_COLUMN.value, label_column=_LABEL_COLUMN.value,
-      patient_column=_PATIENT_COLUMN.value,
+      patient_column=_PATIENT_COLUMN.value, patients_csv=_PATIENTS_CSV.value,
       classes=tuple(_CLASSES.value) if _CLASSES.value else None, split=split, folds=_FOLDS.value,
       seed=_SEED.value, shard_size_mb=_SHARD_MB.value, min_train_shards=_MIN_TRAIN_SHARDS.value,
       workers=_WORKERS.value, strict=_STRICT.value, overwrite=_OVERWRITE.value,
@@ -106,6 +117,8 @@ def main(argv):
 
   config = _config()
   try:
+    for warning in convert.check_output_dir(config):  # Before the listing and hashing.
+      print(f"make_records: warning: {warning}", file=sys.stderr)
     result = convert.convert(config)
   except (convert.OutputExistsError, ValueError, FileNotFoundError) as err:
     print(f"make_records: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 from absl import flags
 
 from skinrecords import preprocess as pp
+from skinrecords import sources
 from skinrecords.cli import common as cli_common
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder searched recursively for images.")
@@ -21,7 +22,6 @@ _OUTPUT = flags.DEFINE_string("output", "preprocessing.png", "Contact sheet PNG 
 _NUM = flags.DEFINE_integer("num", 6, "Random images shown (>= 1).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Output size the converter would use.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for picking the images.")
-_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def sheet(paths: list[pathlib.Path], size: int) -> np.ndarray:
@@ -42,7 +42,9 @@ def main(argv):
     print("show_preprocessing: need --input_dir=DIR (a folder of images) and --num >= 1",
           file=sys.stderr)
     return 2
-  files = sorted(p for p in pathlib.Path(_INPUT_DIR.value).rglob("*") if p.suffix.lower() in _EXTS)
+  folder = _INPUT_DIR.value
+  files = [pathlib.Path(p) for p in sources.list_image_files(folder)] if os.path.isdir(
+      folder) else []
   if not files:
     print(f"show_preprocessing: no images under {_INPUT_DIR.value}; point --input_dir at a "
           "folder of JPEG/PNG files", file=sys.stderr)
