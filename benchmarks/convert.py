@@ -2,7 +2,7 @@
 
 A: --num_images sources of --source_size (1024x768) -> --image_size^2 JPEG with hair removal, converted
    by `convert.convert` with 1 worker and with --workers (2), each given an already started
-   `convert.RecordPool` so that spawn start-up (a fixed ~0.2 s per run) is left out. In the same run,
+   `workers.RecordPool` so that spawn start-up (a fixed ~0.2 s per run) is left out. In the same run,
    interleaved with those conversions, the machine's own ceiling: --workers processes of a fixed
    CPU-bound OpenCV job (`preprocess.preprocess_bytes` of one source, repeated) against one process.
    --rounds rounds alternate the order; the medians are reported. Also measured: the coordinating
@@ -206,14 +206,13 @@ def _warm_copy(root: pathlib.Path, paths: list[str]) -> pathlib.Path:
 
 def _bench_a(root: pathlib.Path, paths: list[str], workers: int, pconfig, rounds: int):
   """The interleaved rounds of ceiling and conversions; returns [_Round]."""
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.workers import RecordPool  # pylint: disable=g-import-not-at-top
 
   reps = max(2, len(paths) // (2 * workers))  # about as long as one conversion pass
   data = pathlib.Path(paths[0]).read_bytes()
   ceiling = _Ceiling(workers, data, pconfig, reps)
   try:
-    with convert.RecordPool(1, pconfig) as one, convert.RecordPool(workers, pconfig,
-                                                                    wait_ready=True) as many:
+    with RecordPool(1, pconfig) as one, RecordPool(workers, pconfig, wait_ready=True) as many:
       warm = _warm_copy(root, paths)
       for pool in (one, many):  # untimed: imports TensorFlow (manifest versions), tqdm, caches
         _whole_run(warm, root / "warm_records", pool, pconfig)

@@ -22,17 +22,18 @@ import time
 import cv2
 import numpy as np
 
-from skinrecords import preprocess as pp
+from skinrecords import hair
 from skinrecords import synthetic
+from skinrecords import synthetic_structures
 
 # name -> (mask function, full removal function)
 METHODS = {
-    "kernel (old)": (pp.hair_mask_kernel, pp._remove_hair_kernel),  # pylint: disable=protected-access
-    "hair_mask (new)": (pp.hair_mask, pp._remove_hair),  # pylint: disable=protected-access
-    "notebook": (pp.notebook_mask, pp._notebook_cleanup),  # pylint: disable=protected-access
+    "kernel (old)": (hair.hair_mask_kernel, hair.remove_hair_kernel),
+    "hair_mask (new)": (hair.hair_mask, hair.remove_hair),
+    "notebook": (hair.notebook_mask, hair.notebook_cleanup),
 }
-KINDS = {"thin dark": synthetic.HAIR_THIN, "thick dark": synthetic.HAIR_THICK,
-         "light": synthetic.HAIR_LIGHT}
+KINDS = {"thin dark": synthetic_structures.HAIR_THIN, "thick dark": synthetic_structures.HAIR_THICK,
+         "light": synthetic_structures.HAIR_LIGHT}
 TARGETS_512 = (("recall (all hair)", ">=", 0.90), ("precision", ">=", 0.80),
                ("hair-free masked, median", "<=", 0.01), ("dots/globules kept", ">=", 0.95),
                ("ms / image", "<=", 20.0))

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
-import multiprocessing
 import os
 import pathlib
 import platform
-import queue
 import shutil
 
 import numpy as np
 
 import skinrecords
+from skinrecords import dedup
 from skinrecords import features
 from skinrecords import fileio
 from skinrecords import manifest
@@ -33,7 +31,7 @@ from skinrecords import preprocess
 from skinrecords import records
 from skinrecords import sources
 from skinrecords import splits
-from skinrecords import tfrecord
+from skinrecords import workers
 
 STATE_DIR = ".make_records_state"
 PLAN = "plan.json"
@@ -159,7 +157,7 @@ def _fingerprint(config: ConvertConfig, listing: sources.Listing) -> str:
   (de-duplication has already hashed the files whose size is shared; those are not read twice).
   """
   h = hashlib.sha256(json.dumps(config.plan_dict(), sort_keys=True).encode())
-  hashes = sources.content_hashes(listing)
+  hashes = dedup.content_hashes(listing)
   for item in listing.items:
     h.update(f"{item.relpath}\t{item.label}\t{item.patient_id}\t{hashes[item.relpath]}\n"
              .encode())
@@ -238,99 +236,6 @@ def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> boo
   return False
 
 
-# One example for a worker: (source path, image_name, target, patient_id, fold).
-Task = tuple[str, str, int, str, int]
-
-
-def _init_worker(config: preprocess.PreprocessConfig, ready=None) -> None:
-  import cv2  # pylint: disable=g-import-not-at-top
-
-  cv2.setNumThreads(1)  # N processes x OpenCV's own pool oversubscribes the cores (opencv#5150).
-  global _WORKER_CONFIG
-  _WORKER_CONFIG = config
-  if ready is not None:  # RecordPool(wait_ready=True)
-    ready.put(os.getpid())
-
-
-_WORKER_CONFIG: preprocess.PreprocessConfig | None = None
-
-
-def _work(task: Task):
-  """Worker: returns (framed TFRecord, None) or (None, reason). Never raises for a bad file.
-
-  All per-image work happens here (decode, preprocess, encode, the Example, its framing and CRCs),
-  so the coordinator only appends bytes: with TensorFlow building the Example and writing the
-  record in the coordinator, 2 workers reached 0.75-0.77 of this machine's 2-process ceiling
-  (issue 17).
-  """
-  path, image_name, target, patient_id, fold = task
-  try:
-    image = preprocess.preprocess_file(path, _WORKER_CONFIG)
-    size = _WORKER_CONFIG.image_size
-    return tfrecord.example_record(image=image, image_name=image_name, target=target,
-                                   patient_id=patient_id, fold=fold, height=size, width=size), None
-  except Exception as err:  # pylint: disable=broad-except  (one odd file must not end the run)
-    return None, preprocess.describe_rejection(err)
-
-
-# Tasks per pool message. multiprocessing.Pool costs the coordinator ~0.1-0.2 ms of CPU per message
-# in its helper threads whatever the payload (60 bytes or 60 KB, measured here), so in a 200-image,
-# 2-worker conversion the coordinator spent 0.52-0.68 ms per image with 4 tasks a message and
-# 0.29-0.37 ms with 8 or 16 (interleaved rounds, same wall time). A chunk is handed out whole, so
-# the last `workers x chunk` tasks go one by one: no worker idles at the end while another still
-# holds a whole chunk (up to 16 x ~25 ms).
-_MAX_CHUNK = 16
-_CHUNKS_PER_WORKER = 8
-class RecordPool:
-  """The converter's workers: `imap(tasks)` yields `_work`'s (record, reason) per task, in order.
-
-  One worker runs in this process (no spawn start-up); more are a `spawn` pool (fork + OpenCV
-  threads can deadlock, opencv#5150), each importing NumPy, OpenCV and skinrecords but not
-  TensorFlow (0.15 s each). With `wait_ready` the constructor returns only once every worker has
-  started, so a benchmark can keep start-up out of its timing. `convert` makes one per run unless
-  it is given one.
-  """
-
-  def __init__(self, workers: int, config: preprocess.PreprocessConfig, wait_ready: bool = False,
-               timeout: float = 300.0):
-    self.workers, self.config = workers, config
-    self._pool = None
-    if workers == 1:
-      _init_worker(config)
-      return
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue() if wait_ready else None
-    self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(config, ready))
-    try:
-      for _ in range(workers if wait_ready else 0):
-        ready.get(timeout=timeout)
-    except queue.Empty as err:
-      self.close()
-      raise RuntimeError(f"{workers} spawned workers did not all start within {timeout:.0f} s") \
-          from err
-
-  def imap(self, tasks: list[Task]):
-    """Yields `_work(task)` for each task, in order."""
-    if self._pool is None:
-      return map(_work, tasks)
-    chunk = max(1, min(_MAX_CHUNK, len(tasks) // (self.workers * _CHUNKS_PER_WORKER)))
-    tail = max(0, len(tasks) - self.workers * chunk) if chunk > 1 else 0
-    # Both are queued now, in this order: workers take the chunks first, then the single tasks.
-    return itertools.chain(self._pool.imap(_work, tasks[:tail], chunksize=chunk),
-                           self._pool.imap(_work, tasks[tail:], chunksize=1))
-
-  def close(self) -> None:
-    if self._pool is not None:
-      self._pool.terminate()
-      self._pool.join()
-      self._pool = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
 
 def _write_shards(out: pathlib.Path, todo, results, items, labels, num_classes, bar) -> dict:
   """Appends the workers' records shard by shard in plan order; returns {shard name: summary}."""
@@ -363,11 +268,11 @@ def _versions() -> dict:
           "python": platform.python_version()}
 
 
-def convert(config: ConvertConfig, pool: RecordPool | None = None) -> Result:
+def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Result:
   """Runs the whole conversion; see the module docstring. Returns the manifest written.
 
-  `pool`: workers already started (`RecordPool`) to use instead of starting `config.workers` new
-  ones; their preprocessing settings must be `config.preprocess`.
+  `pool`: workers already started (`workers.RecordPool`) to use instead of starting
+  `config.workers` new ones; their preprocessing settings must be `config.preprocess`.
   """
   import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -384,7 +289,41 @@ def convert(config: ConvertConfig, pool: RecordPool | None = None) -> Result:
   items, classes = listing.items, list(listing.classes)
   labels = [classes.index(it.label) for it in items]
   grouped = any(it.patient_id for it in items)
+  plan = _assign(config, listing, labels, grouped)
 
+  out = pathlib.Path(config.output_dir)
+  fingerprint = _fingerprint(config, listing)
+  if _prepare_output(out, fingerprint, config.overwrite):
+    return Result(manifest.read(out), str(out), resumed_shards=len(plan))
+  state_dir = out / STATE_DIR
+
+  done = _finished(out, plan)
+  todo = [p for p in plan if p[0] not in done]
+  tasks = [(items[i].path, items[i].image_name, labels[i], items[i].patient_id, fold)
+           for _, _, fold, members in todo for i in members]
+  bar = tqdm.tqdm(total=sum(len(p[3]) for p in plan), initial=sum(
+      len(p[3]) for p in plan if p[0] in done), unit="img", desc="convert", smoothing=0.1,
+                  disable=not config.progress)
+  own = pool is None and bool(tasks)
+  if own:
+    pool = workers.RecordPool(config.workers or os.cpu_count() or 1, config.preprocess)
+  try:
+    done.update(_write_shards(out, todo, pool.imap(tasks) if tasks else iter(()), items, labels,
+                              len(classes), bar))
+  finally:
+    if own:
+      pool.close()
+  bar.close()
+
+  written = _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings)
+  manifest.write(out, written)
+  shutil.rmtree(state_dir)
+  return Result(written, str(out), resumed_shards=len(plan) - len(todo))
+
+
+def _assign(config: ConvertConfig, listing: sources.Listing, labels: list[int], grouped: bool):
+  """Splits (given by a pre-split layout, else drawn), train folds, then the shard plan."""
+  items = listing.items
   if listing.layout == "presplit":
     assigned = [("valid" if it.split == "val" else it.split) for it in items]
   else:
@@ -399,40 +338,17 @@ def convert(config: ConvertConfig, pool: RecordPool | None = None) -> Result:
                                       config.folds, config.seed)
     for i, f in zip(train, train_folds):
       folds[i] = f
-  plan = _plan_shards(split_items, folds, config)
+  return _plan_shards(split_items, folds, config)
 
-  out = pathlib.Path(config.output_dir)
-  fingerprint = _fingerprint(config, listing)
-  if _prepare_output(out, fingerprint, config.overwrite):
-    return Result(manifest.read(out), str(out), resumed_shards=len(plan))
-  state_dir = out / STATE_DIR
 
+def _finished(out: pathlib.Path, plan) -> dict:
+  """{shard name: its state} of the shards an interrupted run of the same plan completed."""
   done = {}
   for name, *_ in plan:
-    state_file = state_dir / (name + ".json")
+    state_file = out / STATE_DIR / (name + ".json")
     if (out / name).exists() and state_file.exists():
       done[name] = json.loads(state_file.read_text())
-  todo = [p for p in plan if p[0] not in done]
-  tasks = [(items[i].path, items[i].image_name, labels[i], items[i].patient_id, fold)
-           for _, _, fold, members in todo for i in members]
-  bar = tqdm.tqdm(total=sum(len(p[3]) for p in plan), initial=sum(
-      len(p[3]) for p in plan if p[0] in done), unit="img", desc="convert", smoothing=0.1,
-                  disable=not config.progress)
-  own = pool is None and bool(tasks)
-  if own:
-    pool = RecordPool(config.workers or os.cpu_count() or 1, config.preprocess)
-  try:
-    done.update(_write_shards(out, todo, pool.imap(tasks) if tasks else iter(()), items, labels,
-                              len(classes), bar))
-  finally:
-    if own:
-      pool.close()
-  bar.close()
-
-  written = _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings)
-  manifest.write(out, written)
-  shutil.rmtree(state_dir)
-  return Result(written, str(out), resumed_shards=len(plan) - len(todo))
+  return done
 
 
 def _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings) -> dict:

@@ -14,15 +14,15 @@ Plain Python only (no TensorFlow, no OpenCV): reading a 33,126-image ISIC folder
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import difflib
 import os
 import posixpath
 import re
 from typing import Iterator, Sequence
 
-from skinrecords import fileio
+from skinrecords import dedup
+from skinrecords import labels
+from skinrecords import patients
 
 # Matched in any case; every format `preprocess` decodes.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -148,13 +148,6 @@ def _stray_reason(path: str, root_real: str) -> str:
   return problem if problem in (ESCAPES, FOLDER_LINK) else STRAY
 
 
-def _class_order(names: set[str]) -> list[str]:
-  # Integer labels ("0".."10") sort numerically so that id == label where labels are 0..C-1.
-  if names and all(re.fullmatch(r"-?\d+", n) for n in names):
-    return sorted(names, key=int)
-  return sorted(names)
-
-
 @dataclasses.dataclass
 class _Scan:
   """Candidates before label checks and de-duplication."""
@@ -246,31 +239,6 @@ class _Index:
     return matches[0], None
 
 
-def _read_csv(labels_csv: str, kind: str = "labels CSV"
-              ) -> tuple[list[str], list[tuple[int, dict[str, str | None]]]]:
-  try:
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename column 1.
-    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f)
-      rows = [(reader.line_num, row) for row in reader]
-      return list(reader.fieldnames or []), rows
-  except (OSError, UnicodeDecodeError, csv.Error) as err:
-    raise ValueError(f"cannot read {kind} {labels_csv}: {err}") from err
-
-
-_INTEGRAL = re.compile(r"[+-]?\d+(?:\.0*)?")
-
-
-def normalise_label(text: str) -> str:
-  """A label cell as a class name: "1.0", "01" and "1" are all "1".
-
-  A spreadsheet or pandas export writes an integer column as floats once one cell is empty; without
-  this "1.0" would silently become a third class beside "0" and "1".
-  """
-  text = text.strip()
-  return str(int(text.split(".")[0])) if _INTEGRAL.fullmatch(text) else text
-
-
 def _conflicts(scan: _Scan, conflicted: dict[str, list[tuple[str, int]]], labels_csv: str
                ) -> None:
   """Rejects every row of an image listed with two labels: which label is right is unknowable."""
@@ -285,8 +253,8 @@ def _conflicts(scan: _Scan, conflicted: dict[str, list[tuple[str, int]]], labels
 
 
 def _scan_csv(root: str, root_real: str, labels_csv: str, columns: dict[str, str | None]) -> _Scan:
-  fieldnames, rows = _read_csv(labels_csv)
-  _check_columns(labels_csv, "labels CSV", fieldnames, columns)
+  fieldnames, rows = labels.read_csv(labels_csv)
+  labels.check_columns(labels_csv, "labels CSV", fieldnames, columns)
   image_col, label_col = columns["image_column"], columns["label_column"]
   patient_col = columns["patient_column"]
   index = _Index(root)
@@ -295,7 +263,7 @@ def _scan_csv(root: str, root_real: str, labels_csv: str, columns: dict[str, str
   conflicted: dict[str, list[tuple[str, int]]] = {}
   for line, row in rows:
     value = (row.get(image_col) or "").strip()
-    label = normalise_label(row.get(label_col) or "")
+    label = labels.normalise_label(row.get(label_col) or "")
     if label:
       scan.class_names.add(label)
     if not value:
@@ -321,170 +289,6 @@ def _scan_csv(root: str, root_real: str, labels_csv: str, columns: dict[str, str
     scan.candidates.append(SourceItem(path, relpath, value, label, patient, None))
   _conflicts(scan, conflicted, labels_csv)
   return scan
-
-
-def _deduplicate(items: list[SourceItem], hashes: dict[str, str]
-                 ) -> tuple[list[SourceItem], list[Duplicate]]:
-  """Keeps the first (by relpath) of each set of byte-identical files.
-
-  Only files whose size is shared get hashed: in a typical folder almost every size is unique, so
-  this reads a small fraction of the bytes. Zero-byte files are left alone (they are broken, not
-  copies of each other; preprocessing rejects them with a reason). The hashes computed go into
-  `hashes` (relpath -> sha256) so that `content_hashes` need not read those files again.
-  """
-  by_size = collections.defaultdict(list)
-  for item in items:
-    try:
-      size = os.path.getsize(item.path)
-    except OSError:
-      continue  # Preprocessing reports unreadable files with the real error.
-    if size:
-      by_size[size].append(item)
-  dropped: dict[str, str] = {}
-  for same_size in by_size.values():
-    if len(same_size) < 2:
-      continue
-    kept: dict[str, str] = {}
-    for item in same_size:  # Already in relpath order.
-      try:
-        hashes[item.relpath] = fileio.sha256_file(item.path)
-        first = kept.setdefault(hashes[item.relpath], item.relpath)
-      except OSError:
-        continue
-      if first != item.relpath:
-        dropped[item.relpath] = first
-  return ([item for item in items if item.relpath not in dropped],
-          [Duplicate(path, first) for path, first in dropped.items()])
-
-
-def content_hashes(listing: Listing) -> dict[str, str]:
-  """sha256 of every item's file (streamed), reusing those de-duplication computed.
-
-  An unreadable file hashes as "unreadable" (preprocessing reports it with the real error).
-  """
-  for item in listing.items:
-    if item.relpath not in listing.sha256:
-      try:
-        listing.sha256[item.relpath] = fileio.sha256_file(item.path)
-      except OSError:
-        listing.sha256[item.relpath] = "unreadable"
-  return listing.sha256
-
-
-def _check_columns(path: str, kind: str, fieldnames: list[str], columns: dict) -> None:
-  for arg, column in columns.items():
-    if column is not None and column not in fieldnames:
-      raise ValueError(f"{kind} {path}: column {column!r} (given as {arg}) not found; "
-                       f"columns in the file: {', '.join(fieldnames) or '(none: empty file)'}")
-
-
-def _attach_patients(items: list[SourceItem], patients_csv: str, image_column: str,
-                     patient_column: str) -> tuple[list[SourceItem], list[str]]:
-  """Patient ids from a CSV of image name -> patient (or lesion) id, for a folder layout.
-
-  A row matches an image by relative path (with or without extension), file name or stem.
-  """
-  fieldnames, rows = _read_csv(patients_csv, "patients CSV")
-  _check_columns(patients_csv, "patients CSV", fieldnames,
-                 {"image_column": image_column, "patient_column": patient_column})
-  ids: dict[str, str] = {}
-  for _, row in rows:
-    key = (row.get(image_column) or "").strip().replace("\\", "/")
-    if key:
-      ids.setdefault(key, (row.get(patient_column) or "").strip())
-  used, out = set(), []
-  for item in items:
-    keys = (item.relpath, posixpath.splitext(item.relpath)[0], posixpath.basename(item.relpath),
-            item.image_name)
-    key = next((k for k in keys if k in ids), None)
-    used.add(key)
-    out.append(item if key is None else dataclasses.replace(item, patient_id=ids[key]))
-  unused = sorted(set(ids) - used)
-  notes = [f"patients CSV {patients_csv}: {len(unused)} of {len(ids)} rows name no listed image "
-           f"(first: {', '.join(unused[:3])})"] if unused else []
-  return out, notes
-
-
-def _presplit_leaks(items: list[SourceItem]) -> list[str]:
-  """A pre-split layout is kept as given; say when one patient sits in two of its splits."""
-  splits_of = collections.defaultdict(set)
-  for item in items:
-    if item.patient_id:
-      splits_of[item.patient_id].add(item.split)
-  leaking = sorted(p for p, s in splits_of.items() if len(s) > 1)
-  if not leaking:
-    return []
-  return [f"{len(leaking)} patients have images in more than one of the given splits (first: "
-          f"{leaking[0]} in {', '.join(sorted(splits_of[leaking[0]]))}): validation and test "
-          "scores on these splits are optimistic; re-split with the class-folder layout and "
-          "--patients_csv"]
-
-
-_POSITIVE = re.compile(r"melanoma|malignan|^mel$", re.IGNORECASE)
-_NEGATED = re.compile(r"no[nt]?[\W_]*(?:mel|malig)", re.IGNORECASE)
-
-
-def _looks_positive(name: str) -> bool:
-  return bool(_POSITIVE.search(name)) and not _NEGATED.match(name)
-
-
-def class_order_warning(classes: Sequence[str]) -> str | None:
-  """Sorted binary names that put the positive-looking class at id 0 ("Melanoma" < "Other")."""
-  if len(classes) != 2 or not _looks_positive(classes[0]) or _looks_positive(classes[1]):
-    return None
-  return (f"class order: '{classes[0]}' is class 0, the negative class, because names are sorted; "
-          f"training scores P(class 1) = P('{classes[1]}'). If '{classes[0]}' is the positive "
-          f"class, convert again with --classes={classes[1]},{classes[0]}")
-
-
-def _unexpected_labels(counts: collections.Counter) -> list[str]:
-  """Labels that look like mistakes: text among integer labels (or the reverse, whichever kind is
-  rarer), or a rarer near-copy of another label (case or a typo: "Mel" beside "mel")."""
-  integer = {label for label in counts if re.fullmatch(r"-?\d+", label)}
-  rows = lambda labels: sum(counts[label] for label in labels)
-  odd_kind = (set(counts) - integer if rows(integer) >= rows(set(counts) - integer) else integer
-              ) if integer and len(integer) < len(counts) else set()
-  found = []
-  for label, n in sorted(counts.items()):
-    # A typo changes a character or the case ("nevv", "Mel"): same length +-1 and 80% alike.
-    # "Melanoma" beside "NotMelanoma" is 84% alike but 3 letters longer: two real classes.
-    lowered = {o.lower(): o for o in counts if (counts[o], o) > (n, label) and
-               abs(len(o) - len(label)) <= 1}
-    near = difflib.get_close_matches(label.lower(), list(lowered), 1, 0.8)
-    if label in odd_kind or near:
-      found.append(f"'{label}' ({n}{', like ' + repr(lowered[near[0]]) if near else ''})")
-  return found
-
-
-def _check_given(classes: list[str], scan: _Scan, where: str, kind: str) -> None:
-  """A --classes name that matches no folder or label names its near match (a case typo)."""
-  found = sorted(scan.class_names)
-  for name in classes:
-    if name not in scan.class_names:
-      near = ([f for f in found if f.lower() == name.lower()] or
-              difflib.get_close_matches(name, found, 1, 0.6))
-      hint = f"did you mean '{near[0]}'?" if near else "remove it or add its images"
-      raise ValueError(f"class '{name}' (from --classes) matches no {kind} in {where} (found: "
-                       f"{', '.join(found) or 'none'}); {hint}")
-
-
-def _check_classes(class_list: list[str], given: bool, items: list[SourceItem], scan: _Scan,
-                   where: str, kind: str) -> None:
-  """Every class has images and there are at least 2 classes; ValueError otherwise."""
-  if not given:
-    odd = _unexpected_labels(collections.Counter(c.label for c in scan.candidates))
-    if odd:
-      raise ValueError(f"unexpected {kind}s in {where} (count in brackets): {', '.join(odd)}; "
-                       f"fix them, or pass --classes=<expected names> to reject those one by one")
-  counts = collections.Counter(item.label for item in items)
-  for name in class_list:
-    if not counts[name]:
-      raise ValueError(f"class '{name}' has no usable images in {where} (its {kind} holds none, "
-                       "or every one was rejected or a duplicate); add images or "
-                       f"{'remove it from --classes' if given else 'remove that ' + kind}")
-  if len(class_list) < 2:
-    raise ValueError(f"only one class ('{class_list[0]}') in {where}: a classifier needs at least "
-                     f"2; add the other class's images (accepted layouts: {LAYOUTS})")
 
 
 def _exclude(scan: _Scan, root_real: str, exclude: str | None) -> None:
@@ -534,12 +338,7 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
   if not os.path.isdir(input_dir):
     raise ValueError(f"input folder {input_dir} does not exist or is not a folder; "
                      f"accepted layouts: {LAYOUTS}")
-  if classes is not None:
-    classes = list(classes)
-    if len(classes) < 2 or any(not isinstance(c, str) or not c for c in classes) or len(
-        set(classes)) != len(classes):
-      raise ValueError(f"classes {classes!r}: expected 2 or more distinct non-empty names in id "
-                       "order, e.g. NotMelanoma,Melanoma")
+  classes = labels.given_classes(classes)
   root = os.path.abspath(input_dir)
   root_real = os.path.realpath(root)
   if labels_csv is not None:
@@ -552,8 +351,8 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
     kind, where = "class folder", input_dir
   _exclude(scan, root_real, exclude)
   if classes is not None:
-    _check_given(classes, scan, where, kind)
-  class_list = classes if classes is not None else _class_order(scan.class_names)
+    labels.check_given(classes, scan.class_names, where, kind)
+  class_list = classes if classes is not None else labels.class_order(scan.class_names)
   items, duplicates = _labelled(scan, class_list, deduplicate, hashes := {})
   if not items:
     reasons = collections.Counter(r.reason for r in scan.rejected).most_common(3)
@@ -562,13 +361,14 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
         f"no usable images under {input_dir} ({layout} layout: {scan.found} found, "
         f"{len(scan.rejected)} rejected{': ' + shown if shown else ''}, "
         f"{len(duplicates)} duplicates); accepted layouts: {LAYOUTS}")
-  _check_classes(class_list, classes is not None, items, scan, where, kind)
+  labels.check_classes(class_list, classes is not None, [c.label for c in scan.candidates],
+                       [item.label for item in items], where, kind, LAYOUTS)
   listing = Listing(layout=layout, classes=list(class_list), items=items,
                     rejected=sorted(scan.rejected, key=lambda r: (r.path, r.reason)),
                     duplicates=sorted(duplicates, key=lambda d: (d.path, d.duplicate_of)),
                     found=scan.found, sha256=hashes)
-  _patients(listing, labels_csv, patients_csv, image_column, patient_column)
-  if classes is None and (note := class_order_warning(class_list)):
+  patients.fill(listing, labels_csv, patients_csv, image_column, patient_column)
+  if classes is None and (note := labels.class_order_warning(class_list)):
     listing.warnings.insert(0, note)
   return listing
 
@@ -587,25 +387,7 @@ def _labelled(scan: _Scan, class_list: list[str], deduplicate: bool, hashes: dic
   items.sort(key=lambda item: item.relpath)
   duplicates = list(scan.duplicates)
   if deduplicate:
-    items, content_duplicates = _deduplicate(items, hashes)
-    duplicates += content_duplicates
+    dropped = dedup.duplicates(items, hashes)
+    items = [item for item in items if item.relpath not in dropped]
+    duplicates += [Duplicate(path, first) for path, first in dropped.items()]
   return items, duplicates
-
-
-def _patients(listing: Listing, labels_csv: str | None, patients_csv: str | None,
-              image_column: str, patient_column: str | None) -> None:
-  """Fills the listing's patient ids (from a patients CSV), source, missing count and warnings."""
-  if patients_csv is not None:
-    if not patient_column:
-      raise ValueError(f"patients CSV {patients_csv}: give the patient_column that holds the "
-                       "patient (or lesion) ids, e.g. patient_id")
-    listing.items, notes = _attach_patients(listing.items, patients_csv, image_column,
-                                            patient_column)
-    listing.warnings += notes
-    listing.patient_source = f"patients CSV {patients_csv} column '{patient_column}'"
-  elif labels_csv is not None and patient_column:
-    listing.patient_source = f"labels CSV column '{patient_column}'"
-  if listing.patient_source:
-    listing.missing_patient = sum(not item.patient_id for item in listing.items)
-  if listing.layout == "presplit":
-    listing.warnings += _presplit_leaks(listing.items)

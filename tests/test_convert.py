@@ -21,6 +21,7 @@ from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import preprocess
 from skinrecords import records
+from skinrecords.workers import RecordPool
 
 SIZE = 32
 
@@ -370,7 +371,7 @@ def test_worker_built_shards_match_the_tensorflow_writer(tmp_path):
       assert entry["sha256"] == fileio.sha256_file(path)
   assert not sources  # every good source is in exactly one shard
   # Workers started beforehand (as the benchmark runs it) write the same bytes.
-  with convert.RecordPool(2, config.preprocess, wait_ready=True) as pool:
+  with RecordPool(2, config.preprocess, wait_ready=True) as pool:
     again = dataclasses.replace(config, output_dir=str(tmp_path / "again"))
     convert.convert(again, pool=pool)
     with pytest.raises(ValueError, match="preprocessing settings"):
@@ -387,9 +388,9 @@ def test_record_pool_keeps_task_order_across_chunks_and_the_tail(tmp_path):
   # 60 tasks over 2 workers: chunks of 3 for the first 54, then one by one; names keep them apart.
   tasks = [(paths[k % len(paths)], f"im{k:03d}", k % 2, "", k % 3 - 1) for k in range(60)]
   pconfig = preprocess.PreprocessConfig(image_size=SIZE)
-  with convert.RecordPool(1, pconfig) as one:
+  with RecordPool(1, pconfig) as one:
     expected = list(one.imap(tasks))
-  with convert.RecordPool(2, pconfig) as two:
+  with RecordPool(2, pconfig) as two:
     got = list(two.imap(tasks))
   assert [reason for _, reason in got].count(None) == 50
   assert got == expected

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from skinrecords import preprocess as pp
+from skinrecords import hair
 from skinrecords import synthetic
 
 SKIN, LESION = (205, 150, 130), (130, 90, 70)
@@ -46,14 +46,14 @@ def _scene(size: int, hair: tuple[int, int, int] | None) -> tuple[np.ndarray, di
 @pytest.mark.parametrize("colour", [(30, 22, 18), (232, 226, 216)], ids=["dark", "light"])
 def test_structures_survive_and_the_hair_goes(size, colour):
   img, parts, core = _scene(size, colour)
-  mask = pp.hair_mask(img) > 0
+  mask = hair.hair_mask(img) > 0
   assert mask[core > 0].mean() >= 0.85, mask[core > 0].mean()
   # 3 px either side of the hair: where a structure touches a hair the mask may spill a pixel.
   away = cv2.dilate(core, np.ones((7, 7), np.uint8)) == 0
   for name, part in parts.items():
     sel = (part > 0) & away  # where the hair does not pass over the structure
     assert mask[sel].mean() <= 0.02, (name, mask[sel].mean())
-  out = pp.remove_hair(img)
+  out = hair.remove_hair(img)
   hair_err = np.abs(out.astype(int) - _scene(size, None)[0])[core > 0].mean()
   assert hair_err < 25, hair_err
   for name, part in parts.items():
@@ -64,10 +64,10 @@ def test_structures_survive_and_the_hair_goes(size, colour):
 @pytest.mark.parametrize("size", [128, 256, 512])
 def test_no_hair_no_mask_and_the_old_kernel_masks_structures(size):
   img, parts, _ = _scene(size, None)
-  assert not pp.hair_mask(img).any()
-  np.testing.assert_array_equal(pp.remove_hair(img), img)
+  assert not hair.hair_mask(img).any()
+  np.testing.assert_array_equal(hair.remove_hair(img), img)
   # The Kaggle-kernel mask, kept for comparison, takes the structures as hair.
-  old = pp.hair_mask_kernel(img) > 0
+  old = hair.hair_mask_kernel(img) > 0
   assert old[parts["dot"] > 0].mean() > 0.5 and old[parts["globule"] > 0].mean() > 0.5
 
 
@@ -77,11 +77,11 @@ def test_recall_precision_and_hair_free_masking_on_a_generated_set():
   for i in range(6):
     rng = np.random.default_rng([11, i])
     img, truth = synthetic.make_image(rng, i % 2 == 0, 512, 512, return_truth=True)
-    mask = pp.hair_mask(img) > 0
+    mask = hair.hair_mask(img) > 0
     core = truth.hair_alpha >= 0.5
     hit, core_n = hit + (mask & core).sum(), core_n + core.sum()
     masked, true_pos = masked + mask.sum(), true_pos + (mask & (truth.hair_alpha > 0)).sum()
-    free.append((pp.hair_mask(truth.hair_free) > 0).mean())
+    free.append((hair.hair_mask(truth.hair_free) > 0).mean())
     # The hair-free twin differs from the image only where hair was drawn.
     assert not np.any(img[truth.hair_alpha == 0] != truth.hair_free[truth.hair_alpha == 0])
   assert core_n > 5000

@@ -14,9 +14,9 @@ LIB = REPO / "skinrecords"
 # The data-flow order of the library's stages; a module may import only modules at its own stage or
 # earlier. "cli" sits on top and may import anything.
 STAGES = [
-    {"fileio", "tfrecord", "features", "manifest", "splits", "sources", "synthetic", "preprocess",
-     "uncertainty"},
-    {"records", "convert"},
+    {"fileio", "tfrecord", "features", "manifest", "splits", "labels", "patients", "dedup",
+     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty"},
+    {"records", "workers", "convert"},
     {"pipeline"},
     {"augment"},
     {"models"},

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from absl import flags
 
+from skinrecords import hair
 from skinrecords import preprocess as pp
 from skinrecords import sources
 from skinrecords.cli import common as cli_common
@@ -30,10 +31,10 @@ def sheet(paths: list[pathlib.Path], size: int) -> np.ndarray:
   rows = []
   for path in paths:
     rgb = pp.preprocess_array(pp.decode(path.read_bytes(), config), config)
-    mask = pp.hair_mask(rgb)
+    mask = hair.hair_mask(rgb)
     shown = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB) // 2
     shown[mask > 0] = (255, 40, 40)
-    rows.append(np.hstack([rgb, shown, pp.remove_hair(rgb)]))
+    rows.append(np.hstack([rgb, shown, hair.remove_hair(rgb)]))
   return np.vstack(rows)
 
 
