@@ -1,6 +1,6 @@
 """Training-step throughput per backbone and XLA mode (off, augment, on), measured in one run.
 
-Times `train.Steps.train_step` — augmentation, forward, backward, all-reduce and optimizer update,
+Times `steps.CompiledSteps.train_step` — augmentation, forward, backward, all-reduce and optimizer update,
 exactly the step bin/train runs — on a fixed in-memory uint8 batch, so input reading is excluded
 (bin/bench_input measures that). Compilation is excluded: `--warmup` steps run first. On a GPU machine
 it runs unchanged (mirrored over all GPUs with --strategy=auto).
@@ -41,7 +41,8 @@ def _build(strategy, backbone, mode, mixed):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import models, train  # pylint: disable=g-import-not-at-top
+  from skinrecords import models, train
+  from skinrecords import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   size, batch = _SIZE.value, _BATCH.value
@@ -54,7 +55,7 @@ def _build(strategy, backbone, mode, mixed):
     opt.build(model.trainable_variables)
   config = train.TrainConfig(records_dir="", model_dir="", xla=mode, batch_size=batch,
                              model=model_config)
-  steps = train.Steps(strategy, model, opt, config, [1.0, 1.0])
+  steps = steps_lib.CompiledSteps(strategy, model, opt, config, [1.0, 1.0])
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,), dtype=np.int32)
