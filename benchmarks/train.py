@@ -31,6 +31,9 @@ _XLA = flags.DEFINE_list("xla", ["off", "augment", "on"], "XLA modes to compare:
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds: each round times --steps steps of "
                                "every mode in turn, so a load change on shared cores hits all "
                                "alike; the median round per mode is reported.")
+_DETERMINISTIC = flags.DEFINE_boolean(
+    "deterministic", False, "TensorFlow op determinism, as bin/train --deterministic: run once "
+    "with and once without to measure its cost (the in-memory batch leaves tf.data out).")
 _MIXED = flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"],
                            "float16 compute; auto: on with a GPU.")
 
@@ -100,12 +103,16 @@ def main(argv):
     raise app.UsageError(f"--xla={','.join(_XLA.value)}: choose from "
                          f"{', '.join(distribute.XLA_SETTINGS)}")
   strategy = distribute.make_strategy(_STRATEGY.value)
+  if _DETERMINISTIC.value:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
   mixed = distribute.use_mixed_precision(_MIXED.value)
   modes = list(dict.fromkeys(distribute.resolve_xla(x, distribute.replica_devices(strategy))
                              for x in _XLA.value))
   print(f"{type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
         f"{_SIZE.value}px, global batch {_BATCH.value}, mixed precision {mixed}, "
-        f"{_ROUNDS.value} interleaved rounds x {_STEPS.value} steps, median round")
+        f"{_ROUNDS.value} interleaved rounds x {_STEPS.value} steps, median round, "
+        f"op determinism {_DETERMINISTIC.value}")
   base = modes[0]
   print(f"{'backbone':16s} " + " ".join(f"{'xla=' + m + ' img/s':>18s} {'warm-up s':>9s}"
                                        for m in modes) +
