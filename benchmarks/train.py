@@ -1,6 +1,6 @@
 """Training-step throughput per backbone and XLA mode (off, augment, on), measured in one run.
 
-Times `train.Steps.train_step` — augmentation, forward, backward, all-reduce and optimizer update,
+Times `steps.CompiledSteps.train_step` — augmentation, forward, backward, all-reduce and optimizer update,
 exactly the step bin/train runs — on a fixed in-memory uint8 batch, so input reading is excluded
 (bin/bench_input measures that). Compilation is excluded: `--warmup` steps run first. On a GPU machine
 it runs unchanged (mirrored over all GPUs with --strategy=auto).
@@ -31,6 +31,9 @@ _XLA = flags.DEFINE_list("xla", ["off", "augment", "on"], "XLA modes to compare:
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds: each round times --steps steps of "
                                "every mode in turn, so a load change on shared cores hits all "
                                "alike; the median round per mode is reported.")
+_DETERMINISTIC = flags.DEFINE_boolean(
+    "deterministic", False, "TensorFlow op determinism, as bin/train --deterministic: run once "
+    "with and once without to measure its cost (the in-memory batch leaves tf.data out).")
 _MIXED = flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"],
                            "float16 compute; auto: on with a GPU.")
 
@@ -41,7 +44,8 @@ def _build(strategy, backbone, mode, mixed):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import models, train  # pylint: disable=g-import-not-at-top
+  from skinrecords import models, train
+  from skinrecords import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   size, batch = _SIZE.value, _BATCH.value
@@ -54,7 +58,7 @@ def _build(strategy, backbone, mode, mixed):
     opt.build(model.trainable_variables)
   config = train.TrainConfig(records_dir="", model_dir="", xla=mode, batch_size=batch,
                              model=model_config)
-  steps = train.Steps(strategy, model, opt, config, [1.0, 1.0])
+  steps = steps_lib.CompiledSteps(strategy, model, opt, config, [1.0, 1.0])
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, 2, (batch,), dtype=np.int32)
@@ -99,12 +103,16 @@ def main(argv):
     raise app.UsageError(f"--xla={','.join(_XLA.value)}: choose from "
                          f"{', '.join(distribute.XLA_SETTINGS)}")
   strategy = distribute.make_strategy(_STRATEGY.value)
+  if _DETERMINISTIC.value:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
   mixed = distribute.use_mixed_precision(_MIXED.value)
   modes = list(dict.fromkeys(distribute.resolve_xla(x, distribute.replica_devices(strategy))
                              for x in _XLA.value))
   print(f"{type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
         f"{_SIZE.value}px, global batch {_BATCH.value}, mixed precision {mixed}, "
-        f"{_ROUNDS.value} interleaved rounds x {_STEPS.value} steps, median round")
+        f"{_ROUNDS.value} interleaved rounds x {_STEPS.value} steps, median round, "
+        f"op determinism {_DETERMINISTIC.value}")
   base = modes[0]
   print(f"{'backbone':16s} " + " ".join(f"{'xla=' + m + ' img/s':>18s} {'warm-up s':>9s}"
                                        for m in modes) +

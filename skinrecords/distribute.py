@@ -123,7 +123,7 @@ def task_name(strategy: tf.distribute.Strategy) -> str:
   return "local" if task_type is None else f"{task_type} {task_id}"
 
 
-class WriteDir:
+class ChiefOutputDir:
   """Where this process writes: the real folder on the chief, a temporary one elsewhere.
 
   Keras 3's ModelCheckpoint and BackupAndRestore have no chief logic (every worker writes the same

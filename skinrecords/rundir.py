@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 
 import keras
 
@@ -52,6 +53,64 @@ def read_config(model_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+# The settings a run's backup, model.keras and config.json depend on: resuming with any of them
+# changed would continue one model under another's description (a changed --image_size resumed
+# silently and model.keras no longer matched config.json).
+RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
+# What `clear` removes for --overwrite: only files training writes.
+_RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
+              "auc.png")
+
+
+class RunDirError(ValueError):
+  """MODEL_DIR holds a run this one must not continue (or cannot be written); one-line message."""
+
+
+def resume_settings(config: dict) -> dict:
+  """The RESUME_KEYS of a config.json dict (older runs without a key give None for it)."""
+  model = config.get("model") or {}
+  return {"records_fingerprint": config.get("records_fingerprint"),
+          "backbone": model.get("backbone"), "image_size": config.get("image_size"),
+          "classes": config.get("classes"), "num_classes": model.get("num_classes"),
+          "fold": config.get("fold")}
+
+
+def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
+  """Raises RunDirError naming the first setting in which MODEL_DIR's run differs from `config`."""
+  old = read_config(model_dir)
+  if old is None:
+    return
+  before, now = resume_settings(old), resume_settings(config)
+  for key in RESUME_KEYS:
+    if before[key] != now[key] and before[key] is not None:
+      raise RunDirError(
+          f"{model_dir} holds a run with {key}={before[key]!r}, this one has {key}={now[key]!r}; "
+          "use another --model_dir, or --overwrite to start afresh there")
+
+
+def clear(model_dir: str | os.PathLike) -> None:
+  """Removes what training wrote to MODEL_DIR (for --overwrite); other files stay."""
+  d = pathlib.Path(model_dir)
+  for name in _RUN_FILES:
+    (d / name).unlink(missing_ok=True)
+  for name in (BACKUP_DIR, LOGS_DIR):
+    if (d / name).is_dir():
+      shutil.rmtree(d / name)
+
+
+def check_writable(model_dir: str | os.PathLike) -> None:
+  """Creates MODEL_DIR and writes a probe file, before any long work; RunDirError if it can't."""
+  d = pathlib.Path(model_dir)
+  try:
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / ".write-test"
+    fileio.write_text_atomic(probe, "")
+    probe.unlink()
+  except OSError as err:
+    raise RunDirError(f"--model_dir={model_dir} cannot be written ({err.strerror or err}); "
+                      "choose a writable folder") from err
 
 
 def save_model(model: keras.Model, model_dir: str | os.PathLike) -> None:

@@ -3,9 +3,13 @@
 Why a custom loop and not `model.fit`: Keras 3 turns XLA off in `fit` whenever a tf.distribute
 strategy is active (keras#18716), and forcing it fails with a replica resource-device error. Here the
 per-replica forward + backward (augmentation included) is one `jit_compile=True` function called
-inside `strategy.run`; the optimizer's `apply_gradients` outside it all-reduces (sums) the gradients
-across replicas and updates the mirrored weights. Per-replica losses are divided by the GLOBAL batch
-so the sum is the mean over the global batch, whatever the replica count.
+inside `strategy.run` (steps.py), and this module runs the epochs around it.
+
+A run is reproducible from its seed: initialisation, input order and augmentation all derive from
+`seed`; with `deterministic=True` the ops too (bit-identical weights on the CPU). A run directory
+holds one run: resuming checks the records' fingerprint, backbone, image size, classes and fold
+against its config.json (`overwrite=True` starts afresh instead), and summary.json says which epoch
+model.keras holds and why (SELECTION).
 
 Multi-worker (MultiWorkerMirroredStrategy, one process per host): every worker runs the same number
 of steps (the training input repeats forever and each epoch is `steps_per_epoch` steps, so no worker
@@ -21,22 +25,22 @@ import dataclasses
 import logging
 import math
 import pathlib
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+# TF 2.21 exports enable_op_determinism only; its query and switch-off live here.
+from tensorflow.python.framework import config as tf_framework_config
 
 from skinrecords import augment
 from skinrecords import data_service
 from skinrecords import distribute
-from skinrecords import inference
-from skinrecords import metrics
 from skinrecords import manifest
 from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
+from skinrecords import steps as steps_lib
 
 BALANCE = ("none", "oversample", "class_weights")
 
@@ -62,6 +66,10 @@ class TrainConfig:
   cache: bool = False
   progress: bool = True
   data_service: str = ""  # grpc://host:port of a tf.data service dispatcher for the train input
+  # Op determinism (tf.config.experimental.enable_op_determinism) for bit-identical runs from one
+  # seed; it also forces tf.data's interleave and map into order (measured cost: BUILD_NOTES).
+  deterministic: bool = False
+  overwrite: bool = False  # start afresh in a model_dir holding another run, instead of refusing
 
   def validate(self) -> None:
     if self.balance not in BALANCE:
@@ -88,99 +96,32 @@ class TrainConfig:
     return d
 
 
-def _loss_fn(num_classes: int):
-  if num_classes == 2:
-    bce = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-    return lambda labels, logits: bce(tf.cast(labels[:, None], tf.float32), logits)
-  scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-  return scce
+class TrainError(RuntimeError):
+  """A run that cannot go on for a reason the user can fix; the message says how, in one line."""
 
 
-class Steps:
-  """The compiled train and predict steps for one model/optimizer pair (rebuilt after unfreezing)."""
-
-  def __init__(self, strategy, model, optimizer, config: TrainConfig, class_weights,
-               xla_mode: str | None = None):
-    xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
-                                                  config.augment.enabled)
-    loss_fn = _loss_fn(len(class_weights))
-    global_batch = float(config.batch_size)
-    weights = tf.constant(class_weights, tf.float32)
-    mixed = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    aug = config.augment
-
-    # "augment": the warp compiled on its own (it needs XLA: ~5x faster at 512 px), the model on
-    # TensorFlow's oneDNN kernels (an XLA conv net ran at ~0.5x of them on the CPU).
-    @tf.function(jit_compile=xla_mode != "off")
-    def augment_fn(images, seed):
-      return augment.augment_batch(images, seed, aug)
-
-    @tf.function(jit_compile=xla_mode == "on")
-    def forward_backward(images, labels, seed):
-      x = augment_fn(images, seed) if aug.enabled else tf.cast(images, tf.float32)
-      with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        per_example = loss_fn(labels, logits) * tf.gather(weights, labels)
-        loss = tf.reduce_sum(per_example) / global_batch
-        scaled = optimizer.scale_loss(loss) if mixed else loss
-      grads = tape.gradient(scaled, model.trainable_variables)
-      return loss, grads, inference.probabilities(logits)
-
-    # Not XLA-compiled on purpose: a jit-compiled forward inside strategy.run failed under
-    # MirroredStrategy on 2 logical CPUs ("Trying to access resource .../replica_1 ... from device
-    # CPU:0"), while the jit-compiled forward + backward above works.
-    @tf.function
-    def forward(images, labels):
-      logits = model(tf.cast(images, tf.float32), training=False)
-      # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
-      # negative labels, so they are scored as class 0 here and dropped after the gather.
-      per_example = loss_fn(tf.maximum(labels, 0), logits)
-      return per_example, inference.probabilities(logits)
-
-    def replica_train(images, labels, step):
-      seed = augment.replica_seed(tf.stack([tf.constant(config.seed, tf.int64), step]))
-      loss, grads, probs = forward_backward(images, labels, seed)
-      optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduce happens here
-      return loss, probs, labels
-
-    @tf.function
-    def train_step(iterator, step):
-      images, labels = next(iterator)
-      loss, probs, labels = strategy.run(replica_train, args=(images, labels, step))
-      return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-              strategy.gather(probs, axis=0), strategy.gather(labels, axis=0))
-
-    @tf.function
-    def predict_step(images, labels):
-      per_example, probs = strategy.run(forward, args=(images, labels))
-      return (strategy.gather(per_example, axis=0), strategy.gather(probs, axis=0),
-              strategy.gather(labels, axis=0))
-
-    self.train_step, self.predict_step = train_step, predict_step
+# How the epoch saved as model.keras is chosen, by what the run has. Ties on validation AUC are
+# common on small or easy validation sets (80 synthetic images reached AUC 1.000 by epoch 4 of 10),
+# and keeping the FIRST such epoch kept models whose probabilities were well ranked but sat on one
+# side of 0.5 (val_loss 0.60, test accuracy 0.50-0.64: issue 15); the later epoch with the lower
+# validation loss wins a tie instead.
+SELECTION = {
+    "val_auc": "validation ROC AUC; a later epoch with equal AUC and lower validation loss wins",
+    "val_loss": "validation loss, because the validation AUC is undefined (the validation split "
+                "holds a single class)",
+    "loss": "training loss, because there is no validation split (e.g. Kaggle files without "
+            "--fold); the saved epoch may overfit",
+}
+_METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
 
 
-def _scores(probs, labels, classes) -> dict:
-  m = metrics.compute_metrics(probs, labels, classes)
-  return {"accuracy": m["accuracy"], "auc": math.nan if m["roc_auc"] is None else m["roc_auc"]}
-
-
-def _evaluate(steps: Steps, valid: distribute.ValidInput, classes) -> dict:
-  dist_ds, num_steps, total = valid
-  losses, probs, labels = [], [], []
-  iterator = iter(dist_ds)
-  for _ in range(num_steps):  # the same count on every worker: no end-of-data collective
-    images, lab = next(iterator)
-    l, p, y = steps.predict_step(images, lab)
-    losses.append(l.numpy())
-    probs.append(p.numpy())
-    labels.append(y.numpy())
-  losses, probs, labels = np.concatenate(losses), np.concatenate(probs), np.concatenate(labels)
-  real = labels >= 0
-  if int(real.sum()) != total:
-    raise RuntimeError(f"validation scored {int(real.sum())} examples but the manifest lists "
-                       f"{total}: the per-worker shares were not exactly-once")
-  logging.info("validated %d examples", total)
-  return {"loss": float(np.mean(losses[real])), **_scores(probs[real], labels[real], classes)}
+def _selection(row: dict, has_valid: bool) -> tuple[str, float, float]:
+  """(criterion, score, tie-break): higher is better for both."""
+  if not has_valid:
+    return "loss", -row["loss"], 0.0
+  if math.isfinite(row["val_auc"]):
+    return "val_auc", row["val_auc"], -row["val_loss"]
+  return "val_loss", -row["val_loss"], 0.0
 
 
 def _make_optimizer(learning_rate: float, mixed: bool):
@@ -188,10 +129,42 @@ def _make_optimizer(learning_rate: float, mixed: bool):
   return keras.optimizers.LossScaleOptimizer(opt) if mixed else opt
 
 
+@dataclasses.dataclass
+class _Setup:
+  """Everything the run derives from its config and records before building anything."""
+  info: manifest.DatasetInfo
+  model_config: models.ModelConfig
+  mixed: bool
+  xla_mode: str
+  class_counts: list
+  class_weights: list
+  steps_per_epoch: int
+  has_valid: bool
+  workers: int
+
+
+@dataclasses.dataclass
+class _State:
+  """The model, its optimizers and the checkpointed counters (epoch, best epoch and its score)."""
+  model: keras.Model
+  warm_opt: keras.optimizers.Optimizer
+  main_opt: keras.optimizers.Optimizer
+  epoch: tf.Variable
+  best: tf.Variable
+  best_tiebreak: tf.Variable
+  best_epoch: tf.Variable
+  checkpoint: tf.train.Checkpoint
+
+
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
-  """Trains, writing model.keras (best validation AUC), config.json, history.csv, plots and
-  TensorBoard logs to `config.model_dir` (the chief only, under multi-worker training); resumes
-  from its backup when restarted. Returns the final history row plus paths."""
+  """Trains, writing model.keras (the best epoch: SELECTION), config.json, history.csv,
+  summary.json, plots and TensorBoard logs to `config.model_dir` (the chief only, under
+  multi-worker training); resumes from its backup when restarted with the same settings.
+  Returns the summary (best epoch and its metrics) plus the final weights' digest.
+
+  Raises rundir.RunDirError (model_dir holds another run, or cannot be written), TrainError
+  (an unusable weights file), and the pipeline's FileNotFoundError / CorruptShardError.
+  """
   config.validate()
   strategy = strategy or distribute.make_strategy(config.strategy)
   distribute.log_strategy(strategy)
@@ -199,16 +172,60 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
   if config.batch_size % replicas:
     raise ValueError(f"batch_size={config.batch_size} does not split evenly over {replicas} "
                      f"replicas; use a multiple of {replicas}")
-  out = distribute.WriteDir(config.model_dir, distribute.is_chief(strategy),
-                            tag=distribute.task_name(strategy))
+  chief = distribute.is_chief(strategy)
+  if chief:
+    rundir.check_writable(config.model_dir)  # before anything long: nothing computed is lost
+  out = distribute.ChiefOutputDir(config.model_dir, chief, tag=distribute.task_name(strategy))
+  was_deterministic = tf_framework_config.is_op_determinism_enabled()
   try:
+    # Initialisation always comes from the seed. It used to come from Keras' global generator,
+    # i.e. from whatever ran earlier in the process (other tests, other folds in a notebook).
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+      tf.config.experimental.enable_op_determinism()
     return _train(config, strategy, out)
   finally:
     out.cleanup()
+    if config.deterministic and not was_deterministic:
+      # Process-wide: leave a notebook (or the test process) as it was.
+      tf_framework_config.disable_op_determinism()
 
 
 def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
-           out: distribute.WriteDir) -> dict:
+           out: distribute.ChiefOutputDir) -> dict:
+  setup = _resolve(config, strategy)
+  run_config = _run_config(config, strategy, setup)
+  if config.overwrite:
+    if out.chief:
+      rundir.clear(out.path)
+  else:
+    rundir.check_resumable(config.model_dir, run_config)
+  state = _build_state(config, strategy, setup)
+  start = 0 if config.overwrite else _restore(config, strategy, state, setup.workers)
+  history = rundir.read_history(out.path, start) if out.chief else []
+  if start >= config.epochs:
+    return _already_done(config, start, state, history, setup, out.chief)
+  if out.chief:
+    rundir.write_config(out.path, run_config)
+  iterator, valid = _inputs(config, strategy, setup, start)
+  _fit(config, strategy, setup, state, out, iterator, valid, history, start)
+  digest = distribute.weights_digest(state.model.get_weights())
+  logging.info("final weights sha256 %s (%s)", digest, distribute.task_name(strategy))
+  result = _summary(config, state, history, setup, start)
+  result.update(final_weights_sha256=digest, chief=out.chief)
+  if out.chief:
+    rundir.write_summary(out.path, result)
+  # Measured with 2 workers on one host: destroying the training iterator blocked 0-10 s in a
+  # tf.data thread join on one worker or the other. Destroy it here, then wait for every worker,
+  # so that no worker leaves the cluster while another still needs it (the one left behind logs
+  # "tasks are unhealthy" errors otherwise).
+  del iterator
+  if setup.workers > 1:
+    distribute.same_on_all_workers(strategy, config.epochs)
+  return result
+
+
+def _resolve(config: TrainConfig, strategy) -> _Setup:
   mixed = distribute.use_mixed_precision(config.mixed_precision)
   devices = distribute.replica_devices(strategy)
   xla_mode = distribute.resolve_xla(config.xla, devices, config.augment.enabled)
@@ -216,54 +233,98 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   info = pipeline.load_info(config.records_dir)
   fold = config.fold
-  size = config.model.image_size
-  model_config = dataclasses.replace(config.model, num_classes=info.num_classes)
-  counts = info.class_counts("train", fold)
-  steps_per_epoch = config.steps_per_epoch or max(
-      1, info.num_examples("train", fold) // config.batch_size)
   class_weights = [1.0] * info.num_classes
   if config.balance == "class_weights":
     class_weights = [w for _, w in sorted(manifest.class_weights(info, "train", fold).items())]
   has_valid = "valid" in info.shards if fold is None else True
+  if not has_valid:
+    logging.warning("no validation split: the best epoch is chosen by %s", SELECTION["loss"])
+  return _Setup(
+      info=info, model_config=dataclasses.replace(config.model, num_classes=info.num_classes),
+      mixed=mixed, xla_mode=xla_mode, class_counts=info.class_counts("train", fold),
+      class_weights=class_weights,
+      steps_per_epoch=config.steps_per_epoch or max(
+          1, info.num_examples("train", fold) // config.batch_size),
+      has_valid=has_valid, workers=distribute.num_workers(strategy))
+
+
+def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
+  """config.json: what evaluate and predict need, and what a resume must match (rundir)."""
+  info = setup.info
+  return {"classes": list(info.classes), "image_size": config.model.image_size,
+          "records_dir": str(config.records_dir), "records_fingerprint": info.fingerprint,
+          "fold": config.fold, "preprocessing": (info.manifest or {}).get("preprocessing"),
+          "model": setup.model_config.to_dict(), "train": config.to_dict(),
+          "seed": config.seed, "deterministic": config.deterministic,
+          "replicas": strategy.num_replicas_in_sync, "workers": setup.workers,
+          "mixed_precision": setup.mixed, "xla": setup.xla_mode}
+
+
+def _build_state(config: TrainConfig, strategy, setup: _Setup) -> _State:
+  counts = setup.class_counts
   with strategy.scope():
-    model = models.build_model(model_config, class_counts=counts if all(counts) else None)
-    warm_opt = _make_optimizer(config.learning_rate, mixed)
+    try:
+      model = models.build_model(setup.model_config, class_counts=counts if all(counts) else None)
+    except ValueError as err:
+      if config.model.weights in ("imagenet", "none"):
+        raise
+      raise TrainError(f"--weights={config.model.weights} is not usable: {err}") from err
+    warm_opt = _make_optimizer(config.learning_rate, setup.mixed)
     main_opt = _make_optimizer(config.fine_tune_learning_rate if config.warmup_epochs
-                               else config.learning_rate, mixed)
+                               else config.learning_rate, setup.mixed)
     # Optimizer slots are built here, not on the first apply: a mirrored variable created lazily
     # inside the traced step fails ("must feed a value for placeholder ... fn_with_cond").
     if config.warmup_epochs:
       models.set_freeze(model, "all")
       warm_opt.build(model.trainable_variables)
-    models.set_freeze(model, model_config.freeze)
+    models.set_freeze(model, setup.model_config.freeze)
     main_opt.build(model.trainable_variables)
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    best_var = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
+    counters = [tf.Variable(0, dtype=tf.int64, trainable=False),
+                tf.Variable(-np.inf, dtype=tf.float64, trainable=False),
+                tf.Variable(-np.inf, dtype=tf.float64, trainable=False),
+                tf.Variable(0, dtype=tf.int64, trainable=False)]
   ckpt = tf.train.Checkpoint(model=model, warmup_optimizer=warm_opt, optimizer=main_opt,
-                             epoch=epoch_var, best=best_var)
-  # Saves go to this process's folder (a temporary one off the chief); restores always read the
-  # chief's backup, so every worker resumes from the same state.
-  manager = tf.train.CheckpointManager(ckpt, str(out.path / rundir.BACKUP_DIR), max_to_keep=1)
+                             epoch=counters[0], best=counters[1], best_tiebreak=counters[2],
+                             best_epoch=counters[3])
+  return _State(model, warm_opt, main_opt, *counters, ckpt)
+
+
+def _restore(config: TrainConfig, strategy, state: _State, workers: int) -> int:
+  """Restores the chief's backup if there is one; returns the number of epochs already done."""
   latest = tf.train.latest_checkpoint(str(pathlib.Path(config.model_dir) / rundir.BACKUP_DIR))
   if latest:
-    ckpt.restore(latest).expect_partial()
-    logging.info("resuming from %s at epoch %d", latest, int(epoch_var.numpy()))
-  start = int(epoch_var.numpy())
-  workers = distribute.num_workers(strategy)
+    try:
+      state.checkpoint.restore(latest).expect_partial()
+    except (ValueError, tf.errors.OpError) as err:
+      raise rundir.RunDirError(
+          f"{config.model_dir}/{rundir.BACKUP_DIR} does not fit this model "
+          f"({str(err).splitlines()[0][:200]}); use another --model_dir, or --overwrite") from err
+    logging.info("resuming from %s at epoch %d (optimizer step %d, weights sha256 %s)", latest,
+                 int(state.epoch.numpy()), int(state.main_opt.iterations.numpy()),
+                 distribute.weights_digest(state.model.get_weights()))
+  start = int(state.epoch.numpy())
   if workers > 1 and not distribute.same_on_all_workers(strategy, start):
     raise RuntimeError(f"workers restored different epochs from {config.model_dir}/backup "
                        f"(this one: {start}); model_dir must be on a filesystem shared by all "
                        "workers")
-  history = rundir.read_history(out.path, start) if out.chief else []
-  if out.chief:
-    run_config = {"classes": list(info.classes), "image_size": size,
-                  "records_dir": str(config.records_dir), "fold": fold,
-                  "preprocessing": (info.manifest or {}).get("preprocessing"),
-                  "model": model_config.to_dict(), "train": config.to_dict(),
-                  "replicas": strategy.num_replicas_in_sync, "workers": workers,
-                  "mixed_precision": mixed, "xla": xla_mode}
-    rundir.write_config(out.path, run_config)
+  return start
 
+
+def _already_done(config: TrainConfig, start: int, state: _State, history, setup,
+                  chief: bool) -> dict:
+  if start > config.epochs:
+    raise rundir.RunDirError(
+        f"{config.model_dir} already holds {start} trained epochs, more than --epochs="
+        f"{config.epochs}; pass --epochs={start + 1} or more to train further, or --overwrite")
+  logging.info("%s already holds all %d epochs; nothing to train", config.model_dir, start)
+  result = _summary(config, state, history, setup, start)
+  result["final_weights_sha256"] = distribute.weights_digest(state.model.get_weights())
+  result["chief"] = chief
+  return result
+
+
+def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
+  info, fold, size = setup.info, config.fold, config.model.image_size
   kwargs = dict(training=True, image_size=size, fold=fold, seed=config.seed + start,
                 balance="oversample" if config.balance == "oversample" else None,
                 cache=config.cache)
@@ -272,96 +333,92 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
          f"{start}")
   iterator = iter(distribute.train_input(strategy, info, config.batch_size, config.data_service,
                                          job, **kwargs))
-  valid = (distribute.valid_input(strategy, info, config.batch_size, size, fold) if has_valid
-           else None)
+  valid = (distribute.valid_input(strategy, info, config.batch_size, size, fold)
+           if setup.has_valid else None)
+  return iterator, valid
+
+
+def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, iterator, valid,
+         history: list, start: int) -> None:
   writer = tf.summary.create_file_writer(str(out.path / rundir.LOGS_DIR)) if out.chief else None
-  phase, steps = None, None
-  result = dict(history[-1]) if history else {}
+  # Saves go to this process's folder (a temporary one off the chief); restores always read the
+  # chief's backup (_restore), so every worker resumes from the same state.
+  manager = tf.train.CheckpointManager(state.checkpoint, str(out.path / rundir.BACKUP_DIR),
+                                       max_to_keep=1)
+  phase = steps = None
   for epoch in range(start, config.epochs):
     new_phase = "warmup" if epoch < config.warmup_epochs else "train"
     if new_phase != phase:
       phase = new_phase
-      models.set_freeze(model, "all" if phase == "warmup" else model_config.freeze)
-      steps = Steps(strategy, model, warm_opt if phase == "warmup" else main_opt, config,
-                    class_weights, xla_mode)
-    row = _run_epoch(steps, iterator, epoch, steps_per_epoch, config, valid, info)
+      models.set_freeze(state.model, "all" if phase == "warmup" else setup.model_config.freeze)
+      steps = steps_lib.CompiledSteps(strategy, state.model,
+                            state.warm_opt if phase == "warmup" else state.main_opt, config,
+                            setup.class_weights, setup.xla_mode)
+    row = steps_lib.run_epoch(steps, iterator, epoch, setup.steps_per_epoch, config, valid, setup.info)
     row["phase"] = phase
     history.append(row)
-    # Every worker gathered the same predictions, so every worker takes the same decision here.
-    score = row["val_auc"] if valid is not None else -row["loss"]
-    improved = bool(np.isfinite(score) and score > float(best_var.numpy()))
-    if improved:
-      best_var.assign(score)
-    if out.chief:
-      if improved or not (out.path / rundir.MODEL_FILE).exists():
-        rundir.save_model(model, out.path)
-      # History before the backup: a kill in between leaves a row that the resumed run drops.
-      rundir.write_history(out.path, history)
-    epoch_var.assign(epoch + 1)
-    manager.save()  # on every worker: saving takes part in collectives
-    if writer:
-      with writer.as_default(step=epoch + 1):
-        for k, v in row.items():
-          if isinstance(v, float):
-            tf.summary.scalar(k, v)
-    if out.chief:
-      plots.plot_history(history, out.path)
-    logging.info("epoch %d/%d %s", epoch + 1, config.epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    result = dict(row)
-  digest = distribute.weights_digest(model.get_weights())
-  logging.info("final weights sha256 %s (%s)", digest, distribute.task_name(strategy))
-  result.update(model_dir=str(config.model_dir), epochs_run=config.epochs - start,
-                weights_sha256=digest, chief=out.chief)
-  # Measured with 2 workers on one host: destroying the training iterator blocked 0-10 s in a
-  # tf.data thread join on one worker or the other. Destroy it here, then wait for every worker,
-  # so that no worker leaves the cluster while another still needs it (the one left behind logs
-  # "tasks are unhealthy" errors otherwise).
-  del iterator
-  if workers > 1:
-    distribute.same_on_all_workers(strategy, config.epochs)
-  return result
+    improved = _update_best(state, row, epoch, valid is not None, first=epoch == start)
+    _save_epoch(config, state, out, history, improved, (manager, writer), setup, start)
+    logging.info("epoch %d/%d %s%s", epoch + 1, config.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
+                 " (best so far, saved)" if improved else "")
+  if writer:
+    writer.close()
 
 
-def _run_epoch(steps: Steps, iterator, epoch: int, num_steps: int, config: TrainConfig,
-               valid, info: manifest.DatasetInfo) -> dict:
-  import tqdm  # pylint: disable=g-import-not-at-top
-
-  losses, probs, labels = [], [], []
-  bar = tqdm.tqdm(total=num_steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                  disable=not config.progress, leave=True)
-  t0 = time.perf_counter()
-  for s in range(num_steps):
-    step = tf.constant(epoch * num_steps + s, tf.int64)
-    loss, p, y = pipeline_guard(steps.train_step, iterator, step, info)
-    losses.append(float(loss))
-    probs.append(p.numpy())
-    labels.append(y.numpy())
-    if s == 0:
-      t_first = time.perf_counter()  # excludes tracing/XLA compilation from images/s
-    bar.update(1)
-    bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-  seconds = time.perf_counter() - t0
-  timed = time.perf_counter() - t_first
-  ips = (num_steps - 1) * config.batch_size / timed if num_steps > 1 and timed > 0 else (
-      config.batch_size / seconds)
-  bar.set_postfix(loss=f"{np.mean(losses):.4f}", img_s=f"{ips:.0f}")
-  bar.close()
-  train_m = _scores(np.concatenate(probs), np.concatenate(labels), info.classes)
-  row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "accuracy": train_m["accuracy"],
-         "auc": train_m["auc"], "images_per_sec": float(ips), "seconds": float(seconds)}
-  if valid is not None:
-    val = _evaluate(steps, valid, info.classes)
-    row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
-  else:
-    row.update(val_loss=float("nan"), val_accuracy=float("nan"), val_auc=float("nan"))
-  return row
+def _update_best(state: _State, row: dict, epoch: int, has_valid: bool, first: bool) -> bool:
+  """Whether this epoch beats the best so far (SELECTION); records it in the checkpointed state.
+  Every worker gathered the same predictions, so every worker takes the same decision."""
+  criterion, score, tiebreak = _selection(row, has_valid)
+  if first and criterion == "val_loss":
+    logging.warning("validation AUC is undefined: the best epoch is chosen by %s",
+                    SELECTION["val_loss"])
+  best, best_tb = float(state.best.numpy()), float(state.best_tiebreak.numpy())
+  improved = bool(np.isfinite(score) and (score > best or (score == best and tiebreak > best_tb)))
+  if improved:
+    state.best.assign(score)
+    state.best_tiebreak.assign(tiebreak)
+    state.best_epoch.assign(epoch + 1)
+  return improved
 
 
-def pipeline_guard(fn, iterator, step, info: manifest.DatasetInfo):
-  """Calls a train step; a corrupt shard's anonymous DataLossError becomes one naming the file."""
-  try:
-    return fn(iterator, step)
-  except tf.errors.DataLossError as err:
-    files = [s.path for shards in info.shards.values() for s in shards]
-    raise pipeline.corrupt_shard_error(files, err, info.records_dir) from err
+def _save_epoch(config: TrainConfig, state: _State, out, history, improved: bool, savers,
+                setup: _Setup, start: int) -> None:
+  """model.keras if improved, history, backup, summary.json, TensorBoard and plots."""
+  manager, writer = savers
+  row = history[-1]
+  if out.chief:
+    if improved or not (out.path / rundir.MODEL_FILE).exists():
+      rundir.save_model(state.model, out.path)
+    # History before the backup: a kill in between leaves a row that the resumed run drops.
+    rundir.write_history(out.path, history)
+  state.epoch.assign(int(row["epoch"]))
+  manager.save()  # on every worker: saving takes part in collectives
+  if out.chief:
+    rundir.write_summary(out.path, _summary(config, state, history, setup, start))
+    with writer.as_default(step=int(row["epoch"])):
+      for k, v in row.items():
+        if isinstance(v, float):
+          tf.summary.scalar(k, v)
+    plots.plot_history(history, out.path)
+
+
+def _summary(config: TrainConfig, state: _State, history: list, setup: _Setup,
+             start: int) -> dict:
+  """summary.json: which epoch model.keras holds, chosen how, with what metrics."""
+  best_epoch = int(state.best_epoch.numpy())
+  row = next((r for r in history if int(r["epoch"]) == best_epoch), None)
+  best = {k: _number(row[k]) for k in _METRICS} if row else {}
+  criterion = (_selection({k: float(row[k]) for k in _METRICS}, setup.has_valid)[0] if row
+               else None)
+  return {"model_dir": str(config.model_dir), "model_file": rundir.MODEL_FILE,
+          "best_epoch": best_epoch or None, "best_metrics": best, "selected_by": criterion,
+          "selection_rule": SELECTION.get(criterion), "epochs_done": len(history),
+          "epochs_planned": config.epochs, "epochs_this_run": max(0, len(history) - start),
+          "fold": config.fold, "records_fingerprint": setup.info.fingerprint}
+
+
+def _number(value) -> float | None:
+  """A history value as a float for JSON, None for NaN (JSON has no NaN)."""
+  value = float(value)
+  return value if math.isfinite(value) else None

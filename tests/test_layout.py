@@ -21,7 +21,7 @@ STAGES = [
     {"augment"},
     {"models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},
-    {"inference", "train"},
+    {"inference", "steps", "train"},
     {"evaluate", "predict"},
 ]
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
 import time
+import types
 
 import keras
 import numpy as np
@@ -19,6 +22,8 @@ from skinrecords import augment
 from skinrecords import distribute
 from skinrecords import models
 from skinrecords import pipeline
+from skinrecords import rundir
+from skinrecords import steps as steps_lib
 from skinrecords import train
 
 NO_AUGMENT = augment.AugmentConfig.none()
@@ -39,7 +44,7 @@ def _weights_after_steps(strategy, init, images, labels, xla="on", steps=3):
     opt.build(model.trainable_variables)
   config = train.TrainConfig(records_dir="", model_dir="", augment=NO_AUGMENT, xla=xla,
                              batch_size=len(images))
-  step_fns = train.Steps(strategy, model, opt, config, [1.0, 1.0])
+  step_fns = steps_lib.CompiledSteps(strategy, model, opt, config, [1.0, 1.0])
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(images)).repeat()
   iterator = iter(strategy.experimental_distribute_dataset(ds))
   losses = [float(step_fns.train_step(iterator, tf.constant(s, tf.int64))[0]) for s in range(steps)]
@@ -93,6 +98,42 @@ def test_simple_cnn_learns_the_synthetic_abcd_task(abcd_records, tmp_path):
     total += len(labels)
   assert total == info.num_examples("test")
   assert correct / total >= 0.85, (correct / total, result)
+  # model.keras is the epoch summary.json names, chosen by validation AUC, ties to lower loss.
+  summary = json.loads((out / "summary.json").read_text())
+  best = max(rows, key=lambda r: (float(r["val_auc"]), -float(r["val_loss"])))
+  assert summary["best_epoch"] == int(best["epoch"]) and summary["selected_by"] == "val_auc"
+  assert saved["records_fingerprint"] == info.fingerprint and saved["fold"] is None
+  val_loss = _val_loss(model, info)
+  assert val_loss == pytest.approx(float(best["val_loss"]), rel=1e-3, abs=1e-4)
+
+
+def _val_loss(model, info) -> float:
+  losses = []
+  for images, labels in pipeline.make_dataset(info, "valid", batch_size=64, training=False):
+    logits = model(tf.cast(images, tf.float32), training=False)
+    losses.append(keras.losses.binary_crossentropy(
+        tf.cast(labels[:, None], tf.float32), logits, from_logits=True).numpy())
+  return float(np.mean(np.concatenate(losses)))
+
+
+def test_ties_on_validation_auc_go_to_the_later_epoch_with_lower_loss():
+  """Issue 15: AUC saturated at 1.0 from epoch 4 and the first such epoch (probabilities on one
+  side of 0.5, val_loss 0.60) was kept; test accuracy 0.64."""
+  state = types.SimpleNamespace(best=tf.Variable(-np.inf, dtype=tf.float64),
+                                best_tiebreak=tf.Variable(-np.inf, dtype=tf.float64),
+                                best_epoch=tf.Variable(0, dtype=tf.int64))
+  rows = [dict(loss=0.6, val_auc=0.98, val_loss=0.65), dict(loss=0.5, val_auc=1.0, val_loss=0.60),
+          dict(loss=0.4, val_auc=1.0, val_loss=0.10), dict(loss=0.3, val_auc=1.0, val_loss=0.20),
+          dict(loss=0.2, val_auc=0.99, val_loss=0.05)]
+  won = [train._update_best(state, r, e, True, e == 0) for e, r in enumerate(rows)]
+  assert won == [True, True, True, False, False] and int(state.best_epoch.numpy()) == 3
+  for has_valid, auc, expect in ((True, float("nan"), 2), (False, 1.0, 3)):
+    state.best.assign(-np.inf), state.best_tiebreak.assign(-np.inf)
+    rows = [dict(loss=0.5, val_auc=auc, val_loss=0.4), dict(loss=0.4, val_auc=auc, val_loss=0.3),
+            dict(loss=0.3, val_auc=auc, val_loss=0.35)]
+    for e, r in enumerate(rows):
+      train._update_best(state, r, e, has_valid, e == 0)
+    assert int(state.best_epoch.numpy()) == expect, (has_valid, auc)
 
 
 def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_path):
@@ -109,12 +150,29 @@ def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_p
   with open(model_dir / "history.csv") as f:
     done = len(list(csv.DictReader(f)))
   assert 1 <= done < 3, "the run must be killed mid-way"
+  backup = tf.train.latest_checkpoint(str(model_dir / "backup"))
+  saved_epoch = int(tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+  # The backup's weights, restored here independently, and a fresh model's, for comparison.
+  model = models.build_model(models.ModelConfig(backbone="simple_cnn", weights="none",
+                                                image_size=32, num_classes=2))
+  fresh = distribute.weights_digest(model.get_weights())
+  tf.train.Checkpoint(model=model).restore(backup).expect_partial()
+  backed_up = distribute.weights_digest(model.get_weights())
+  assert backed_up != fresh
   result = run_bin("train", *flags)
-  assert "resuming" in result.stderr
+  restored = re.search(r"resuming from .* at epoch (\d+) \(optimizer step (\d+), weights sha256 "
+                       r"([0-9a-f]{64})\)", result.stderr)
+  assert restored, result.stderr[-3000:]
+  assert int(restored[1]) == saved_epoch >= 1
+  assert int(restored[2]) == saved_epoch * 4  # 4 steps per epoch: the optimizer's own counter
+  assert restored[3] == backed_up  # the weights carried on, not re-initialised
   with open(model_dir / "history.csv") as f:
     rows = list(csv.DictReader(f))
   assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
   assert (model_dir / "model.keras").exists()
+  summary = json.loads((model_dir / "summary.json").read_text())
+  assert summary["epochs_done"] == 3 and summary["epochs_this_run"] == 3 - saved_epoch
+  assert f"holds epoch {summary['best_epoch']} of 3" in result.stdout
 
 
 def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
@@ -183,7 +241,7 @@ def test_every_xla_mode_takes_the_same_augmented_step():
       opt = keras.optimizers.Adam(1e-2)
       opt.build(model.trainable_variables)
     config = train.TrainConfig(records_dir="", model_dir="", xla=mode, batch_size=8)
-    steps = train.Steps(strategy, model, opt, config, [1.0, 1.0])
+    steps = steps_lib.CompiledSteps(strategy, model, opt, config, [1.0, 1.0])
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
     iterator = iter(strategy.experimental_distribute_dataset(ds))
     results[mode] = [float(steps.train_step(iterator, tf.constant(s, tf.int64))[0])
@@ -191,3 +249,111 @@ def test_every_xla_mode_takes_the_same_augmented_step():
   assert results["off"][0] != results["off"][1]  # the weights moved between the steps
   np.testing.assert_allclose(results["augment"], results["off"], rtol=1e-4)
   np.testing.assert_allclose(results["on"], results["off"], rtol=1e-3)
+
+
+def _tiny(records, model_dir, **kwargs):
+  kwargs.setdefault("augment", augment.AugmentConfig(rotation_range=30.0))
+  return train.TrainConfig(
+      records_dir=str(records), model_dir=str(model_dir), progress=False,
+      model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=32),
+      batch_size=16, steps_per_epoch=3, learning_rate=2e-3, **kwargs)
+
+
+def test_deterministic_runs_end_with_bit_identical_weights(abcd_records, tmp_path):
+  """Two mirrored (2 logical CPUs) runs, augmentation on: same seed, same digest; another seed
+  (or the default non-deterministic input order) is the control that the digest can differ."""
+  digests = [train.train(_tiny(abcd_records, tmp_path / f"m{i}", epochs=2, strategy="mirrored",
+                               deterministic=True, seed=seed))["final_weights_sha256"]
+             for i, seed in enumerate((7, 7, 8))]
+  assert digests[0] == digests[1] and digests[2] != digests[0]
+  saved = json.loads((tmp_path / "m0" / "config.json").read_text())
+  assert saved["deterministic"] is True and saved["seed"] == 7
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  assert not tf_config.is_op_determinism_enabled()  # switched back off for the rest of the process
+
+
+@pytest.fixture(scope="module")
+def fold_records(tmp_path_factory):
+  """Synthetic ABCD, 32 px, 3 folds over train+valid, no valid split of its own."""
+  return synthetic_records(tmp_path_factory.mktemp("folds"), 160, (64, 48), (80, 60), 32,
+                           folds=3, min_train_shards=3, split=(0.8, 0.0, 0.2))
+
+
+@pytest.mark.parametrize("balance,fold", [("oversample", 1), ("class_weights", 0)])
+def test_training_on_a_fold_with_balancing(fold_records, tmp_path, balance, fold):
+  info = pipeline.load_info(fold_records)
+  result = train.train(_tiny(fold_records, tmp_path / "m", epochs=2, fold=fold, balance=balance,
+                             strategy="one_device"))
+  saved = json.loads((tmp_path / "m" / "config.json").read_text())
+  assert saved["fold"] == fold and saved["records_fingerprint"] == info.fingerprint
+  assert saved["train"]["balance"] == balance
+  assert result["selected_by"] == "val_auc" and result["best_epoch"] in (1, 2)
+  assert result["best_metrics"]["val_auc"] is not None
+  with open(tmp_path / "m" / "history.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and all(np.isfinite(float(r["val_loss"])) for r in rows)
+
+
+def test_without_a_validation_split_the_epoch_is_chosen_by_training_loss(fold_records, tmp_path,
+                                                                          caplog):
+  with caplog.at_level("WARNING"):
+    result = train.train(_tiny(fold_records, tmp_path / "m", epochs=2, strategy="one_device"))
+  assert "no validation split" in caplog.text
+  summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+  assert summary["selected_by"] == result["selected_by"] == "loss"
+  assert "training loss" in summary["selection_rule"]
+  assert summary["best_metrics"]["val_auc"] is None
+
+
+def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
+  out = tmp_path / "m"
+  train.train(_tiny(abcd_records, out, epochs=2, strategy="one_device"))
+  for change, name in ((dict(model=models.ModelConfig(backbone="vgg16", weights="none",
+                                                      image_size=32)), "backbone"),
+                       (dict(model=models.ModelConfig(backbone="simple_cnn", weights="none",
+                                                      image_size=40)), "image_size")):
+    config = dataclasses.replace(_tiny(abcd_records, out, epochs=3, strategy="one_device"),
+                                 **change)
+    with pytest.raises(rundir.RunDirError, match=f"{name}=.*--overwrite"):
+      train.train(config)
+  with pytest.raises(rundir.RunDirError, match=r"already holds 2 trained epochs, more than "
+                                               r"--epochs=1"):
+    train.train(_tiny(abcd_records, out, epochs=1, strategy="one_device"))
+  done = train.train(_tiny(abcd_records, out, epochs=2, strategy="one_device"))
+  assert done["epochs_this_run"] == 0 and done["best_epoch"] in (1, 2)
+  # 0-byte model (a kill mid-save before saves were atomic): loading says so.
+  (out / "model.keras").write_bytes(b"")
+  with pytest.raises(ValueError, match="empty"):
+    rundir.load_model_dir(out)
+  over = dataclasses.replace(_tiny(abcd_records, out, epochs=1, strategy="one_device"),
+                             model=models.ModelConfig(backbone="simple_cnn", weights="none",
+                                                      image_size=40), overwrite=True)
+  assert train.train(over)["epochs_this_run"] == 1
+  assert json.loads((out / "config.json").read_text())["image_size"] == 40
+
+
+def test_user_errors_are_one_line(abcd_records, tmp_path):
+  base = [f"--records_dir={abcd_records}", "--backbone=simple_cnn", "--image_size=32",
+          "--strategy=one_device", "--noprogress", "--steps_per_epoch=2", "--batch_size=8"]
+  garbage = tmp_path / "garbage.weights.h5"
+  garbage.write_bytes(b"not an h5 file" * 10)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  records = tmp_path / "records"
+  shutil.copytree(abcd_records, records)
+  next(records.glob("train-*.tfrecord")).unlink()
+  errors = [(dict(model=models.ModelConfig(backbone="simple_cnn", weights=str(garbage),
+                                            image_size=32), model_dir=str(tmp_path / "w")),
+             train.TrainError, "garbage.weights.h5"),
+            (dict(model_dir=str(blocker / "sub")), rundir.RunDirError, "cannot be written"),
+            (dict(records_dir=str(records)), FileNotFoundError, "missing")]
+  for change, error, expect in errors:
+    config = dataclasses.replace(_tiny(abcd_records, tmp_path / "m", epochs=1,
+                                       strategy="one_device"), **change)
+    with pytest.raises(error, match=expect):
+      train.train(config)
+  # The command turns each into one line and exit 2 (one case run: each costs a TF start-up).
+  proc = run_bin("train", f"--records_dir={records}", f"--model_dir={tmp_path / 's'}",
+                 "--backbone=simple_cnn", "--weights=none", "--strategy=one_device", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("train: ") and "missing" in proc.stderr

@@ -18,6 +18,7 @@ Example:
   train ... --strategy=multi_worker --worker_hosts=10.0.0.1:12345,10.0.0.2:12345 --task_index=0
 """
 
+import os
 import sys
 
 from absl import app
@@ -84,7 +85,13 @@ _FOLD = flags.DEFINE_integer("fold", None, "Train on every fold but this one, va
                              "(records made with --folds).")
 _BALANCE = flags.DEFINE_enum("balance", "none", ["none", "oversample", "class_weights"],
                              "Class imbalance: class-balanced sampling, or loss weights n/(k*n_c).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for input order and augmentation.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, input order and augmentation.")
+_DETERMINISTIC = flags.DEFINE_boolean(
+    "deterministic", False, "Bit-identical runs from one --seed: TensorFlow op determinism, "
+    "tf.data in order. Slower (BUILD_NOTES, 'Deterministic training').")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Start afresh in a --model_dir that holds "
+                                  "another run (its model, history, backup and logs are deleted) "
+                                  "instead of refusing; without it a matching run is resumed.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 # Augmentation: defaults reproduce the notebook's ImageDataGenerator.
@@ -137,7 +144,8 @@ def _config():
       batch_size=_BATCH.value, learning_rate=_LR.value, fine_tune_learning_rate=_FT_LR.value,
       warmup_epochs=_WARMUP.value, epochs=_EPOCHS.value, steps_per_epoch=_STEPS.value,
       fold=_FOLD.value, balance=_BALANCE.value, seed=_SEED.value, cache=_CACHE.value,
-      progress=_PROGRESS.value, data_service=_DATA_SERVICE.value)
+      progress=_PROGRESS.value, data_service=_DATA_SERVICE.value,
+      deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value)
   try:
     config.validate()
     if config.fold is not None:
@@ -161,6 +169,27 @@ def _set_cluster():
     logging.info("TF_CONFIG=%s", tf_config)
 
 
+def _quiet_keras_internals() -> None:
+  """TensorFlow's own INFO lines (`functional_saver.py ... Sharding callback duration` at every
+  backup save) only with --verbosity >= 1; this package's INFO lines stay."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  if logging.get_verbosity() < 1:
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+
+
+def _final_line(result: dict) -> str:
+  """The human summary: which epoch model.keras holds, chosen how, with what metrics."""
+  m, epoch = result["best_metrics"], result["best_epoch"]
+  shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("val_auc", "val_loss", "val_accuracy", "loss")
+                    if m.get(k) is not None)
+  by = {"val_auc": "validation AUC", "val_loss": "validation loss (AUC undefined)",
+        "loss": "training loss (no validation split)"}.get(result["selected_by"], "-")
+  return (f"model.keras holds epoch {epoch} of {result['epochs_done']} (best by {by}): {shown}\n"
+          f"run files in {result['model_dir']}: config.json, history.csv, summary.json, "
+          "accuracy/loss/auc.png, logs/")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -169,26 +198,34 @@ def main(argv):
   _set_cluster()
   # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
   strategy = distribute.make_strategy(_STRATEGY.value)
+  _quiet_keras_internals()
   if _BATCH.value % strategy.num_replicas_in_sync:
     raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
                          f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
                          f"{strategy.num_replicas_in_sync}")
   config = _config()
-  from skinrecords import models, pipeline, train  # pylint: disable=g-import-not-at-top
+  from skinrecords import models, pipeline, rundir, train  # pylint: disable=g-import-not-at-top
 
   try:
     result = train.train(config, strategy)
-  except (models.WeightsUnavailableError, pipeline.CorruptShardError) as err:
+  except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
+          train.TrainError, FileNotFoundError) as err:
     print(f"train: {err}", file=sys.stderr)
     return 2
-  logging.info("done: %s", result)
   if not result["chief"]:
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
     return 0
-  print(f"model and curves in {result['model_dir']}: model.keras, history.csv, accuracy.png, "
-        f"loss.png, auc.png; last epoch: loss {float(result.get('loss', 'nan')):.4f}, "
-        f"val_auc {float(result.get('val_auc', 'nan')):.4f}")
-  return 0
+  if result["epochs_this_run"] == 0:
+    print(f"{config.model_dir} already holds all {result['epochs_done']} epochs; nothing to train "
+          "(raise --epochs to continue, or --overwrite to start afresh)")
+  print(_final_line(result))
+  # Every file is written and synced (fileio, rundir); what is left is TensorFlow's teardown of
+  # tf.data and collective threads at interpreter exit, which took 3-6 s after the "final weights"
+  # line here and 19-34 s in 2 of ~10 runs (issue 9). Skip it: exit now, with the streams flushed.
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def run():
