@@ -333,8 +333,6 @@ def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
 
 
 def test_user_errors_are_one_line(abcd_records, tmp_path):
-  base = [f"--records_dir={abcd_records}", "--backbone=simple_cnn", "--image_size=32",
-          "--strategy=one_device", "--noprogress", "--steps_per_epoch=2", "--batch_size=8"]
   garbage = tmp_path / "garbage.weights.h5"
   garbage.write_bytes(b"not an h5 file" * 10)
   blocker = tmp_path / "a_file"
