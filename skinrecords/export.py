@@ -228,8 +228,8 @@ def _check_records(config: ExportConfig, cfg: dict) -> str | None:
   records = config.records_dir or cfg.get("records_dir")
   if not records or not os.path.isdir(records):
     raise FileNotFoundError(
-        f"records {records!r} for the TFLite check not found (config.json's records_dir "
-        "unless records_dir is given); pass records_dir=FOLDER with a valid or test split")
+        f"records {records!r} for the TFLite check not found (the training records named in "
+        "config.json by default); pass records_dir=FOLDER holding a valid or test split")
   return str(records)
 
 

@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from skinrecords.cli import common as cli_common
 
@@ -50,6 +51,10 @@ def main(argv):
         threshold=_THRESHOLD.value, version=_VERSION.value)
   except ValueError as err:
     raise app.UsageError(str(err).replace("ExportConfig.", "--")) from err
+  if flags.FLAGS.verbosity < 1:
+    # TensorFlow's SavedModel writer logs five INFO lines per export through absl (renamed
+    # resource inputs, sharding callbacks, fingerprint): noise next to the report.
+    logging.set_verbosity(logging.WARNING)
   try:
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:
