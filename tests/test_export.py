@@ -25,8 +25,13 @@ SIZE = 32
 
 
 def train_tiny(records: pathlib.Path, model_dir: pathlib.Path, size: int, steps: int,
-               preprocessing: dict | None = None, seed: int = 0) -> pathlib.Path:
-  """simple_cnn trained `steps` Adam steps on the records' train split, saved as training does."""
+               max_logit: float = 3.0, seed: int = 0) -> pathlib.Path:
+  """simple_cnn trained `steps` Adam steps on the records' train split, saved as training does.
+
+  The head is then scaled so the largest training |logit| is `max_logit`: a trained model answers
+  P = 0.00000 or 1.00000, where a wrong channel order or float16 weights changed no probability by
+  1e-5 (tried); at |logit| <= 3 they move probabilities by 1e-3 and more. AUC is unchanged.
+  """
   keras.utils.set_random_seed(seed)
   info = pipeline.load_info(records)
   model = models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=size,
@@ -36,11 +41,16 @@ def train_tiny(records: pathlib.Path, model_dir: pathlib.Path, size: int, steps:
   ds = pipeline.make_dataset(info, "train", batch_size=16, seed=seed).map(
       lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)[:, None]))
   model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+  images = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(info, "train",
+                                                                       training=False)])
+  scale = max_logit / float(np.abs(model.predict(images.astype(np.float32), verbose=0)).max())
+  kernel, bias = model.get_layer("logits").get_weights()
+  model.get_layer("logits").set_weights([kernel * scale, bias * scale])
   model_dir.mkdir(parents=True)
   rundir.save_model(model, model_dir)
   rundir.write_config(model_dir, {
       "classes": list(info.classes), "image_size": size, "records_dir": str(records),
-      "fold": None, "preprocessing": preprocessing or info.preprocessing,
+      "fold": None, "preprocessing": info.preprocessing,
       "model": models.ModelConfig(backbone="simple_cnn", image_size=size).to_dict(), "train": {}})
   return model_dir
 
@@ -82,7 +92,8 @@ def test_saved_model_on_encoded_bytes_matches_predict(data, exported):
   result = serve(image_bytes=tf.constant(encoded))
   probs = result["probabilities"].numpy()
   expected = np.array([r["probability"] for r in rows])
-  assert 0.05 < expected.std(), expected  # a model that answers one value would prove nothing
+  # A model that answers 0 or 1 would prove nothing (see train_tiny).
+  assert 0.1 < expected.std() and 0.02 < expected.min() and expected.max() < 0.98, expected
   np.testing.assert_allclose(probs, expected, atol=1e-5)
   labels = [x.decode() for x in result["predicted_label"].numpy()]
   assert labels == [r["predicted"] for r in rows]
@@ -151,3 +162,13 @@ def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
   assert {"read_only": "not writable", "is_a_file": "is a file", "missing_model": "not found",
           "bad_format": "onnx"}[case] in proc.stderr, proc.stderr
   assert case == "is_a_file" or not out.exists() or not any(out.iterdir())
+
+
+def test_float_tflite_beyond_tolerance_fails_and_writes_nothing(data, tmp_path, monkeypatch):
+  real = export.tflite_probabilities
+  monkeypatch.setattr(export, "tflite_probabilities",
+                      lambda model_bytes, images: real(model_bytes, images) + 2e-4)
+  out = tmp_path / "e"
+  with pytest.raises(export.ExportCheckError, match=r"differs from the Keras model by 2\.0"):
+    export.export(export.ExportConfig(model_dir=str(data / "model"), output_dir=str(out)))
+  assert out.is_dir() and not list(out.iterdir())
