@@ -178,6 +178,8 @@ def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5):
 
   Two classes: class 1 when P(class 1) >= threshold (as predict), and Grad-CAM for that class.
   """
+  if len(classes) < 2:
+    raise ValueError(f"classes={classes!r}: need the class names in id order")
   x = tf.cast(tf.convert_to_tensor(images), tf.float32)
   probs = _probabilities(model(x, training=False).numpy())
   if probs.ndim == 1:
@@ -186,8 +188,6 @@ def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5):
   else:
     predicted = probs.argmax(axis=-1).astype(np.int32)
     p_pred = probs.max(axis=-1)
-  if len(classes) < 2:
-    raise ValueError(f"classes={classes!r}: need the class names in id order")
   return gradcam(model, x, predicted), predicted, p_pred
 
 
