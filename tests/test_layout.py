@@ -22,7 +22,7 @@ STAGES = [
     {"models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},
     {"inference", "steps", "train"},
-    {"evaluate", "predict"},
+    {"evaluate", "predict", "export", "explain"},
 ]
 
 
@@ -110,9 +110,10 @@ def test_flags_and_library_configs_share_their_defaults():
   """One source of defaults: a flag named like a config field has that field's default."""
   import dataclasses  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import augment, convert, evaluate, models, predict, preprocess, splits, train  # pylint: disable=g-import-not-at-top
+  from skinrecords import augment, convert, evaluate, export, models, predict, preprocess, splits, train  # pylint: disable=g-import-not-at-top
   pairs = [("train", [train.TrainConfig, models.ModelConfig, augment.AugmentConfig]),
            ("evaluate", [evaluate.EvalConfig]), ("predict", [predict.PredictConfig]),
+           ("export", [export.ExportConfig]),
            ("make_records", [convert.ConvertConfig, preprocess.PreprocessConfig])]
   checked, differ = 0, []
   for module, configs in pairs:
