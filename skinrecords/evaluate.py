@@ -24,7 +24,10 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 
+
+from skinrecords import explain
 from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
@@ -177,6 +180,41 @@ def _threshold(config, cfg, run, fold, classes):
           f"Youden's J on {len(valid_labels)} {where} predictions")
 
 
+GALLERY_SIZE = 8  # examples per picture: enough to see a pattern, small enough to read
+
+
+def _images_by_name(info, split, fold, image_size, wanted: set[str]) -> dict:
+  """The decoded images of the named examples (a second pass: predictions keep no pixels)."""
+  found = {}
+  ds = pipeline.make_dataset(info, split, batch_size=64, training=False, image_size=image_size,
+                             fold=fold, with_names=True)
+  for images, _, names in ds:
+    for image, name in zip(images.numpy(), names.numpy()):
+      name = name.decode("utf-8")
+      if name in wanted:
+        found[name] = image
+  return found
+
+
+def _galleries(out, model, info, split, fold, cfg, m, probs, labels, names) -> dict:
+  """errors.png (the most confident false negatives, then false positives) and examples.png (the
+  most confident true positives), each with Grad-CAM; two-class models only. Without TTA."""
+  if len(m["classes"]) != 2 or not names:
+    return {}
+  k, threshold = GALLERY_SIZE, m["threshold"]
+  picks = {"errors.png": np.concatenate([
+               explain.most_confident(probs, labels, "false_negative", k // 2, threshold),
+               explain.most_confident(probs, labels, "false_positive", k // 2, threshold)]),
+           "examples.png": explain.most_confident(probs, labels, "true_positive", k, threshold)}
+  picks = {file: idx.astype(int) for file, idx in picks.items() if len(idx)}
+  images = _images_by_name(info, split, fold, cfg["image_size"],
+                           {names[i] for idx in picks.values() for i in idx})
+  for file, idx in picks.items():
+    explain.write_gallery(out / file, model, np.stack([images[names[i]] for i in idx]),
+                          [names[i] for i in idx], m["classes"], labels[idx], threshold)
+  return {file: [names[i] for i in idx] for file, idx in picks.items()}
+
+
 def evaluate(config: EvalConfig) -> dict:
   """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
   # Inputs: model, records, and the guards that keep training data out of the scores.
@@ -221,6 +259,8 @@ def evaluate(config: EvalConfig) -> dict:
   m.update(model_dir=str(config.model_dir), records_dir=str(records_dir),
            training_records=same, split=config.split, fold=split_fold, tta=config.tta,
            threshold_source=source, output_dir=str(out), warnings=warnings)
+  m["galleries"] = _galleries(out, model, info, config.split, split_fold, cfg, m, probs, labels,
+                              names)
   _write_outputs(out, m, probs, labels, names)
   for text in warnings + ([m["warning"]] if m["collapsed"] else []):
     bar = "!" * 100
@@ -242,7 +282,8 @@ def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
                ([] if binary else [f"{q:.8g}" for q in probs[i]]))
   fileio.write_text_atomic(out / "predictions.csv", buf.getvalue())
   m["files"] = {name: str(out / name) for name in (
-      "metrics.json", "report.txt", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png")}
+      "metrics.json", "report.txt", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png",
+      *m.get("galleries", {}))}
   plots.plot_confusion(out / "confusion_matrix.png", m)
   plots.plot_curves(out / "roc.png", out / "pr.png", probs, labels, m)
   fileio.write_text_atomic(out / "report.txt", report_text(m) + "\n")

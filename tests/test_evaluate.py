@@ -430,3 +430,24 @@ def test_unwritable_output_fails_before_predicting(data, random_dir, tmp_path):
   proc = run_bin("evaluate", f"--model_dir={random_dir}", f"--output_dir={blocker}", check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "a_file" in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+
+
+def test_galleries_hold_the_most_confident_errors_and_hits(data, random_dir, perfect_dir,
+                                                           tmp_path):
+  for model_dir in (random_dir, perfect_dir):
+    out = tmp_path / model_dir.name
+    m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(model_dir), output_dir=str(out),
+                                              bootstrap=0))
+    rows = _read_csv(out / "predictions.csv")
+    p = {r["image_name"]: float(r["probability"]) for r in rows}
+    y = {r["image_name"]: r["label"] == "b" for r in rows}
+    t = m["threshold"]
+    fn = sorted((n for n in p if y[n] and p[n] < t), key=lambda n: p[n])[:4]
+    fp = sorted((n for n in p if not y[n] and p[n] >= t), key=lambda n: -p[n])[:4]
+    tp = sorted((n for n in p if y[n] and p[n] >= t), key=lambda n: -p[n])[:8]
+    expected = {name: kept for name, kept in (("errors.png", fn + fp), ("examples.png", tp))
+                if kept}
+    assert m["galleries"] == expected
+    for name in expected:
+      assert cv2.imread(str(out / name)).shape[0] > 100 and name in m["files"]
+  assert "errors.png" not in m["galleries"] and m["galleries"]["examples.png"]  # perfect model
