@@ -3,9 +3,9 @@
 --num_images synthetic --image_size^2 lesions are split once (stratified, seeded) into
 train/<class>/ and test/<class>/ folders; both ways read exactly these files:
   notebook: tf_keras ImageDataGenerator(rescale=1/255, rotation_range=60, width/height_shift_range
-            =0.3, shear_range=0.3, both flips, fill_mode="nearest").flow_from_directory(train) into a
-            tf_keras model (the same layers as skinrecords.models: backbone, global average pooling,
-            dropout, one sigmoid unit) trained by `model.fit` (binary cross-entropy, Adam);
+            =0.3, shear_range=0.3, both flips, fill_mode="nearest").flow_from_directory(train)
+            into a tf_keras model (the same layers as skinrecords.models: backbone, global average
+            pooling, dropout, one sigmoid unit) trained by `model.fit` (binary cross-entropy, Adam);
             the test folder is predicted with `model.predict` on an un-augmented generator;
   ours:     `convert.convert` of the same folders into records (timed once), `train.train` (tf.data
             pipeline, the same augmentations inside the compiled step, xla=auto) and
@@ -270,7 +270,8 @@ def run_benchmark(root: pathlib.Path, opts: dict) -> None:
 
 def _check_flags() -> dict:
   """Every flag checked before any work; returns them as one dict."""
-  why = {_SIZE: " (the smallest input keras.applications accept)", _NUM: " (2 per class, one of them for testing)",
+  why = {_SIZE: " (the smallest input keras.applications accept)",
+         _NUM: " (2 per class, one of them for testing)",
          _EPOCHS: " (the first epoch traces and compiles; the later ones are the measure)"}
   for flag, least in ((_SIZE, 32), (_NUM, 4), (_BATCH, 1), (_EPOCHS, 2), (_SEED, 0)):
     if flag.value < least:
