@@ -258,8 +258,8 @@ def run_benchmark(root: pathlib.Path, opts: dict) -> None:
         f"images under {root}; batch {opts['batch']}, {opts['epochs']} epochs of {steps} steps, "
         f"Adam {opts['learning_rate']:g}, no pretrained weights; ours: xla={opts['xla']}, "
         f"mixed_precision={opts['mixed']}", flush=True)
-  print("gain: notebook / ours for times and ours / notebook for the AUC (> 1: ours better)\n",
-        flush=True)
+  print("gain: notebook / ours for seconds, ours / notebook for img/s and the AUC (> 1: ours "
+        "better)\n", flush=True)
   for backbone in opts["backbones"]:
     nb = _notebook_way(backbone, images, counts, opts)
     gc.collect()
