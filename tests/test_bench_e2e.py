@@ -13,7 +13,8 @@ from conftest import run_bin
 
 _NUM = r"\s+(\d+\.\d+)"
 _ROWS = ("first epoch (s)", "later epochs, median (s)", "later epochs (img/s)",
-         "training in all (s)", "training in all (CPU s)", "test prediction (s)", "images to test AUC (s)", "test ROC AUC")
+         "training in all (s)", "training in all (CPU s)", "test prediction (s)",
+         "images to test AUC (s)", "test ROC AUC")
 
 
 def _row(out: str, label: str, pattern: str) -> tuple[float, ...]:
