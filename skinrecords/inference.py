@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from skinrecords import distribute
 from skinrecords import manifest
 from skinrecords import pipeline
 
@@ -52,7 +53,12 @@ _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def forward(model: keras.Model, tta: int):
-  """One compiled forward pass per (model, tta): images -> probabilities ([B] or [B, K])."""
+  """One compiled forward pass per (model, tta): images -> probabilities ([B] or [B, K]).
+
+  XLA only with a GPU/TPU (`distribute.resolve_xla`): on this CPU DenseNet121's forward pass took
+  15-30 s to compile, so a 60-image test split predicted 2.6-5x slower than without XLA
+  (`bin/bench_e2e`), and XLA's CPU convolutions are slower than TensorFlow's oneDNN ones anyway.
+  """
   fns = _FORWARD.setdefault(model, {})
   if tta not in fns:
     ref = weakref.ref(model)  # a strong reference here would keep the cache key alive forever
@@ -64,7 +70,9 @@ def forward(model: keras.Model, tta: int):
         probs.append(probabilities(ref()(dihedral(x, k), training=False)))
       return tf.add_n(probs) / float(len(probs))  # mean probability, not mean logit
 
-    fns[tta] = tf.function(forward, jit_compile=True)
+    devices = [d.name for d in tf.config.list_logical_devices()]
+    jit = distribute.resolve_xla("auto", devices, augmenting=False) == "on"
+    fns[tta] = tf.function(forward, jit_compile=jit)
   return fns[tta]
 
 
