@@ -17,7 +17,7 @@ STAGES = [
     {"fileio", "features", "manifest", "splits", "sources", "synthetic", "preprocess",
      "uncertainty"},
     {"records", "convert", "tfrecord"},
-    {"pipeline"},
+    {"pipeline", "kaggle"},
     {"augment"},
     {"models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},
