@@ -25,8 +25,10 @@ import logging
 import os
 import pathlib
 import re
+import struct
 import time
 
+from google.protobuf import message
 import numpy as np
 import tensorflow as tf
 
@@ -69,12 +71,27 @@ def image_format_of(data: bytes) -> str:
   return "any"
 
 
+def _first_record(path) -> bytes:
+  """The first record's bytes, read straight from the framing (uint64 length, uint32 CRC, data):
+  a tf.data pipeline per file cost ~0.1 s here, times 31 files. CRCs are checked by the
+  counting pass that follows."""
+  with open(path, "rb") as f:
+    header = f.read(12)
+    if len(header) < 12:
+      raise ValueError(f"{path}: no records (an empty or truncated file)")
+    length = struct.unpack("<Q", header[:8])[0]
+    data = f.read(length)
+  if len(data) != length:
+    raise ValueError(f"{path}: truncated first record ({len(data)} of {length} bytes)")
+  return data
+
+
 def inspect(path: str | os.PathLike) -> manifest.RecordSchema:
   """The schema of one file, from its first record."""
-  first = next(iter(tf.data.TFRecordDataset(str(path)).take(1)), None)
-  if first is None:
-    raise ValueError(f"{path}: no records")
-  example = tf.train.Example.FromString(first.numpy())
+  try:
+    example = tf.train.Example.FromString(_first_record(path))
+  except message.DecodeError as err:
+    raise ValueError(f"{path}: the first record is not a tf.train.Example ({err})") from err
   dtypes = {k: _KINDS.get(f.WhichOneof("kind"), "bytes") for k, f in
             example.features.feature.items()}
   if dtypes.get(features.IMAGE) != "bytes":
@@ -186,7 +203,7 @@ def read_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:
     sizes |= split_sizes
   logging.info("%s: no manifest; counted %d records in %d SIIM-ISIC files in %.1f s (%s)",
                records_dir, sum(s.num_examples for g in shards.values() for s in g), len(files),
-               time.perf_counter() - start, ", ".join(
+               time.perf_counter() - start, "; ".join(
                    f"{k}: {len(v)} files{'' if schemas[k].has_labels else ', no target'}"
                    for k, v in shards.items()))
   info = manifest.DatasetInfo(str(records_dir), CLASSES, _image_size(records_dir, sizes), shards,

@@ -182,14 +182,20 @@ def predict_records(model, cfg, records_dir, split: str = "test", batch_size: in
 
 def check_writable(path) -> None:
   """Fails now, before any forward pass, when the CSV could not be written later."""
-  parent = pathlib.Path(path).parent
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"output_csv={path} is a folder; give a file name, e.g. {path / 'preds.csv'}")
   try:
-    parent.mkdir(parents=True, exist_ok=True)
-  except OSError as err:
-    raise ValueError(f"{path}: cannot create its folder ({err.strerror}); choose another "
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as err:
+    raise ValueError(f"output_csv={path}: a part of its folder is a file; choose another "
                      "output_csv") from err
-  if pathlib.Path(path).is_dir() or not os.access(parent, os.W_OK):
-    raise ValueError(f"{path}: not a writable file location; choose another output_csv")
+  except OSError as err:
+    raise ValueError(f"output_csv={path}: cannot create its folder ({err.strerror}); choose "
+                     "another output_csv") from err
+  if not os.access(path.parent, os.W_OK):
+    raise ValueError(f"output_csv={path}: {path.parent} is not writable; choose another "
+                     "output_csv")
 
 
 def write_csv(rows: list[dict], path, classes: list[str]) -> None:

@@ -8,15 +8,19 @@ The files written here follow the `melanoma-NxN` sets exactly: `image` (JPEG byt
 from __future__ import annotations
 
 import csv
+import logging
 import pathlib
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import run_bin
+from skinrecords import evaluate
 from skinrecords import kaggle
 from skinrecords import pipeline
+from skinrecords import predict
 
 SIZE = 32
 _INT64 = ("patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis")
@@ -118,10 +122,13 @@ def test_folds_are_contiguous_groups_of_files(kaggle_dir):
     info.select("valid", fold=5)
 
 
-def test_mixed_sizes_ask_for_image_size(tmp_path):
+def test_mixed_sizes_ask_for_image_size(tmp_path, caplog):
   write_kaggle(tmp_path / "k", train_files=2, test_files=0, per_file=4, sizes=(24, 40))
-  info = pipeline.load_info(tmp_path / "k")
+  with caplog.at_level(logging.INFO):
+    info = pipeline.load_info(tmp_path / "k")
   assert info.image_size is None
+  assert re.search(r"counted 8 records in 2 SIIM-ISIC files in \d+\.\d s", caplog.text)
+  assert "images come in 2 sizes (24x24, 40x40)" in caplog.text
   with pytest.raises(ValueError, match="image_size"):
     pipeline.make_dataset(info, "train", training=False)
   images, _, _ = _collect(pipeline.make_dataset(info, "train", training=False, image_size=SIZE,
@@ -129,7 +136,7 @@ def test_mixed_sizes_ask_for_image_size(tmp_path):
   assert images.shape == (8, SIZE, SIZE, 3)
 
 
-def test_string_patient_ids_read_too(tmp_path):
+def test_string_patient_ids_read_too(tmp_path, caplog):
   """Re-encoded sets store patient_id as bytes; the reader never parses it, so both work."""
   root = tmp_path / "s"
   root.mkdir()
@@ -139,7 +146,9 @@ def test_string_patient_ids_read_too(tmp_path):
                                                 f"ISIC_{j}", {"target": j}))
       ex.features.feature["patient_id"].bytes_list.value.append(b"IP_0001")
       w.write(ex.SerializeToString())
-  info = pipeline.load_info(root)
+  with caplog.at_level(logging.INFO):
+    info = pipeline.load_info(root)
+  assert "every image is 32x32: image_size=32 (inferred" in caplog.text
   assert info.schema("train").dtype("patient_id") == "bytes"
   _, labels, names = _collect(pipeline.make_dataset(info, "train", training=False,
                                                     with_names=True))
@@ -171,16 +180,39 @@ def test_train_fold_predict_and_evaluate_through_the_commands(tmp_path, kaggle_d
   assert [r["image"] for r in rows] == sorted(n for n, t in truth.items() if t < 0)
   assert all(0.0 <= float(r["probability"]) <= 1.0 and r["predicted"] in ("0", "1") for r in rows)
   assert "12 predicted" in proc.stderr
-  # Test files carry no target: evaluation is refused in one line that says what to run instead.
-  proc = run_bin("evaluate", f"--model_dir={model_dir}", f"--records_dir={root}", "--split=test",
-                 check=False)
-  assert proc.returncode != 0 and "no labels" in proc.stderr and "--records_dir" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  # Test files carry no target: evaluation is refused, saying what to run instead (in-process:
+  # another command start costs ~10 s; the CLI prints the same ValueError in one line).
+  with pytest.raises(ValueError, match=r"no labels .* bin/predict .*--records_dir="):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(model_dir), records_dir=str(root),
+                                          split="test"))
 
 
-def test_predict_records_errors_are_one_line(tmp_path, kaggle_dir):
+def test_empty_or_foreign_files_are_named(tmp_path):
+  (tmp_path / "e").mkdir()
+  (tmp_path / "e" / "train00-0.tfrec").write_bytes(b"")
+  with pytest.raises(ValueError, match="train00-0.tfrec: no records"):
+    pipeline.load_info(tmp_path / "e")
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    pipeline.load_info(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"images": ("x.jpg",)}, "one or the other"),  # records and image files at once
+    ({"output_csv": "{tmp}"}, "is a folder; give a file name"),
+    ({"output_csv": "{tmp}/file.txt/p.csv"}, "a part of its folder is a file"),
+])
+def test_predict_records_refuses_bad_arguments_before_loading(tmp_path, kaggle_dir, kwargs,
+                                                             message):
   root, _ = kaggle_dir
-  proc = run_bin("predict", f"--model_dir={tmp_path}", f"--records_dir={root}", "x.jpg",
-                 check=False)
-  assert proc.returncode == 2 and "one or the other" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  (tmp_path / "file.txt").write_text("x")
+  kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+  with pytest.raises(ValueError, match=message):  # tmp_path holds no model: checked before it
+    predict.run(predict.PredictConfig(model_dir=str(tmp_path), records_dir=str(root), **kwargs))
+
+
+def test_predict_command_error_is_one_line(tmp_path, kaggle_dir):
+  root, _ = kaggle_dir
+  proc = run_bin("predict", f"--model_dir={tmp_path}", f"--records_dir={root}",
+                 f"--output_csv={tmp_path}", check=False)
+  assert proc.returncode == 2 and "is a folder; give a file name" in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
