@@ -75,7 +75,7 @@ class DatasetInfo:
   """What readers need to know about a records folder (from manifest.json, or guessed)."""
   records_dir: str
   classes: tuple[str, ...]
-  image_size: int | None  # None: sizes vary or are unknown (Kaggle files); resize on read
+  image_size: int | None  # None: sizes vary (Kaggle files of mixed sizes); resize on read
   shards: dict[str, tuple[Shard, ...]]  # split -> shards in manifest order
   manifest: dict | None = None
   schemas: dict[str, RecordSchema] | None = None  # split -> its files' schema; None: ours
@@ -170,8 +170,8 @@ def class_weights(info: DatasetInfo, split: str = "train", fold: int | None = No
   """Keras-style weights n / (k * n_c): ISIC 2020's 1.8% melanoma gets ~27.8, the rest ~0.51."""
   counts = info.class_counts(split, fold)
   if not any(counts):
-    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (Kaggle files carry "
-                     "none; use balance='oversample' instead)")
+    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (its records carry "
+                     "no labels)")
   total, k = sum(counts), len(counts)
   return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
 
