@@ -227,6 +227,11 @@ def evaluate(config: EvalConfig) -> dict:
                      "records_dir")
   info = pipeline.load_info(records_dir)
   _check_classes(info, classes, config.model_dir)
+  if not info.has_labels(config.split):
+    raise ValueError(f"{records_dir}: split {config.split!r} has no labels (SIIM-ISIC test files "
+                     "carry no target), so it cannot be evaluated; score it with bin/predict "
+                     f"--model_dir={config.model_dir} --records_dir={records_dir} "
+                     f"--split={config.split}")
   fold = config.fold if config.fold is not None else cfg.get("fold")
   if config.threshold_value == "youden" and len(classes) != 2:
     raise ValueError(f"threshold='youden' needs a two-class model; {config.model_dir} has "

@@ -1,8 +1,10 @@
 """The tf.train.Example schema, defined once for the writer (records) and the reader (pipeline).
 
 Keys follow the public SIIM-ISIC Kaggle melanoma TFRecords (`image`, `image_name`, `target`) so those
-files read without conversion; `patient_id`, `fold`, `height` and `width` are ours and optional on
-read. Shard file names follow tensorflow/models: ``{split}-{i:05d}-of-{n:05d}.tfrecord``.
+files read without conversion; `patient_id`, `fold`, `height` and `width` are ours. The Kaggle files
+store `patient_id` as int64 (ours: bytes) and their test files have no `target`: readers therefore
+parse with the schema the files actually have (`manifest.RecordSchema`, `pipeline.parse_spec`),
+never with `feature_spec`, which is our writer's full schema. Shard file names follow tensorflow/models: ``{split}-{i:05d}-of-{n:05d}.tfrecord``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ FOLD = "fold"  # int64 fold of a training example, -1 when no folds
 HEIGHT = "height"
 WIDTH = "width"
 
-# Keys every reader can rely on (present in the Kaggle files too).
+# Keys our records always hold (the Kaggle test files lack TARGET).
 REQUIRED_KEYS = (IMAGE, IMAGE_NAME, TARGET)
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
@@ -46,7 +48,7 @@ def serialize_example(*, image: bytes, image_name: str, target: int, patient_id:
 
 
 def feature_spec():
-  """`tf.io.parse_example` spec; our extra keys default so Kaggle files parse too."""
+  """`tf.io.parse_example` spec of every key our converter writes (tests, verify_records)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   return {

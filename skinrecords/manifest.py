@@ -30,13 +30,67 @@ class Shard:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecordSchema:
+  """The features one group of files stores: name -> "bytes" | "int64" | "float", and how images
+  are encoded ("jpeg", "png", or "any" when not known: decoded by sniffing, slower).
+
+  Our manifests get `ours(image_format)`; a folder of SIIM-ISIC Kaggle files gets one per split,
+  learnt from its first record (`kaggle.read_info`), because the public sets store `patient_id`
+  as int64 where ours stores bytes, and their test files carry no `target`. Readers parse only the
+  features they need, with the dtype the files have.
+  """
+  dtypes: tuple[tuple[str, str], ...]  # (feature name, dtype), sorted by name
+  image_format: str = "any"
+
+  DTYPES = ("bytes", "int64", "float")
+  FORMATS = ("jpeg", "png", "any")
+
+  def __post_init__(self):
+    bad = [(k, v) for k, v in self.dtypes if v not in self.DTYPES]
+    if bad or self.image_format not in self.FORMATS:
+      raise ValueError(f"RecordSchema: dtypes {bad} / image_format {self.image_format!r}; "
+                       f"expected dtypes in {self.DTYPES}, formats in {self.FORMATS}")
+
+  @classmethod
+  def of(cls, dtypes: dict[str, str], image_format: str = "any") -> "RecordSchema":
+    return cls(tuple(sorted(dtypes.items())), image_format)
+
+  @classmethod
+  def ours(cls, image_format: str = "any") -> "RecordSchema":
+    """What `features.serialize_example` writes."""
+    return cls.of({features.IMAGE: "bytes", features.IMAGE_NAME: "bytes", features.TARGET: "int64",
+                   features.PATIENT_ID: "bytes", features.FOLD: "int64",
+                   features.HEIGHT: "int64", features.WIDTH: "int64"}, image_format)
+
+  def dtype(self, name: str) -> str | None:
+    return dict(self.dtypes).get(name)
+
+  @property
+  def has_labels(self) -> bool:
+    return self.dtype(features.TARGET) is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What readers need to know about a records folder (from manifest.json, or guessed)."""
   records_dir: str
   classes: tuple[str, ...]
-  image_size: int | None  # None: sizes vary or are unknown (Kaggle files); resize on read
+  image_size: int | None  # None: sizes vary (Kaggle files of mixed sizes); resize on read
   shards: dict[str, tuple[Shard, ...]]  # split -> shards in manifest order
   manifest: dict | None = None
+  schemas: dict[str, RecordSchema] | None = None  # split -> its files' schema; None: ours
+
+  def schema(self, split: str) -> RecordSchema:
+    """The features `split`'s files store (with fold=k, "valid" is read from "train" files)."""
+    if self.schemas is None:
+      return RecordSchema.ours((self.manifest or {}).get("image_format", "any"))
+    found = self.schemas.get(split) or (self.schemas.get("train") if split == "valid" else None)
+    if found is None:
+      raise ValueError(f"{self.records_dir}: no split {split!r}; it has {sorted(self.schemas)}")
+    return found
+
+  def has_labels(self, split: str) -> bool:
+    return self.schema(split).has_labels
 
   @property
   def num_classes(self) -> int:
@@ -116,8 +170,8 @@ def class_weights(info: DatasetInfo, split: str = "train", fold: int | None = No
   """Keras-style weights n / (k * n_c): ISIC 2020's 1.8% melanoma gets ~27.8, the rest ~0.51."""
   counts = info.class_counts(split, fold)
   if not any(counts):
-    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (Kaggle files carry "
-                     "none; use balance='oversample' instead)")
+    raise ValueError(f"{info.records_dir}: no class counts for split {split!r} (its records carry "
+                     "no labels)")
   total, k = sum(counts), len(counts)
   return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
 

@@ -4,6 +4,10 @@ Images leave the host as uint8 — 4x less to copy to the accelerator than float
 (augmentation, the backbone's own normalisation) runs on the device inside the compiled step.
 Measured on 2 cores, 512^2 JPEG: a plain TFRecord -> decode_jpeg pipeline reads ~990 img/s against a
 ~1,470 img/s decode limit; ImageDataGenerator with the notebook's augmentations reached 28 img/s.
+Per CPU second (robust on this shared host), the training pipeline reads 0.89-0.91 of the decode
+limit (0.84-0.86 before parsing only the needed features with decode_jpeg in one map, issue 8); the
+rest is reading the files (~50-60 us of CPU per 60 KB record, 16-20k records per CPU second read
+alone) and shuffling the serialized records (~15 us), which in-memory bytes do not pay.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import re
 
 import tensorflow as tf
 
 from skinrecords import features
+from skinrecords import kaggle
 from skinrecords import manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
-_KAGGLE_COUNT = re.compile(r"-(\d+)\.tfrec(ord)?$")  # SIIM-ISIC names: train00-2071.tfrec
+NO_LABEL = -1  # the label of records that carry none (SIIM-ISIC test files)
 
 
 class CorruptShardError(RuntimeError):
@@ -29,38 +33,35 @@ class CorruptShardError(RuntimeError):
 # The manifest owns these; re-exported because every reader meets them through the pipeline.
 Shard = manifest.Shard
 DatasetInfo = manifest.DatasetInfo
+RecordSchema = manifest.RecordSchema
 
 
 def load_info(records_dir: str | os.PathLike) -> DatasetInfo:
-  """Reads manifest.json; a folder of SIIM-ISIC Kaggle `.tfrec` files without one also works."""
+  """Reads manifest.json; a folder of SIIM-ISIC Kaggle `.tfrec` files without one also works
+  (`kaggle.read_info`: one counting pass, cached)."""
   records_dir = pathlib.Path(records_dir)
-  if not manifest.exists(records_dir):
-    return _kaggle_info(records_dir)
-  return manifest.read_info(records_dir)
+  if not records_dir.is_dir():
+    raise FileNotFoundError(f"{records_dir}: no such folder")
+  if manifest.exists(records_dir):
+    return manifest.read_info(records_dir)
+  try:
+    return kaggle.read_info(records_dir)
+  except tf.errors.DataLossError as err:
+    raise corrupt_shard_error([str(p) for p in kaggle.list_files(records_dir)], err,
+                              records_dir) from err
 
 
-def _kaggle_info(records_dir: pathlib.Path) -> DatasetInfo:
-  files = sorted(p for p in records_dir.glob("*.tfrec*") if p.is_file())
-  if not files:
-    raise FileNotFoundError(f"{records_dir}: neither {manifest.FILE} nor *.tfrec/*.tfrecord "
-                            "files; point --records_dir at a make_records output folder or a "
-                            "folder of SIIM-ISIC TFRecords")
-  by_split: dict[str, list[Shard]] = {}
-  for p in files:
-    m = _KAGGLE_COUNT.search(p.name)
-    n = int(m[1]) if m else sum(1 for _ in tf.data.TFRecordDataset(str(p)))
-    split = next((s for s in manifest.SPLITS if p.name.startswith(s)), "train")
-    by_split.setdefault(split, []).append(Shard(str(p), n))
-  logging.info("%s: no manifest; read %d files as SIIM-ISIC records (classes 0/1)", records_dir,
-               len(files))
-  return DatasetInfo(str(records_dir), ("0", "1"), None,
-                     {k: tuple(v) for k, v in by_split.items()})
-
-
-def decode_image(encoded, image_size: int | None, stored_size: int | None = None) -> tf.Tensor:
+def decode_image(encoded, image_size: int | None, stored_size: int | None = None,
+                 image_format: str = "any") -> tf.Tensor:
   """Encoded JPEG/PNG -> uint8 [S, S, 3]; resized (antialiased, rounded) only when S differs from
-  the stored size. `bin/predict` decodes through this too, so serving sees the training pixels."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  the stored size. `bin/predict` decodes through this too, so serving sees the training pixels.
+  `image_format="jpeg"` calls decode_jpeg directly (the same pixels as decode_image's sniffing)."""
+  if image_format == "jpeg":
+    image = tf.io.decode_jpeg(encoded, channels=3)
+  elif image_format == "png":
+    image = tf.io.decode_png(encoded, channels=3)
+  else:
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   if image_size and image_size != stored_size:
     image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
         image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8)
@@ -69,19 +70,40 @@ def decode_image(encoded, image_size: int | None, stored_size: int | None = None
   return image
 
 
-def _decoder(image_size: int | None, stored_size: int | None):
-  spec = features.feature_spec()
+_TF_DTYPES = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
+
+
+def parse_spec(schema: RecordSchema, keys) -> dict:
+  """A parse spec for `keys` only, each with the dtype the files store (absent keys left out)."""
+  return {k: tf.io.FixedLenFeature([], _TF_DTYPES[schema.dtype(k)]) for k in keys
+          if schema.dtype(k)}
+
+
+def _label(ex: dict) -> tf.Tensor:
+  if features.TARGET not in ex:
+    return tf.constant(NO_LABEL, tf.int32)
+  return tf.cast(ex[features.TARGET], tf.int32)
+
+
+def _name(ex: dict) -> tf.Tensor:
+  name = ex.get(features.IMAGE_NAME, tf.constant(""))
+  return name if name.dtype == tf.string else tf.strings.as_string(name)
+
+
+def _decoder(schema: RecordSchema, image_size: int | None, stored_size: int | None,
+             with_names: bool):
+  """serialized -> (image, label[, name]) in one map: only the features used are parsed (a
+  Kaggle record holds 8; parsing them all cost time), and JPEG decodes without sniffing."""
+  spec = parse_spec(schema, (features.IMAGE, features.TARGET) +
+                    ((features.IMAGE_NAME,) if with_names else ()))
 
   def decode(serialized):
     ex = tf.io.parse_single_example(serialized, spec)
-    image = decode_image(ex[features.IMAGE], image_size, stored_size)
-    return image, tf.cast(ex[features.TARGET], tf.int32), ex[features.IMAGE_NAME]
+    image = decode_image(ex[features.IMAGE], image_size, stored_size, schema.image_format)
+    if with_names:
+      return image, _label(ex), _name(ex)
+    return image, _label(ex)
   return decode
-
-
-def _target_only(serialized):
-  return tf.io.parse_single_example(
-      serialized, {features.TARGET: features.feature_spec()[features.TARGET]})[features.TARGET]
 
 
 def _available_memory() -> int:
@@ -91,36 +113,31 @@ def _available_memory() -> int:
     return 0
 
 
-def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "train",
-                 batch_size: int = 64, training: bool | None = None, image_size: int | None = None,
-                 fold: int | None = None, balance: str | None = None, seed: int = 0,
-                 cache: bool = False, shuffle_buffer: int = 2048, with_names: bool = False,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-  """The dataset for one split.
-
-  Training (default for split "train"): files shuffled every epoch and read in parallel, records
-  shuffled, repeated forever, full batches only, non-deterministic order for speed. Evaluation:
-  every example exactly once in a fixed order, last partial batch kept. `balance="oversample"`
-  samples classes equally (seeded). With `input_context`, `batch_size` is the per-replica batch and
-  input is sharded per pipeline: by file when there are at least as many files as pipelines.
-  `with_names=True` adds the image names as a third element (for reports and predictions).
-  """
-  info = records_dir if isinstance(records_dir, DatasetInfo) else load_info(records_dir)
-  training = (split == "train") if training is None else training
+def _check(info: DatasetInfo, split: str, fold: int | None, training: bool,
+           balance: str | None, image_size: int | None) -> tuple[list[str], int]:
+  """Phase 1: the shard files to read and the output size, or an error saying what to change."""
   if balance not in (None, "none", "oversample"):
     raise ValueError(f"balance={balance!r}; use None, 'none' or 'oversample'")
   shards = info.select(split, fold)
   if not shards:
     raise ValueError(f"{info.records_dir}: split {split!r} (fold {fold}) has no shards")
+  if not info.has_labels(split) and (training or balance == "oversample"):
+    raise ValueError(f"{info.records_dir}: split {split!r} has no labels ({features.TARGET!r} "
+                     "is not in its records); it can be predicted, not trained on")
   size = image_size or info.image_size
   if size is None:
-    raise ValueError(f"{info.records_dir}: image sizes are not recorded; pass image_size")
+    raise ValueError(f"{info.records_dir}: images come in several sizes; pass image_size")
   files = [s.path for s in shards]
   missing = [f for f in files if not os.path.exists(f)]
   if missing:
     raise FileNotFoundError(f"{missing[0]}: listed for split {split!r} but missing "
                             f"({len(missing)} of {len(files)} shard files missing)")
+  return files, size
 
+
+def _read(files: list[str], split: str, training: bool, seed: int, cache: bool,
+          input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+  """Phase 2: serialized records, this pipeline's share; training interleaves shuffled files."""
   ds = tf.data.Dataset.from_tensor_slices(files)
   shard_data = None
   if input_context and input_context.num_input_pipelines > 1:
@@ -153,21 +170,51 @@ def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "tra
       logging.warning("cache=True keeps %.1f GB of encoded records in memory but only %.1f GB "
                       "is available", need / 1e9, _available_memory() / 1e9)
     ds = ds.cache()  # encoded bytes only: decoded 512^2 images would be ~13x larger
+  return ds
+
+
+def _order(ds: tf.data.Dataset, schema: RecordSchema, num_classes: int, balance: str | None,
+           seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+  """Phase 3 (training): endless, shuffled serialized records; classes equal with oversample."""
+  ds = ds.repeat()
+  if balance != "oversample":
+    return ds.shuffle(shuffle_buffer, seed=seed)  # serialized records: cheaper than images
+  target = parse_spec(schema, (features.TARGET,))
+
+  def keep(c):
+    return lambda r: tf.equal(tf.cast(tf.io.parse_single_example(r, target)[features.TARGET],
+                                      tf.int64), c)
+  per_class = [ds.filter(keep(c)) for c in range(num_classes)]
+  return tf.data.Dataset.sample_from_datasets(
+      [p.shuffle(max(shuffle_buffer // num_classes, 1), seed=seed + c)
+       for c, p in enumerate(per_class)],
+      weights=[1.0 / num_classes] * num_classes, seed=seed)
+
+
+def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "train",
+                 batch_size: int = 64, training: bool | None = None, image_size: int | None = None,
+                 fold: int | None = None, balance: str | None = None, seed: int = 0,
+                 cache: bool = False, shuffle_buffer: int = 2048, with_names: bool = False,
+                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+  """The dataset for one split.
+
+  Training (default for split "train"): files shuffled every epoch and read in parallel, records
+  shuffled, repeated forever, full batches only, non-deterministic order for speed. Evaluation:
+  every example exactly once in a fixed order, last partial batch kept. `balance="oversample"`
+  samples classes equally (seeded). With `input_context`, `batch_size` is the per-replica batch and
+  input is sharded per pipeline: by file when there are at least as many files as pipelines.
+  `with_names=True` adds the image names as a third element (for reports and predictions).
+  Records without a label (SIIM-ISIC test files) get label NO_LABEL (-1): predict, not train.
+  """
+  info = records_dir if isinstance(records_dir, DatasetInfo) else load_info(records_dir)
+  training = (split == "train") if training is None else training
+  files, size = _check(info, split, fold, training, balance, image_size)
+  schema = info.schema(split)
+  ds = _read(files, split, training, seed, cache, input_context)
   if training:
-    ds = ds.repeat()
-    if balance == "oversample":
-      per_class = [ds.filter(lambda r, c=c: tf.equal(_target_only(r), c))
-                   for c in range(info.num_classes)]
-      ds = tf.data.Dataset.sample_from_datasets(
-          [p.shuffle(max(shuffle_buffer // info.num_classes, 1), seed=seed + c)
-           for c, p in enumerate(per_class)],
-          weights=[1.0 / info.num_classes] * info.num_classes, seed=seed)
-    else:
-      ds = ds.shuffle(shuffle_buffer, seed=seed)
-  ds = ds.map(_decoder(size, info.image_size), num_parallel_calls=AUTOTUNE,
+    ds = _order(ds, schema, info.num_classes, balance, seed, shuffle_buffer)
+  ds = ds.map(_decoder(schema, size, info.image_size, with_names), num_parallel_calls=AUTOTUNE,
               deterministic=not training)
-  if not with_names:
-    ds = ds.map(lambda image, label, name: (image, label))
   ds = ds.batch(batch_size, drop_remainder=training)
   if training:
     options = tf.data.Options()

@@ -1,10 +1,13 @@
-"""Predictions for image files, preprocessed exactly as the model's training records were.
+"""Predictions for image files, preprocessed exactly as the model's training records were, or for
+the records of one split of a records folder (e.g. the SIIM-ISIC Kaggle test files, which carry no
+labels and so cannot be evaluated).
 
 No train/serve skew: each file goes through the converter's own function
 (`preprocess.preprocess_file` with the PreprocessConfig recorded in config.json), which returns the
 encoded bytes the converter would have stored, JPEG artefacts included; those bytes are decoded and,
 when the model's image_size differs from the stored size, resized exactly as `pipeline` does. Bad
-files are reported with a reason, never fatal.
+files are reported with a reason, never fatal. Records go through `pipeline.make_dataset` as in
+evaluation; the "image" column then holds each record's image_name.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import logging
 import os
 import pathlib
 
 import numpy as np
 
+from skinrecords import fileio
 from skinrecords import inference
+from skinrecords import manifest
 from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import rundir
@@ -35,13 +41,21 @@ class PredictConfig:
   batch_size: int = 32
   threshold: float = 0.5  # two classes: predicted class 1 when P(class 1) >= threshold
   tta: int = 0  # as EvalConfig.tta
+  records_dir: str | None = None  # instead of images: every record of `split` in this folder
+  split: str = "test"
 
   def __post_init__(self):
     self.validate()
 
   def validate(self) -> None:
-    if not self.images and not self.input_dir:
-      raise ValueError("no images given: pass image paths, an input_dir, or both")
+    if self.records_dir and (self.images or self.input_dir):
+      raise ValueError("records_dir scores records; image paths and input_dir score image files: "
+                       "pass one or the other")
+    if not self.images and not self.input_dir and not self.records_dir:
+      raise ValueError("no images given: pass image paths, an input_dir, or both (or a "
+                       "records_dir)")
+    if self.split not in manifest.SPLITS:
+      raise ValueError(f"PredictConfig.split={self.split!r}: expected one of {manifest.SPLITS}")
     if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
         self.batch_size < 1:
       raise ValueError(f"PredictConfig.batch_size={self.batch_size!r}: expected an integer >= 1")
@@ -103,13 +117,7 @@ def _batches(paths, pconfig, image_size, batch_size, rejected):
     yield np.stack(images), np.full(len(images), -1), names
 
 
-def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
-  classes = [str(c) for c in cfg["classes"]]
-  pconfig = _preprocess_config(cfg, model_dir)
-  rejected: list[dict] = []
-  probs, _, names = inference.predict_dataset(
-      model, _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected),
-      tta)
+def _rows(probs, names, classes, threshold) -> list[dict]:
   rows = []
   for i, name in enumerate(names):
     if probs.ndim == 1:
@@ -118,6 +126,17 @@ def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
     else:
       p = [float(x) for x in probs[i]]
       rows.append({"image": name, "probability": p, "predicted": classes[int(np.argmax(p))]})
+  return rows
+
+
+def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
+  classes = [str(c) for c in cfg["classes"]]
+  pconfig = _preprocess_config(cfg, model_dir)
+  rejected: list[dict] = []
+  probs, _, names = inference.predict_dataset(
+      model, _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected),
+      tta)
+  rows = _rows(probs, names, classes, threshold)
   order = {str(p): i for i, p in enumerate(paths)}
   rejected.sort(key=lambda r: order[r["image"]])
   return rows, rejected
@@ -134,19 +153,55 @@ def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 
   return _predict(model, cfg, paths, batch_size, threshold, tta, model_dir)
 
 
+def predict_records(model, cfg, records_dir, split: str = "test", batch_size: int = 32, *,
+                    threshold: float = 0.5, tta: int = 0, model_dir=None) -> list[dict]:
+  """Rows as `predict_files` for every record of `split` in file order, "image" = image_name.
+
+  Labels are not needed (nor read): the SIIM-ISIC test files have none."""
+  classes = [str(c) for c in cfg["classes"]]
+  info = pipeline.load_info(records_dir)
+  if info.num_classes != len(classes) or (info.manifest is not None and
+                                          list(info.classes) != classes):
+    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {classes} but "
+                     f"{records_dir} holds {list(info.classes)}; use records with the same classes")
+  ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
+                             image_size=cfg["image_size"], with_names=True)
+  probs, _, names = inference.predict_dataset(model, ds, tta, info=info, split=split)
+  return _rows(probs, names, classes, threshold)
+
+
+def check_writable(path) -> None:
+  """Fails now, before any forward pass, when the CSV could not be written later."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"output_csv={path} is a folder; give a file name, e.g. {path / 'preds.csv'}")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as err:
+    raise ValueError(f"output_csv={path}: a part of its folder is a file; choose another "
+                     "output_csv") from err
+  except OSError as err:
+    raise ValueError(f"output_csv={path}: cannot create its folder ({err.strerror}); choose "
+                     "another output_csv") from err
+  if not os.access(path.parent, os.W_OK):
+    raise ValueError(f"output_csv={path}: {path.parent} is not writable; choose another "
+                     "output_csv")
+
+
 def write_csv(rows: list[dict], path, classes: list[str]) -> None:
   """image, probability (P(class 1), or P(predicted) for K > 2), predicted[, p_<class>...]."""
   binary = len(classes) == 2
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(["image", "probability", "predicted"] + ([] if binary else
-                                                        [f"p_{c}" for c in classes]))
-    for r in rows:
-      p = r["probability"]
-      if binary:
-        w.writerow([r["image"], f"{p:.8g}", r["predicted"]])
-      else:
-        w.writerow([r["image"], f"{max(p):.8g}", r["predicted"]] + [f"{q:.8g}" for q in p])
+  f = io.StringIO(newline="")
+  w = csv.writer(f)
+  w.writerow(["image", "probability", "predicted"] + ([] if binary else
+                                                      [f"p_{c}" for c in classes]))
+  for r in rows:
+    p = r["probability"]
+    if binary:
+      w.writerow([r["image"], f"{p:.8g}", r["predicted"]])
+    else:
+      w.writerow([r["image"], f"{max(p):.8g}", r["predicted"]] + [f"{q:.8g}" for q in p])
+  fileio.write_text_atomic(path, f.getvalue())
 
 
 def format_table(rows: list[dict], classes: list[str] | None = None) -> str:
@@ -167,12 +222,18 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   Returns (rows, rejected, classes).
   """
   config.validate()
+  if config.output_csv:
+    check_writable(config.output_csv)
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
   model, cfg = rundir.load_model_dir(config.model_dir)
-  rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
-                            config.model_dir)
+  if config.records_dir:
+    rows, rejected = predict_records(
+        model, cfg, config.records_dir, config.split, config.batch_size,
+        threshold=config.threshold, tta=config.tta, model_dir=config.model_dir), []
+  else:
+    rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
+                              config.model_dir)
   classes = [str(c) for c in cfg["classes"]]
   if config.output_csv:
-    pathlib.Path(config.output_csv).parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, config.output_csv, classes)
   return rows, rejected, classes

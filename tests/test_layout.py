@@ -17,7 +17,7 @@ STAGES = [
     {"fileio", "tfrecord", "features", "manifest", "splits", "labels", "patients", "dedup",
      "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty"},
     {"records", "workers", "convert"},
-    {"pipeline"},
+    {"pipeline", "kaggle"},
     {"augment"},
     {"models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},

@@ -1,4 +1,5 @@
-"""The tf.data pipeline: exactly-once evaluation, balance, folds, per-worker sharding, Kaggle files."""
+"""The tf.data pipeline: exactly-once evaluation, balance, folds, per-worker sharding, corrupt shards
+(SIIM-ISIC Kaggle files: test_kaggle.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import tensorflow as tf
 
 from conftest import convert_folder, write_dark_bright
-from skinrecords import features
 from skinrecords import manifest
 from skinrecords import pipeline
 
@@ -113,51 +113,26 @@ def test_resize_only_when_sizes_differ(records_dir):
   assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
 
 
-def _kaggle_files(folder: pathlib.Path, n_files=2, per_file=5):
-  """Files with only the public SIIM-ISIC keys (image, image_name, target), Kaggle naming."""
-  folder.mkdir()
-  rng = np.random.default_rng(5)
-  expected = {}
-  for f in range(n_files):
-    with tf.io.TFRecordWriter(str(folder / f"train{f:02d}-{per_file}.tfrec")) as w:
-      for j in range(per_file):
-        target = (f + j) % 2
-        img = np.full((24, 24, 3), 200 if target else 30, np.uint8) + rng.integers(0, 20, (24, 24, 3),
-                                                                                   dtype=np.uint8)
-        name = f"ISIC_{f}{j}"
-        expected[name] = target
-        feature = {
-            features.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(
-                value=[tf.io.encode_jpeg(img).numpy()])),
-            features.IMAGE_NAME: tf.train.Feature(bytes_list=tf.train.BytesList(
-                value=[name.encode()])),
-            features.TARGET: tf.train.Feature(int64_list=tf.train.Int64List(value=[target])),
-        }
-        w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-  return expected
+def test_corrupt_shard_error_names_the_file(tmp_path, records_dir):
+  """The manifest is read before the damage, so only the read itself meets the bad CRC."""
+  import shutil  # pylint: disable=g-import-not-at-top
 
-
-def test_kaggle_records_without_manifest(tmp_path):
-  expected = _kaggle_files(tmp_path / "kaggle")
-  info = pipeline.load_info(tmp_path / "kaggle")
-  assert info.num_examples("train") == 10 and info.image_size is None
-  with pytest.raises(ValueError, match="image_size"):
-    pipeline.make_dataset(info, "train", training=False)
-  images, labels, names = _collect(pipeline.make_dataset(info, "train", batch_size=4,
-                                                         training=False, image_size=32,
-                                                         with_names=True))
-  assert images.shape == (10, 32, 32, 3)
-  assert dict(zip(names, labels.tolist())) == expected
-  np.testing.assert_array_equal(labels, images.mean(axis=(1, 2, 3)) > 110)
-
-
-def test_corrupt_shard_error_names_the_file(tmp_path):
-  _kaggle_files(tmp_path / "k", n_files=3)
-  bad = sorted((tmp_path / "k").glob("*.tfrec"))[1]
+  shutil.copytree(records_dir, tmp_path / "r")
+  info = pipeline.load_info(tmp_path / "r")
+  bad = pathlib.Path(info.select("train")[1].path)
   data = bytearray(bad.read_bytes())
   data[len(data) // 2] ^= 0x55
   bad.write_bytes(bytes(data))
-  info = pipeline.load_info(tmp_path / "k")
-  ds = pipeline.make_dataset(info, "train", batch_size=4, training=False, image_size=24)
+  ds = pipeline.make_dataset(info, "train", batch_size=4, training=False)
   with pytest.raises(pipeline.CorruptShardError, match=bad.name):
     collections.deque(pipeline.iterate(ds, info, "train"), maxlen=0)
+
+
+def test_only_needed_features_are_parsed_with_the_files_dtypes():
+  schema = manifest.RecordSchema.of({"image": "bytes", "image_name": "bytes", "target": "int64",
+                                     "patient_id": "int64", "sex": "int64"}, "jpeg")
+  spec = pipeline.parse_spec(schema, ("image", "target", "fold"))
+  assert sorted(spec) == ["image", "target"]  # "fold" is not in these files: left out
+  assert spec["target"].dtype == tf.int64 and spec["image"].dtype == tf.string
+  ours = manifest.DatasetInfo("x", ("a", "b"), 8, {}, {"image_format": "jpeg"}).schema("train")
+  assert ours.image_format == "jpeg" and ours.dtype("patient_id") == "bytes" and ours.has_labels

@@ -1,13 +1,18 @@
-"""Predicts image files with a trained model directory, preprocessed exactly like its records.
+"""Predicts image files (or the records of one split) with a trained model directory.
 
 Each image goes through the preprocessing recorded in MODEL_DIR/config.json (the converter's own
 code: crop, resize, hair removal, JPEG round trip), so predictions match what evaluation sees.
 Prints a table (image, probability, predicted class), writes it as CSV with --output_csv, and lists
 images that could not be read on stderr. Exits 0 when at least one image was predicted, else 1.
+With --records_dir, scores every record of --split of a records folder instead (a make_records
+folder, or the SIIM-ISIC Kaggle TFRecords whose test files carry no labels); the image column is
+then each record's image_name.
 
 Example:
   predict --model_dir=/runs/densenet_fold0 --input_dir=/clinic/today --output_csv=today.csv
   predict --model_dir=/runs/densenet_fold0 lesion1.jpg lesion2.png
+  predict --model_dir=/runs/densenet_fold0 --records_dir=/data/melanoma-512x512 --split=test \
+      --output_csv=submission_probs.csv
 """
 
 import sys
@@ -25,6 +30,11 @@ _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Predict every image under t
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Also write the predictions to this CSV "
                                   "(image, probability, predicted; per-class columns for more "
                                   "than two classes).")
+_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Score the records of --split in this "
+                                   "folder (make_records output or SIIM-ISIC .tfrec files) "
+                                   "instead of image files.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "With --records_dir: "
+                           "the split to score.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two-class decision threshold on P(class 1), "
                                 "strictly between 0 and 1 (e.g. the one bin/evaluate "
                                 "--threshold=youden reported).")
@@ -35,20 +45,21 @@ flags.mark_flag_as_required("model_dir")
 
 
 def main(argv):
-  if len(argv) < 2 and not _INPUT_DIR.value:
-    raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER")
-  from skinrecords import predict  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  if len(argv) < 2 and not _INPUT_DIR.value and not _RECORDS_DIR.value:
+    raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER, "
+                         "or --records_dir=FOLDER")
+  from skinrecords import pipeline, predict  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
   try:
     config = predict.PredictConfig(
         model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
         output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-        tta=_TTA.value)
+        tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value)
   except ValueError as err:
     raise app.UsageError(str(err).replace("PredictConfig.", "--")) from err
   try:
     rows, rejected, classes = predict.run(config)
-  except (FileNotFoundError, ValueError) as err:
+  except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
     print(f"predict: {err}", file=sys.stderr)
     return 2
   if rows:
