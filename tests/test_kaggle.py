@@ -216,3 +216,13 @@ def test_predict_command_error_is_one_line(tmp_path, kaggle_dir):
                  f"--output_csv={tmp_path}", check=False)
   assert proc.returncode == 2 and "is a folder; give a file name" in proc.stderr, proc.stderr
   assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+
+
+def test_train_on_test_files_only_is_one_line(tmp_path):
+  write_kaggle(tmp_path / "k", train_files=0, test_files=1)
+  proc = run_bin("train", f"--records_dir={tmp_path / 'k'}", f"--model_dir={tmp_path / 'm'}",
+                 "--backbone=simple_cnn", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  error = [l for l in proc.stderr.splitlines() if not re.match(r"[IW]\d{4} ", l)]
+  assert len(error) <= 2 and "no split 'train'" in error[0], proc.stderr  # log lines aside
+  assert not (tmp_path / "m").exists()

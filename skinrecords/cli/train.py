@@ -148,10 +148,12 @@ def _config():
       deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value)
   try:
     config.validate()
-    if config.fold is not None:
-      info.select("train", config.fold)
+    info.select("train", config.fold)  # a folder of test files only has no "train" split
   except ValueError as err:
     raise app.UsageError(str(err)) from err
+  if not info.has_labels("train"):
+    raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
+                         "labels (target); train on labelled records")
   return config
 
 
