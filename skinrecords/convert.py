@@ -204,7 +204,7 @@ def patient_warning(listing: sources.Listing) -> str | None:
   return None
 
 
-def _ours(name: str) -> bool:
+def _written_by_converter(name: str) -> bool:
   base = name[:-4] if name.endswith(".tmp") else name
   return base == manifest.FILE or base == STATE_DIR or features.parse_shard_name(base) is not None
 
@@ -228,7 +228,7 @@ def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> boo
         "flags and inputs. Pass --overwrite to replace them, or choose another --output_dir.")
   if existing:  # overwrite: remove only what a converter writes; never unrelated files.
     for name in existing:
-      if _ours(name):
+      if _written_by_converter(name):
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
   (out / STATE_DIR).mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import pathlib
 
 import numpy as np
 
+from skinrecords import explain
 from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
@@ -43,6 +44,7 @@ class PredictConfig:
   tta: int = 0  # as EvalConfig.tta
   records_dir: str | None = None  # instead of images: every record of `split` in this folder
   split: str = "test"
+  explain_dir: str | None = None  # also write a Grad-CAM overlay per image here
 
   def __post_init__(self):
     self.validate()
@@ -117,6 +119,15 @@ def _batches(paths, pconfig, image_size, batch_size, rejected):
     yield np.stack(images), np.full(len(images), -1), names
 
 
+def _explaining(batches, model, classes, threshold, folder):
+  """Passes batches through, writing FOLDER/<name>.gradcam.png for each image on the way."""
+  for batch in batches:
+    names = batch[2].numpy() if hasattr(batch[2], "numpy") else batch[2]
+    names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    explain.write_overlays(folder, model, np.asarray(batch[0]), names, classes, threshold)
+    yield batch
+
+
 def _rows(probs, names, classes, threshold) -> list[dict]:
   rows = []
   for i, name in enumerate(names):
@@ -129,13 +140,14 @@ def _rows(probs, names, classes, threshold) -> list[dict]:
   return rows
 
 
-def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir):
+def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
   classes = [str(c) for c in cfg["classes"]]
   pconfig = _preprocess_config(cfg, model_dir)
   rejected: list[dict] = []
-  probs, _, names = inference.predict_dataset(
-      model, _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected),
-      tta)
+  batches = _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected)
+  if explain_dir:
+    batches = _explaining(batches, model, classes, threshold, explain_dir)
+  probs, _, names = inference.predict_dataset(model, batches, tta)
   rows = _rows(probs, names, classes, threshold)
   order = {str(p): i for i, p in enumerate(paths)}
   rejected.sort(key=lambda r: order[r["image"]])
@@ -154,7 +166,8 @@ def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 
 
 
 def predict_records(model, cfg, records_dir, split: str = "test", batch_size: int = 32, *,
-                    threshold: float = 0.5, tta: int = 0, model_dir=None) -> list[dict]:
+                    threshold: float = 0.5, tta: int = 0, model_dir=None,
+                    explain_dir=None) -> list[dict]:
   """Rows as `predict_files` for every record of `split` in file order, "image" = image_name.
 
   Labels are not needed (nor read): the SIIM-ISIC test files have none."""
@@ -166,7 +179,11 @@ def predict_records(model, cfg, records_dir, split: str = "test", batch_size: in
                      f"{records_dir} holds {list(info.classes)}; use records with the same classes")
   ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
                              image_size=cfg["image_size"], with_names=True)
-  probs, _, names = inference.predict_dataset(model, ds, tta, info=info, split=split)
+  if explain_dir:
+    ds = _explaining(ds, model, classes, threshold, explain_dir)
+    probs, _, names = inference.predict_dataset(model, ds, tta)
+  else:
+    probs, _, names = inference.predict_dataset(model, ds, tta, info=info, split=split)
   return _rows(probs, names, classes, threshold)
 
 
@@ -224,15 +241,18 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   config.validate()
   if config.output_csv:
     check_writable(config.output_csv)
+  if config.explain_dir:
+    fileio.check_writable_dir(config.explain_dir, "explain_dir")
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
   model, cfg = rundir.load_model_dir(config.model_dir)
   if config.records_dir:
     rows, rejected = predict_records(
         model, cfg, config.records_dir, config.split, config.batch_size,
-        threshold=config.threshold, tta=config.tta, model_dir=config.model_dir), []
+        threshold=config.threshold, tta=config.tta, model_dir=config.model_dir,
+        explain_dir=config.explain_dir), []
   else:
     rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
-                              config.model_dir)
+                              config.model_dir, config.explain_dir)
   classes = [str(c) for c in cfg["classes"]]
   if config.output_csv:
     write_csv(rows, config.output_csv, classes)

@@ -1,6 +1,6 @@
 """The converter's workers: one image file in, one framed TFRecord (or a rejection reason) out.
 
-`RecordPool` runs `_work` in this process or in a `spawn`ed pool. The spawned workers import this
+`RecordPool` runs `_preprocess_and_frame` in this process or in a `spawn`ed pool. The spawned workers import this
 module, so it (and everything it imports: `preprocess`, `hair`, `tfrecord`) must never import
 TensorFlow: that costs 3.4-3.8 s and 675 MB per worker (tests/test_tfrecord.py checks it).
 """
@@ -32,7 +32,7 @@ def _init_worker(config: preprocess.PreprocessConfig, ready=None) -> None:
 _WORKER_CONFIG: preprocess.PreprocessConfig | None = None
 
 
-def _work(task: Task):
+def _preprocess_and_frame(task: Task):
   """Worker: returns (framed TFRecord, None) or (None, reason). Never raises for a bad file.
 
   All per-image work happens here (decode, preprocess, encode, the Example, its framing and CRCs),
@@ -61,7 +61,7 @@ _CHUNKS_PER_WORKER = 8
 
 
 class RecordPool:
-  """The converter's workers: `imap(tasks)` yields `_work`'s (record, reason) per task, in order.
+  """The converter's workers: `imap(tasks)` yields `_preprocess_and_frame`'s (record, reason) per task, in order.
 
   One worker runs in this process (no spawn start-up); more are a `spawn` pool (fork + OpenCV
   threads can deadlock, opencv#5150), each importing NumPy, OpenCV and skinrecords but not
@@ -89,14 +89,14 @@ class RecordPool:
           from err
 
   def imap(self, tasks: list[Task]):
-    """Yields `_work(task)` for each task, in order."""
+    """Yields `_preprocess_and_frame(task)` for each task, in order."""
     if self._pool is None:
-      return map(_work, tasks)
+      return map(_preprocess_and_frame, tasks)
     chunk = max(1, min(_MAX_CHUNK, len(tasks) // (self.workers * _CHUNKS_PER_WORKER)))
     tail = max(0, len(tasks) - self.workers * chunk) if chunk > 1 else 0
     # Both are queued now, in this order: workers take the chunks first, then the single tasks.
-    return itertools.chain(self._pool.imap(_work, tasks[:tail], chunksize=chunk),
-                           self._pool.imap(_work, tasks[tail:], chunksize=1))
+    return itertools.chain(self._pool.imap(_preprocess_and_frame, tasks[:tail], chunksize=chunk),
+                           self._pool.imap(_preprocess_and_frame, tasks[tail:], chunksize=1))
 
   def close(self) -> None:
     if self._pool is not None:

@@ -332,8 +332,12 @@ def test_bins(data, perfect_dir, tmp_path):
   shutil.copytree(data / "in" / "b", folder)
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
   proc = run_bin("predict", f"--model_dir={perfect_dir}", f"--input_dir={folder}",
-                 f"--output_csv={tmp_path / 'p.csv'}", str(data / "in" / "a" / "a000.png"))
+                 f"--output_csv={tmp_path / 'p.csv'}", f"--explain_dir={tmp_path / 'cam'}",
+                 str(data / "in" / "a" / "a000.png"))
   rows = _read_csv(tmp_path / "p.csv")
+  overlays = sorted(p.name for p in (tmp_path / "cam").iterdir())
+  assert overlays == sorted(f"{pathlib.Path(r['image']).stem}.gradcam.png" for r in rows)
+  assert cv2.imread(str(tmp_path / "cam" / overlays[0])).shape == (SIZE, SIZE, 3)
   assert len(rows) == 31 and rows[0]["image"].endswith("a000.png") and rows[0]["predicted"] == "a"
   assert all(r["predicted"] == "b" for r in rows[1:]) and "broken.jpg" in proc.stderr
   assert "a000.png" in proc.stdout

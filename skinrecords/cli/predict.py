@@ -41,6 +41,10 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two-class decision threshold 
 _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 dihedral "
                             "transforms averaged (as bin/evaluate --tta).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+_EXPLAIN_DIR = flags.DEFINE_string("explain_dir", None, "Also write a Grad-CAM heatmap of the "
+                                   "predicted class over each image here, as "
+                                   "<image name>.gradcam.png (from the backbone's last "
+                                   "convolutional block; without TTA).")
 flags.mark_flag_as_required("model_dir")
 
 
@@ -54,7 +58,8 @@ def main(argv):
     config = predict.PredictConfig(
         model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
         output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-        tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value)
+        tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
+        explain_dir=_EXPLAIN_DIR.value)
   except ValueError as err:
     raise app.UsageError(str(err).replace("PredictConfig.", "--")) from err
   try:
