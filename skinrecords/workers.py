@@ -1,8 +1,8 @@
 """The converter's workers: one image file in, one framed TFRecord (or a rejection reason) out.
 
-`RecordPool` runs `_preprocess_and_frame` in this process or in a `spawn`ed pool. The spawned workers import this
-module, so it (and everything it imports: `preprocess`, `hair`, `tfrecord`) must never import
-TensorFlow: that costs 3.4-3.8 s and 675 MB per worker (tests/test_tfrecord.py checks it).
+`RecordPool` runs `_preprocess_and_frame` in this process or in a `spawn`ed pool. The spawned
+workers import this module, so it (and everything it imports: `preprocess`, `hair`, `tfrecord`)
+must never import TensorFlow: that costs 3.4-3.8 s and 675 MB per worker (tests/test_tfrecord.py checks it).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ _CHUNKS_PER_WORKER = 8
 
 
 class RecordPool:
-  """The converter's workers: `imap(tasks)` yields `_preprocess_and_frame`'s (record, reason) per task, in order.
+  """The converter's workers: `imap(tasks)` yields `_preprocess_and_frame`'s (record, reason) per
+  task, in order.
 
   One worker runs in this process (no spawn start-up); more are a `spawn` pool (fork + OpenCV
   threads can deadlock, opencv#5150), each importing NumPy, OpenCV and skinrecords but not
