@@ -355,3 +355,22 @@ def test_user_errors_are_one_line(abcd_records, tmp_path):
                  "--backbone=simple_cnn", "--weights=none", "--strategy=one_device", check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("train: ") and "missing" in proc.stderr
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_epochs(abcd_records, tmp_path):
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    # SIGINT back to its default: a shell without job control starts background jobs with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    proc = start_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path / 'm'}",
+                     "--backbone=simple_cnn", "--epochs=500", "--noprogress", stdout=f, stderr=f,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while "epoch 2/500" not in err.read_text() and time.monotonic() < deadline:
+      assert proc.poll() is None, err.read_text()[-3000:]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+  text = err.read_text()
+  assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("train: interrupted")
+  assert (tmp_path / "m" / "model.keras").stat().st_size > 0  # epochs already done are kept
