@@ -29,12 +29,12 @@ import os
 import pathlib
 import shutil
 import statistics
-import tempfile
 import time
 
 from absl import app
 from absl import flags
 
+from benchmarks import common as bench_common
 from skinrecords.cli import common as cli_common
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 200, "A: number of synthetic sources.")
@@ -377,18 +377,10 @@ def main(argv):
   if min(large_size) < 2 * _IMAGE_SIZE.value:
     raise app.UsageError(f"--large_size={_LARGE_SIZE.value}: the shorter side must be >= 2 x "
                          f"--image_size={_IMAGE_SIZE.value}, or reduced decoding never applies")
-  if _WORKDIR.value:
-    pathlib.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-  root = pathlib.Path(tempfile.mkdtemp(prefix="bench_convert-", dir=_WORKDIR.value))
-  try:
+  with bench_common.work_folder("bench_convert-", _WORKDIR.value, _KEEP.value) as root:
     print(run_benchmark(_NUM_IMAGES.value, size, _NUM_LARGE.value, large_size, _LARGE_NOISE.value,
                         _IMAGE_SIZE.value, _REMOVE_HAIR.value, _WORKERS.value, _ROUNDS.value,
                         _SEED.value, root), flush=True)
-  finally:
-    if _KEEP.value:
-      print(f"kept {root}")
-    else:
-      shutil.rmtree(root, ignore_errors=True)
 
 
 def run():

@@ -31,12 +31,12 @@ import os
 import pathlib
 import shutil
 import statistics
-import tempfile
 import time
 
 from absl import app
 from absl import flags
 
+from benchmarks import common as bench_common
 from skinrecords.cli import common as cli_common
 
 _BACKBONES = flags.DEFINE_list("backbones", ["simple_cnn", "densenet121"],
@@ -302,20 +302,8 @@ def main(argv):
   opts = _check_flags()
   if importlib.util.find_spec("tf_keras") is None:
     raise app.UsageError(_NO_TF_KERAS)
-  try:
-    if _WORKDIR.value:
-      pathlib.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-    root = pathlib.Path(tempfile.mkdtemp(prefix="bench_e2e-", dir=_WORKDIR.value))
-  except OSError as err:
-    raise app.UsageError(f"--workdir={_WORKDIR.value}: cannot make a folder there "
-                         f"({err.strerror}); pass a writable --workdir") from err
-  try:
+  with bench_common.work_folder("bench_e2e-", _WORKDIR.value, _KEEP.value) as root:
     run_benchmark(root, opts)
-  finally:
-    if _KEEP.value:
-      print(f"kept {root}")
-    else:
-      shutil.rmtree(root, ignore_errors=True)
 
 
 def run():

@@ -35,13 +35,12 @@ import io
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 
 from absl import app
 from absl import flags
 
+from benchmarks import common as bench_common
 from skinrecords.cli import common as cli_common
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 512, "Synthetic images, half of them melanomas.")
@@ -314,18 +313,10 @@ def main(argv):
   # Must be set before TensorFlow creates its CPU allocator, i.e. before it is imported.
   os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true" if _BFC.value else "false"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if _WORKDIR.value:
-    pathlib.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-  root = pathlib.Path(tempfile.mkdtemp(prefix="bench_input-", dir=_WORKDIR.value))
-  try:
+  with bench_common.work_folder("bench_input-", _WORKDIR.value, _KEEP.value) as root:
     print(run_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _BATCH_SIZE.value, _BATCHES.value,
                         _BATCHES_SLOW.value, _WARMUP.value, _SEED.value, root,
                         _ROUNDS.value, _READER_ONLY.value), flush=True)
-  finally:
-    if _KEEP.value:
-      print(f"kept {root}")
-    else:
-      shutil.rmtree(root, ignore_errors=True)
 
 
 def run():

@@ -15,7 +15,6 @@ Use:
 
 from __future__ import annotations
 
-import os
 import pathlib
 import weakref
 
@@ -25,17 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from skinrecords import fileio
+from skinrecords import models
+from skinrecords import plots
 
 _CAM_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 OVERLAY_ALPHA = 0.45  # heat over the image: enough colour to read, the lesion still visible
-
-
-def _backbone(model: keras.Model) -> keras.Model:
-  nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-  if len(nested) != 1:
-    raise ValueError(f"model {model.name!r} has {len(nested)} nested sub-models, expected exactly "
-                     "one backbone; was it built by skinrecords.models.build_model?")
-  return nested[0]
 
 
 def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
@@ -45,7 +38,7 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
   (VGG16), conv5_block3_out (ResNet50), relu (DenseNet121), top_activation (EfficientNetV2-S).
   Pooling after it only halves the map Grad-CAM is read from (2x2 at 64 px for simple_cnn).
   """
-  backbone = _backbone(model)
+  backbone = models.get_backbone(model)
   for layer in reversed(backbone.layers):
     shape = getattr(layer, "output", None)
     shape = getattr(shape, "shape", None)
@@ -59,7 +52,7 @@ def cam_model(model: keras.Model) -> keras.Model:
   """`image -> (last conv block's maps, logits)` sharing `model`'s weights (cached per model)."""
   if model in _CAM_MODELS:
     return _CAM_MODELS[model]
-  backbone = _backbone(model)
+  backbone = models.get_backbone(model)
   inner = keras.Model(backbone.inputs, [last_conv_layer(model).output, backbone.outputs[0]])
   inputs = keras.Input(model.inputs[0].shape[1:])
   x, maps = inputs, None
@@ -149,12 +142,7 @@ def gallery(path, images, heats, titles, columns: int = 4) -> pathlib.Path:
       cells[1].imshow(overlay(images[i], heats[i]))
       cells[1].set_title("Grad-CAM", fontsize=7)
   path = pathlib.Path(path)
-  tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # savefig picks the format by suffix
-  try:
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  plots.save_figure(fig, path)
   return path
 
 

@@ -289,11 +289,11 @@ def _load_weights_file(model: keras.Model, path: str) -> None:
       # Keras 3.15 warns about Functional's internal `_operations_by_depth` containers, which hold
       # no variables of their own; real mismatches still raise.
       warnings.filterwarnings("ignore", message="Skipping nested container")
-      _get_backbone(model).load_weights(path)
+      get_backbone(model).load_weights(path)
   except Exception as err:  # pylint: disable=broad-except
     raise ValueError(
         f"weights file {path!r} fits neither the whole model {model.name!r} "
-        f"({_short(model_err)}) nor its backbone {_get_backbone(model).name!r} ({_short(err)}). "
+        f"({_short(model_err)}) nor its backbone {get_backbone(model).name!r} ({_short(err)}). "
         "Was it saved from the same backbone and image_size?") from err
 
 
@@ -343,7 +343,8 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   return model
 
 
-def _get_backbone(model: keras.Model) -> keras.Model:
+def get_backbone(model: keras.Model) -> keras.Model:
+  """The backbone sub-model nested in a model built by `build_model`."""
   nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
   if len(nested) != 1:
     raise ValueError(f"model {model.name!r} has {len(nested)} nested sub-models, expected exactly "
@@ -353,7 +354,7 @@ def _get_backbone(model: keras.Model) -> keras.Model:
 
 def backbone_layer_names(model: keras.Model) -> list[str]:
   """Backbone layer names in order (input layer excluded): the valid LAYERs for 'from:LAYER'."""
-  return [layer.name for layer in _get_backbone(model).layers
+  return [layer.name for layer in get_backbone(model).layers
           if not isinstance(layer, keras.layers.InputLayer)]
 
 
@@ -378,7 +379,7 @@ def set_freeze(model: keras.Model, freeze: str) -> None:
   The head is always trainable.
   """
   kind, layer_name = _parse_freeze(freeze)
-  backbone = _get_backbone(model)
+  backbone = get_backbone(model)
   names = backbone_layer_names(model)
   if kind == "from" and layer_name not in names:
     shown = (", ".join(names[:5]) + ", ..., " + ", ".join(names[-5:]) if len(names) > 10

@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 # state or a display, so it works headless and from threads.
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
   """savefig to a temporary name, then rename: a killed run never leaves half a PNG."""
   path = pathlib.Path(path)
   tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # savefig picks the format by suffix
@@ -56,7 +56,7 @@ def plot_confusion(path: pathlib.Path, m: dict) -> None:
   ax.set_title(f"{_title(m, 'Confusion matrix')}\naccuracy {m['accuracy']:.3f}, {rule}"
                + ("\nWARNING: collapsed to one class" if m["collapsed"] else ""),
                color="red" if m["collapsed"] else "black")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def plot_curves(roc_path: pathlib.Path, pr_path: pathlib.Path, probs, labels, m: dict) -> None:
@@ -99,7 +99,7 @@ def plot_curves(roc_path: pathlib.Path, pr_path: pathlib.Path, probs, labels, m:
     ax.grid(alpha=0.3)
     if curves:
       ax.legend(loc="lower right" if what == "ROC" else "lower left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -118,6 +118,6 @@ def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathl
     ax.grid(alpha=0.3)
     ax.legend()
     path = pathlib.Path(out_dir) / f"{key}.png"
-    _save(fig, path)
+    save_figure(fig, path)
     paths.append(path)
   return paths

@@ -38,8 +38,10 @@ def train_tiny(records: pathlib.Path, model_dir: pathlib.Path, size: int, steps:
                                                 weights="none"), info.class_counts("train"))
   model.compile(keras.optimizers.Adam(3e-3),
                 keras.losses.BinaryCrossentropy(from_logits=True))
-  ds = pipeline.make_dataset(info, "train", batch_size=16, seed=seed).map(
-      lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)[:, None]))
+  # A fixed batch order (training=False, repeated, batches shuffled with the seed): the training
+  # input's non-deterministic interleave made the blob model miss its bound 1 run in 3.
+  ds = pipeline.make_dataset(info, "train", batch_size=16, training=False).repeat().shuffle(
+      64, seed=seed).map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)[:, None]))
   model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
   images = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(info, "train",
                                                                        training=False)])
