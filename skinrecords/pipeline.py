@@ -124,6 +124,14 @@ def _check(info: DatasetInfo, split: str, fold: int | None, training: bool,
   if not info.has_labels(split) and (training or balance == "oversample"):
     raise ValueError(f"{info.records_dir}: split {split!r} has no labels ({features.TARGET!r} "
                      "is not in its records); it can be predicted, not trained on")
+  counts = info.class_counts(split, fold) if balance == "oversample" else []
+  if any(counts) and not all(counts):
+    # sample_from_datasets waits forever on a class filter that never yields (it hung).
+    empty = [info.classes[c] for c, n in enumerate(counts) if not n]
+    where = f"split {split!r}" + (f" (fold {fold})" if fold is not None else "")
+    raise ValueError(f"{info.records_dir}: {where} "
+                     f"has no {', '.join(map(repr, empty))} examples, so balance='oversample' "
+                     "cannot sample them; use balance='class_weights' or 'none'")
   size = image_size or info.image_size
   if size is None:
     raise ValueError(f"{info.records_dir}: images come in several sizes; pass image_size")

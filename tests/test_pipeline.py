@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -136,3 +137,13 @@ def test_only_needed_features_are_parsed_with_the_files_dtypes():
   assert spec["target"].dtype == tf.int64 and spec["image"].dtype == tf.string
   ours = manifest.DatasetInfo("x", ("a", "b"), 8, {}, {"image_format": "jpeg"}).schema("train")
   assert ours.image_format == "jpeg" and ours.dtype("patient_id") == "bytes" and ours.has_labels
+
+
+def test_oversampling_an_empty_class_fails_fast_naming_it(records_dir):
+  info = pipeline.load_info(records_dir)
+  no_second = {split: tuple(dataclasses.replace(s, class_counts=(s.class_counts[0], 0))
+                            for s in shards) for split, shards in info.shards.items()}
+  broken = dataclasses.replace(info, shards=no_second)
+  with pytest.raises(ValueError, match=repr(info.classes[1])):
+    pipeline.make_dataset(broken, "train", balance="oversample")
+  pipeline.make_dataset(info, "train", balance="oversample")  # both classes present: fine
