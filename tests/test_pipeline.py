@@ -53,10 +53,20 @@ def test_evaluation_yields_every_record_once_with_its_label(records_dir):
 
 def test_training_batches_are_full_shuffled_and_repeat(records_dir):
   info = pipeline.load_info(records_dir)
-  ds = pipeline.make_dataset(info, "train", batch_size=8, seed=1)
-  batches = list(ds.take(12))
+  n = info.num_examples("train")
+  ds = pipeline.make_dataset(info, "train", batch_size=8, seed=1, with_names=True)
+  # Twenty epochs' worth: it must not end after one. Records are shuffled after the repeat (a
+  # buffer spanning epochs), so coverage is statistical: each name is missed with p ~ e^-20.
+  batches = list(ds.take(20 * n // 8))
+  assert len(batches) == 20 * n // 8
   assert all(b[0].shape == (8, SIZE, SIZE, 3) for b in batches)
-  assert 12 * 8 > info.num_examples("train")  # it went past one epoch without ending
+  names = [x.decode() for b in batches for x in b[2].numpy()]
+  in_order = _collect(pipeline.make_dataset(info, "train", batch_size=8, training=False,
+                                            with_names=True))[2]
+  assert set(names) == set(in_order)  # every training example came round
+  assert names[:n] != in_order and sorted(names[:16]) != sorted(in_order[:16])  # shuffled
+  labels = np.concatenate([b[1].numpy() for b in batches])
+  np.testing.assert_array_equal(labels, [x.startswith("b") for x in names])
 
 
 def test_oversample_gives_balanced_classes(records_dir):
