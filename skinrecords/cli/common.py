@@ -117,6 +117,15 @@ def run(main, command: str) -> None:
     sys.exit(130)
 
 
+def make_config(cls, **fields):
+  """`cls(**fields)` for a config that validates on construction; its ValueError becomes a usage
+  error in flag terms (`EvalConfig.tta=9` reads `--tta=9`)."""
+  try:
+    return cls(**fields)
+  except ValueError as err:
+    raise app.UsageError(str(err).replace(f"{cls.__name__}.", "--")) from err
+
+
 def as_flags(message: str, names) -> str:
   """A library message in flag terms: `task_index=2` becomes `--task_index=2` for these names."""
   return re.sub(r"(?<![-\w])(" + "|".join(map(re.escape, names)) + r")\b", r"--\1", message)

@@ -53,14 +53,12 @@ def main(argv):
   from skinrecords import evaluate  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
 
-  try:
-    config = evaluate.EvalConfig(
-        model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
-        fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-        tta=_TTA.value, output_dir=_OUTPUT_DIR.value, allow_other_records=_ALLOW_OTHER.value,
-        bootstrap=_BOOTSTRAP.value)
-  except ValueError as err:
-    raise app.UsageError(str(err).replace("EvalConfig.", "--")) from err
+  config = cli_common.make_config(
+      evaluate.EvalConfig,
+      model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
+      fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+      tta=_TTA.value, output_dir=_OUTPUT_DIR.value, allow_other_records=_ALLOW_OTHER.value,
+      bootstrap=_BOOTSTRAP.value)
   try:
     result = evaluate.evaluate(config)
   except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:

@@ -43,13 +43,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a flag")
   from skinrecords import export  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
-  try:
-    config = export.ExportConfig(
-        model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, format=_FORMAT.value,
-        records_dir=_RECORDS_DIR.value, max_examples=_MAX_EXAMPLES.value,
-        threshold=_THRESHOLD.value, version=_VERSION.value)
-  except ValueError as err:
-    raise app.UsageError(str(err).replace("ExportConfig.", "--")) from err
+  config = cli_common.make_config(
+      export.ExportConfig,
+      model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, format=_FORMAT.value,
+      records_dir=_RECORDS_DIR.value, max_examples=_MAX_EXAMPLES.value,
+      threshold=_THRESHOLD.value, version=_VERSION.value)
   try:
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:

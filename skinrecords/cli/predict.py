@@ -54,14 +54,12 @@ def main(argv):
                          "or --records_dir=FOLDER")
   from skinrecords import pipeline, predict  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
-  try:
-    config = predict.PredictConfig(
-        model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
-        output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-        tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
-        explain_dir=_EXPLAIN_DIR.value)
-  except ValueError as err:
-    raise app.UsageError(str(err).replace("PredictConfig.", "--")) from err
+  config = cli_common.make_config(
+      predict.PredictConfig,
+      model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
+      output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+      tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
+      explain_dir=_EXPLAIN_DIR.value)
   try:
     rows, rejected, classes = predict.run(config)
   except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
