@@ -6,6 +6,9 @@
     MODEL_DIR/summary.json   which epoch was saved as best, and with what validation metrics
     MODEL_DIR/backup/        the checkpoint a restarted run resumes from
     MODEL_DIR/logs/          TensorBoard
+A cross-validation run (`train --fold=all`) is a folder of such runs, one per fold:
+    CV_DIR/fold_0/ ... fold_{K-1}/   each a run directory as above, trained with --fold=k
+    CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
 Every file is written atomically (temporary name, then rename): a kill during a save used to leave a
 0-byte best model that a rerun reported as success.
 """
@@ -62,6 +65,32 @@ RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
               "auc.png")
+
+
+FOLD_PREFIX = "fold_"
+OOF_FILE = "oof.csv"
+CV_METRICS_FILE = "cv_metrics.json"
+
+
+def fold_dir(model_dir: str | os.PathLike, fold: int) -> str:
+  """Where fold `fold` of a cross-validation run in `model_dir` lives."""
+  return os.path.join(os.fspath(model_dir), f"{FOLD_PREFIX}{int(fold)}")
+
+
+def cv_fold_dirs(model_dir: str | os.PathLike) -> list[str]:
+  """The fold run directories of a CV run, in fold order; [] when `model_dir` is not one.
+
+  Only folders named fold_<k> holding a model.keras count: an unfinished fold has none yet.
+  """
+  d = pathlib.Path(model_dir)
+  if not d.is_dir():
+    return []
+  folds = []
+  for child in d.iterdir():
+    suffix = child.name[len(FOLD_PREFIX):]
+    if child.name.startswith(FOLD_PREFIX) and suffix.isdigit() and (child / MODEL_FILE).is_file():
+      folds.append((int(suffix), str(child)))
+  return [path for _, path in sorted(folds)]
 
 
 class RunDirError(ValueError):
