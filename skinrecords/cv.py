@@ -199,15 +199,36 @@ def write_outputs(model_dir, predictions: list[dict], classes: list[str],
   return m
 
 
-def run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | None = None,
-           oof_tta: int = 0, bootstrap: int = 1000,
-           echo: Callable[[str], None] = logging.info) -> dict:
+class _ExpectedRetracing(logging.Filter):
+  """Drops TensorFlow's "5 out of the last 6 calls to <...train_step> triggered tf.function
+  retracing" warnings: every fold builds its own model, train step, forward pass and worker
+  barrier (new tf.functions by design), which TensorFlow called excessive from the 4th of 5 folds
+  on (seen on Kaggle files), once per function: a page of advice that does not apply."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
   """Trains every fold of `config.records_dir` into config.model_dir/fold_k, then writes the
   out-of-fold files there (chief only). Returns cv_metrics.json's dict ({"chief": False} on the
   other workers). `config.fold` is ignored; `config.overwrite` retrains every fold afresh.
+  Keyword arguments: oof_batch_size (default: config.batch_size), oof_tta (0), bootstrap (1000),
+  echo (called with one line per fold; default: logging.info).
 
   Raises ValueError (records without folds, bad tta), and what `train.train` raises.
   """
+  tf_logger, quiet = logging.getLogger("tensorflow"), _ExpectedRetracing()
+  tf_logger.addFilter(quiet)
+  try:
+    return _run_cv(config, strategy, **kwargs)
+  finally:
+    tf_logger.removeFilter(quiet)
+
+
+def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | None = None,
+           oof_tta: int = 0, bootstrap: int = 1000,
+           echo: Callable[[str], None] = logging.info) -> dict:
   inference.check_tta(oof_tta, "oof_tta")
   info = pipeline.load_info(config.records_dir)
   fold_ids(info)  # before anything long
