@@ -135,7 +135,8 @@ def _fold():
 
 
 def _config():
-  from skinrecords import augment, cv, inference, models, pipeline, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords import augment, cv, inference, models, pipeline, train
 
   fold = _fold()
   try:
