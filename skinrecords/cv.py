@@ -98,7 +98,7 @@ def train_folds(config: train.TrainConfig, strategy, info: manifest.DatasetInfo,
     summary = None if config.overwrite else _finished(cfg, info)
     if summary is None:
       summary = train.train(cfg, strategy)
-      gc.collect()  # the last fold's model and optimizers: DenseNet121 holds ~100 MB of them
+      gc.collect()  # the finished fold's model and optimizers, before the next fold builds its own
       how = f"trained {summary['epochs_this_run']} epoch(s)"
     else:
       how = "already finished, skipped"
@@ -186,10 +186,11 @@ def format_cv(m: dict) -> str:
 
 
 def write_outputs(model_dir, predictions: list[dict], classes: list[str],
-                  bootstrap: int = 1000) -> dict:
+                  bootstrap: int = 1000, tta: int = 0) -> dict:
   """oof.csv, cv_metrics.json and cv_roc.png in `model_dir`, each atomically."""
   out = pathlib.Path(model_dir)
   m = cv_metrics(predictions, classes, bootstrap)
+  m["oof_tta"] = tta
   fileio.write_text_atomic(out / rundir.OOF_FILE, oof_csv(predictions, classes))
   probs, labels, _ = _pooled(predictions)
   plots.cv_roc(out / CV_ROC_FILE, [(p["fold"], p["probs"], p["labels"]) for p in predictions],
@@ -247,8 +248,8 @@ def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | N
       predictions = [predict_fold(info, rundir.fold_dir(config.model_dir, k), k,
                                   oof_batch_size or config.batch_size, oof_tta)
                      for k in fold_ids(info)]
-      result.update(write_outputs(config.model_dir, predictions, list(info.classes), bootstrap),
-                    chief=True)
+      result.update(write_outputs(config.model_dir, predictions, list(info.classes), bootstrap,
+                                  oof_tta), chief=True)
     except Exception as err:  # pylint: disable=broad-except  (re-raised after the barrier)
       error = err
   if distribute.num_workers(strategy) > 1:
