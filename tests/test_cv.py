@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -14,7 +15,7 @@ import pytest
 from sklearn import metrics as skm
 import tensorflow as tf
 
-from conftest import convert_folder, run_bin, start_bin
+from conftest import bin_env, convert_folder, run_bin, start_bin
 from skinrecords import augment, cv, features, kaggle, manifest, models, pipeline, rundir, train
 from skinrecords import synthetic
 
@@ -173,6 +174,47 @@ def test_killed_cross_validation_resumes_at_the_unfinished_fold(cv_records, tmp_
   m = json.loads((out / rundir.CV_METRICS_FILE).read_text())
   assert f"pooled out-of-fold ROC AUC {m['oof_roc_auc']:.4f}" in result.stdout
   assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_workers_run_every_fold_on_one_cluster_and_only_the_chief_writes(cv_records,
+                                                                             tmp_path):
+  out = tmp_path / "cv"
+  hosts = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(2))
+  procs, logs = [], [tmp_path / f"w{i}.log" for i in range(2)]
+  for i in range(2):
+    (tmp_path / f"tmp{i}").mkdir()
+    env = bin_env(TMPDIR=str(tmp_path / f"tmp{i}"))  # a non-chief's temporary copies go here
+    env.pop("TF_CONFIG", None)
+    with open(logs[i], "w") as f:
+      procs.append(start_bin(
+          "train", f"--records_dir={cv_records}", f"--model_dir={out}", "--fold=all",
+          "--backbone=simple_cnn", "--weights=none", "--batch_size=8", "--epochs=1",
+          "--steps_per_epoch=2", "--noprogress", "--noaugment", "--strategy=multi_worker",
+          f"--worker_hosts={hosts}", f"--task_index={i}", env=env, stdout=f,
+          stderr=subprocess.STDOUT))
+  try:
+    for i, proc in enumerate(procs):
+      assert proc.wait(timeout=240) == 0, logs[i].read_text()[-3000:]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  chief, worker = logs[0].read_text(), logs[1].read_text()
+  # One process per worker for all folds: each fold's run was trained by both.
+  for k in range(FOLDS):
+    assert json.loads((out / f"fold_{k}" / rundir.CONFIG_FILE).read_text())["workers"] == 2
+    assert re.search(rf"^fold {k} \({k + 1}/{FOLDS}\)", chief, re.M)
+  assert "pooled out-of-fold ROC AUC" in chief and "pooled" not in worker
+  assert "worker done (worker 1)" in worker
+  rows = _read_oof(out)
+  assert sorted(r["image_name"] for r in rows) == sorted(_records_truth(cv_records))
+  assert not list((tmp_path / "tmp1").glob("skinrecords_*"))  # the worker's copies are gone
 
 
 def test_fold_all_needs_folds_and_says_so_in_one_line(cv_records, tmp_path):
