@@ -121,3 +121,42 @@ def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathl
     save_figure(fig, path)
     paths.append(path)
   return paths
+
+
+def _roc_input(probs, labels, classes) -> tuple[np.ndarray, np.ndarray]:
+  """(y_true, score) of one ROC curve: the positive class for two classes, else micro-averaged
+  one-vs-rest (every (example, class) pair is one binary decision)."""
+  probs, labels = np.asarray(probs), np.asarray(labels)
+  if len(classes) == 2:
+    return labels == 1, probs
+  return (labels[:, None] == np.arange(len(classes))[None, :]).ravel(), probs.ravel()
+
+
+def cv_roc(path, folds, probs, labels, classes) -> None:
+  """cv_roc.png: each fold's out-of-fold ROC (thin) and the pooled one over all folds (thick).
+
+  `folds` is [(fold, probs, labels)]; `probs`/`labels` are the pooled predictions. Folds whose
+  validation part holds a single class have no ROC and are named in the legend as undefined.
+  """
+  fig, ax = _figure()
+  for fold, fold_probs, fold_labels in folds:
+    y, score = _roc_input(fold_probs, fold_labels, classes)
+    if 0 < y.sum() < len(y):
+      fpr, tpr, _ = skm.roc_curve(y, score)
+      ax.plot(fpr, tpr, lw=1, alpha=0.7, label=f"fold {fold}: AUC = {skm.auc(fpr, tpr):.3f}")
+    else:
+      ax.plot([], [], lw=1, label=f"fold {fold}: undefined (one class)")
+  y, score = _roc_input(probs, labels, classes)
+  if 0 < y.sum() < len(y):
+    fpr, tpr, _ = skm.roc_curve(y, score)
+    ax.plot(fpr, tpr, lw=2.5, color="black", label=f"pooled: AUC = {skm.auc(fpr, tpr):.3f}")
+  ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
+  what = f"{classes[1]} positive" if len(classes) == 2 else "micro-averaged one-vs-rest"
+  ax.set_title(f"Out-of-fold ROC, {len(folds)} folds, n={len(np.asarray(labels))} ({what})")
+  ax.set_xlim(-0.01, 1.01)
+  ax.set_ylim(-0.01, 1.01)
+  ax.set_xlabel("false positive rate (1 - specificity)")
+  ax.set_ylabel("true positive rate (sensitivity)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  save_figure(fig, path)

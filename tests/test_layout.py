@@ -23,6 +23,7 @@ STAGES = [
     {"metrics", "plots", "rundir", "distribute", "data_service"},
     {"inference", "steps", "train"},
     {"evaluate", "predict", "export", "explain"},
+    {"cv"},
 ]
 
 

@@ -81,8 +81,13 @@ _WARMUP = flags.DEFINE_integer("warmup_epochs", 0, "Epochs training only the hea
                                "frozen) before applying --freeze.")
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Total epochs, warm-up included.")
 _STEPS = flags.DEFINE_integer("steps_per_epoch", 0, "0: train examples // batch size (manifest).")
-_FOLD = flags.DEFINE_integer("fold", None, "Train on every fold but this one, validate on it "
-                             "(records made with --folds).")
+_FOLD = flags.DEFINE_string("fold", None, "k: train on every fold but k, validate on it (records "
+                            "made with --folds). all: cross-validation, every fold in turn into "
+                            "MODEL_DIR/fold_k (resumable), then MODEL_DIR/oof.csv (out-of-fold "
+                            "predictions), cv_metrics.json and cv_roc.png.")
+_OOF_TTA = flags.DEFINE_integer("oof_tta", 0, "With --fold=all: test-time augmentation of the "
+                                "out-of-fold predictions (0: off; n: mean over the first n "
+                                "dihedral transforms, as evaluate --tta).")
 _BALANCE = flags.DEFINE_enum("balance", "none", ["none", "oversample", "class_weights"],
                              "Class imbalance: class-balanced sampling, or loss weights n/(k*n_c).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, input order and augmentation.")
@@ -115,9 +120,25 @@ _HUE = flags.DEFINE_float("hue", 0.0, "Max hue delta as a fraction of the circle
 flags.mark_flags_as_required(["records_dir", "model_dir"])
 
 
-def _config():
-  from skinrecords import augment, models, pipeline, train  # pylint: disable=g-import-not-at-top
+def _fold():
+  """--fold as an int, None, or "all" (cross-validation)."""
+  text = _FOLD.value
+  if text is None or text.strip().lower() == "all":
+    return text and "all"
+  try:
+    fold = int(text)
+  except ValueError:
+    fold = -1
+  if fold < 0:
+    raise app.UsageError(f"--fold={text}: expected a fold number (0, 1, ...) or 'all'")
+  return fold
 
+
+def _config():
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords import augment, cv, inference, models, pipeline, train
+
+  fold = _fold()
   try:
     info = pipeline.load_info(_RECORDS_DIR.value)
   except (FileNotFoundError, ValueError) as err:
@@ -143,14 +164,18 @@ def _config():
       augment=aug, strategy=_STRATEGY.value, xla=_XLA.value, mixed_precision=_MIXED.value,
       batch_size=_BATCH.value, learning_rate=_LR.value, fine_tune_learning_rate=_FT_LR.value,
       warmup_epochs=_WARMUP.value, epochs=_EPOCHS.value, steps_per_epoch=_STEPS.value,
-      fold=_FOLD.value, balance=_BALANCE.value, seed=_SEED.value, cache=_CACHE.value,
+      fold=None if fold == "all" else fold, balance=_BALANCE.value, seed=_SEED.value,
+      cache=_CACHE.value,
       progress=_PROGRESS.value, data_service=_DATA_SERVICE.value,
       deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value)
   try:
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
+    if fold == "all":
+      cv.fold_ids(info)
+      inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
-    raise app.UsageError(str(err)) from err
+    raise app.UsageError(cli_common.as_flags(str(err), ("fold", "oof_tta"))) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -192,9 +217,32 @@ def _final_line(result: dict) -> str:
           "accuracy/loss/auc.png, logs/")
 
 
+def _cross_validate(config, strategy) -> int:
+  """--fold=all: every fold, then the out-of-fold files; one line per fold, the summary last."""
+  from skinrecords import cv, distribute  # pylint: disable=g-import-not-at-top
+
+  def echo(line):
+    print(line, flush=True)
+  result = cv.run_cv(config, strategy, oof_tta=_OOF_TTA.value, echo=echo)
+  if result["chief"]:
+    print(cv.format_cv(result))
+    print(f"cross-validation files in {config.model_dir}: fold_0 ... fold_"
+          f"{len(result['folds']) - 1}/, oof.csv, cv_metrics.json, cv_roc.png")
+  else:
+    print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
+  # As after a single run (below): skip TensorFlow's slow teardown, streams flushed.
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included.
+  if _fold() != "all" and _OOF_TTA.value:
+    raise app.UsageError(f"--oof_tta={_OOF_TTA.value} applies only to --fold=all")
   from skinrecords import distribute  # pylint: disable=g-import-not-at-top
 
   _set_cluster()
@@ -209,6 +257,8 @@ def main(argv):
   from skinrecords import models, pipeline, rundir, train  # pylint: disable=g-import-not-at-top
 
   try:
+    if _fold() == "all":
+      return _cross_validate(config, strategy)
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError, FileNotFoundError) as err:

@@ -1,0 +1,259 @@
+"""K-fold cross-validation: one run directory per fold, then out-of-fold predictions and metrics.
+
+`run_cv` trains fold 0 ... K-1 of a records folder one after another into MODEL_DIR/fold_k (each a
+normal run directory, `train.train` with fold=k), then has each fold's best model (model.keras)
+predict the fold it did not train on. Every labelled training example is thus predicted exactly
+once, by the one model that never saw it: MODEL_DIR/oof.csv. MODEL_DIR/cv_metrics.json holds the
+per-fold metrics, their mean ± std (`metrics.summarize_folds`) and the pooled out-of-fold metrics
+with patient-level bootstrap CIs; cv_roc.png every fold's ROC and the pooled one (rundir owns the
+layout).
+
+Resuming: a fold whose summary.json says it holds all requested epochs is skipped (after the same
+settings check a resumed run gets); any other fold goes through `train.train`, which resumes from
+the fold's own backup. A killed CV run restarted with the same command therefore continues at the
+unfinished fold. The out-of-fold files are recomputed at the end of every run (seconds: one forward
+pass over the training split) rather than cached, so they always match the fold models.
+
+Folds are the records' own: `make_records --folds=K` (fold per train shard), or for a folder of
+SIIM-ISIC Kaggle files K = min(5, train files) over the file indices (kaggle.folds_of).
+
+Multi-worker: one strategy for all folds (a new cluster per fold would need new processes: a
+MultiWorkerMirroredStrategy must exist before any other TF op). Every worker trains every fold; only
+the chief predicts and writes the CV files, while the others wait at a barrier so that none leaves
+the cluster while the chief still belongs to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import io
+import json
+import logging
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from skinrecords import distribute
+from skinrecords import evaluate
+from skinrecords import fileio
+from skinrecords import inference
+from skinrecords import manifest
+from skinrecords import metrics
+from skinrecords import pipeline
+from skinrecords import plots
+from skinrecords import rundir
+from skinrecords import train
+
+CV_ROC_FILE = "cv_roc.png"
+_CV_FILES = (rundir.OOF_FILE, rundir.CV_METRICS_FILE, CV_ROC_FILE)
+
+
+def fold_ids(info: manifest.DatasetInfo) -> list[int]:
+  """The folds of a records folder's training split; ValueError (one line) when under two."""
+  folds = sorted({s.fold for s in info.shards.get("train", ()) if s.fold >= 0})
+  if len(folds) < 2:
+    found = f"only fold {folds[0]}" if folds else "no folds"
+    raise ValueError(f"{info.records_dir} has {found}; fold=all needs records converted with "
+                     "make_records --folds=K (K >= 2), or SIIM-ISIC Kaggle files (>= 2 train "
+                     "files)")
+  return folds
+
+
+def fold_config(config: train.TrainConfig, fold: int) -> train.TrainConfig:
+  """The config of fold `fold`'s run: the CV's settings, its own folder, that fold held out."""
+  return dataclasses.replace(config, model_dir=rundir.fold_dir(config.model_dir, fold), fold=fold)
+
+
+def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | None:
+  """The fold's summary.json when it already holds exactly `config.epochs` epochs, else None.
+
+  Raises rundir.RunDirError when the folder holds a run with other settings (as a resume would).
+  """
+  d = pathlib.Path(config.model_dir)
+  summary_path = d / rundir.SUMMARY_FILE
+  if not (summary_path.is_file() and (d / rundir.MODEL_FILE).is_file()):
+    return None
+  # The keys rundir.resume_settings compares, in config.json's shape (train._run_config).
+  rundir.check_resumable(d, {
+      "records_fingerprint": info.fingerprint, "image_size": config.model.image_size,
+      "classes": list(info.classes), "fold": config.fold,
+      "model": {"backbone": config.model.backbone, "num_classes": info.num_classes}})
+  try:
+    summary = json.loads(summary_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None  # train.train rewrites it
+  return summary if summary.get("epochs_done") == config.epochs else None
+
+
+def train_folds(config: train.TrainConfig, strategy, info: manifest.DatasetInfo,
+                echo: Callable[[str], None]) -> list[dict]:
+  """Trains (or skips, when finished) every fold in turn; returns each fold's summary."""
+  folds, chief = fold_ids(info), distribute.is_chief(strategy)
+  summaries = []
+  for fold in folds:
+    cfg = fold_config(config, fold)
+    summary = None if config.overwrite else _finished(cfg, info)
+    if summary is None:
+      summary = train.train(cfg, strategy)
+      gc.collect()  # the finished fold's model and optimizers, before the next fold builds its own
+      how = f"trained {summary['epochs_this_run']} epoch(s)"
+    else:
+      how = "already finished, skipped"
+    summaries.append(summary)
+    if chief:
+      auc = (summary.get("best_metrics") or {}).get("val_auc")
+      echo(f"fold {fold} ({len(summaries)}/{len(folds)}): validation AUC "
+           f"{'undefined' if auc is None else f'{auc:.4f}'} at epoch {summary.get('best_epoch')} "
+           f"of {summary.get('epochs_done')} ({how}) -> {cfg.model_dir}")
+  return summaries
+
+
+def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_size: int,
+                 tta: int = 0) -> dict:
+  """Fold `fold`'s model on the fold it held out: probs ([N] or [N, K]), labels, names, groups."""
+  model, cfg = rundir.load_model_dir(model_dir)
+  ds = pipeline.make_dataset(info, "valid", batch_size=batch_size, training=False,
+                             image_size=cfg["image_size"], fold=fold, with_names=True)
+  probs, labels, names = inference.predict_dataset(model, ds, tta, info=info, split="valid",
+                                                   fold=fold)
+  groups = evaluate._patient_ids(info, "valid", fold, names)  # pylint: disable=protected-access
+  return {"fold": fold, "probs": probs, "labels": labels, "names": names,
+          "groups": groups or [""] * len(names)}
+
+
+def _pooled(predictions: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  probs = np.concatenate([p["probs"] for p in predictions])
+  labels = np.concatenate([p["labels"] for p in predictions])
+  groups = [g for p in predictions for g in p["groups"]]
+  return probs, labels, groups
+
+
+def oof_csv(predictions: list[dict], classes: list[str]) -> str:
+  """oof.csv: image_name, patient_id, fold, target (class id), p_<class> for every class."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["image_name", "patient_id", "fold", "target"] + [f"p_{c}" for c in classes])
+  for p in predictions:
+    probs = p["probs"]
+    if probs.ndim == 1:  # one logit: P(class 1); the file spells out both classes
+      probs = np.stack([1.0 - probs, probs], axis=1)
+    for name, group, label, row in zip(p["names"], p["groups"], p["labels"], probs):
+      w.writerow([name, group, p["fold"], int(label)] + [f"{q:.8g}" for q in row])
+  return buf.getvalue()
+
+
+def cv_metrics(predictions: list[dict], classes: list[str], bootstrap: int = 1000) -> dict:
+  """Per-fold metrics, their mean ± std over folds, and the pooled out-of-fold metrics with 95 %
+  CIs from a patient-level bootstrap (image-level when the records carry no patient ids)."""
+  per_fold = [metrics.compute_metrics(p["probs"], p["labels"], classes, bootstrap=0)
+              for p in predictions]
+  spread = metrics.summarize_folds(per_fold)
+  probs, labels, groups = _pooled(predictions)
+  has_groups = any(groups)
+  pooled = metrics.compute_metrics(probs, labels, classes, groups=groups if has_groups else None,
+                                   bootstrap=bootstrap)
+  auc = spread.get("roc_auc", {})
+  return {
+      "classes": list(classes),
+      "folds": [{"fold": p["fold"], "roc_auc": m["roc_auc"], "pr_auc": m["pr_auc"],
+                 "num_examples": m["n"]} for p, m in zip(predictions, per_fold)],
+      "mean_roc_auc": auc.get("mean"), "std_roc_auc": auc.get("std"),
+      "oof_roc_auc": pooled["roc_auc"], "oof_roc_auc_ci": pooled.get("roc_auc_ci"),
+      "oof_pr_auc": pooled["pr_auc"], "oof_pr_auc_ci": pooled.get("pr_auc_ci"),
+      "num_examples": int(len(labels)),
+      "bootstrap": {"resamples": bootstrap, "unit": "patient" if has_groups else "image"},
+      "fold_summary": spread, "oof": pooled,
+  }
+
+
+def format_cv(m: dict) -> str:
+  """The console summary: per-fold AUCs, mean ± std, pooled AUC with its CI."""
+  def num(x):
+    return "undefined" if x is None else f"{x:.4f}"
+  lines = [f"cross-validation over {len(m['folds'])} folds, {m['num_examples']} examples:"]
+  lines += [f"  fold {f['fold']}: ROC AUC {num(f['roc_auc'])}  ({f['num_examples']} examples)"
+            for f in m["folds"]]
+  std = "" if m["std_roc_auc"] is None else f" ± {m['std_roc_auc']:.4f}"
+  lines.append(f"  mean ROC AUC over folds {num(m['mean_roc_auc'])}{std}")
+  ci = m.get("oof_roc_auc_ci")
+  ci_text = (f"  (95 % CI {ci[0]:.4f}-{ci[1]:.4f}, {m['bootstrap']['unit']}-level bootstrap)"
+             if ci and None not in ci[:2] else "")
+  lines.append(f"  pooled out-of-fold ROC AUC {num(m['oof_roc_auc'])}{ci_text}")
+  return "\n".join(lines)
+
+
+def write_outputs(model_dir, predictions: list[dict], classes: list[str],
+                  bootstrap: int = 1000, tta: int = 0) -> dict:
+  """oof.csv, cv_metrics.json and cv_roc.png in `model_dir`, each atomically."""
+  out = pathlib.Path(model_dir)
+  m = cv_metrics(predictions, classes, bootstrap)
+  m["oof_tta"] = tta
+  fileio.write_text_atomic(out / rundir.OOF_FILE, oof_csv(predictions, classes))
+  probs, labels, _ = _pooled(predictions)
+  plots.cv_roc(out / CV_ROC_FILE, [(p["fold"], p["probs"], p["labels"]) for p in predictions],
+               probs, labels, classes)
+  m["files"] = {name: str(out / name) for name in _CV_FILES}
+  fileio.write_text_atomic(out / rundir.CV_METRICS_FILE, json.dumps(m, indent=2) + "\n")
+  return m
+
+
+class _ExpectedRetracing(logging.Filter):
+  """Drops TensorFlow's "5 out of the last 6 calls to <...train_step> triggered tf.function
+  retracing" warnings: every fold builds its own model, train step, forward pass and worker
+  barrier (new tf.functions by design), which TensorFlow called excessive from the 4th of 5 folds
+  on (seen on Kaggle files), once per function: a page of advice that does not apply."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
+  """Trains every fold of `config.records_dir` into config.model_dir/fold_k, then writes the
+  out-of-fold files there (chief only). Returns cv_metrics.json's dict ({"chief": False} on the
+  other workers). `config.fold` is ignored; `config.overwrite` retrains every fold afresh.
+  Keyword arguments: oof_batch_size (default: config.batch_size), oof_tta (0), bootstrap (1000),
+  echo (called with one line per fold; default: logging.info).
+
+  Raises ValueError (records without folds, bad tta), and what `train.train` raises.
+  """
+  tf_logger, quiet = logging.getLogger("tensorflow"), _ExpectedRetracing()
+  tf_logger.addFilter(quiet)
+  try:
+    return _run_cv(config, strategy, **kwargs)
+  finally:
+    tf_logger.removeFilter(quiet)
+
+
+def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | None = None,
+           oof_tta: int = 0, bootstrap: int = 1000,
+           echo: Callable[[str], None] = logging.info) -> dict:
+  inference.check_tta(oof_tta, "oof_tta")
+  info = pipeline.load_info(config.records_dir)
+  fold_ids(info)  # before anything long
+  strategy = strategy or distribute.make_strategy(config.strategy)
+  chief = distribute.is_chief(strategy)
+  if chief:
+    rundir.check_writable(config.model_dir)
+    if config.overwrite:
+      for name in _CV_FILES:  # stale CV files must not outlive the folds they describe
+        (pathlib.Path(config.model_dir) / name).unlink(missing_ok=True)
+  train_folds(config, strategy, info, echo)
+  result = {"chief": chief}
+  error = None
+  if chief:
+    try:
+      predictions = [predict_fold(info, rundir.fold_dir(config.model_dir, k), k,
+                                  oof_batch_size or config.batch_size, oof_tta)
+                     for k in fold_ids(info)]
+      result.update(write_outputs(config.model_dir, predictions, list(info.classes), bootstrap,
+                                  oof_tta), chief=True)
+    except Exception as err:  # pylint: disable=broad-except  (re-raised after the barrier)
+      error = err
+  if distribute.num_workers(strategy) > 1:
+    distribute.same_on_all_workers(strategy, 0)  # the other workers wait for the chief's files
+  if error is not None:
+    raise error
+  return result
