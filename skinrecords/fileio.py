@@ -65,11 +65,20 @@ def _os_errors(path):
            (tf.errors.UnauthenticatedError, PermissionError, errno.EACCES))
   try:
     yield
+  except tf.errors.UnimplementedError as err:  # "File system scheme 's3' not implemented"
+    raise OSError(errno.EPROTONOSUPPORT, f"{err.message}; gs:// works with TensorFlow alone, "
+                  "s3:// needs `pip install tensorflow-io`", str(path)) from err
   except tf.errors.OpError as err:
     for tf_kind, os_kind, code in kinds:
       if isinstance(err, tf_kind):
         raise os_kind(code, err.message or type(err).__name__, str(path)) from err
     raise OSError(errno.EIO, err.message or type(err).__name__, str(path)) from err
+
+
+def describe_error(err: OSError) -> str:
+  """One line for a user: "PATH: what went wrong" (no errno, no traceback)."""
+  what = err.strerror or str(err)
+  return f"{err.filename}: {what}" if err.filename else what
 
 
 def _gfile(path):
@@ -186,6 +195,34 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = True)
     if not overwrite and os.path.exists(dst):
       raise FileExistsError(errno.EEXIST, "already exists", _str(dst))
     shutil.copyfile(src, dst)
+
+
+def walk_files(root: str | os.PathLike) -> list[str]:
+  """Sorted '/'-separated paths, relative to `root`, of every file below it."""
+  root = _str(root)
+  if is_remote(root):
+    with _os_errors(root):
+      walked = [(d, files) for d, _, files in _gfile(root).walk(root)]
+  else:
+    walked = [(d, files) for d, _, files in os.walk(root)]
+  found = []
+  for folder, files in walked:
+    rel = folder[len(root):].strip("/").replace(os.sep, "/")
+    found += [posixpath.join(rel, f) if rel else f for f in files]
+  return sorted(found)
+
+
+def publish(local_src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Moves a finished local file to `dst` so that `dst` appears only complete: a rename when `dst`
+  is local, else an upload to `dst.tmp` and a rename (an interrupted upload leaves only the
+  `.tmp`, which the next try overwrites), then the local file is removed."""
+  if not is_remote(dst):
+    rename(local_src, dst, overwrite=True)
+    return
+  tmp = temporary_name(dst)
+  copy(local_src, tmp, overwrite=True)
+  rename(tmp, dst, overwrite=True)
+  remove(local_src)
 
 
 def open(path: str | os.PathLike, mode: str = "r"):  # pylint: disable=redefined-builtin

@@ -27,14 +27,13 @@ class ShardWriter:
   them and hashes as it goes, so the shard is never read back and TensorFlow is not imported for a
   local output.
 
-  A remote `path` (gs://...) is written to a local temporary file first; `commit()` copies it to
-  `<name>.tmp` beside the target and renames that into place. The copy is one whole-file upload,
-  and an interrupted one leaves only a `.tmp` object that the next run overwrites.
+  A remote `path` (gs://...) is written to a local temporary file first; `commit()` uploads it to
+  `<name>.tmp` beside the target and renames that into place (`fileio.publish`).
   """
 
   def __init__(self, path: str | os.PathLike, num_classes: int):
     self.path = os.fspath(path)
-    self.tmp = fileio.temporary_name(self.path)
+    self.tmp = fileio.temporary_name(self.path)  # the name the shard has before commit()
     self._local = self.tmp
     if fileio.is_remote(self.path):
       fd, self._local = tempfile.mkstemp(prefix=fileio.basename(self.path) + ".", suffix=".tmp")
@@ -65,17 +64,14 @@ class ShardWriter:
             "class_counts": list(self.class_counts)}
 
   def commit(self) -> None:
-    if self._local != self.tmp:
-      fileio.copy(self._local, self.tmp, overwrite=True)
-      fileio.remove(self._local)
-    fileio.rename(self.tmp, self.path, overwrite=True)
+    fileio.publish(self._local, self.path)
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self._file.close()
-    if self._local != self.tmp:  # a local staging copy never outlives its writer
+    if fileio.is_remote(self.path):  # a local staging copy never outlives its writer
       fileio.remove(self._local)
 
 
