@@ -195,11 +195,11 @@ def check_output_dir(config: ConvertConfig) -> list[str]:
 def _check_remote_output(output_dir: str) -> None:
   """A real write into a remote output folder (made if needed: object stores have no parent
   folders to walk up to, and ram:// lists only what sits in a made folder)."""
-  if fileio.isfile(output_dir):
-    raise ValueError(f"output_dir {output_dir} is a file, not a folder; choose a folder for the "
-                     "shards")
   probe = fileio.join(output_dir, f".make_records_probe_{os.getpid()}")
   try:
+    if fileio.isfile(output_dir):
+      raise ValueError(f"output_dir {output_dir} is a file, not a folder; choose a folder for "
+                       "the shards")
     fileio.makedirs(output_dir)
     fileio.write_bytes_atomic(probe, b"")
     fileio.remove(probe)

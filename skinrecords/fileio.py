@@ -304,9 +304,9 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder"):
   """
   import pathlib  # pylint: disable=g-import-not-at-top  (local return type only; see above)
 
-  if isfile(path):
-    raise ValueError(f"{what} {path} is a file, not a folder; choose another path")
   try:
+    if isfile(path):
+      raise ValueError(f"{what} {path} is a file, not a folder; choose another path")
     makedirs(path)
     probe = join(path, f".write-test-{os.getpid()}")
     write_bytes_atomic(probe, b"")
