@@ -66,13 +66,15 @@ def _os_errors(path):
   try:
     yield
   except tf.errors.UnimplementedError as err:  # "File system scheme 's3' not implemented"
-    raise OSError(errno.EPROTONOSUPPORT, f"{err.message}; gs:// works with TensorFlow alone, "
-                  "s3:// needs `pip install tensorflow-io`", str(path)) from err
+    scheme = _str(path).split("://", 1)[0]
+    raise OSError(errno.EPROTONOSUPPORT, f"this TensorFlow has no file system for {scheme}:// "
+                  "(gs:// is built in; s3:// needs `pip install tensorflow-io`)", str(path)) from err
   except tf.errors.OpError as err:
+    message = " ".join((err.message or type(err).__name__).split())  # GCS errors span lines
     for tf_kind, os_kind, code in kinds:
       if isinstance(err, tf_kind):
-        raise os_kind(code, err.message or type(err).__name__, str(path)) from err
-    raise OSError(errno.EIO, err.message or type(err).__name__, str(path)) from err
+        raise os_kind(code, message, str(path)) from err
+    raise OSError(errno.EIO, message, str(path)) from err
 
 
 def describe_error(err: OSError) -> str:
