@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, bin_env, run_bin
+from test_kaggle import write_kaggle
 from skinrecords import convert
 from skinrecords import distribute
 from skinrecords import fileio
@@ -194,6 +195,25 @@ def test_interrupted_remote_conversion_resumes_to_identical_output(images, local
   result = convert.convert(config)
   assert result.resumed_shards == len(finished)
   _same_files(out, local_records)
+
+
+def test_kaggle_files_read_from_a_remote_folder(tmp_path):
+  local = tmp_path / "melanoma-32x32"
+  write_kaggle(local, train_files=3, test_files=1, per_file=4)
+  remote = _ram("kaggle")
+  fileio.makedirs(remote)
+  for name in fileio.listdir(local):
+    fileio.copy(str(local / name), fileio.join(remote, name))
+  fileio.write_bytes_atomic(fileio.join(remote, "train09-4.tfrec.tmp"), b"")  # not a shard
+  info, ref = pipeline.load_info(remote), pipeline.load_info(local)
+  assert info.image_size == ref.image_size == 32
+  for split in ("train", "test"):
+    assert [fileio.basename(s.path) for s in info.shards[split]] == [
+        fileio.basename(s.path) for s in ref.shards[split]]
+    assert [(s.num_examples, s.fold, s.class_counts) for s in info.shards[split]] == [
+        (s.num_examples, s.fold, s.class_counts) for s in ref.shards[split]]
+  for a, b in zip(_examples(remote, "train"), _examples(str(local), "train")):
+    np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------- run directory and figures
