@@ -256,7 +256,7 @@ def _check_tflite(tmp: str, model, cfg, records, config, report) -> dict:
 
 def _install(src: str, dst: str, trash: str) -> None:
   """Puts the local folder `src` at `dst`. Local: renamed over it, an old folder moved into
-  `trash` first (rename is atomic). Remote: uploaded beside it (`dst.tmp/`), the old folder
+  `trash` first (rename is atomic). Remote: uploaded beside it (`.NAME.tmp/`), the old folder
   removed, then each file renamed into place with saved_model.pb last: an object store cannot
   swap a folder at once, and a loader that finds the .pb finds its variables too."""
   if not fileio.is_remote(dst):
@@ -264,7 +264,7 @@ def _install(src: str, dst: str, trash: str) -> None:
       fileio.rename(dst, os.path.join(trash, fileio.basename(dst) + ".old"))
     fileio.rename(src, dst)
     return
-  staging = fileio.temporary_name(dst)
+  staging = fileio.join(fileio.dirname(dst), f".{fileio.basename(dst)}.tmp")
   fileio.rmtree(staging)
   files = sorted(fileio.walk_files(src), key=lambda rel: (rel == "saved_model.pb", rel))
   for rel in files:

@@ -167,9 +167,12 @@ def remove(path: str | os.PathLike, missing_ok: bool = True) -> None:
 def rmtree(path: str | os.PathLike) -> None:
   """Removes a folder and everything in it; nothing to do if it is not there."""
   if is_remote(path):
-    if isdir(path):
-      with _os_errors(path):
-        _gfile(path).rmtree(_str(path))
+    try:
+      if isdir(path):
+        with _os_errors(path):
+          _gfile(path).rmtree(_str(path))
+    except FileNotFoundError:
+      pass  # ram:// says isdir("x/1") when only "x/1.tmp/..." exists (it matches name prefixes)
   elif os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path)
 

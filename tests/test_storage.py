@@ -15,11 +15,13 @@ import uuid
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import REPO, bin_env, run_bin
 from test_kaggle import write_kaggle
 from skinrecords import convert
 from skinrecords import distribute
+from skinrecords import export
 from skinrecords import fileio
 from skinrecords import pipeline
 from skinrecords import plots
@@ -243,6 +245,27 @@ def test_run_directory_files_on_a_remote_folder():
   assert rundir.cv_fold_dirs(d) == [fileio.join(d, "fold_1")]
   rundir.clear(d)
   assert fileio.listdir(d) == ["fold_1"]
+
+
+def test_export_saved_model_to_a_remote_folder(tmp_path):
+  model_dir = _ram("exportrun")
+  model = _tiny_model()
+  fileio.makedirs(model_dir)
+  rundir.save_model(model, model_dir)
+  rundir.write_config(model_dir, {"classes": ["a", "b"], "image_size": SIZE})
+  out = _ram("export")
+  for _ in range(2):  # the second export replaces the first
+    report = export.export(export.ExportConfig(model_dir=model_dir, output_dir=out,
+                                               format="saved_model"))
+  assert report.saved_model == fileio.join(out, "1")
+  assert fileio.listdir(out) == ["1", export.PREPROCESSING_FILE]  # no staging left
+  assert "saved_model.pb" in fileio.walk_files(report.saved_model)
+  assert report.sizes[report.saved_model] > 0
+  served = tf.saved_model.load(report.saved_model).signatures["serving_uint8"]
+  x = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  probs = served(tf.constant(x))["probabilities"].numpy()
+  np.testing.assert_allclose(probs, 1 / (1 + np.exp(-model(x.astype(np.float32)).numpy()[:, 0])),
+                             rtol=1e-5)
 
 
 def test_figures_and_chief_output_dir_on_a_remote_folder():
