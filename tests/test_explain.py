@@ -3,6 +3,7 @@ overlays hold what they claim."""
 
 from __future__ import annotations
 
+import os
 
 import cv2
 import numpy as np
