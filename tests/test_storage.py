@@ -282,6 +282,16 @@ def test_figures_and_chief_output_dir_on_a_remote_folder():
   assert fileio.listdir(d) == ["accuracy.png", "auc.png", "loss.png"]
 
 
+def test_non_chief_workers_write_to_a_local_temporary_folder():
+  first = distribute.ChiefOutputDir("gs://bucket/run", chief=False, tag="worker 1")
+  assert not fileio.is_remote(first.dir) and os.path.isdir(first.dir)
+  fileio.write_text_atomic(first.join("x.txt"), "")
+  again = distribute.ChiefOutputDir("gs://bucket/run", chief=False, tag="worker 1")  # restarted
+  assert not os.path.exists(first.dir) and os.path.isdir(again.dir)  # the stale copy went
+  again.cleanup()
+  assert not os.path.exists(again.dir)
+
+
 def test_make_records_command_with_a_remote_output(images):
   proc = run_bin("make_records", f"--input_dir={images}", "--output_dir=ram://cli/records",
                  "--image_size=32", "--workers=1", "--noprogress")
