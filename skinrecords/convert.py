@@ -168,8 +168,8 @@ def check_output_dir(config: ConvertConfig) -> list[str]:
   Raises:
     ValueError: the path (or a folder above it) is a file, or it cannot be written.
   """
-  if fileio.is_remote(config.output_dir):
-    _check_remote_output(config.output_dir)
+  if fileio.is_remote(config.output_dir):  # made now: object stores have no parents to walk
+    fileio.check_writable_dir(config.output_dir, "output_dir")
     return []  # Inputs are local, so a remote output cannot sit inside them.
   out = existing = os.path.abspath(config.output_dir)
   while not fileio.exists(existing) and os.path.dirname(existing) != existing:
@@ -190,22 +190,6 @@ def check_output_dir(config: ConvertConfig) -> list[str]:
                     "it is left out of the listing, but a copy of the input will carry the "
                     "shards along; an output folder beside the input is safer")
   return warnings
-
-
-def _check_remote_output(output_dir: str) -> None:
-  """A real write into a remote output folder (made if needed: object stores have no parent
-  folders to walk up to, and ram:// lists only what sits in a made folder)."""
-  probe = fileio.join(output_dir, f".make_records_probe_{os.getpid()}")
-  try:
-    if fileio.isfile(output_dir):
-      raise ValueError(f"output_dir {output_dir} is a file, not a folder; choose a folder for "
-                       "the shards")
-    fileio.makedirs(output_dir)
-    fileio.write_bytes_atomic(probe, b"")
-    fileio.remove(probe)
-  except OSError as err:
-    raise ValueError(f"output_dir {output_dir}: cannot write there ({err.strerror or err}); check "
-                     "the bucket name and your credentials, or choose another folder") from err
 
 
 def patient_warning(listing: sources.Listing) -> str | None:

@@ -93,7 +93,7 @@ def test_check_writable_dir_makes_the_folder_and_refuses_a_file(base):
 
 
 def test_unknown_scheme_is_one_clear_error():
-  with pytest.raises(ValueError, match="cannot write there.*tensorflow-io"):
+  with pytest.raises(ValueError, match="not writable.*tensorflow-io"):
     convert.check_output_dir(convert.ConvertConfig(input_dir="in",
                                                    output_dir="nosuchfs://bucket/out"))
   with pytest.raises(ValueError, match="not writable.*tensorflow-io"):
