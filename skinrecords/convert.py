@@ -16,9 +16,7 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import platform
-import shutil
 
 import numpy as np
 
@@ -170,14 +168,19 @@ def check_output_dir(config: ConvertConfig) -> list[str]:
   Raises:
     ValueError: the path (or a folder above it) is a file, or it cannot be written.
   """
-  out = pathlib.Path(config.output_dir).absolute()
-  existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
-  if not existing.is_dir():
+  if fileio.is_remote(config.output_dir):  # made now: object stores have no parents to walk
+    fileio.check_writable_dir(config.output_dir, "output_dir")
+    return []  # Inputs are local, so a remote output cannot sit inside them.
+  out = existing = os.path.abspath(config.output_dir)
+  while not fileio.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)  # the nearest folder that exists: it will hold `out`
+  if not fileio.isdir(existing):
     raise ValueError(f"output_dir {config.output_dir}: {existing} is a file, not a folder; "
                      "choose a folder for the shards")
+  probe = fileio.join(existing, f".make_records_probe_{os.getpid()}")
   try:  # A real write: os.access says yes to root on a read-only mount.
-    fileio.write_bytes_atomic(existing / f".make_records_probe_{os.getpid()}", b"")
-    (existing / f".make_records_probe_{os.getpid()}").unlink()
+    fileio.write_bytes_atomic(probe, b"")
+    fileio.remove(probe)
   except OSError as err:
     raise ValueError(f"output_dir {config.output_dir}: cannot write in {existing} "
                      f"({err.strerror or err}); choose a writable folder") from err
@@ -209,16 +212,16 @@ def _written_by_converter(name: str) -> bool:
   return base == manifest.FILE or base == STATE_DIR or features.parse_shard_name(base) is not None
 
 
-def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> bool:
+def _prepare_output(out: str, fingerprint: str, overwrite: bool) -> bool:
   """Makes `out` ready; returns True when the finished output already matches (nothing to do)."""
-  state = out / STATE_DIR / PLAN
-  existing = sorted(p.name for p in out.iterdir()) if out.exists() else []
+  state = fileio.join(out, STATE_DIR, PLAN)
+  existing = fileio.listdir(out) if fileio.isdir(out) else []
   if existing and not overwrite:
     try:
-      if (out / manifest.FILE).exists():
+      if manifest.exists(out):
         if manifest.read(out).get("fingerprint") == fingerprint:
           return True
-      elif json.loads(state.read_text())["fingerprint"] == fingerprint:
+      elif json.loads(fileio.read_text(state))["fingerprint"] == fingerprint:
         return False  # resume
     except (OSError, ValueError, KeyError):
       pass
@@ -229,20 +232,20 @@ def _prepare_output(out: pathlib.Path, fingerprint: str, overwrite: bool) -> boo
   if existing:  # overwrite: remove only what a converter writes; never unrelated files.
     for name in existing:
       if _written_by_converter(name):
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-  (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        target = fileio.join(out, name)
+        fileio.rmtree(target) if fileio.isdir(target) else fileio.remove(target)
+  fileio.makedirs(fileio.join(out, STATE_DIR))
   fileio.write_json_atomic(state, {"fingerprint": fingerprint})
   return False
 
 
 
-def _write_shards(out: pathlib.Path, todo, results, items, labels, num_classes, bar) -> dict:
+def _write_shards(out: str, todo, results, items, labels, num_classes, bar) -> dict:
   """Appends the workers' records shard by shard in plan order; returns {shard name: summary}."""
   done = {}
   for name, _, fold, members in todo:
     rejected = []
-    with records.ShardWriter(out / name, num_classes) as writer:
+    with records.ShardWriter(fileio.join(out, name), num_classes) as writer:
       for i in members:
         record, reason = next(results)
         bar.update(1)
@@ -253,7 +256,7 @@ def _write_shards(out: pathlib.Path, todo, results, items, labels, num_classes, 
       summary = writer.close()
       summary.update(rejected=rejected, fold=fold)
       # State first, then the shard: a shard under its final name always has its state file.
-      fileio.write_json_atomic(out / STATE_DIR / (name + ".json"), summary)
+      fileio.write_json_atomic(fileio.join(out, STATE_DIR, name + ".json"), summary)
       writer.commit()
     done[name] = summary
   return done
@@ -285,17 +288,17 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
       config.input_dir, labels_csv=config.labels_csv, image_column=config.image_column,
       label_column=config.label_column, patient_column=config.patient_column,
       patients_csv=config.patients_csv, classes=list(config.classes) if config.classes else None,
-      exclude=config.output_dir)
+      exclude=None if fileio.is_remote(config.output_dir) else config.output_dir)
   items, classes = listing.items, list(listing.classes)
   labels = [classes.index(it.label) for it in items]
   grouped = any(it.patient_id for it in items)
   plan = _assign(config, listing, labels, grouped)
 
-  out = pathlib.Path(config.output_dir)
+  out = config.output_dir  # a str: it may be gs://, which pathlib would mangle
   fingerprint = _fingerprint(config, listing)
   if _prepare_output(out, fingerprint, config.overwrite):
     return Result(manifest.read(out), str(out), resumed_shards=len(plan))
-  state_dir = out / STATE_DIR
+  state_dir = fileio.join(out, STATE_DIR)
 
   done = _finished(out, plan)
   todo = [p for p in plan if p[0] not in done]
@@ -317,7 +320,7 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
 
   written = _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings)
   manifest.write(out, written)
-  shutil.rmtree(state_dir)
+  fileio.rmtree(state_dir)
   return Result(written, str(out), resumed_shards=len(plan) - len(todo))
 
 
@@ -341,13 +344,14 @@ def _assign(config: ConvertConfig, listing: sources.Listing, labels: list[int], 
   return _plan_shards(split_items, folds, config)
 
 
-def _finished(out: pathlib.Path, plan) -> dict:
+def _finished(out: str, plan) -> dict:
   """{shard name: its state} of the shards an interrupted run of the same plan completed."""
   done = {}
+  present = set(fileio.listdir(out))  # one listing, not two requests a shard on a remote output
+  states = set(fileio.listdir(fileio.join(out, STATE_DIR)))
   for name, *_ in plan:
-    state_file = out / STATE_DIR / (name + ".json")
-    if (out / name).exists() and state_file.exists():
-      done[name] = json.loads(state_file.read_text())
+    if name in present and name + ".json" in states:
+      done[name] = json.loads(fileio.read_text(fileio.join(out, STATE_DIR, name + ".json")))
   return done
 
 

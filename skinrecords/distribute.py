@@ -20,12 +20,14 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import tempfile
 from typing import NamedTuple
 
 import tensorflow as tf
 
 from skinrecords import data_service
+from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import pipeline
 
@@ -131,24 +133,49 @@ class ChiefOutputDir:
   needs (every worker must take part in a save). `cleanup()` removes the temporary copy. The
   temporary folder's name carries `tag` and a hash of model_dir, so a restarted worker also removes
   what a killed predecessor (SIGKILL runs no cleanup) left behind.
+
+  `dir` is a str (model_dir may be gs://...); `join(name)` is where file `name` goes. The
+  temporary folders of non-chief workers are always local.
   """
 
   def __init__(self, model_dir: str | os.PathLike, chief: bool, tag: str = "worker"):
     self.chief = chief
+    model_dir = os.fspath(model_dir)
     if chief:
-      self.path = pathlib.Path(model_dir)
-      self.path.mkdir(parents=True, exist_ok=True)
+      self.dir = model_dir
+      fileio.makedirs(self.dir)
       return
-    key = hashlib.sha256(str(pathlib.Path(model_dir).resolve()).encode()).hexdigest()[:12]
+    where = model_dir if fileio.is_remote(model_dir) else os.path.realpath(model_dir)
+    key = hashlib.sha256(where.encode()).hexdigest()[:12]
     prefix = f"skinrecords_{re.sub(r'[^A-Za-z0-9]+', '', tag)}_{key}_"
-    for stale in pathlib.Path(tempfile.gettempdir()).glob(prefix + "*"):
-      if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.getuid():
-        shutil.rmtree(stale, ignore_errors=True)
-    self.path = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    for stale in fileio.glob(fileio.join(tempfile.gettempdir(), prefix + "*")):
+      st = os.lstat(stale)
+      if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():  # lstat: never follow a link
+        _remove_quietly(stale)
+    self.dir = tempfile.mkdtemp(prefix=prefix)
+
+  @property
+  def path(self) -> pathlib.Path:
+    """`dir` as a pathlib.Path, for callers not yet on `join` (train.py); local folders only."""
+    if fileio.is_remote(self.dir):
+      raise ValueError(f"{self.dir}: a remote folder has no pathlib.Path; use ChiefOutputDir.dir "
+                       "and .join(name)")
+    return pathlib.Path(self.dir)
+
+  def join(self, *names: str) -> str:
+    return fileio.join(self.dir, *names)
 
   def cleanup(self) -> None:
     if not self.chief:
-      shutil.rmtree(self.path, ignore_errors=True)
+      _remove_quietly(self.dir)
+
+
+def _remove_quietly(folder: str) -> None:
+  """Removes a local temporary folder; one left behind is only clutter in /tmp."""
+  try:
+    fileio.rmtree(folder)
+  except OSError as err:
+    logging.info("could not remove %s: %s", folder, err)
 
 
 def tf_config_from_hosts(worker_hosts: list[str], task_index: int) -> str:

@@ -15,7 +15,7 @@ Use:
 
 from __future__ import annotations
 
-import pathlib
+import os
 import weakref
 
 import cv2
@@ -111,7 +111,7 @@ def overlay(image, heat, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
   return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def gallery(path, images, heats, titles, columns: int = 4) -> pathlib.Path:
+def gallery(path, images, heats, titles, columns: int = 4) -> str:
   """Writes a PNG grid: per example the image and its Grad-CAM overlay, titled.
 
   Args:
@@ -141,9 +141,8 @@ def gallery(path, images, heats, titles, columns: int = 4) -> pathlib.Path:
     if heats is not None:
       cells[1].imshow(overlay(images[i], heats[i]))
       cells[1].set_title("Grad-CAM", fontsize=7)
-  path = pathlib.Path(path)
   plots.save_figure(fig, path)
-  return path
+  return os.fspath(path)
 
 
 def example_title(name: str, true: str | None, predicted: str, probability: float) -> str:
@@ -180,7 +179,7 @@ def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5):
 
 
 def write_gallery(path, model: keras.Model, images, names, classes, labels=None,
-                  threshold: float = 0.5, columns: int = 4) -> pathlib.Path:
+                  threshold: float = 0.5, columns: int = 4) -> str:
   """One call for evaluate's errors.png / examples.png: predicts, explains and renders `images`.
 
   `labels` (true class ids) are shown when given; titles read "name / true X, predicted Y / P=..".
@@ -193,16 +192,16 @@ def write_gallery(path, model: keras.Model, images, names, classes, labels=None,
 
 
 def write_overlays(folder, model: keras.Model, images, names, classes,
-                   threshold: float = 0.5) -> list[pathlib.Path]:
+                   threshold: float = 0.5) -> list[str]:
   """predict --explain_dir: FOLDER/<name stem>.gradcam.png per image (RGB overlay, atomic)."""
   heats, _, _ = explain_batch(model, images, classes, threshold)
-  folder = pathlib.Path(folder)
   written = []
   for image, heat, name in zip(images, heats, names):
     ok, png = cv2.imencode(".png", cv2.cvtColor(overlay(image, heat), cv2.COLOR_RGB2BGR))
     if not ok:
       raise ValueError(f"could not encode the overlay of {name} as PNG")
-    written.append(folder / f"{pathlib.Path(str(name)).stem}.gradcam.png")
+    stem = os.path.splitext(os.path.basename(str(name)))[0]  # the image's name, not a path
+    written.append(fileio.join(folder, f"{stem}.gradcam.png"))
     fileio.write_bytes_atomic(written[-1], png.tobytes())
   return written
 

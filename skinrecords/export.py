@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
-import shutil
 import tempfile
 import warnings
 
@@ -95,7 +93,7 @@ class ExportReport:
              else "")
       out.append(f"{kind} TFLite: largest probability difference vs Keras {diff:.2e}{auc} "
                  f"({self.checked_on})")
-    out.append(f"wrote {os.path.join(self.output_dir, PREPROCESSING_FILE)}")
+    out.append(f"wrote {fileio.join(self.output_dir, PREPROCESSING_FILE)}")
     return out
 
 
@@ -226,14 +224,14 @@ def _check_records(config: ExportConfig, cfg: dict) -> str | None:
   if config.format == "saved_model":
     return None
   records = config.records_dir or cfg.get("records_dir")
-  if not records or not os.path.isdir(records):
+  if not records or not fileio.isdir(records):
     raise FileNotFoundError(
         f"records {records!r} for the TFLite check not found (the training records named in "
         "config.json by default); pass records_dir=FOLDER holding a valid or test split")
   return str(records)
 
 
-def _check_tflite(tmp: pathlib.Path, model, cfg, records, config, report) -> dict:
+def _check_tflite(tmp: str, model, cfg, records, config, report) -> dict:
   """Converts both TFLite models into `tmp`, compares them with Keras; returns kind -> tmp path."""
   images, labels, report.checked_on = check_images(cfg, records, config.max_examples)
   keras_probs, _, _ = inference.predict_dataset(
@@ -242,8 +240,8 @@ def _check_tflite(tmp: pathlib.Path, model, cfg, records, config, report) -> dic
     report.auc["keras"] = auc
   written = {}
   for kind, quantize in (("float32", False), ("dynamic_range", True)):
-    data = convert_tflite(tmp / "saved_model", quantize)
-    written[kind] = tmp / TFLITE_FILES[kind]
+    data = convert_tflite(os.path.join(tmp, "saved_model"), quantize)
+    written[kind] = os.path.join(tmp, TFLITE_FILES[kind])
     fileio.write_bytes_atomic(written[kind], data)
     probs = tflite_probabilities(data, images)
     report.max_diff[kind] = float(np.max(np.abs(probs - keras_probs)))
@@ -256,11 +254,27 @@ def _check_tflite(tmp: pathlib.Path, model, cfg, records, config, report) -> dic
   return written
 
 
-def _install(src: pathlib.Path, dst: pathlib.Path, trash: pathlib.Path) -> None:
-  """Renames `src` over `dst`; an old folder is moved into `trash` first (rename is atomic)."""
-  if dst.is_dir():
-    os.replace(dst, trash / (dst.name + ".old"))
-  os.replace(src, dst)
+def _install(src: str, dst: str, trash: str) -> None:
+  """Puts the local folder `src` at `dst`. Local: renamed over it, an old folder moved into
+  `trash` first (rename is atomic). Remote: uploaded beside it (`.NAME.tmp/`), the old folder
+  removed, then each file renamed into place with saved_model.pb last: an object store cannot
+  swap a folder at once, and a loader that finds the .pb finds its variables too."""
+  if not fileio.is_remote(dst):
+    if fileio.isdir(dst):
+      fileio.rename(dst, os.path.join(trash, fileio.basename(dst) + ".old"))
+    fileio.rename(src, dst)
+    return
+  staging = fileio.join(fileio.dirname(dst), f".{fileio.basename(dst)}.tmp")
+  fileio.rmtree(staging)
+  files = sorted(fileio.walk_files(src), key=lambda rel: (rel == "saved_model.pb", rel))
+  for rel in files:
+    fileio.makedirs(fileio.dirname(fileio.join(staging, rel)))
+    fileio.copy(os.path.join(src, rel), fileio.join(staging, rel))
+  fileio.rmtree(dst)
+  for rel in files:
+    fileio.makedirs(fileio.dirname(fileio.join(dst, rel)))
+    fileio.rename(fileio.join(staging, rel), fileio.join(dst, rel))
+  fileio.rmtree(staging)
 
 
 def export(config: ExportConfig) -> ExportReport:
@@ -275,25 +289,28 @@ def export(config: ExportConfig) -> ExportReport:
   """
   config.validate()
   model, cfg = rundir.load_model_dir(config.model_dir)
-  out = fileio.check_writable_dir(config.output_dir)
+  out = os.fspath(fileio.check_writable_dir(config.output_dir))
   records = _check_records(config, cfg)
   classes = [str(c) for c in cfg["classes"]]
   settings, warn = preprocessing_settings(cfg, config.threshold)
-  report = ExportReport(output_dir=str(out), warnings=warn)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+  report = ExportReport(output_dir=out, warnings=warn)
+  # Built locally: in a hidden folder inside a local output (renamed into place, atomically), in
+  # a temporary folder for a remote one (uploaded at the end, only when every check passed).
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=None if fileio.is_remote(out) else out)
   try:
-    write_saved_model(model, classes, tmp / "saved_model", config.threshold)
+    write_saved_model(model, classes, os.path.join(tmp, "saved_model"), config.threshold)
     tflite = _check_tflite(tmp, model, cfg, records, config, report) if records else {}
     if config.format != "tflite":
-      report.saved_model = str(out / str(config.version))
-      _install(tmp / "saved_model", out / str(config.version), tmp)
+      report.saved_model = fileio.join(out, str(config.version))
+      _install(os.path.join(tmp, "saved_model"), report.saved_model, tmp)
       report.sizes[report.saved_model] = sum(
-          p.stat().st_size for p in pathlib.Path(report.saved_model).rglob("*") if p.is_file())
+          fileio.size(fileio.join(report.saved_model, rel))
+          for rel in fileio.walk_files(report.saved_model))
     for kind, path in tflite.items():
-      report.tflite[kind] = str(out / path.name)
-      os.replace(path, report.tflite[kind])
-      report.sizes[report.tflite[kind]] = os.path.getsize(report.tflite[kind])
-    fileio.write_json_atomic(out / PREPROCESSING_FILE, settings)
+      report.tflite[kind] = fileio.join(out, os.path.basename(path))
+      fileio.publish(path, report.tflite[kind])
+      report.sizes[report.tflite[kind]] = fileio.size(report.tflite[kind])
+    fileio.write_json_atomic(fileio.join(out, PREPROCESSING_FILE), settings)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    fileio.rmtree(tmp)
   return report

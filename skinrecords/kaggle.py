@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 import struct
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from skinrecords import features
+from skinrecords import fileio
 from skinrecords import manifest
 
 CLASSES = ("0", "1")  # `target`: 0 benign, 1 melanoma (id 1 is the positive class in metrics)
@@ -42,9 +42,9 @@ _KINDS = {"bytes_list": "bytes", "int64_list": "int64", "float_list": "float"}
 _CACHE: dict[tuple, manifest.DatasetInfo] = {}
 
 
-def list_files(records_dir: pathlib.Path) -> list[pathlib.Path]:
-  files = sorted(p for p in records_dir.glob("*.tfrec*") if p.is_file() and
-                 not p.name.endswith(".tmp"))
+def list_files(records_dir: str) -> list[str]:
+  files = [p for p in fileio.glob(fileio.join(records_dir, "*.tfrec*"))
+           if not p.endswith(".tmp") and not fileio.isdir(p)]
   if not files:
     raise FileNotFoundError(f"{records_dir}: neither {manifest.FILE} nor *.tfrec/*.tfrecord "
                             "files; point --records_dir at a make_records output folder or a "
@@ -75,7 +75,7 @@ def _first_record(path) -> bytes:
   """The first record's bytes, read straight from the framing (uint64 length, uint32 CRC, data):
   a tf.data pipeline per file cost ~0.1 s here, times 31 files. CRCs are checked by the
   counting pass that follows."""
-  with open(path, "rb") as f:
+  with fileio.open(path, "rb") as f:
     header = f.read(12)
     if len(header) < 12:
       raise ValueError(f"{path}: no records (an empty or truncated file)")
@@ -101,19 +101,19 @@ def inspect(path: str | os.PathLike) -> manifest.RecordSchema:
   return manifest.RecordSchema.of(dtypes, image_format_of(image))
 
 
-def _group_schema(files: list[pathlib.Path]) -> manifest.RecordSchema:
+def _group_schema(files: list[str]) -> manifest.RecordSchema:
   """One schema for a group of files; an error naming the first file that differs."""
   schema = inspect(files[0])
   for path in files[1:]:
     other = inspect(path)
     if other != schema:
       raise ValueError(f"{path}: features {dict(other.dtypes)} ({other.image_format}) differ from "
-                       f"{files[0].name}'s {dict(schema.dtypes)} ({schema.image_format}); keep one "
+                       f"{fileio.basename(files[0])}'s {dict(schema.dtypes)} ({schema.image_format}); keep one "
                        "kind of file per split in the folder")
   return schema
 
 
-def _count_dataset(files: list[pathlib.Path], schema: manifest.RecordSchema) -> tf.data.Dataset:
+def _count_dataset(files: list[str], schema: manifest.RecordSchema) -> tf.data.Dataset:
   """(file index, target or -1, height, width) per record, in large batches."""
   spec = {features.IMAGE: tf.io.FixedLenFeature([], tf.string)}
   label_dtype = schema.dtype(features.TARGET)
@@ -132,7 +132,7 @@ def _count_dataset(files: list[pathlib.Path], schema: manifest.RecordSchema) -> 
     return i, label, tf.cast(shape[0], tf.int64), tf.cast(shape[1], tf.int64)
 
   ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64),
-                                           [str(p) for p in files]))
+                                           list(files)))
   ds = ds.interleave(lambda i, f: tf.data.TFRecordDataset(f).map(lambda r: (i, r)),
                      cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
@@ -158,10 +158,10 @@ def _count(files, schema, num_classes: int):
 def _shards(files, schema, records, counts, folds) -> tuple[manifest.Shard, ...]:
   shards = []
   for j, path in enumerate(files):
-    m = _COUNT.search(path.name)
+    m = _COUNT.search(fileio.basename(path))
     if m and int(m[1]) != records[j]:
       logging.warning("%s: the name says %s records, the file holds %d", path, m[1], records[j])
-    shards.append(manifest.Shard(str(path), int(records[j]), folds[j] if folds else -1,
+    shards.append(manifest.Shard(path, int(records[j]), folds[j] if folds else -1,
                                  tuple(int(c) for c in counts[j]) if schema.has_labels else ()))
   return tuple(shards)
 
@@ -178,21 +178,21 @@ def _image_size(records_dir, all_sizes: set) -> int | None:
   return None
 
 
-def _key(records_dir: pathlib.Path, files) -> tuple:
-  return (str(records_dir.resolve()),) + tuple(
-      (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+def _key(records_dir: str, files) -> tuple:
+  where = records_dir if fileio.is_remote(records_dir) else os.path.realpath(records_dir)
+  return (where,) + tuple((fileio.basename(p), *fileio.stat(p)) for p in files)
 
 
 def read_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:
   """A `DatasetInfo` for a folder of SIIM-ISIC files: schemas, counts, sizes, file folds."""
-  records_dir = pathlib.Path(records_dir)
+  records_dir = os.fspath(records_dir)
   files = list_files(records_dir)
   key = _key(records_dir, files)
   if key in _CACHE:
     return _CACHE[key]
-  groups: dict[str, list[pathlib.Path]] = {}
+  groups: dict[str, list[str]] = {}
   for p in files:
-    groups.setdefault(split_of(p.name), []).append(p)
+    groups.setdefault(split_of(fileio.basename(p)), []).append(p)
   start = time.perf_counter()
   shards, schemas, sizes = {}, {}, set()
   for split, group in groups.items():

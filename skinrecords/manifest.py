@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 
 from skinrecords import features
 from skinrecords import fileio
@@ -133,9 +132,9 @@ class DatasetInfo:
 
 def read(records_dir: str | os.PathLike) -> dict:
   """The manifest as a dict; clear errors for a missing, broken or newer-format file."""
-  path = pathlib.Path(records_dir) / FILE
+  path = fileio.join(records_dir, FILE)
   try:
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(fileio.read_text(path))
   except FileNotFoundError as err:
     raise FileNotFoundError(
         f"{path}: no manifest; is {records_dir} a folder written by make_records?") from err
@@ -148,18 +147,18 @@ def read(records_dir: str | os.PathLike) -> dict:
 
 
 def write(records_dir: str | os.PathLike, manifest: dict) -> None:
-  fileio.write_json_atomic(pathlib.Path(records_dir) / FILE, manifest)
+  fileio.write_json_atomic(fileio.join(records_dir, FILE), manifest)
 
 
 def exists(records_dir: str | os.PathLike) -> bool:
-  return (pathlib.Path(records_dir) / FILE).exists()
+  return fileio.exists(fileio.join(records_dir, FILE))
 
 
 def read_info(records_dir: str | os.PathLike) -> DatasetInfo:
-  records_dir = pathlib.Path(records_dir)
+  records_dir = os.fspath(records_dir)
   m = read(records_dir)
   classes = tuple(m["classes"])
-  shards = {split: tuple(Shard(str(records_dir / s["file"]), s["num_examples"], s.get("fold", -1),
+  shards = {split: tuple(Shard(fileio.join(records_dir, s["file"]), s["num_examples"], s.get("fold", -1),
                                tuple(s["class_counts"][c] for c in classes))
                          for s in info["shards"])
             for split, info in m["splits"].items()}

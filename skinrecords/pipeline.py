@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 
 import tensorflow as tf
 
 from skinrecords import features
+from skinrecords import fileio
 from skinrecords import kaggle
 from skinrecords import manifest
 
@@ -39,15 +39,15 @@ RecordSchema = manifest.RecordSchema
 def load_info(records_dir: str | os.PathLike) -> DatasetInfo:
   """Reads manifest.json; a folder of SIIM-ISIC Kaggle `.tfrec` files without one also works
   (`kaggle.read_info`: one counting pass, cached)."""
-  records_dir = pathlib.Path(records_dir)
-  if not records_dir.is_dir():
+  records_dir = os.fspath(records_dir)  # a str: gs:// would not survive pathlib
+  if not fileio.isdir(records_dir):
     raise FileNotFoundError(f"{records_dir}: no such folder")
   if manifest.exists(records_dir):
     return manifest.read_info(records_dir)
   try:
     return kaggle.read_info(records_dir)
   except tf.errors.DataLossError as err:
-    raise corrupt_shard_error([str(p) for p in kaggle.list_files(records_dir)], err,
+    raise corrupt_shard_error(kaggle.list_files(records_dir), err,
                               records_dir) from err
 
 
@@ -136,7 +136,7 @@ def _check(info: DatasetInfo, split: str, fold: int | None, training: bool,
   if size is None:
     raise ValueError(f"{info.records_dir}: images come in several sizes; pass image_size")
   files = [s.path for s in shards]
-  missing = [f for f in files if not os.path.exists(f)]
+  missing = [f for f in files if not fileio.exists(f)]
   if missing:
     raise FileNotFoundError(f"{missing[0]}: listed for split {split!r} but missing "
                             f"({len(missing)} of {len(files)} shard files missing)")
@@ -153,7 +153,7 @@ def _read(files: list[str], split: str, training: bool, seed: int, cache: bool,
     if len(files) >= n:
       ds = ds.shard(n, i)
       logging.info("input pipeline %d/%d reads %d of %d %r files: %s", i, n, len(files[i::n]),
-                   len(files), split, ", ".join(os.path.basename(f) for f in files[i::n]))
+                   len(files), split, ", ".join(fileio.basename(f) for f in files[i::n]))
     else:
       # Evaluation sets are small and often one file: reading every file is expected there.
       (logging.warning if training else logging.info)(
@@ -173,7 +173,7 @@ def _read(files: list[str], split: str, training: bool, seed: int, cache: bool,
   if shard_data:
     ds = ds.shard(*shard_data)
   if cache:
-    need = sum(os.path.getsize(f) for f in files)
+    need = sum(fileio.size(f) for f in files)
     if need > _available_memory() > 0:
       logging.warning("cache=True keeps %.1f GB of encoded records in memory but only %.1f GB "
                       "is available", need / 1e9, _available_memory() / 1e9)

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import pathlib
 
 import numpy as np
 from sklearn import metrics as skm
+
+from skinrecords import fileio
 
 # matplotlib's object API (Figure + savefig) renders with Agg and never touches pyplot's global
 # state or a display, so it works headless and from threads.
 
 
 def save_figure(fig, path) -> None:
-  """savefig to a temporary name, then rename: a killed run never leaves half a PNG."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # savefig picks the format by suffix
-  try:
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  """Renders to memory, then one atomic write (fileio): a killed run never leaves half a PNG, and
+  a gs:// path works (savefig itself only writes local files)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(os.fspath(path))[1].lstrip(".") or "png")
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def _figure(width=6.0, height=5.0):
@@ -35,7 +34,7 @@ def _title(m: dict, what: str) -> str:
   return f"{what} - {m.get('split', '')}{fold} split, n={m['n']}"
 
 
-def plot_confusion(path: pathlib.Path, m: dict) -> None:
+def plot_confusion(path: str | os.PathLike, m: dict) -> None:
   cm = np.asarray(m["confusion_matrix"])
   k = len(m["classes"])
   fig, ax = _figure(max(5.0, 1.0 + 0.9 * k), max(4.2, 0.8 + 0.8 * k))
@@ -59,7 +58,7 @@ def plot_confusion(path: pathlib.Path, m: dict) -> None:
   save_figure(fig, path)
 
 
-def plot_curves(roc_path: pathlib.Path, pr_path: pathlib.Path, probs, labels, m: dict) -> None:
+def plot_curves(roc_path: str | os.PathLike, pr_path: str | os.PathLike, probs, labels, m: dict) -> None:
   classes = m["classes"]
   binary = len(classes) == 2
   # (name, y_true, score) per curve: the positive class for two classes, one-vs-rest otherwise.
@@ -102,7 +101,7 @@ def plot_curves(roc_path: pathlib.Path, pr_path: pathlib.Path, probs, labels, m:
     save_figure(fig, path)
 
 
-def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+def plot_history(history: list[dict], out_dir: str | os.PathLike) -> list[str]:
   """The notebook's curves, train vs validation: accuracy.png, loss.png, auc.png."""
   epochs = [int(r["epoch"]) for r in history]
   paths = []
@@ -117,7 +116,7 @@ def plot_history(history: list[dict], out_dir: str | pathlib.Path) -> list[pathl
     ax.set_title(f"{title}: train vs validation")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = pathlib.Path(out_dir) / f"{key}.png"
+    path = fileio.join(out_dir, f"{key}.png")
     save_figure(fig, path)
     paths.append(path)
   return paths

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import pathlib
+import tempfile
 
 import numpy as np
 
@@ -24,13 +24,21 @@ class ShardWriter:
   Used as a context manager. Nothing under the final name exists until `commit()` renames it, so a
   run killed mid-shard leaves only a `.tmp` file that the next run overwrites. Records arrive
   already framed (`tfrecord.example_record`, built in the converter's workers): this only appends
-  them and hashes as it goes, so the shard is never read back and TensorFlow is not imported.
+  them and hashes as it goes, so the shard is never read back and TensorFlow is not imported for a
+  local output.
+
+  A remote `path` (gs://...) is written to a local temporary file first; `commit()` uploads it to
+  `<name>.tmp` beside the target and renames that into place (`fileio.publish`).
   """
 
   def __init__(self, path: str | os.PathLike, num_classes: int):
-    self.path = pathlib.Path(path)
-    self.tmp = self.path.with_name(self.path.name + ".tmp")
-    self._file = open(self.tmp, "wb")  # pylint: disable=consider-using-with  (closed in close())
+    self.path = os.fspath(path)
+    self.tmp = fileio.temporary_name(self.path)  # the name the shard has before commit()
+    self._local = self.tmp
+    if fileio.is_remote(self.path):
+      fd, self._local = tempfile.mkstemp(prefix=fileio.basename(self.path) + ".", suffix=".tmp")
+      os.close(fd)
+    self._file = fileio.open(self._local, "wb")  # pylint: disable=consider-using-with  (closed in close())
     self._sha256 = hashlib.sha256()
     self.num_examples = 0
     self.class_counts = [0] * num_classes
@@ -56,13 +64,15 @@ class ShardWriter:
             "class_counts": list(self.class_counts)}
 
   def commit(self) -> None:
-    os.replace(self.tmp, self.path)
+    fileio.publish(self._local, self.path)
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self._file.close()
+    if fileio.is_remote(self.path):  # a local staging copy never outlives its writer
+      fileio.remove(self._local)
 
 
 @dataclasses.dataclass
@@ -97,18 +107,18 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
 
-  records_dir = pathlib.Path(records_dir)
+  records_dir = os.fspath(records_dir)
   m = manifest.read(records_dir)
-  report = VerifyReport(str(records_dir))
+  report = VerifyReport(records_dir)
   num_classes = len(m["classes"])
   shard_entries = [(split, s) for split, info in m["splits"].items() for s in info["shards"]]
   total = sum(s["num_examples"] for _, s in shard_entries)
   bar = tqdm.tqdm(total=total, unit="img", desc="verify", disable=not progress)
   spec = features.feature_spec()
   for split, entry in shard_entries:
-    path = records_dir / entry["file"]
+    path = fileio.join(records_dir, entry["file"])
     report.shards += 1
-    if not path.exists():
+    if not fileio.exists(path):
       report.problems.append(f"{path}: missing (listed in manifest.json under split {split!r})")
       continue
     digest = fileio.sha256_file(path)
@@ -116,7 +126,7 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
       report.problems.append(f"{path}: sha256 {digest} does not match manifest {entry['sha256']}")
     count = 0
     try:
-      for index, raw in enumerate(tf.data.TFRecordDataset(str(path))):
+      for index, raw in enumerate(tf.data.TFRecordDataset(path)):
         count += 1
         try:
           ex = tf.io.parse_single_example(raw, spec)

@@ -19,8 +19,6 @@ import csv
 import io
 import json
 import os
-import pathlib
-import shutil
 
 import keras
 
@@ -38,22 +36,22 @@ HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_
 
 
 def write_config(model_dir: str | os.PathLike, config: dict) -> None:
-  fileio.write_text_atomic(pathlib.Path(model_dir) / CONFIG_FILE,
+  fileio.write_text_atomic(fileio.join(model_dir, CONFIG_FILE),
                            json.dumps(config, indent=2) + "\n")
 
 
 def write_summary(model_dir: str | os.PathLike, summary: dict) -> None:
-  fileio.write_text_atomic(pathlib.Path(model_dir) / SUMMARY_FILE,
+  fileio.write_text_atomic(fileio.join(model_dir, SUMMARY_FILE),
                            json.dumps(summary, indent=2) + "\n")
 
 
 def read_config(model_dir: str | os.PathLike) -> dict | None:
   """config.json as a dict, or None when the run has not written one yet."""
-  path = pathlib.Path(model_dir) / CONFIG_FILE
-  if not path.is_file():
+  path = fileio.join(model_dir, CONFIG_FILE)
+  if not fileio.isfile(path):
     return None
   try:
-    return json.loads(path.read_text())
+    return json.loads(fileio.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise ValueError(f"{path}: not valid JSON ({err})") from err
 
@@ -74,7 +72,7 @@ CV_METRICS_FILE = "cv_metrics.json"
 
 def fold_dir(model_dir: str | os.PathLike, fold: int) -> str:
   """Where fold `fold` of a cross-validation run in `model_dir` lives."""
-  return os.path.join(os.fspath(model_dir), f"{FOLD_PREFIX}{int(fold)}")
+  return fileio.join(model_dir, f"{FOLD_PREFIX}{int(fold)}")
 
 
 def cv_fold_dirs(model_dir: str | os.PathLike) -> list[str]:
@@ -82,14 +80,14 @@ def cv_fold_dirs(model_dir: str | os.PathLike) -> list[str]:
 
   Only folders named fold_<k> holding a model.keras count: an unfinished fold has none yet.
   """
-  d = pathlib.Path(model_dir)
-  if not d.is_dir():
+  if not fileio.isdir(model_dir):
     return []
   folds = []
-  for child in d.iterdir():
-    suffix = child.name[len(FOLD_PREFIX):]
-    if child.name.startswith(FOLD_PREFIX) and suffix.isdigit() and (child / MODEL_FILE).is_file():
-      folds.append((int(suffix), str(child)))
+  for name in fileio.listdir(model_dir):
+    suffix, child = name[len(FOLD_PREFIX):], fileio.join(model_dir, name)
+    if name.startswith(FOLD_PREFIX) and suffix.isdigit() and fileio.isfile(
+        fileio.join(child, MODEL_FILE)):
+      folds.append((int(suffix), child))
   return [path for _, path in sorted(folds)]
 
 
@@ -121,22 +119,19 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
 
 def clear(model_dir: str | os.PathLike) -> None:
   """Removes what training wrote to MODEL_DIR (for --overwrite); other files stay."""
-  d = pathlib.Path(model_dir)
   for name in _RUN_FILES:
-    (d / name).unlink(missing_ok=True)
+    fileio.remove(fileio.join(model_dir, name))
   for name in (BACKUP_DIR, LOGS_DIR):
-    if (d / name).is_dir():
-      shutil.rmtree(d / name)
+    fileio.rmtree(fileio.join(model_dir, name))
 
 
 def check_writable(model_dir: str | os.PathLike) -> None:
   """Creates MODEL_DIR and writes a probe file, before any long work; RunDirError if it can't."""
-  d = pathlib.Path(model_dir)
   try:
-    d.mkdir(parents=True, exist_ok=True)
-    probe = d / ".write-test"
+    fileio.makedirs(model_dir)
+    probe = fileio.join(model_dir, ".write-test")
     fileio.write_text_atomic(probe, "")
-    probe.unlink()
+    fileio.remove(probe)
   except OSError as err:
     raise RunDirError(f"--model_dir={model_dir} cannot be written ({err.strerror or err}); "
                       "choose a writable folder") from err
@@ -144,21 +139,21 @@ def check_writable(model_dir: str | os.PathLike) -> None:
 
 def save_model(model: keras.Model, model_dir: str | os.PathLike) -> None:
   """model.keras, atomically (Keras insists on the .keras suffix, so the temporary name keeps it)."""
-  path = pathlib.Path(model_dir) / MODEL_FILE
-  tmp = path.with_name(".tmp-" + path.name)
+  path = fileio.join(model_dir, MODEL_FILE)
+  tmp = fileio.join(model_dir, ".tmp-" + MODEL_FILE)
   try:
-    model.save(tmp)
-    os.replace(tmp, path)
+    model.save(tmp)  # Keras writes gs:// and ram:// paths itself (through tf.io.gfile)
+    fileio.rename(tmp, path, overwrite=True)
   finally:
-    tmp.unlink(missing_ok=True)
+    fileio.remove(tmp)
 
 
 def read_history(model_dir: str | os.PathLike, upto: int) -> list[dict]:
-  path = pathlib.Path(model_dir) / HISTORY_FILE
-  if not path.exists():
+  path = fileio.join(model_dir, HISTORY_FILE)
+  if not fileio.exists(path):
     return []
-  with open(path, newline="") as f:
-    return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto]
+  rows = csv.DictReader(io.StringIO(fileio.read_text(path), newline=""))
+  return [row for row in rows if int(row["epoch"]) <= upto]
 
 
 def write_history(model_dir: str | os.PathLike, rows: list[dict]) -> None:
@@ -166,40 +161,41 @@ def write_history(model_dir: str | os.PathLike, rows: list[dict]) -> None:
   writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\r\n")
   writer.writeheader()
   writer.writerows(rows)
-  fileio.write_text_atomic(pathlib.Path(model_dir) / HISTORY_FILE, buf.getvalue())
+  fileio.write_text_atomic(fileio.join(model_dir, HISTORY_FILE), buf.getvalue())
 
 
 def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   """Loads MODEL_DIR/model.keras (safe mode) and MODEL_DIR/config.json; checks they agree."""
-  d = pathlib.Path(model_dir)
+  d = os.fspath(model_dir)
+  model_path, config_path = fileio.join(d, MODEL_FILE), fileio.join(d, CONFIG_FILE)
   need = f"a model directory holds {MODEL_FILE} (model.save()) and {CONFIG_FILE} from training"
-  if not d.is_dir():
+  if not fileio.isdir(d):
     raise FileNotFoundError(f"{d}: model directory not found; {need}")
-  missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (d / name).is_file()]
+  missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not fileio.isfile(fileio.join(d, name))]
   if missing:
     raise FileNotFoundError(f"{d}: missing {' and '.join(missing)}; {need}")
-  if (d / MODEL_FILE).stat().st_size == 0:
-    raise ValueError(f"{d / MODEL_FILE} is empty (0 bytes): a save was interrupted; train again "
+  if fileio.size(model_path) == 0:
+    raise ValueError(f"{model_path} is empty (0 bytes): a save was interrupted; train again "
                      "into this directory to resume from its backup")
   try:
-    cfg = json.loads((d / CONFIG_FILE).read_text())
+    cfg = json.loads(fileio.read_text(config_path))
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{d / CONFIG_FILE}: not valid JSON ({err})") from err
+    raise ValueError(f"{config_path}: not valid JSON ({err})") from err
   classes = cfg.get("classes") if isinstance(cfg, dict) else None
   if not isinstance(classes, list) or len(classes) < 2:
-    raise ValueError(f"{d / CONFIG_FILE}: 'classes' must list at least 2 class names in id order, "
+    raise ValueError(f"{config_path}: 'classes' must list at least 2 class names in id order, "
                      f"got {classes!r}")
   size = cfg.get("image_size")
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-    raise ValueError(f"{d / CONFIG_FILE}: 'image_size' must be a positive integer, got {size!r}")
+    raise ValueError(f"{config_path}: 'image_size' must be a positive integer, got {size!r}")
   try:
-    model = keras.models.load_model(d / MODEL_FILE, compile=False)  # safe_mode stays on
+    model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
   except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
-    raise ValueError(f"{d / MODEL_FILE}: could not load the Keras model "
+    raise ValueError(f"{model_path}: could not load the Keras model "
                      f"({type(err).__name__}: {err})") from err
   units = model.outputs[0].shape[-1]
   expected = 1 if len(classes) == 2 else len(classes)
   if units != expected:
-    raise ValueError(f"{d / MODEL_FILE}: the model outputs {units} logit(s) but {CONFIG_FILE} "
+    raise ValueError(f"{model_path}: the model outputs {units} logit(s) but {CONFIG_FILE} "
                      f"lists {len(classes)} classes {classes}; expected {expected}")
   return model, cfg

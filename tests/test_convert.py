@@ -88,7 +88,7 @@ def test_shard_writer_round_trip(tmp_path):
       w.commit()
     assert summary["num_examples"] == 5 and summary["class_counts"] == [3, 2]
     assert summary["sha256"] == fileio.sha256_file(w.path)
-    assert not w.tmp.exists()
+    assert not os.path.exists(w.tmp)
   files = sorted(str(p) for p in tmp_path.glob("train-*.tfrecord"))
   assert [features.parse_shard_name(os.path.basename(f)) for f in files] == [
       ("train", k, 3) for k in range(3)]

@@ -136,3 +136,66 @@ def test_flags_and_library_configs_share_their_defaults():
                         f"{config.__name__}.{field.name}={lib!r}")
   assert checked > 30, checked
   assert not differ, "\n".join(differ)
+
+
+# Direct file access (builtin open, os.path checks, os renames and listings, shutil, glob, pathlib)
+# is for fileio.py alone: every user path may be gs://, and pathlib.Path("gs://b/x") is "gs:/b/x".
+# The modules below may still do it, each for the reason given. Shrink this list; never grow it
+# for a user path (records, runs, reports, plots, CSVs): call fileio instead.
+_DIRECT_FILE_ACCESS = {
+    "fileio": "the file-system helper itself",
+    "sources": "lists the input images, which stay local (symlinks, real paths)",
+    "dedup": "sizes of the local input images",
+    "preprocess": "reads one local input image",
+    "labels": "reads the labels CSV that lives with the local input images",
+    "synthetic": "writes synthetic input images for make_records (local by design)",
+    "models": "the ~/.keras weights cache",
+    "distribute": "ChiefOutputDir.path (local only) until train.py uses .dir / .join (issue 12)",
+    # Not converted yet (issue 12, second half): they still build user paths with pathlib.
+    "train": "issue 12, to convert",
+    "evaluate": "issue 12, to convert", "predict": "issue 12, to convert",
+    "cv": "issue 12, to convert",
+    "cli/evaluate": "issue 12, to convert", "cli/show_preprocessing": "issue 12, to convert",
+}
+_FILE_CALLS = {
+    "open", "os.path.exists", "os.path.lexists", "os.path.isfile", "os.path.isdir",
+    "os.path.getsize", "os.listdir", "os.scandir", "os.walk", "os.makedirs", "os.mkdir",
+    "os.replace", "os.rename", "os.remove", "os.unlink", "os.rmdir", "shutil.rmtree",
+    "shutil.copy", "shutil.copy2", "shutil.copyfile", "shutil.copytree", "shutil.move",
+    "glob.glob"}
+
+
+def _dotted(node) -> str | None:
+  if isinstance(node, ast.Name):
+    return node.id
+  if isinstance(node, ast.Attribute):
+    base = _dotted(node.value)
+    return base and f"{base}.{node.attr}"
+  return None
+
+
+def _direct_file_access(path: pathlib.Path) -> set[str]:
+  """The direct file calls in a module, and "pathlib" if it imports pathlib."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import) and any(a.name == "pathlib" for a in node.names):
+      found.add("pathlib")
+    elif isinstance(node, ast.ImportFrom) and node.module == "pathlib":
+      found.add("pathlib")
+    elif isinstance(node, ast.Call) and _dotted(node.func) in _FILE_CALLS:
+      found.add(_dotted(node.func))
+  return found
+
+
+def test_only_fileio_touches_user_paths_directly():
+  offenders, stale = [], []
+  for path in sorted(LIB.rglob("*.py")):
+    module = path.relative_to(LIB).with_suffix("").as_posix()
+    found = _direct_file_access(path)
+    if found and module not in _DIRECT_FILE_ACCESS:
+      offenders.append(f"skinrecords/{module}.py: {', '.join(sorted(found))}")
+    elif not found and module in _DIRECT_FILE_ACCESS:
+      stale.append(module)
+  assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "
+                         f"skinrecords.fileio): {offenders}")
+  assert not stale, f"no direct file access left in {stale}: remove them from _DIRECT_FILE_ACCESS"

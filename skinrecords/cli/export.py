@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 
+from skinrecords import fileio
 from skinrecords.cli import common as cli_common
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
@@ -52,6 +53,9 @@ def main(argv):
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:
     print(f"export: {cli_common.as_flags(str(err), _FLAG_NAMES)}", file=sys.stderr)
+    return 1
+  except OSError as err:  # a remote output that failed mid-upload (network, permissions)
+    print(f"export: {fileio.describe_error(err)}", file=sys.stderr)
     return 1
   for warning in report.warnings:  # loud: stderr too, where a pipeline's log would keep it
     print(f"export: WARNING: {warning}", file=sys.stderr)

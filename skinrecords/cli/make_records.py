@@ -17,6 +17,7 @@ import sys
 from absl import app
 from absl import flags
 
+from skinrecords import fileio
 from skinrecords.cli import common as cli_common
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder of images (class folders, pre-split "
@@ -123,6 +124,10 @@ def main(argv):
   except (convert.OutputExistsError, ValueError, FileNotFoundError) as err:
     print(f"make_records: {err}", file=sys.stderr)
     return 2
+  except OSError as err:  # a remote output that failed mid-run (network, permissions)
+    print(f"make_records: {fileio.describe_error(err)}; rerun the same command to resume",
+          file=sys.stderr)
+    return 1
   print(convert.summary(result))
   if config.strict and result.rejected:
     print(f"make_records: --strict: {len(result.rejected)} input(s) rejected", file=sys.stderr)

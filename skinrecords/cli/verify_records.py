@@ -8,6 +8,7 @@ import sys
 from absl import app
 from absl import flags
 
+from skinrecords import fileio
 from skinrecords.cli import common as cli_common
 
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Folder written by make_records.")
@@ -24,6 +25,9 @@ def main(argv):
     report = records.verify(_RECORDS_DIR.value, progress=_PROGRESS.value)
   except (FileNotFoundError, ValueError) as err:
     print(f"verify_records: {err}", file=sys.stderr)
+    return 2
+  except OSError as err:  # a remote folder that cannot be read (permissions, network)
+    print(f"verify_records: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
   for problem in report.problems:
     print(f"verify_records: {problem}", file=sys.stderr)
