@@ -100,6 +100,18 @@ def apply_temperature(probs, temperature: float) -> np.ndarray:
   return e / e.sum(axis=1, keepdims=True)
 
 
+def _nll_of_logits(z: np.ndarray, labels: np.ndarray) -> float:
+  """Mean NLL computed from logits, unclipped: clipping probabilities at 1e-7 (as `nll` does for
+  reporting) caps a confident mistake's cost at 16.1, and the fit then sharpened a model with 17 %
+  wrong answers towards T = 0.05 (seen on a 12-image validation split)."""
+  if z.ndim == 1:
+    signed = np.where(labels == 1, -z, z)  # -log sigmoid(z) = softplus(-z) for label 1
+    return float(np.mean(np.logaddexp(0.0, signed)))
+  top = z.max(axis=1, keepdims=True)
+  lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+  return float(np.mean(lse - z[np.arange(len(z)), labels]))
+
+
 def fit_temperature(probs, labels) -> float:
   """T in T_RANGE minimising the NLL of `labels` under apply_temperature(probs, T).
 
@@ -110,7 +122,8 @@ def fit_temperature(probs, labels) -> float:
   labels = np.asarray(labels, np.int64)
   if len(labels) == 0:
     raise ValueError("cannot fit a temperature on 0 examples")
-  result = optimize.minimize_scalar(lambda inv_t: nll(apply_temperature(probs, 1.0 / inv_t), labels),
+  z = to_logits(probs)
+  result = optimize.minimize_scalar(lambda inv_t: _nll_of_logits(z * inv_t, labels),
                                     bounds=(1.0 / T_RANGE[1], 1.0 / T_RANGE[0]), method="bounded",
                                     options={"xatol": 1e-6})
   t = 1.0 / float(result.x)
