@@ -106,17 +106,17 @@ def test_ensemble_refusals_through_the_command(runs, tmp_path):
     (cv / f"fold_{k}").mkdir(parents=True)
   (cv / "fold_0" / "model.keras").write_bytes((a / "model.keras").read_bytes())
   (cv / "fold_0" / "config.json").write_text((a / "config.json").read_text())
-  cases = [
-      (f"--model_dir={a},{tmp_path / 'swapped'}", "disagree on classes"),
-      (f"--model_dir={cv}", "fold_1 has no model.keras yet (unfinished)"),
-      (f"--model_dir={a},{b}", "pass output_dir"),
-      (f"--model_dir={a},{a}", "more than once"),
-  ]
-  for arg, message in cases:
-    proc = run_bin("evaluate", arg, "--bootstrap=0", check=False)
-    assert proc.returncode == 2, (arg, proc.stderr)
-    assert message in proc.stderr and "Traceback" not in proc.stderr, (arg, proc.stderr)
+  for model_dir, message in [(str(cv), "fold_1 has no model.keras yet (unfinished)"),
+                             (f"{a},{b}", "pass output_dir"), (f"{a},{a}", "more than once")]:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+      evaluate.evaluate(evaluate.EvalConfig(model_dir=model_dir, bootstrap=0))
+  # Through the commands: exit 2, one line, no traceback.
+  for command, args, message in [
+      ("evaluate", [f"--model_dir={a},{tmp_path / 'swapped'}", "--bootstrap=0"],
+       "disagree on classes"),
+      ("predict", [f"--model_dir={a},{b}", f"--records_dir={records}",
+                   f"--explain_dir={tmp_path / 'x'}"], "an ensemble has none of its own")]:
+    proc = run_bin(command, *args, check=False)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-  proc = run_bin("predict", f"--model_dir={a},{b}", f"--records_dir={records}",
-                 f"--explain_dir={tmp_path / 'x'}", check=False)
-  assert proc.returncode == 2 and "an ensemble has none of its own" in proc.stderr, proc.stderr
