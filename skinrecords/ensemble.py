@@ -178,9 +178,35 @@ def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
   cal = {"method": "temperature", "temperature": t, "fitted_on": dict(where, n=len(labels)),
          "nll_before": calibration.nll(probs, labels),
          "nll_after": calibration.nll(calibration.apply_temperature(probs, t), labels)}
+  if min(abs(t - b) / b for b in calibration.T_RANGE) < 1e-3:
+    cal["warning"] = (f"the temperature stopped at the end of its search range {calibration.T_RANGE}: "
+                      "the validation split cannot pin it down (too few images, or the model "
+                      "barely separates them)")
   rundir.write_calibration(member.model_dir, cal)
   member.calibration = cal
   return cal
+
+
+def calibration_summary(members: list[Member], probs, raw, labels, method: str) -> dict:
+  """ece/brier/nll of what is reported, the temperatures used, and the scores without them."""
+  temps = [(m.calibration or {}).get("temperature") for m in members]
+  out = {"calibration": {"method": "temperature" if any(temps) else None,
+                         "temperatures": dict(zip([m.model_dir for m in members], temps))}}
+  if any(temps):
+    out["calibration"]["note"] = ("temperature " + ", ".join(
+        f"{t:.3f}" for t in temps if t) + " (fitted on the validation split)")
+    out["calibration"]["warnings"] = [f"{m.model_dir}: {m.calibration['warning']}"
+                                      for m in members if (m.calibration or {}).get("warning")]
+  if method == "rank" and len(members) > 1:
+    out.update(ece=None, brier=None, nll=None)
+    out["calibration"]["note"] = "rank-ensemble scores are not probabilities: no ECE/Brier"
+    return out
+  out.update(calibration.calibration_metrics(probs, labels))
+  out["reliability"] = calibration.reliability_bins(probs, labels)
+  if any(temps):
+    out["uncalibrated"] = calibration.calibration_metrics(
+        combine(raw, method), labels)
+  return out
 
 
 def member_rows(members: list[Member], member_metrics: list[dict]) -> list[dict]:

@@ -290,26 +290,6 @@ def _fit_calibration(config, members, info, folds) -> None:
                                                 "tta": config.tta})
 
 
-def _calibration_metrics(config, members, probs, raw, labels) -> dict:
-  """ece/brier/nll of what is reported, the temperatures used, and the scores without them."""
-  temps = [(m.calibration or {}).get("temperature") for m in members]
-  out = {"calibration": {"method": "temperature" if any(temps) else None,
-                         "temperatures": dict(zip([m.model_dir for m in members], temps))}}
-  if any(temps):
-    out["calibration"]["note"] = ("temperature " + ", ".join(
-        f"{t:.3f}" for t in temps if t) + " (fitted on the validation split)")
-  if config.ensemble == "rank" and len(members) > 1:
-    out.update(ece=None, brier=None, nll=None)
-    out["calibration"]["note"] = "rank-ensemble scores are not probabilities: no ECE/Brier"
-    return out
-  out.update(calibration.calibration_metrics(probs, labels))
-  out["reliability"] = calibration.reliability_bins(probs, labels)
-  if any(temps):
-    out["uncalibrated"] = calibration.calibration_metrics(
-        ensemble.combine(raw, config.ensemble), labels)
-  return out
-
-
 def evaluate(config: EvalConfig) -> dict:
   """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
   config.validate()
@@ -336,7 +316,7 @@ def evaluate(config: EvalConfig) -> dict:
   groups = _patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
   m = metrics.compute_metrics(probs, labels, classes, threshold, groups=groups,
                               bootstrap=config.bootstrap)
-  m.update(_calibration_metrics(config, members, probs, raw, labels))
+  m.update(ensemble.calibration_summary(members, probs, raw, labels, config.ensemble))
   if len(members) > 1:
     m["ensemble"] = {"method": config.ensemble, "members": [x.model_dir for x in members]}
     m["members"] = ensemble.member_rows(members, [dict(
@@ -359,6 +339,7 @@ def evaluate(config: EvalConfig) -> dict:
 def _annotate(config, m, members, info, records_dir, same, split_fold, source, out) -> None:
   """Where the numbers come from: records, split, threshold, optimism, preprocessing."""
   warnings = [w for x in members for w in _preprocessing_warnings(x.cfg, info)]
+  warnings += (m.get("calibration") or {}).get("warnings", [])
   if config.split == "valid" and same:
     m["optimistic"] = ("this validation split chose the saved epoch" +
                        (" and the threshold" if source and source != "fixed" else "") +

@@ -85,8 +85,10 @@ def main(argv):
     print(f"evaluate: {err}", file=sys.stderr)
     return 2
   print(evaluate.report_text(result))
-  print(f"\nwrote {', '.join(pathlib.Path(p).name for p in result['files'].values())} to "
-        f"{result['output_dir']}")
+  paths = [pathlib.Path(p) for p in result["files"].values()]
+  here = [p.name for p in paths if str(p.parent) == result["output_dir"]]
+  print(f"\nwrote {', '.join(here)} to {result['output_dir']}" +
+        "".join(f", and {p}" for p in paths if str(p.parent) != result["output_dir"]))
   return 0
 
 

@@ -82,11 +82,25 @@ def main(argv):
     return 2
   if rows:
     print(predict.format_table(rows, classes))
+  _describe_members(config)
   for r in rejected:
     print(f"predict: rejected {r['image']}: {r['reason']}", file=sys.stderr)
   print(f"{len(rows)} predicted, {len(rejected)} rejected"
         + (f"; wrote {config.output_csv}" if config.output_csv else ""), file=sys.stderr)
   return 0 if rows else 1
+
+
+def _describe_members(config) -> None:
+  """Says on stderr which runs were combined and which calibration was applied."""
+  from skinrecords import ensemble, rundir  # pylint: disable=g-import-not-at-top
+
+  dirs = ensemble.member_dirs(config.model_dir)
+  temps = {d: (rundir.read_calibration(d) or {}).get("temperature") for d in dirs}
+  if len(dirs) > 1:
+    print(f"ensemble: {config.ensemble} of {len(dirs)} runs: {', '.join(dirs)}", file=sys.stderr)
+  for d, t in temps.items():
+    if t:
+      print(f"{d}: temperature {t:.3f} applied ({rundir.CALIBRATION_FILE})", file=sys.stderr)
 
 
 def run():
