@@ -31,6 +31,7 @@ import pathlib
 import numpy as np
 
 from skinrecords import calibration
+from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import pipeline
 from skinrecords import rundir
@@ -94,12 +95,24 @@ def member_dirs(model_dir: str) -> list[str]:
   return dirs
 
 
+def _stored_calibration(model_dir: str) -> dict | None:
+  """calibration.json, refused when model.keras changed since it was fitted (a resumed or
+  retrained run would otherwise get the old model's temperature, silently)."""
+  cal = rundir.read_calibration(model_dir)
+  if cal and cal.get("model_sha256") and cal["model_sha256"] != fileio.sha256_file(
+      pathlib.Path(model_dir) / rundir.MODEL_FILE):
+    raise ValueError(f"{model_dir}/{rundir.CALIBRATION_FILE} was fitted for an earlier "
+                     f"{rundir.MODEL_FILE} (retrained since); refit with --calibrate=temperature, "
+                     "or ignore it with --calibrate=none")
+  return cal
+
+
 def load_members(model_dir: str, use_stored_calibration: bool = True) -> list[Member]:
   """Loads every member; ValueError when their classes differ."""
   members = []
   for d in member_dirs(model_dir):
     model, cfg = rundir.load_model_dir(d)
-    members.append(Member(d, model, cfg, rundir.read_calibration(d) if use_stored_calibration
+    members.append(Member(d, model, cfg, _stored_calibration(d) if use_stored_calibration
                           else None))
   first = members[0]
   for m in members[1:]:
@@ -176,6 +189,7 @@ def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
   """Fits T on the member's validation predictions; writes calibration.json; returns it."""
   t = calibration.fit_temperature(probs, labels)
   cal = {"method": "temperature", "temperature": t, "fitted_on": dict(where, n=len(labels)),
+         "model_sha256": fileio.sha256_file(pathlib.Path(member.model_dir) / rundir.MODEL_FILE),
          "nll_before": calibration.nll(probs, labels),
          "nll_after": calibration.nll(calibration.apply_temperature(probs, t), labels)}
   if min(abs(t - b) / b for b in calibration.T_RANGE) < 1e-3:

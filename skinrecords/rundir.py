@@ -66,7 +66,7 @@ def read_config(model_dir: str | os.PathLike) -> dict | None:
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
-              "auc.png")
+              "auc.png", CALIBRATION_FILE)
 
 
 FOLD_PREFIX = "fold_"

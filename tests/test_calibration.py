@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 from conftest import run_bin
 from skinrecords import calibration
 from skinrecords import evaluate
+from skinrecords import fileio
 from skinrecords import predict
 from skinrecords import rundir
 import tiny_runs
@@ -82,6 +83,7 @@ def test_temperature_fitted_on_valid_is_stored_and_applied(over_confident, tmp_p
                                             bootstrap=0, output_dir=str(tmp_path / "cal")))
   cal = rundir.read_calibration(run)
   t = cal["temperature"]
+  assert cal["model_sha256"] == fileio.sha256_file(run / rundir.MODEL_FILE)
   assert t > 2 and cal["fitted_on"] == {"records_dir": str(records), "split": "valid",
                                         "fold": None, "tta": 0, "n": 30}
   # It lowers the validation NLL (0.53 -> 0.24 when written), measured from the model's outputs.
@@ -122,6 +124,14 @@ def test_bad_calibration_file_and_unwritable_output(over_confident, tmp_path):
   proc = run_bin("evaluate", f"--model_dir={bad}", "--bootstrap=0", check=False)
   assert proc.returncode == 2 and "calibration.json: expected" in proc.stderr, proc.stderr
   assert "Traceback" not in proc.stderr
+  # A temperature fitted for an earlier model.keras (the run was retrained since) is refused.
+  (bad / rundir.CALIBRATION_FILE).write_text(json.dumps(
+      {"method": "temperature", "temperature": 2.0, "model_sha256": "0" * 64}))
+  with pytest.raises(ValueError, match="fitted for an earlier model.keras"):
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(bad), bootstrap=0,
+                                          output_dir=str(tmp_path / "o")))
+  assert evaluate.evaluate(evaluate.EvalConfig(model_dir=str(bad), bootstrap=0, calibrate="none",
+                                               output_dir=str(tmp_path / "o")))["nll"] > 0
   # An unusable output path is refused before the temperature is fitted (nothing is lost):
   # root ignores permissions, so the "folder" is a file.
   blocker = tmp_path / "file"
@@ -129,3 +139,11 @@ def test_bad_calibration_file_and_unwritable_output(over_confident, tmp_path):
   proc = run_bin("evaluate", f"--model_dir={run}", "--calibrate=none", "--bootstrap=0",
                  f"--output_dir={blocker / 'out'}", check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_overwrite_removes_a_stored_temperature(tmp_path):
+  """train --overwrite starts a new model: the old model's temperature must not outlive it."""
+  rundir.write_calibration(tmp_path, {"method": "temperature", "temperature": 2.0})
+  assert rundir.read_calibration(tmp_path)["temperature"] == 2.0
+  rundir.clear(tmp_path)
+  assert rundir.read_calibration(tmp_path) is None
