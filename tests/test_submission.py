@@ -101,6 +101,31 @@ def test_official_isic_scorer_agrees_with_metrics_json(run, tmp_path):
   assert ap.overall != pytest.approx(m["pr_auc"], abs=1e-3)
 
 
+def test_official_scorer_on_a_three_class_ensemble(tmp_path):
+  """ISIC 2019-style multi-class: the scorer's macro AUC and AP are our roc_auc and pr_auc."""
+  scoring = pytest.importorskip(
+      "isic_challenge_scoring", reason="the official scorer is the test extra "
+      "isic-challenge-scoring (needs pandas<3); pip install it to run this test")
+  records = tiny_runs.make_records(tmp_path, size=48, counts=(30, 25, 25), levels=(80, 120, 160))
+  runs = [tiny_runs.save_run(tiny_runs.random_model(records, size, seed=seed, classes=3),
+                             tmp_path / f"r{size}", records, size)
+          for size, seed in ((32, 1), (48, 2))]
+  members = ",".join(map(str, runs))
+  m = evaluate.evaluate(evaluate.EvalConfig(
+      model_dir=members, output_dir=str(tmp_path / "eval"), bootstrap=0,
+      isic_truth_csv=str(tmp_path / "truth.csv"), isic_columns="a:NV,b:BKL,c:MEL"))
+  predict.run(predict.PredictConfig(model_dir=members, records_dir=str(records), format="isic",
+                                    isic_columns="a:NV,b:BKL,c:MEL",
+                                    output_csv=str(tmp_path / "pred.csv")))
+  assert _rows(tmp_path / "pred.csv")[0] == ["image", "NV", "BKL", "MEL"]
+  for metric, ours in ((scoring.ClassificationMetric.AUC, m["roc_auc"]),
+                       (scoring.ClassificationMetric.AVERAGE_PRECISION, m["pr_auc"])):
+    score = scoring.ClassificationScore.from_file(tmp_path / "truth.csv", tmp_path / "pred.csv",
+                                                  metric)
+    assert score.overall == pytest.approx(ours, abs=1e-6), metric
+  assert 0.0 < m["roc_auc"] < 1.0 and len(m["members"]) == 2
+
+
 def test_submission_errors(run, tmp_path):
   _, records, model_dir = run
   out = str(tmp_path / "p.csv")

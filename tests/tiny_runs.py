@@ -19,8 +19,9 @@ from skinrecords import rundir
 def make_records(root: pathlib.Path, size: int = 48, folds: int = 0, counts=(36, 24),
                  levels=(90, 150)) -> pathlib.Path:
   """Square dark/bright PNGs -> `size` px JPEG records (60/20/20 %, optionally K train folds);
-  grey `levels` closer together (noise +-60) make the classes overlap."""
-  write_dark_bright(root / "in", {"a": (counts[0], levels[0]), "b": (counts[1], levels[1])}, 60,
+  grey `levels` closer together (noise +-60) make the classes overlap; one class per count."""
+  write_dark_bright(root / "in", {"abcd"[i]: (n, level) for i, (n, level) in
+                                  enumerate(zip(counts, levels))}, 60,
                     lambda i: (40, 40, 3))
   return convert_folder(root / "in", root / "records", size, split=(0.6, 0.2, 0.2), folds=folds,
                         min_train_shards=2)
