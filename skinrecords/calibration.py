@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-ECE_BINS = 15  # Guo et al. 2017's choice; with a few hundred test images, more bins are mostly empty
+ECE_BINS = 15  # Guo et al. 2017's choice; with a few hundred test images more bins sit empty
 _EPS = 1e-7
 # The search range for T: 1/20 sharpens the softest model we would want to help, 20 flattens a
 # network whose logits are 20x too large (over-confident ResNets in Guo et al. need T ~ 1.5-3).

@@ -193,8 +193,8 @@ def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
          "nll_before": calibration.nll(probs, labels),
          "nll_after": calibration.nll(calibration.apply_temperature(probs, t), labels)}
   if min(abs(t - b) / b for b in calibration.T_RANGE) < 1e-3:
-    cal["warning"] = (f"the temperature stopped at the end of its search range {calibration.T_RANGE}: "
-                      "the validation split cannot pin it down (too few images, or the model "
+    cal["warning"] = ("the temperature stopped at the end of its search range "
+                      f"{calibration.T_RANGE}: the validation split cannot pin it down (too few images, or the model "
                       "barely separates them)")
   rundir.write_calibration(member.model_dir, cal)
   member.calibration = cal
@@ -239,7 +239,10 @@ def format_side_by_side(m: dict) -> str:
   rows = [(f"{r['model_dir']} ({r['backbone']}, {r['image_size']} px)", r) for r in m["members"]]
   rows.append((f"ensemble ({m['ensemble']['method']} of {len(m['members'])})", m))
   width = max(len(name) for name, _ in rows)
-  fmt = lambda v: f"{v:>9.4f}" if isinstance(v, (int, float)) else f"{'-':>9}"
+
+  def fmt(v) -> str:
+    return f"{v:>9.4f}" if isinstance(v, (int, float)) else f"{'-':>9}"
+
   lines = [f"{'model':<{width}}" + "".join(f"{c:>10}" for c, _ in cols)]
   lines += [f"{name:<{width}}" + "".join(" " + fmt(r.get(k)) for _, k in cols) for name, r in rows]
   return "\n".join(lines)

@@ -12,7 +12,9 @@ Why it is built this way:
 A model directory holds `model.keras` (a Keras model: RGB 0..255 images [B,H,W,3] -> logits, [B,1]
 for two classes, [B,K] for K > 2) and `config.json` (classes in id order, image_size, records_dir,
 fold, preprocessing, model and train settings). For two classes, id 1 is the positive class and a
-prediction is positive when P(class 1) >= threshold.
+prediction is positive when P(class 1) >= threshold. `model_dir` may name an ensemble (`ensemble`:
+leakage guards per member and for the ensemble); calibration metrics and temperature scaling come
+from `calibration`.
 """
 
 from __future__ import annotations
