@@ -12,7 +12,9 @@ Why it is built this way:
 A model directory holds `model.keras` (a Keras model: RGB 0..255 images [B,H,W,3] -> logits, [B,1]
 for two classes, [B,K] for K > 2) and `config.json` (classes in id order, image_size, records_dir,
 fold, preprocessing, model and train settings). For two classes, id 1 is the positive class and a
-prediction is positive when P(class 1) >= threshold.
+prediction is positive when P(class 1) >= threshold. `model_dir` may name an ensemble (`ensemble`:
+leakage guards per member and for the ensemble); calibration metrics and temperature scaling come
+from `calibration`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import numpy as np
 
 
+from skinrecords import calibration
+from skinrecords import ensemble
 from skinrecords import explain
 from skinrecords import fileio
 from skinrecords import inference
@@ -35,8 +39,12 @@ from skinrecords import metrics
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
+from skinrecords import submission
 
 _THRESHOLD_CHOICES = "a float strictly between 0 and 1, or 'youden'"
+# stored: apply MODEL_DIR/calibration.json when there is one; temperature: fit it now on the
+# validation split (and store it); none: ignore a stored one.
+CALIBRATE_CHOICES = ("stored", "temperature", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,10 @@ class EvalConfig:
   # (a different fold of other records is no leak, but usually a mistake worth stopping).
   allow_other_records: bool = False
   bootstrap: int = 1000  # resamples for the 95 % confidence intervals; 0: none
+  ensemble: str = "mean"  # how several members combine: ensemble.METHODS
+  calibrate: str = "stored"  # CALIBRATE_CHOICES
+  isic_truth_csv: str | None = None  # also write the ISIC ground-truth CSV here
+  isic_columns: str | None = None  # "Class:Column,..." renames for the ISIC CSV
 
   def __post_init__(self):
     self.validate()
@@ -73,6 +85,12 @@ class EvalConfig:
         self.bootstrap < 0:
       raise ValueError(f"EvalConfig.bootstrap={self.bootstrap!r}: expected an integer >= 0")
     parse_threshold(self.threshold)
+    if self.ensemble not in ensemble.METHODS:
+      raise ValueError(f"EvalConfig.ensemble={self.ensemble!r}: expected one of "
+                       f"{', '.join(ensemble.METHODS)}")
+    if self.calibrate not in CALIBRATE_CHOICES:
+      raise ValueError(f"EvalConfig.calibrate={self.calibrate!r}: expected one of "
+                       f"{', '.join(CALIBRATE_CHOICES)}")
 
   @property
   def threshold_value(self) -> float | str:
@@ -174,7 +192,7 @@ def _threshold(config, cfg, run, fold, classes):
     return None, None
   if threshold != "youden":
     return threshold, "fixed"
-  valid_probs, valid_labels, _ = run("valid")
+  valid_probs, valid_labels = run("valid")[:2]
   where = f"valid{f' fold {fold}' if fold is not None else ''}"
   return (metrics.youden_threshold(valid_probs, valid_labels),
           f"Youden's J on {len(valid_labels)} {where} predictions")
@@ -215,46 +233,115 @@ def _galleries(out, model, info, split, fold, cfg, m, probs, labels, names) -> d
   return {file: [names[i] for i in idx] for file, idx in picks.items()}
 
 
-def evaluate(config: EvalConfig) -> dict:
-  """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
-  # Inputs: model, records, and the guards that keep training data out of the scores.
-  config.validate()
-  model, cfg = rundir.load_model_dir(config.model_dir)
-  classes = [str(c) for c in cfg["classes"]]
-  records_dir = config.records_dir or cfg.get("records_dir")
+def _inputs(config: EvalConfig):
+  """Members, records and the guards that keep training data out of the scores."""
+  members = ensemble.load_members(config.model_dir, config.calibrate == "stored")
+  lead, classes = members[0], members[0].classes
+  records_dir = config.records_dir or lead.cfg.get("records_dir")
   if not records_dir:
-    raise ValueError(f"{config.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass "
+    raise ValueError(f"{lead.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass "
                      "records_dir")
   info = pipeline.load_info(records_dir)
-  _check_classes(info, classes, config.model_dir)
+  _check_classes(info, classes, lead.model_dir)
   if not info.has_labels(config.split):
     raise ValueError(f"{records_dir}: split {config.split!r} has no labels (SIIM-ISIC test files "
                      "carry no target), so it cannot be evaluated; score it with bin/predict "
                      f"--model_dir={config.model_dir} --records_dir={records_dir} "
                      f"--split={config.split}")
-  fold = config.fold if config.fold is not None else cfg.get("fold")
-  if config.threshold_value == "youden" and len(classes) != 2:
+  youden = config.threshold_value == "youden"
+  if youden and len(classes) != 2:
     raise ValueError(f"threshold='youden' needs a two-class model; {config.model_dir} has "
                      f"{len(classes)} classes (decided by argmax, no threshold)")
-  same = _check_leakage(config, cfg, info, fold, config.threshold_value == "youden")
-  out = fileio.check_writable_dir(config.output_dir or pathlib.Path(config.model_dir) /
-                                  f"eval_{config.split}")
+  if youden and config.ensemble == "rank" and len(members) > 1:
+    raise ValueError("threshold=youden with ensemble=rank: rank scores are relative to the split "
+                     "they rank, so a threshold chosen on valid means nothing on another split; "
+                     "use ensemble=mean, or a fixed threshold")
+  folds = [config.fold if config.fold is not None else m.cfg.get("fold") for m in members]
+  sames = [_check_leakage(dataclasses.replace(config, model_dir=m.model_dir), m.cfg, info, f,
+                          youden) for m, f in zip(members, folds)]
+  ensemble.check_leakage(members, config.split, youden, folds, sames)
+  return members, info, records_dir, folds, all(sames)
 
-  # Predictions, then the threshold and the metrics with their confidence intervals.
+
+def _check_outputs(config: EvalConfig, classes) -> tuple[pathlib.Path, list[str]]:
+  """Every output folder and file is checked before the first forward pass."""
+  out = fileio.check_writable_dir(config.output_dir or ensemble.default_output_dir(
+      config.model_dir, config.split))
+  columns = submission.parse_isic_columns(config.isic_columns, classes)
+  if config.isic_truth_csv:
+    submission.check_writable_file(config.isic_truth_csv, "isic_truth_csv")
+  return out, columns
+
+
+def _fit_calibration(config, members, info, folds) -> None:
+  """--calibrate=temperature: each member's T on its own validation split (for CV folds, the fold
+  it held out: honest for that member), stored in its MODEL_DIR."""
+  for m, fold in zip(members, folds):
+    rundir.check_writable(m.model_dir)
+    if "valid" not in info.shards and fold is None:
+      raise ValueError(f"calibrate=temperature fits on a validation split, and "
+                       f"{info.records_dir} has none for {m.model_dir} (no valid split, no "
+                       "fold); calibrate=none, or records with a validation split")
+    _check_leakage(dataclasses.replace(config, model_dir=m.model_dir, split="valid"), m.cfg, info,
+                   fold, False)
+  for m, fold in zip(members, folds):
+    probs, labels, _ = ensemble.predict_member(m, info, "valid", fold, config.batch_size,
+                                               config.tta)
+    ensemble.fit_temperature(m, probs, labels, {"records_dir": str(info.records_dir),
+                                                "split": "valid", "fold": fold,
+                                                "tta": config.tta})
+
+
+def evaluate(config: EvalConfig) -> dict:
+  """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
+  config.validate()
+  members, info, records_dir, folds, same = _inputs(config)
+  classes, fold = members[0].classes, folds[0]
+  out, columns = _check_outputs(config, classes)
+  if config.calibrate == "temperature":
+    _fit_calibration(config, members, info, folds)
+
+  # Predictions (each member at its own image size), the threshold and the metrics.
   def run(split):
-    split_fold = fold if split in ("train", "valid") else None
-    ds = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,
-                               image_size=cfg["image_size"], fold=split_fold, with_names=True)
-    return inference.predict_dataset(model, ds, config.tta, info=info, split=split,
-                                     fold=split_fold)
+    preds = [ensemble.predict_member(m, info, split, f if split in ("train", "valid") else None,
+                                     config.batch_size, config.tta)
+             for m, f in zip(members, folds)]
+    ensemble.check_aligned([p[2] for p in preds], [m.model_dir for m in members])
+    raw = [p[0] for p in preds]
+    member_probs = [m.calibrated(p) for m, p in zip(members, raw)]
+    return (ensemble.combine(member_probs, config.ensemble), preds[0][1], preds[0][2],
+            member_probs, raw)
 
-  probs, labels, names = run(config.split)
-  threshold, source = _threshold(config, cfg, run, fold, classes)
+  probs, labels, names, member_probs, raw = run(config.split)
+  threshold, source = _threshold(config, members[0].cfg, run, fold, classes)
   split_fold = fold if config.split in ("train", "valid") else None
   groups = _patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
   m = metrics.compute_metrics(probs, labels, classes, threshold, groups=groups,
                               bootstrap=config.bootstrap)
-  warnings = _preprocessing_warnings(cfg, info)
+  m.update(ensemble.calibration_summary(members, probs, raw, labels, config.ensemble))
+  if len(members) > 1:
+    m["ensemble"] = {"method": config.ensemble, "members": [x.model_dir for x in members]}
+    m["members"] = ensemble.member_rows(members, [dict(
+        metrics.compute_metrics(p, labels, classes, threshold, bootstrap=0),
+        **calibration.calibration_metrics(p, labels)) for p in member_probs])
+  _annotate(config, m, members, info, records_dir, same, split_fold, source, out)
+  if len(members) == 1:
+    m["galleries"] = _galleries(out, members[0].model, info, config.split, split_fold,
+                                members[0].cfg, m, probs, labels, names)
+  _write_outputs(out, m, probs, labels, names)
+  if config.isic_truth_csv:
+    submission.write_isic_truth(config.isic_truth_csv, names, labels, columns)
+    m["files"]["isic_truth_csv"] = str(config.isic_truth_csv)
+  for text in m["warnings"] + ([m["warning"]] if m["collapsed"] else []):
+    bar = "!" * 100
+    print(f"{bar}\nWARNING: {text}\n{bar}", file=sys.stderr, flush=True)
+  return m
+
+
+def _annotate(config, m, members, info, records_dir, same, split_fold, source, out) -> None:
+  """Where the numbers come from: records, split, threshold, optimism, preprocessing."""
+  warnings = [w for x in members for w in _preprocessing_warnings(x.cfg, info)]
+  warnings += (m.get("calibration") or {}).get("warnings", [])
   if config.split == "valid" and same:
     m["optimistic"] = ("this validation split chose the saved epoch" +
                        (" and the threshold" if source and source != "fixed" else "") +
@@ -263,14 +350,7 @@ def evaluate(config: EvalConfig) -> dict:
       source += ", the split evaluated here (optimistic)"
   m.update(model_dir=str(config.model_dir), records_dir=str(records_dir),
            training_records=same, split=config.split, fold=split_fold, tta=config.tta,
-           threshold_source=source, output_dir=str(out), warnings=warnings)
-  m["galleries"] = _galleries(out, model, info, config.split, split_fold, cfg, m, probs, labels,
-                              names)
-  _write_outputs(out, m, probs, labels, names)
-  for text in warnings + ([m["warning"]] if m["collapsed"] else []):
-    bar = "!" * 100
-    print(f"{bar}\nWARNING: {text}\n{bar}", file=sys.stderr, flush=True)
-  return m
+           threshold_source=source, output_dir=str(out), warnings=list(dict.fromkeys(warnings)))
 
 
 def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
@@ -288,9 +368,11 @@ def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
   fileio.write_text_atomic(out / "predictions.csv", buf.getvalue())
   m["files"] = {name: str(out / name) for name in (
       "metrics.json", "report.txt", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png",
-      *m.get("galleries", {}))}
+      *(["calibration.png"] if m.get("reliability") else []), *m.get("galleries", {}))}
   plots.plot_confusion(out / "confusion_matrix.png", m)
   plots.plot_curves(out / "roc.png", out / "pr.png", probs, labels, m)
+  if m.get("reliability"):
+    plots.plot_reliability(out / "calibration.png", m["reliability"], m)
   fileio.write_text_atomic(out / "report.txt", report_text(m) + "\n")
   fileio.write_text_atomic(out / "metrics.json", json.dumps(m, indent=2) + "\n")
 
@@ -305,6 +387,18 @@ def report_text(m: dict) -> str:
     notes.append(f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}")
   if m.get("threshold_source"):
     notes.append(f"threshold: {m['threshold_source']}")
+  if m.get("ece") is not None:
+    notes.append(f"calibration: ECE {m['ece']:.4f} ({m['ece_bins']} bins, top label), Brier "
+                 f"{m['brier']:.4f}, NLL {m['nll']:.4f}" +
+                 (f"; {m['calibration']['note']}" if (m.get("calibration") or {}).get("note")
+                  else ""))
+    if m.get("uncalibrated"):
+      u = m["uncalibrated"]
+      notes.append(f"  without temperature: ECE {u['ece']:.4f}, Brier {u['brier']:.4f}, NLL "
+                   f"{u['nll']:.4f}")
+  if m.get("members"):
+    notes.append("members and ensemble on the same split and threshold:\n" +
+                 ensemble.format_side_by_side(m))
   notes += [f"OPTIMISTIC: {m['optimistic']}"] if m.get("optimistic") else []
   notes += [f"WARNING: {w}" for w in m.get("warnings", [])]
   return metrics.format_report(m) + "".join("\n" + n for n in [""] * bool(notes) + notes)

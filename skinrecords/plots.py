@@ -1,4 +1,4 @@
-"""Figures: training curves, confusion matrix, ROC and precision-recall curves."""
+"""Figures: training curves, confusion matrix, ROC and precision-recall curves, reliability."""
 
 from __future__ import annotations
 
@@ -158,4 +158,33 @@ def cv_roc(path, folds, probs, labels, classes) -> None:
   ax.set_ylabel("true positive rate (sensitivity)")
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
+  save_figure(fig, path)
+
+
+def plot_reliability(path, bins: list[dict], m: dict) -> None:
+  """Reliability diagram: per confidence bin, accuracy against mean confidence (top label), with
+  the bin counts underneath; the diagonal is perfect calibration."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6.0, 6.0), dpi=110, layout="constrained")
+  ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+  widths = [b["high"] - b["low"] for b in bins]
+  lows = [b["low"] for b in bins]
+  ax.bar(lows, [b["accuracy"] for b in bins], width=widths, align="edge", edgecolor="black",
+         alpha=0.7, label="accuracy in bin")
+  ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="red",
+          label="(mean confidence, accuracy)")
+  ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_ylabel("accuracy")
+  ece = m.get("ece")
+  temp = (m.get("calibration") or {}).get("note")
+  ax.set_title(_title(m, "Reliability") + (f"\nECE {ece:.4f}, Brier {m['brier']:.4f}"
+                                           if ece is not None else "") +
+               (f"\n{temp}" if temp else ""))
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left")
+  ax_n.bar(lows, [b["count"] for b in bins], width=widths, align="edge", edgecolor="black")
+  ax_n.set_xlabel("confidence of the predicted class")
+  ax_n.set_ylabel("images")
   save_figure(fig, path)

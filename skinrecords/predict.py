@@ -8,6 +8,11 @@ encoded bytes the converter would have stored, JPEG artefacts included; those by
 when the model's image_size differs from the stored size, resized exactly as `pipeline` does. Bad
 files are reported with a reason, never fatal. Records go through `pipeline.make_dataset` as in
 evaluation; the "image" column then holds each record's image_name.
+
+`model_dir` may name an ensemble (a CV folder or a comma list, see `ensemble`): each member
+preprocesses and decodes at its own settings, its stored temperature (calibration.json) is applied,
+and the members' probabilities are combined. `format` picks the CSV: ours, the ISIC Challenge's or
+the SIIM-ISIC 2020 Kaggle submission (`submission`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pathlib
 
 import numpy as np
 
+from skinrecords import ensemble
 from skinrecords import explain
 from skinrecords import fileio
 from skinrecords import inference
@@ -30,6 +36,7 @@ from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import rundir
 from skinrecords import sources
+from skinrecords import submission
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,9 @@ class PredictConfig:
   records_dir: str | None = None  # instead of images: every record of `split` in this folder
   split: str = "test"
   explain_dir: str | None = None  # also write a Grad-CAM overlay per image here
+  ensemble: str = "mean"  # how several members combine: ensemble.METHODS
+  format: str = "default"  # submission.FORMATS
+  isic_columns: str | None = None  # "Class:Column,..." renames for format=isic
 
   def __post_init__(self):
     self.validate()
@@ -65,6 +75,16 @@ class PredictConfig:
       raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected a float strictly "
                        "between 0 and 1")
     inference.check_tta(self.tta, "PredictConfig.tta")
+    if self.ensemble not in ensemble.METHODS:
+      raise ValueError(f"PredictConfig.ensemble={self.ensemble!r}: expected one of "
+                       f"{', '.join(ensemble.METHODS)}")
+    if self.format not in submission.FORMATS:
+      raise ValueError(f"PredictConfig.format={self.format!r}: expected one of "
+                       f"{', '.join(submission.FORMATS)}")
+    if self.format != "default" and not self.output_csv:
+      raise ValueError(f"format={self.format} describes the CSV file: pass output_csv too")
+    if self.isic_columns and self.format != "isic":
+      raise ValueError("isic_columns renames the columns of format=isic; pass format=isic too")
 
 
 def list_images(input_dir) -> list[str]:
@@ -140,7 +160,8 @@ def _rows(probs, names, classes, threshold) -> list[dict]:
   return rows
 
 
-def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
+def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
+  """(probabilities, names, rejected) for image files."""
   classes = [str(c) for c in cfg["classes"]]
   pconfig = _preprocess_config(cfg, model_dir)
   rejected: list[dict] = []
@@ -148,10 +169,15 @@ def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_d
   if explain_dir:
     batches = _explaining(batches, model, classes, threshold, explain_dir)
   probs, _, names = inference.predict_dataset(model, batches, tta)
-  rows = _rows(probs, names, classes, threshold)
   order = {str(p): i for i, p in enumerate(paths)}
   rejected.sort(key=lambda r: order[r["image"]])
-  return rows, rejected
+  return probs, names, rejected
+
+
+def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
+  probs, names, rejected = _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir,
+                                       explain_dir)
+  return _rows(probs, names, [str(c) for c in cfg["classes"]], threshold), rejected
 
 
 def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 0.5,
@@ -171,6 +197,14 @@ def predict_records(model, cfg, records_dir, split: str = "test", batch_size: in
   """Rows as `predict_files` for every record of `split` in file order, "image" = image_name.
 
   Labels are not needed (nor read): the SIIM-ISIC test files have none."""
+  probs, names = _record_probs(model, cfg, records_dir, split, batch_size, threshold=threshold,
+                               tta=tta, model_dir=model_dir, explain_dir=explain_dir)
+  return _rows(probs, names, [str(c) for c in cfg["classes"]], threshold)
+
+
+def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta, model_dir,
+                  explain_dir):
+  """(probabilities, names) for every record of `split`."""
   classes = [str(c) for c in cfg["classes"]]
   info = pipeline.load_info(records_dir)
   if info.num_classes != len(classes) or (info.manifest is not None and
@@ -184,7 +218,7 @@ def predict_records(model, cfg, records_dir, split: str = "test", batch_size: in
     probs, _, names = inference.predict_dataset(model, ds, tta)
   else:
     probs, _, names = inference.predict_dataset(model, ds, tta, info=info, split=split)
-  return _rows(probs, names, classes, threshold)
+  return probs, names
 
 
 def check_writable(path) -> None:
@@ -233,8 +267,34 @@ def format_table(rows: list[dict], classes: list[str] | None = None) -> str:
   return "\n".join(lines)
 
 
+def _check_outputs(config: PredictConfig, classes: list[str], members: int):
+  """Output problems are refused before the first forward pass; returns the ISIC columns."""
+  if config.explain_dir and members > 1:
+    raise ValueError("explain_dir draws one model's Grad-CAM; an ensemble has none of its own: "
+                     "pass a single run as model_dir")
+  columns = submission.parse_isic_columns(config.isic_columns, classes)
+  if config.format == "kaggle":
+    submission.melanoma_index(classes)
+  return columns
+
+
+def _member_probs(config: PredictConfig, member, paths):
+  """One member's calibrated probabilities, names and rejected files."""
+  kwargs = dict(threshold=config.threshold, tta=config.tta, model_dir=member.model_dir,
+                explain_dir=config.explain_dir)
+  if config.records_dir:
+    probs, names = _record_probs(member.model, member.cfg, config.records_dir, config.split,
+                                 config.batch_size, **kwargs)
+    rejected = []
+  else:
+    probs, names, rejected = _file_probs(member.model, member.cfg, paths, config.batch_size,
+                                         kwargs.pop("threshold"), config.tta, member.model_dir,
+                                         config.explain_dir)
+  return member.calibrated(probs), names, rejected
+
+
 def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
-  """bin/predict: lists the images, predicts them, writes the CSV when asked.
+  """bin/predict: lists the images, predicts them (with every member), writes the CSV when asked.
 
   Returns (rows, rejected, classes).
   """
@@ -244,16 +304,18 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   if config.explain_dir:
     fileio.check_writable_dir(config.explain_dir, "explain_dir")
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
-  model, cfg = rundir.load_model_dir(config.model_dir)
-  if config.records_dir:
-    rows, rejected = predict_records(
-        model, cfg, config.records_dir, config.split, config.batch_size,
-        threshold=config.threshold, tta=config.tta, model_dir=config.model_dir,
-        explain_dir=config.explain_dir), []
-  else:
-    rows, rejected = _predict(model, cfg, paths, config.batch_size, config.threshold, config.tta,
-                              config.model_dir, config.explain_dir)
-  classes = [str(c) for c in cfg["classes"]]
-  if config.output_csv:
+  members = ensemble.load_members(config.model_dir)
+  classes = members[0].classes
+  columns = _check_outputs(config, classes, len(members))
+  results = [_member_probs(config, m, paths) for m in members]
+  ensemble.check_aligned([r[1] for r in results], [m.model_dir for m in members])
+  probs = ensemble.combine([r[0] for r in results], config.ensemble)
+  names, rejected = results[0][1], results[0][2]
+  rows = _rows(probs, names, classes, config.threshold)
+  if config.output_csv and config.format == "isic":
+    submission.write_isic(config.output_csv, names, probs, columns)
+  elif config.output_csv and config.format == "kaggle":
+    submission.write_kaggle(config.output_csv, names, probs, classes)
+  elif config.output_csv:
     write_csv(rows, config.output_csv, classes)
   return rows, rejected, classes

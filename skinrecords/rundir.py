@@ -6,6 +6,7 @@
     MODEL_DIR/summary.json   which epoch was saved as best, and with what validation metrics
     MODEL_DIR/backup/        the checkpoint a restarted run resumes from
     MODEL_DIR/logs/          TensorBoard
+    MODEL_DIR/calibration.json  optional: the temperature `evaluate --calibrate=temperature` fitted
 A cross-validation run (`train --fold=all`) is a folder of such runs, one per fold:
     CV_DIR/fold_0/ ... fold_{K-1}/   each a run directory as above, trained with --fold=k
     CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
@@ -31,6 +32,7 @@ HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
+CALIBRATION_FILE = "calibration.json"
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_accuracy",
                   "val_auc", "images_per_sec", "seconds")
 
@@ -62,7 +64,7 @@ def read_config(model_dir: str | os.PathLike) -> dict | None:
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
-              "auc.png")
+              "auc.png", CALIBRATION_FILE)
 
 
 FOLD_PREFIX = "fold_"
@@ -89,6 +91,30 @@ def cv_fold_dirs(model_dir: str | os.PathLike) -> list[str]:
         fileio.join(child, MODEL_FILE)):
       folds.append((int(suffix), child))
   return [path for _, path in sorted(folds)]
+
+
+def write_calibration(model_dir: str | os.PathLike, calibration: dict) -> None:
+  """calibration.json: {"method": "temperature", "temperature": T, ...where it was fitted}."""
+  fileio.write_text_atomic(pathlib.Path(model_dir) / CALIBRATION_FILE,
+                           json.dumps(calibration, indent=2) + "\n")
+
+
+def read_calibration(model_dir: str | os.PathLike) -> dict | None:
+  """calibration.json as a dict, or None when the run has none; ValueError when it is unusable."""
+  path = pathlib.Path(model_dir) / CALIBRATION_FILE
+  if not path.is_file():
+    return None
+  try:
+    cal = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path}: not valid JSON ({err}); delete it or refit with "
+                     "--calibrate=temperature") from err
+  t = cal.get("temperature") if isinstance(cal, dict) else None
+  if not isinstance(cal, dict) or cal.get("method") != "temperature" or isinstance(t, bool) or \
+      not isinstance(t, (int, float)) or not t > 0:
+    raise ValueError(f"{path}: expected {{\"method\": \"temperature\", \"temperature\": T > 0}}, "
+                     f"got {cal!r}; delete it or refit with --calibrate=temperature")
+  return cal
 
 
 class RunDirError(ValueError):

@@ -20,8 +20,8 @@ STAGES = [
     {"pipeline", "kaggle"},
     {"augment"},
     {"models"},
-    {"metrics", "plots", "rundir", "distribute", "data_service"},
-    {"inference", "steps", "train"},
+    {"metrics", "plots", "rundir", "distribute", "data_service", "calibration", "submission"},
+    {"inference", "steps", "train", "ensemble"},
     {"evaluate", "predict", "export", "explain"},
     {"cv"},
 ]

@@ -2,12 +2,15 @@
 
 Reads every example of the split exactly once with its own label, and writes to --output_dir
 (default MODEL_DIR/eval_<split>): metrics.json, report.txt, predictions.csv (image_name, label,
-probability, predicted), confusion_matrix.png, roc.png and pr.png. Prints the classification report,
+probability, predicted), confusion_matrix.png, roc.png, pr.png and calibration.png (reliability
+diagram; ECE and Brier score in metrics.json). Prints the classification report,
 ROC AUC, PR AUC and the decision threshold, and warns loudly on stderr when 99% or more of the
 predictions fall in one class. Exits 2 when the model directory or records cannot be used.
 
 Example:
   evaluate --model_dir=/runs/densenet_fold0 --split=test --threshold=youden --tta=8
+  evaluate --model_dir=/runs/cv5 --split=test --calibrate=temperature   # 5 folds' ensemble
+  evaluate --model_dir=/runs/densenet,/runs/effnet --output_dir=/runs/ens --isic_truth_csv=t.csv
 """
 
 import pathlib
@@ -18,8 +21,10 @@ from absl import flags
 
 from skinrecords.cli import common as cli_common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
-                                 "config.json.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training (model.keras and "
+                                 "config.json), a cross-validation folder (train --fold=all: its "
+                                 "fold_k runs form an ensemble), or a comma-separated list of "
+                                 "runs with the same classes (an ensemble).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Records folder to evaluate on (default: "
                                    "the records_dir in MODEL_DIR/config.json).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split to evaluate. With "
@@ -42,8 +47,22 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for th
                                   "intervals in metrics.json and the report (patients are "
                                   "resampled when the records carry patient ids); 0: none.",
                                   lower_bound=0)
+_ENSEMBLE = flags.DEFINE_enum("ensemble", "mean", ["mean", "rank"], "How ensemble members "
+                               "combine: mean probability, or mean of per-member rank-normalised "
+                               "scores (not probabilities: no ECE/Brier, no Youden threshold).")
+_CALIBRATE = flags.DEFINE_enum("calibrate", "stored", ["stored", "temperature", "none"],
+                               "stored: apply MODEL_DIR/calibration.json when present; "
+                               "temperature: fit a temperature per member on its validation "
+                               "split, store it there (bin/predict then applies it); none: "
+                               "ignore a stored one.")
+_ISIC_TRUTH_CSV = flags.DEFINE_string("isic_truth_csv", None, "Also write the ISIC Challenge "
+                                      "ground-truth CSV of --split (image, one-hot class "
+                                      "columns) here, to score bin/predict --format=isic with "
+                                      "the official isic-challenge-scoring package.")
+_ISIC_COLUMNS = flags.DEFINE_string("isic_columns", None, "Rename classes in the ISIC CSV, e.g. "
+                                    "NotMelanoma:NV,Melanoma:MEL (case-sensitive).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report files go (default: "
-                                  "MODEL_DIR/eval_<split>).")
+                                  "MODEL_DIR/eval_<split>; required for a list of runs).")
 flags.mark_flag_as_required("model_dir")
 
 
@@ -58,15 +77,18 @@ def main(argv):
       model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
       fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
       tta=_TTA.value, output_dir=_OUTPUT_DIR.value, allow_other_records=_ALLOW_OTHER.value,
-      bootstrap=_BOOTSTRAP.value)
+      bootstrap=_BOOTSTRAP.value, ensemble=_ENSEMBLE.value, calibrate=_CALIBRATE.value,
+      isic_truth_csv=_ISIC_TRUTH_CSV.value, isic_columns=_ISIC_COLUMNS.value)
   try:
     result = evaluate.evaluate(config)
   except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
     print(f"evaluate: {err}", file=sys.stderr)
     return 2
   print(evaluate.report_text(result))
-  print(f"\nwrote {', '.join(pathlib.Path(p).name for p in result['files'].values())} to "
-        f"{result['output_dir']}")
+  paths = [pathlib.Path(p) for p in result["files"].values()]
+  here = [p.name for p in paths if str(p.parent) == result["output_dir"]]
+  print(f"\nwrote {', '.join(here)} to {result['output_dir']}" +
+        "".join(f", and {p}" for p in paths if str(p.parent) != result["output_dir"]))
   return 0
 
 

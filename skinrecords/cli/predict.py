@@ -13,6 +13,8 @@ Example:
   predict --model_dir=/runs/densenet_fold0 lesion1.jpg lesion2.png
   predict --model_dir=/runs/densenet_fold0 --records_dir=/data/melanoma-512x512 --split=test \
       --output_csv=submission_probs.csv
+  predict --model_dir=/runs/cv5 --records_dir=/data/melanoma-512x512 --format=kaggle \
+      --output_csv=submission.csv      # the 5 folds' mean, as Kaggle wants it
 """
 
 import sys
@@ -22,8 +24,11 @@ from absl import flags
 
 from skinrecords.cli import common as cli_common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
-                                 "config.json.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training (model.keras and "
+                                 "config.json), a cross-validation folder (its fold_k runs form "
+                                 "an ensemble), or a comma-separated list of runs with the same "
+                                 "classes. A run's calibration.json (bin/evaluate "
+                                 "--calibrate=temperature) is applied.")
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Predict every image under this folder "
                                  "(recursive, sorted; hidden files skipped). Can be combined with "
                                  "image paths given as arguments.")
@@ -45,6 +50,15 @@ _EXPLAIN_DIR = flags.DEFINE_string("explain_dir", None, "Also write a Grad-CAM h
                                    "predicted class over each image here, as "
                                    "<image name>.gradcam.png (from the backbone's last "
                                    "convolutional block; without TTA).")
+_ENSEMBLE = flags.DEFINE_enum("ensemble", "mean", ["mean", "rank"], "How ensemble members "
+                               "combine: mean probability, or mean rank-normalised score.")
+_FORMAT = flags.DEFINE_enum("format", "default", ["default", "isic", "kaggle"], "--output_csv "
+                            "layout: default (image, probability, predicted), isic (ISIC "
+                            "Challenge: image without extension, one float column per class) or "
+                            "kaggle (SIIM-ISIC 2020: image_name,target = P(melanoma)).")
+_ISIC_COLUMNS = flags.DEFINE_string("isic_columns", None, "With --format=isic: rename class "
+                                    "columns, e.g. NotMelanoma:NV,Melanoma:MEL (the scorer wants "
+                                    "the ground truth's exact, case-sensitive names).")
 flags.mark_flag_as_required("model_dir")
 
 
@@ -59,7 +73,8 @@ def main(argv):
       model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
       output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
       tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
-      explain_dir=_EXPLAIN_DIR.value)
+      explain_dir=_EXPLAIN_DIR.value, ensemble=_ENSEMBLE.value, format=_FORMAT.value,
+      isic_columns=_ISIC_COLUMNS.value)
   try:
     rows, rejected, classes = predict.run(config)
   except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
@@ -67,11 +82,25 @@ def main(argv):
     return 2
   if rows:
     print(predict.format_table(rows, classes))
+  _describe_members(config)
   for r in rejected:
     print(f"predict: rejected {r['image']}: {r['reason']}", file=sys.stderr)
   print(f"{len(rows)} predicted, {len(rejected)} rejected"
         + (f"; wrote {config.output_csv}" if config.output_csv else ""), file=sys.stderr)
   return 0 if rows else 1
+
+
+def _describe_members(config) -> None:
+  """Says on stderr which runs were combined and which calibration was applied."""
+  from skinrecords import ensemble, rundir  # pylint: disable=g-import-not-at-top
+
+  dirs = ensemble.member_dirs(config.model_dir)
+  temps = {d: (rundir.read_calibration(d) or {}).get("temperature") for d in dirs}
+  if len(dirs) > 1:
+    print(f"ensemble: {config.ensemble} of {len(dirs)} runs: {', '.join(dirs)}", file=sys.stderr)
+  for d, t in temps.items():
+    if t:
+      print(f"{d}: temperature {t:.3f} applied ({rundir.CALIBRATION_FILE})", file=sys.stderr)
 
 
 def run():

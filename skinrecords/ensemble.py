@@ -1,0 +1,248 @@
+"""Ensembles of trained runs: which runs, how their probabilities combine, and what they may be
+scored on.
+
+`--model_dir` names one run, a cross-validation folder (`train --fold=all`: every fold_k), or a
+comma-separated list of either; all members must have the same classes in the same order. Members
+may differ in backbone and image size: each decodes the records at its own size (the records hold
+one stored size; `pipeline.decode_image` resizes as in training).
+
+Combining (`combine`):
+- mean: the mean of the members' probabilities (after each member's own calibration, if any).
+- rank: each member's scores are replaced by their rank among the N predictions, scaled to (0, 1]
+  (ties share the mean rank), then averaged — the SIIM-ISIC 2020 winners' rank average, for
+  members whose scores are on different scales. Multi-class: each class column is ranked on its
+  own, averaged, then each row is divided by its sum so the scores lie in [0, 1] and sum to 1
+  (argmax = the class this image ranks highest in, relative to the other images). Rank scores are
+  relative to the set they rank: they are not probabilities (no ECE/Brier for them), and a
+  threshold chosen on one split does not carry to another.
+
+Leakage, for an ensemble of runs trained on the evaluated records: the members' train/valid splits
+are only honest for members that held out the same fold. CV fold members each trained on the
+others' held-out folds, so their ensemble is scored on the test split only (its honest
+out-of-fold estimate is CV_DIR/oof.csv), and a Youden threshold needs a validation split no member
+trained on — there is none for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from skinrecords import calibration
+from skinrecords import fileio
+from skinrecords import inference
+from skinrecords import pipeline
+from skinrecords import rundir
+
+METHODS = ("mean", "rank")
+
+
+@dataclasses.dataclass
+class Member:
+  """One run of an ensemble: its directory, model, config.json and calibration.json (or None)."""
+  model_dir: str
+  model: object
+  cfg: dict
+  calibration: dict | None = None
+
+  @property
+  def classes(self) -> list[str]:
+    return [str(c) for c in self.cfg["classes"]]
+
+  @property
+  def image_size(self) -> int:
+    return int(self.cfg["image_size"])
+
+  @property
+  def backbone(self) -> str | None:
+    return (self.cfg.get("model") or {}).get("backbone")
+
+  def calibrated(self, probs) -> np.ndarray:
+    if not self.calibration:
+      return probs
+    return calibration.apply_temperature(probs, self.calibration["temperature"])
+
+
+def _expand(entry: str) -> list[str]:
+  """One --model_dir entry: a run, or a CV folder's finished folds (refusing unfinished ones)."""
+  path = pathlib.Path(entry)
+  if (path / rundir.MODEL_FILE).is_file() or not path.is_dir():
+    return [entry]  # a run, or a missing folder that load_model_dir reports
+  folds = rundir.cv_fold_dirs(path)
+  started = sorted(p.name for p in path.glob(f"{rundir.FOLD_PREFIX}*")
+                   if p.is_dir() and p.name[len(rundir.FOLD_PREFIX):].isdigit())
+  unfinished = [name for name in started if not (path / name / rundir.MODEL_FILE).is_file()]
+  if unfinished:
+    done = ",".join(folds) or "(none)"
+    raise ValueError(f"{entry} is a cross-validation run whose {', '.join(unfinished)} has no "
+                     f"{rundir.MODEL_FILE} yet (unfinished); finish it (rerun train --fold=all), "
+                     f"or pass the finished folds: --model_dir={done}")
+  return folds or [entry]
+
+
+def member_dirs(model_dir: str) -> list[str]:
+  """The run directories `model_dir` names (see the module docstring), in order, no repeats."""
+  entries = [e.strip() for e in str(model_dir).split(",") if e.strip()]
+  if not entries:
+    raise ValueError("model_dir is empty; pass a run directory, a CV folder or a comma list")
+  dirs = [d for e in entries for d in _expand(e)]
+  resolved = [str(pathlib.Path(d).resolve()) for d in dirs]
+  repeats = sorted({d for d, r in zip(dirs, resolved) if resolved.count(r) > 1})
+  if repeats:
+    raise ValueError(f"model_dir names {repeats} more than once; each member counts once")
+  return dirs
+
+
+def _stored_calibration(model_dir: str) -> dict | None:
+  """calibration.json, refused when model.keras changed since it was fitted (a resumed or
+  retrained run would otherwise get the old model's temperature, silently)."""
+  cal = rundir.read_calibration(model_dir)
+  if cal and cal.get("model_sha256") and cal["model_sha256"] != fileio.sha256_file(
+      pathlib.Path(model_dir) / rundir.MODEL_FILE):
+    raise ValueError(f"{model_dir}/{rundir.CALIBRATION_FILE} was fitted for an earlier "
+                     f"{rundir.MODEL_FILE} (retrained since); refit with --calibrate=temperature, "
+                     "or ignore it with --calibrate=none")
+  return cal
+
+
+def load_members(model_dir: str, use_stored_calibration: bool = True) -> list[Member]:
+  """Loads every member; ValueError when their classes differ."""
+  members = []
+  for d in member_dirs(model_dir):
+    model, cfg = rundir.load_model_dir(d)
+    members.append(Member(d, model, cfg, _stored_calibration(d) if use_stored_calibration
+                          else None))
+  first = members[0]
+  for m in members[1:]:
+    if m.classes != first.classes:
+      raise ValueError(f"ensemble members disagree on classes: {first.model_dir} has "
+                       f"{first.classes}, {m.model_dir} has {m.classes}; combine runs trained "
+                       "on the same classes in the same order")
+  return members
+
+
+def default_output_dir(model_dir: str, split: str) -> str:
+  """MODEL_DIR/eval_<split> for one run or one CV folder; a list of runs must name a folder."""
+  entries = [e.strip() for e in str(model_dir).split(",") if e.strip()]
+  if len(entries) > 1:
+    raise ValueError("an ensemble of several model_dir entries has no folder of its own; pass "
+                     "output_dir")
+  return str(pathlib.Path(entries[0]) / f"eval_{split}")
+
+
+def _rank01(scores: np.ndarray) -> np.ndarray:
+  """Ranks 1..N (ties: their mean rank) divided by N, along axis 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (scipy comes with scikit-learn)
+  return stats.rankdata(scores, axis=0) / max(len(scores), 1)
+
+
+def combine(member_probs: list[np.ndarray], method: str = "mean") -> np.ndarray:
+  """The ensemble's scores from each member's [N] or [N, K] probabilities (module docstring)."""
+  if method not in METHODS:
+    raise ValueError(f"ensemble={method!r}: expected one of {', '.join(METHODS)}")
+  if len(member_probs) == 1:
+    return member_probs[0]
+  stacked = np.stack([np.asarray(p, np.float64) for p in member_probs])
+  if method == "mean":
+    return stacked.mean(axis=0)
+  ranked = np.stack([_rank01(p) for p in stacked]).mean(axis=0)
+  return ranked if ranked.ndim == 1 else ranked / ranked.sum(axis=1, keepdims=True)
+
+
+def check_leakage(members: list[Member], split: str, youden: bool, folds: list,
+                  same_records: list[bool]) -> None:
+  """The ensemble-level refusals (each member's own checks run as for one model)."""
+  if len(members) < 2:
+    return
+  trained_here = [m for m, same in zip(members, same_records) if same]
+  differ = len({f for f, same in zip(folds, same_records) if same}) > 1
+  if trained_here and differ and split in ("train", "valid"):
+    raise ValueError(f"split={split}: these members hold out different folds "
+                     f"({sorted(set(map(str, folds)))}), so each would be scored on examples "
+                     "other members trained on; evaluate split=test (the out-of-fold estimate of "
+                     "a CV run is in its oof.csv)")
+  if youden and trained_here and differ:
+    raise ValueError("threshold=youden for an ensemble needs a validation split that no member "
+                     f"trained on, and these members hold out different folds "
+                     f"({sorted(set(map(str, folds)))}); use a fixed threshold (e.g. 0.5), or "
+                     "choose one on the CV run's oof.csv")
+
+
+def predict_member(member: Member, info, split: str, fold, batch_size: int, tta: int):
+  """(probabilities before calibration, labels, names) of one member on one split, decoded at the
+  member's own image size."""
+  ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
+                             image_size=member.image_size, fold=fold, with_names=True)
+  return inference.predict_dataset(member.model, ds, tta, info=info, split=split, fold=fold)
+
+
+def check_aligned(names_per_member: list[list[str]], dirs: list[str]) -> None:
+  for names, d in zip(names_per_member[1:], dirs[1:]):
+    if names != names_per_member[0]:
+      raise ValueError(f"{d} predicted the images in a different order from {dirs[0]}; this is a "
+                       "bug (the evaluation pipeline reads in file order): please report it")
+
+
+def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
+  """Fits T on the member's validation predictions; writes calibration.json; returns it."""
+  t = calibration.fit_temperature(probs, labels)
+  cal = {"method": "temperature", "temperature": t, "fitted_on": dict(where, n=len(labels)),
+         "model_sha256": fileio.sha256_file(pathlib.Path(member.model_dir) / rundir.MODEL_FILE),
+         "nll_before": calibration.nll(probs, labels),
+         "nll_after": calibration.nll(calibration.apply_temperature(probs, t), labels)}
+  if min(abs(t - b) / b for b in calibration.T_RANGE) < 1e-3:
+    cal["warning"] = ("the temperature stopped at the end of its search range "
+                      f"{calibration.T_RANGE}: the validation split cannot pin it down (too few images, or the model "
+                      "barely separates them)")
+  rundir.write_calibration(member.model_dir, cal)
+  member.calibration = cal
+  return cal
+
+
+def calibration_summary(members: list[Member], probs, raw, labels, method: str) -> dict:
+  """ece/brier/nll of what is reported, the temperatures used, and the scores without them."""
+  temps = [(m.calibration or {}).get("temperature") for m in members]
+  out = {"calibration": {"method": "temperature" if any(temps) else None,
+                         "temperatures": dict(zip([m.model_dir for m in members], temps))}}
+  if any(temps):
+    out["calibration"]["note"] = ("temperature " + ", ".join(
+        f"{t:.3f}" for t in temps if t) + " (fitted on the validation split)")
+    out["calibration"]["warnings"] = [f"{m.model_dir}: {m.calibration['warning']}"
+                                      for m in members if (m.calibration or {}).get("warning")]
+  if method == "rank" and len(members) > 1:
+    out.update(ece=None, brier=None, nll=None)
+    out["calibration"]["note"] = "rank-ensemble scores are not probabilities: no ECE/Brier"
+    return out
+  out.update(calibration.calibration_metrics(probs, labels))
+  out["reliability"] = calibration.reliability_bins(probs, labels)
+  if any(temps):
+    out["uncalibrated"] = calibration.calibration_metrics(
+        combine(raw, method), labels)
+  return out
+
+
+def member_rows(members: list[Member], member_metrics: list[dict]) -> list[dict]:
+  """metrics.json's `members`: each member's own scores on the same split and threshold."""
+  keys = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "auc_sens_80", "ece",
+          "brier", "nll")
+  return [dict({"model_dir": m.model_dir, "backbone": m.backbone, "image_size": m.image_size,
+                "temperature": (m.calibration or {}).get("temperature")},
+               **{k: mm.get(k) for k in keys}) for m, mm in zip(members, member_metrics)]
+
+
+def format_side_by_side(m: dict) -> str:
+  """The members and the ensemble, one row each."""
+  cols = [("ROC AUC", "roc_auc"), ("PR AUC", "pr_auc"), ("accuracy", "accuracy"),
+          ("ECE", "ece"), ("Brier", "brier")]
+  rows = [(f"{r['model_dir']} ({r['backbone']}, {r['image_size']} px)", r) for r in m["members"]]
+  rows.append((f"ensemble ({m['ensemble']['method']} of {len(m['members'])})", m))
+  width = max(len(name) for name, _ in rows)
+
+  def fmt(v) -> str:
+    return f"{v:>9.4f}" if isinstance(v, (int, float)) else f"{'-':>9}"
+
+  lines = [f"{'model':<{width}}" + "".join(f"{c:>10}" for c, _ in cols)]
+  lines += [f"{name:<{width}}" + "".join(" " + fmt(r.get(k)) for _, k in cols) for name, r in rows]
+  return "\n".join(lines)
