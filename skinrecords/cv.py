@@ -31,7 +31,6 @@ import gc
 import io
 import json
 import logging
-import pathlib
 from typing import Callable
 
 import numpy as np
@@ -72,9 +71,9 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
 
   Raises rundir.RunDirError when the folder holds a run with other settings (as a resume would).
   """
-  d = pathlib.Path(config.model_dir)
-  summary_path = d / rundir.SUMMARY_FILE
-  if not (summary_path.is_file() and (d / rundir.MODEL_FILE).is_file()):
+  d = config.model_dir
+  summary_path = fileio.join(d, rundir.SUMMARY_FILE)
+  if not (fileio.isfile(summary_path) and fileio.isfile(fileio.join(d, rundir.MODEL_FILE))):
     return None
   # The keys rundir.resume_settings compares, in config.json's shape (train._run_config).
   rundir.check_resumable(d, {
@@ -82,7 +81,7 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
       "classes": list(info.classes), "fold": config.fold,
       "model": {"backbone": config.model.backbone, "num_classes": info.num_classes}})
   try:
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(fileio.read_text(summary_path))
   except (json.JSONDecodeError, UnicodeDecodeError):
     return None  # train.train rewrites it
   return summary if summary.get("epochs_done") == config.epochs else None
@@ -188,15 +187,15 @@ def format_cv(m: dict) -> str:
 def write_outputs(model_dir, predictions: list[dict], classes: list[str],
                   bootstrap: int = 1000, tta: int = 0) -> dict:
   """oof.csv, cv_metrics.json and cv_roc.png in `model_dir`, each atomically."""
-  out = pathlib.Path(model_dir)
+  out = model_dir
   m = cv_metrics(predictions, classes, bootstrap)
   m["oof_tta"] = tta
-  fileio.write_text_atomic(out / rundir.OOF_FILE, oof_csv(predictions, classes))
+  fileio.write_text_atomic(fileio.join(out, rundir.OOF_FILE), oof_csv(predictions, classes))
   probs, labels, _ = _pooled(predictions)
-  plots.cv_roc(out / CV_ROC_FILE, [(p["fold"], p["probs"], p["labels"]) for p in predictions],
+  plots.cv_roc(fileio.join(out, CV_ROC_FILE), [(p["fold"], p["probs"], p["labels"]) for p in predictions],
                probs, labels, classes)
-  m["files"] = {name: str(out / name) for name in _CV_FILES}
-  fileio.write_text_atomic(out / rundir.CV_METRICS_FILE, json.dumps(m, indent=2) + "\n")
+  m["files"] = {name: str(fileio.join(out, name)) for name in _CV_FILES}
+  fileio.write_text_atomic(fileio.join(out, rundir.CV_METRICS_FILE), json.dumps(m, indent=2) + "\n")
   return m
 
 
@@ -239,7 +238,7 @@ def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | N
     rundir.check_writable(config.model_dir)
     if config.overwrite:
       for name in _CV_FILES:  # stale CV files must not outlive the folds they describe
-        (pathlib.Path(config.model_dir) / name).unlink(missing_ok=True)
+        fileio.remove(fileio.join(config.model_dir, name))
   train_folds(config, strategy, info, echo)
   result = {"chief": chief}
   error = None

@@ -26,7 +26,6 @@ trained on — there is none for them.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import numpy as np
 
@@ -67,13 +66,11 @@ class Member:
 
 def _expand(entry: str) -> list[str]:
   """One --model_dir entry: a run, or a CV folder's finished folds (refusing unfinished ones)."""
-  path = pathlib.Path(entry)
-  if (path / rundir.MODEL_FILE).is_file() or not path.is_dir():
+  if fileio.isfile(fileio.join(entry, rundir.MODEL_FILE)) or not fileio.isdir(entry):
     return [entry]  # a run, or a missing folder that load_model_dir reports
-  folds = rundir.cv_fold_dirs(path)
-  started = sorted(p.name for p in path.glob(f"{rundir.FOLD_PREFIX}*")
-                   if p.is_dir() and p.name[len(rundir.FOLD_PREFIX):].isdigit())
-  unfinished = [name for name in started if not (path / name / rundir.MODEL_FILE).is_file()]
+  folds = rundir.cv_fold_dirs(entry)
+  unfinished = [fileio.basename(d) for d in rundir.cv_fold_dirs(entry, finished=False)
+                if d not in folds]
   if unfinished:
     done = ",".join(folds) or "(none)"
     raise ValueError(f"{entry} is a cross-validation run whose {', '.join(unfinished)} has no "
@@ -88,7 +85,7 @@ def member_dirs(model_dir: str) -> list[str]:
   if not entries:
     raise ValueError("model_dir is empty; pass a run directory, a CV folder or a comma list")
   dirs = [d for e in entries for d in _expand(e)]
-  resolved = [str(pathlib.Path(d).resolve()) for d in dirs]
+  resolved = [fileio.canonical(d) for d in dirs]
   repeats = sorted({d for d, r in zip(dirs, resolved) if resolved.count(r) > 1})
   if repeats:
     raise ValueError(f"model_dir names {repeats} more than once; each member counts once")
@@ -100,7 +97,7 @@ def _stored_calibration(model_dir: str) -> dict | None:
   retrained run would otherwise get the old model's temperature, silently)."""
   cal = rundir.read_calibration(model_dir)
   if cal and cal.get("model_sha256") and cal["model_sha256"] != fileio.sha256_file(
-      pathlib.Path(model_dir) / rundir.MODEL_FILE):
+      fileio.join(model_dir, rundir.MODEL_FILE)):
     raise ValueError(f"{model_dir}/{rundir.CALIBRATION_FILE} was fitted for an earlier "
                      f"{rundir.MODEL_FILE} (retrained since); refit with --calibrate=temperature, "
                      "or ignore it with --calibrate=none")
@@ -129,7 +126,7 @@ def default_output_dir(model_dir: str, split: str) -> str:
   if len(entries) > 1:
     raise ValueError("an ensemble of several model_dir entries has no folder of its own; pass "
                      "output_dir")
-  return str(pathlib.Path(entries[0]) / f"eval_{split}")
+  return fileio.join(entries[0], f"eval_{split}")
 
 
 def _rank01(scores: np.ndarray) -> np.ndarray:
@@ -189,7 +186,7 @@ def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
   """Fits T on the member's validation predictions; writes calibration.json; returns it."""
   t = calibration.fit_temperature(probs, labels)
   cal = {"method": "temperature", "temperature": t, "fitted_on": dict(where, n=len(labels)),
-         "model_sha256": fileio.sha256_file(pathlib.Path(member.model_dir) / rundir.MODEL_FILE),
+         "model_sha256": fileio.sha256_file(fileio.join(member.model_dir, rundir.MODEL_FILE)),
          "nll_before": calibration.nll(probs, labels),
          "nll_after": calibration.nll(calibration.apply_temperature(probs, t), labels)}
   if min(abs(t - b) / b for b in calibration.T_RANGE) < 1e-3:

@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import io
 import json
-import pathlib
 import sys
 
 import numpy as np
@@ -124,8 +123,7 @@ def _same_records(info: manifest.DatasetInfo, cfg: dict) -> bool:
   trained = cfg.get("records_fingerprint")
   if trained and info.fingerprint:
     return trained == info.fingerprint
-  return pathlib.Path(info.records_dir).resolve() == pathlib.Path(
-      str(cfg.get("records_dir", ""))).resolve()
+  return fileio.canonical(info.records_dir) == fileio.canonical(str(cfg.get("records_dir", "")))
 
 
 def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fold,
@@ -228,7 +226,7 @@ def _galleries(out, model, info, split, fold, cfg, m, probs, labels, names) -> d
   images = _images_by_name(info, split, fold, cfg["image_size"],
                            {names[i] for idx in picks.values() for i in idx})
   for file, idx in picks.items():
-    explain.write_gallery(out / file, model, np.stack([images[names[i]] for i in idx]),
+    explain.write_gallery(fileio.join(out, file), model, np.stack([images[names[i]] for i in idx]),
                           [names[i] for i in idx], m["classes"], labels[idx], threshold)
   return {file: [names[i] for i in idx] for file, idx in picks.items()}
 
@@ -263,13 +261,13 @@ def _inputs(config: EvalConfig):
   return members, info, records_dir, folds, all(sames)
 
 
-def _check_outputs(config: EvalConfig, classes) -> tuple[pathlib.Path, list[str]]:
+def _check_outputs(config: EvalConfig, classes) -> tuple[str, list[str]]:
   """Every output folder and file is checked before the first forward pass."""
   out = fileio.check_writable_dir(config.output_dir or ensemble.default_output_dir(
       config.model_dir, config.split))
   columns = submission.parse_isic_columns(config.isic_columns, classes)
   if config.isic_truth_csv:
-    submission.check_writable_file(config.isic_truth_csv, "isic_truth_csv")
+    fileio.check_writable_file(config.isic_truth_csv, "isic_truth_csv")
   return out, columns
 
 
@@ -353,7 +351,7 @@ def _annotate(config, m, members, info, records_dir, same, split_fold, source, o
            threshold_source=source, output_dir=str(out), warnings=list(dict.fromkeys(warnings)))
 
 
-def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
+def _write_outputs(out: str, m: dict, probs, labels, names) -> None:
   classes = m["classes"]
   binary = len(classes) == 2
   predicted = (probs >= m["threshold"]).astype(int) if binary else probs.argmax(axis=1)
@@ -365,16 +363,16 @@ def _write_outputs(out: pathlib.Path, m: dict, probs, labels, names) -> None:
     p = probs[i] if binary else probs[i, predicted[i]]  # multi-class: P(predicted class)
     w.writerow([name, classes[labels[i]], f"{p:.8g}", classes[predicted[i]]] +
                ([] if binary else [f"{q:.8g}" for q in probs[i]]))
-  fileio.write_text_atomic(out / "predictions.csv", buf.getvalue())
-  m["files"] = {name: str(out / name) for name in (
+  fileio.write_text_atomic(fileio.join(out, "predictions.csv"), buf.getvalue())
+  m["files"] = {name: str(fileio.join(out, name)) for name in (
       "metrics.json", "report.txt", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png",
       *(["calibration.png"] if m.get("reliability") else []), *m.get("galleries", {}))}
-  plots.plot_confusion(out / "confusion_matrix.png", m)
-  plots.plot_curves(out / "roc.png", out / "pr.png", probs, labels, m)
+  plots.plot_confusion(fileio.join(out, "confusion_matrix.png"), m)
+  plots.plot_curves(fileio.join(out, "roc.png"), fileio.join(out, "pr.png"), probs, labels, m)
   if m.get("reliability"):
-    plots.plot_reliability(out / "calibration.png", m["reliability"], m)
-  fileio.write_text_atomic(out / "report.txt", report_text(m) + "\n")
-  fileio.write_text_atomic(out / "metrics.json", json.dumps(m, indent=2) + "\n")
+    plots.plot_reliability(fileio.join(out, "calibration.png"), m["reliability"], m)
+  fileio.write_text_atomic(fileio.join(out, "report.txt"), report_text(m) + "\n")
+  fileio.write_text_atomic(fileio.join(out, "metrics.json"), json.dumps(m, indent=2) + "\n")
 
 
 def report_text(m: dict) -> str:

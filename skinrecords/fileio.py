@@ -44,6 +44,13 @@ def join(base: str | os.PathLike, *names: str) -> str:
   return os.path.join(base, *names)
 
 
+def canonical(path: str | os.PathLike) -> str:
+  """One spelling per location, to tell whether two paths name the same folder: a local path
+  absolute with links resolved, a remote one without trailing slashes."""
+  path = _str(path)
+  return path.rstrip("/") if is_remote(path) else os.path.realpath(path)
+
+
 def basename(path: str | os.PathLike) -> str:
   path = _str(path)
   return posixpath.basename(path.rstrip("/")) if is_remote(path) else os.path.basename(path)
@@ -300,15 +307,12 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "output folder"):
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> str:
   """Creates `path` if needed and proves a file can be written there, before any long work.
 
   Raises ValueError naming the folder: a read-only output used to lose every prediction after
-  they had been computed. Returns `path`: a str for a remote one; a local one still comes back as
-  a pathlib.Path for the callers that join with `/` (evaluate), until they use `join`.
+  they had been computed.
   """
-  import pathlib  # pylint: disable=g-import-not-at-top  (local return type only; see above)
-
   try:
     if isfile(path):
       raise ValueError(f"{what} {path} is a file, not a folder; choose another path")
@@ -319,4 +323,19 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder"):
   except OSError as err:
     raise ValueError(f"{what} {path} is not writable ({err.strerror or err}); choose another path "
                      "or fix its permissions") from err
-  return _str(path) if is_remote(path) else pathlib.Path(path)
+  return _str(path)
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output_csv") -> None:
+  """Fails now, before any forward pass, when the file `path` could not be written later.
+
+  Creates its folder and writes a probe there; ValueError names the flag (`what`) and the fix.
+  """
+  if isdir(path):
+    raise ValueError(f"{what}={path} is a folder; give a file name, e.g. "
+                     f"{join(path, 'predictions.csv')}")
+  folder = dirname(path) or "."
+  try:
+    check_writable_dir(folder, f"the folder of {what}={path},")
+  except ValueError as err:
+    raise ValueError(f"{err} (choose another {what})") from err

@@ -23,7 +23,6 @@ import dataclasses
 import io
 import logging
 import os
-import pathlib
 
 import numpy as np
 
@@ -223,20 +222,7 @@ def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta,
 
 def check_writable(path) -> None:
   """Fails now, before any forward pass, when the CSV could not be written later."""
-  path = pathlib.Path(path)
-  if path.is_dir():
-    raise ValueError(f"output_csv={path} is a folder; give a file name, e.g. {path / 'preds.csv'}")
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-  except (FileExistsError, NotADirectoryError) as err:
-    raise ValueError(f"output_csv={path}: a part of its folder is a file; choose another "
-                     "output_csv") from err
-  except OSError as err:
-    raise ValueError(f"output_csv={path}: cannot create its folder ({err.strerror}); choose "
-                     "another output_csv") from err
-  if not os.access(path.parent, os.W_OK):
-    raise ValueError(f"output_csv={path}: {path.parent} is not writable; choose another "
-                     "output_csv")
+  fileio.check_writable_file(path, "output_csv")
 
 
 def write_csv(rows: list[dict], path, classes: list[str]) -> None:

@@ -77,35 +77,36 @@ def fold_dir(model_dir: str | os.PathLike, fold: int) -> str:
   return fileio.join(model_dir, f"{FOLD_PREFIX}{int(fold)}")
 
 
-def cv_fold_dirs(model_dir: str | os.PathLike) -> list[str]:
+def cv_fold_dirs(model_dir: str | os.PathLike, finished: bool = True) -> list[str]:
   """The fold run directories of a CV run, in fold order; [] when `model_dir` is not one.
 
-  Only folders named fold_<k> holding a model.keras count: an unfinished fold has none yet.
+  finished=True: only folders named fold_<k> holding a model.keras (an unfinished fold has none
+  yet); False: every fold_<k> folder.
   """
   if not fileio.isdir(model_dir):
     return []
   folds = []
   for name in fileio.listdir(model_dir):
     suffix, child = name[len(FOLD_PREFIX):], fileio.join(model_dir, name)
-    if name.startswith(FOLD_PREFIX) and suffix.isdigit() and fileio.isfile(
-        fileio.join(child, MODEL_FILE)):
+    if (name.startswith(FOLD_PREFIX) and suffix.isdigit() and fileio.isdir(child) and
+        (not finished or fileio.isfile(fileio.join(child, MODEL_FILE)))):
       folds.append((int(suffix), child))
   return [path for _, path in sorted(folds)]
 
 
 def write_calibration(model_dir: str | os.PathLike, calibration: dict) -> None:
   """calibration.json: {"method": "temperature", "temperature": T, ...where it was fitted}."""
-  fileio.write_text_atomic(pathlib.Path(model_dir) / CALIBRATION_FILE,
+  fileio.write_text_atomic(fileio.join(model_dir, CALIBRATION_FILE),
                            json.dumps(calibration, indent=2) + "\n")
 
 
 def read_calibration(model_dir: str | os.PathLike) -> dict | None:
   """calibration.json as a dict, or None when the run has none; ValueError when it is unusable."""
-  path = pathlib.Path(model_dir) / CALIBRATION_FILE
-  if not path.is_file():
+  path = fileio.join(model_dir, CALIBRATION_FILE)
+  if not fileio.isfile(path):
     return None
   try:
-    cal = json.loads(path.read_text())
+    cal = json.loads(fileio.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise ValueError(f"{path}: not valid JSON ({err}); delete it or refit with "
                      "--calibrate=temperature") from err

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import pathlib
 
 import numpy as np
 
@@ -30,7 +29,8 @@ MELANOMA_NAMES = ("melanoma", "mel")  # what a melanoma class is called, lower-c
 def image_id(name: str) -> str:
   """The ISIC `image` value: the file name without folder and extension (ISIC_0000000.jpg ->
   ISIC_0000000); record names carry none and pass through."""
-  return pathlib.PurePath(str(name)).stem
+  base = fileio.basename(str(name))
+  return os.path.splitext(base)[0]
 
 
 def parse_isic_columns(text: str | None, classes: list[str]) -> list[str]:
@@ -112,17 +112,3 @@ def write_kaggle(path, names, probs, classes: list[str]) -> None:
   p = _class_matrix(probs)[:, melanoma_index(classes)]
   _write(path, ["image_name", "target"],
          ([image_id(n), repr(float(x))] for n, x in zip(names, p)))
-
-
-def check_writable_file(path, what: str = "output_csv") -> None:
-  """Fails now, before any forward pass, when `path` could not be written later."""
-  path = pathlib.Path(path)
-  if path.is_dir():
-    raise ValueError(f"{what}={path} is a folder; give a file name, e.g. {path / 'truth.csv'}")
-  parent = path.parent
-  while not parent.exists() and parent != parent.parent:
-    parent = parent.parent
-  if not parent.is_dir():
-    raise ValueError(f"{what}={path}: {parent} is a file, not a folder; choose another {what}")
-  if not os.access(parent, os.W_OK):
-    raise ValueError(f"{what}={path}: {parent} is not writable; choose another {what}")

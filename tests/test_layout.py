@@ -153,9 +153,6 @@ _DIRECT_FILE_ACCESS = {
     "distribute": "ChiefOutputDir.path (local only) until train.py uses .dir / .join (issue 12)",
     # Not converted yet (issue 12, second half): they still build user paths with pathlib.
     "train": "issue 12, to convert",
-    "evaluate": "issue 12, to convert", "predict": "issue 12, to convert",
-    "cv": "issue 12, to convert",
-    "cli/evaluate": "issue 12, to convert", "cli/show_preprocessing": "issue 12, to convert",
 }
 _FILE_CALLS = {
     "open", "os.path.exists", "os.path.lexists", "os.path.isfile", "os.path.isdir",

@@ -13,7 +13,6 @@ Example:
   evaluate --model_dir=/runs/densenet,/runs/effnet --output_dir=/runs/ens --isic_truth_csv=t.csv
 """
 
-import pathlib
 import sys
 
 from absl import app
@@ -69,7 +68,7 @@ flags.mark_flag_as_required("model_dir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from skinrecords import evaluate  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  from skinrecords import evaluate, fileio  # pylint: disable=g-import-not-at-top  (TensorFlow)
   from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
 
   config = cli_common.make_config(
@@ -85,10 +84,11 @@ def main(argv):
     print(f"evaluate: {err}", file=sys.stderr)
     return 2
   print(evaluate.report_text(result))
-  paths = [pathlib.Path(p) for p in result["files"].values()]
-  here = [p.name for p in paths if str(p.parent) == result["output_dir"]]
+  paths = list(result["files"].values())
+  inside = fileio.canonical(result["output_dir"])
+  here = [fileio.basename(p) for p in paths if fileio.canonical(fileio.dirname(p)) == inside]
   print(f"\nwrote {', '.join(here)} to {result['output_dir']}" +
-        "".join(f", and {p}" for p in paths if str(p.parent) != result["output_dir"]))
+        "".join(f", and {p}" for p in paths if fileio.canonical(fileio.dirname(p)) != inside))
   return 0
 
 

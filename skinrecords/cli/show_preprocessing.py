@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
 import sys
 
 import cv2
 import numpy as np
 from absl import flags
 
+from skinrecords import fileio
 from skinrecords import hair
 from skinrecords import preprocess as pp
 from skinrecords import sources
@@ -25,12 +24,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Output size the converter
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for picking the images.")
 
 
-def sheet(paths: list[pathlib.Path], size: int) -> np.ndarray:
+def sheet(paths: list[str], size: int) -> np.ndarray:
   """RGB rows original | mask (red on grey) | result, each size x size."""
   config = pp.PreprocessConfig(image_size=size)
   rows = []
   for path in paths:
-    rgb = pp.preprocess_array(pp.decode(path.read_bytes(), config), config)
+    rgb = pp.preprocess_array(pp.decode(fileio.read_bytes(path), config), config)
     mask = hair.hair_mask(rgb)
     shown = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB) // 2
     shown[mask > 0] = (255, 40, 40)
@@ -44,8 +43,7 @@ def main(argv):
           file=sys.stderr)
     return 2
   folder = _INPUT_DIR.value
-  files = [pathlib.Path(p) for p in sources.list_image_files(folder)] if os.path.isdir(
-      folder) else []
+  files = list(sources.list_image_files(folder)) if fileio.isdir(folder) else []
   if not files:
     print(f"show_preprocessing: no images under {_INPUT_DIR.value}; point --input_dir at a "
           "folder of JPEG/PNG files", file=sys.stderr)
@@ -57,10 +55,15 @@ def main(argv):
   except (pp.RejectedImage, ValueError) as err:
     print(f"show_preprocessing: {err}; remove or fix that file", file=sys.stderr)
     return 2
-  out = pathlib.Path(_OUTPUT.value)
-  tmp = out.with_name(out.name + ".tmp.png")
-  cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-  os.replace(tmp, out)
+  out = _OUTPUT.value
+  _, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_PNG_COMPRESSION, 9])
+  try:
+    fileio.write_bytes_atomic(out, png.tobytes())
+  except OSError as err:
+    print(f"show_preprocessing: cannot write --output={out} ({fileio.describe_error(err)}); "
+          "choose another path", file=sys.stderr)
+    return 2
   print(f"wrote {out} ({len(picked)} images: original | hair mask | result)")
   return 0
 
