@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import BIN, bin_env, synthetic_records
+from conftest import BIN, bin_env, run_bin, synthetic_records
 from skinrecords import pipeline
 
 # One trainer: reads the train split through the service as pipeline `index` of 2, writes the
@@ -192,3 +192,18 @@ def test_restarted_dispatcher_recovers_its_job_from_work_dir(records, tmp_path):
   # when a worker dies, and none did).
   assert set(counts) == train_names and set(counts.values()) == {1}, counts.most_common(3)
   assert any(work_dir.iterdir()), "the dispatcher journals into --work_dir"
+
+
+def test_server_that_cannot_start_says_why_in_one_line(tmp_path):
+  """A port in use and a --work_dir that is a file: exit 2 and a line naming the fix (TensorFlow
+  raised a bare RuntimeError with a traceback for both)."""
+  not_a_folder = tmp_path / "journal"
+  not_a_folder.write_text("")
+  with socket.socket() as busy:
+    busy.bind(("0.0.0.0", 0))
+    busy.listen()
+    for flag, message in ((f"--port={busy.getsockname()[1]}", "choose another port"),
+                          (f"--work_dir={not_a_folder}", "is a file, not a folder")):
+      proc = run_bin("data_service", "--role=dispatcher", flag, check=False, timeout=60)
+      assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+      assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
