@@ -236,14 +236,16 @@ def _wait_for(path, text: str, proc, timeout: float = 60) -> None:
   raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{path.read_text()[-3000:]}")
 
 
-def test_tf_data_service_feeds_training(records, tmp_path):
+def test_tf_data_service_feeds_two_multi_worker_trainers(records, tmp_path):
   port = _free_port()
   procs, logs = [], []
   # INFO logs on: a worker that opens a TFRecord file logs it (the proof that it did the reading).
   env = _env(TF_CPP_MIN_LOG_LEVEL="0")
-  roles = [["--role=dispatcher", f"--port={port}"]] + [
-      ["--role=worker", f"--dispatcher_address=127.0.0.1:{port}",
-       "--worker_address=127.0.0.1:%port%"]] * 2
+  roles = [["--role=dispatcher", f"--port={port}"],
+           ["--role=worker", f"--dispatcher_address=127.0.0.1:{port}",
+            "--worker_address=127.0.0.1:%port%"]]
+  model_dir = tmp_path / "model"
+  cluster = _Cluster(tmp_path, "trainer")
   try:
     for i, role in enumerate(roles):
       logs.append(tmp_path / f"service{i}.log")
@@ -252,18 +254,25 @@ def test_tf_data_service_feeds_training(records, tmp_path):
                                       env=env, stdout=f, stderr=subprocess.STDOUT))
     for proc, log in zip(procs, logs):
       _wait_for(log, "listening on port", proc)
-    result = run_bin("train", f"--records_dir={records}", f"--model_dir={tmp_path / 'model'}",
-                     "--backbone=simple_cnn", "--weights=none", "--batch_size=16",
-                     "--strategy=one_device", "--noprogress", "--epochs=2", "--steps_per_epoch=3",
-                     f"--data_service=grpc://127.0.0.1:{port}", timeout=240)
+    cluster.start([f"--records_dir={records}", f"--model_dir={model_dir}", "--epochs=2",
+                   "--steps_per_epoch=3", "--noprogress", "--noaugment",
+                   f"--data_service=grpc://127.0.0.1:{port}"])
+    for i in range(2):
+      assert cluster.wait(i, 240) == 0, cluster.text(i)[-3000:]
   finally:
+    cluster.kill()
     for proc in procs:
       proc.kill()
       proc.wait(timeout=30)
-  assert "training input from the tf.data service at grpc://127.0.0.1" in result.stderr
-  assert [int(r["epoch"]) for r in _history(tmp_path / "model")] == [1, 2]
-  assert all("TFRecordDataset" in log.read_text() for log in logs[1:]), [
-      log.read_text()[-2000:] for log in logs[1:]]
+  trainer_logs = [cluster.text(0), cluster.text(1)]
+  for log in trainer_logs:
+    # Both trainers took their training batches from the service's one job (which example went
+    # where is counted in test_data_service.py) and read no training file themselves.
+    assert "training input from the tf.data service at grpc://127.0.0.1" in log, log[-3000:]
+    assert "'train' files" not in log, log[-3000:]
+  assert "TFRecordDataset" in logs[1].read_text(), logs[1].read_text()[-2000:]
+  assert _digest(trainer_logs[0]) == _digest(trainer_logs[1])
+  assert [int(r["epoch"]) for r in _history(model_dir)] == [1, 2]
 
 
 def test_slurm_job_step_becomes_tf_config(monkeypatch):
