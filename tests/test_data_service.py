@@ -1,7 +1,7 @@
 """The tf.data service with real processes on loopback (127.0.0.1): who receives which example.
 
-A dispatcher and workers run as `bin/data_service` processes; each trainer is a separate process that
-reads the training split through `data_service.service_input_fn`, the input function `bin/train
+A dispatcher and workers run as `bin/data_service` processes; each trainer is a separate process
+that reads the training split through `data_service.service_input_fn`, the input function `bin/train
 --data_service` hands to `distribute_datasets_from_function`, with a one-pass (evaluation-order)
 pipeline and image names attached, so every example a trainer receives can be counted. Ports come
 from the kernel on 127.0.0.1; every wait is bounded and every process is killed in `finally`.

@@ -3,8 +3,8 @@
 Every worker is a separate `bin/train` process with one CPU device, talking over gRPC on free ports;
 every wait is bounded and leftover processes are killed in `finally`. These are the slowest tests of
 the suite (the file took 216 s on 2 busy cores: 63 s two workers, 97 s kill and resume, which starts
-two clusters, 44 s the tf.data service), so each run checks several things. The tf.data service's sharding is checked, by image
-name, in test_data_service.py.
+two clusters, 44 s the tf.data service), so each run checks several things. Which example the
+tf.data service sends to which trainer is counted, by image name, in test_data_service.py.
 """
 
 from __future__ import annotations
