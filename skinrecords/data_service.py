@@ -17,6 +17,7 @@ import socket
 
 import tensorflow as tf
 
+from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import pipeline
 
@@ -80,22 +81,33 @@ class DataServiceConfig:
 
 
 def start_server(config: DataServiceConfig):
-  """Starts the server, which serves in the background, and returns it (keep a reference)."""
+  """Starts the server, which serves in the background, and returns it (keep a reference).
+
+  ValueError names the problem when it cannot start: a work_dir that is a file or not writable,
+  or a port in use (TensorFlow raises a bare RuntimeError with a traceback for both).
+  """
   config.validate()
   service = tf.data.experimental.service
-  if config.role == "dispatcher":
-    return service.DispatchServer(service.DispatcherConfig(
-        port=config.port, work_dir=config.work_dir or None,
-        fault_tolerant_mode=bool(config.work_dir)))
-  host, port = parse_address(config.dispatcher_address, "dispatcher_address")
-  worker_address = config.worker_address or f"{socket.gethostname()}:%port%"
-  return service.WorkerServer(service.WorkerConfig(
-      dispatcher_address=f"{host}:{port}", worker_address=worker_address, port=config.port))
+  if config.work_dir:
+    fileio.check_writable_dir(config.work_dir, "work_dir")
+  try:
+    if config.role == "dispatcher":
+      return service.DispatchServer(service.DispatcherConfig(
+          port=config.port, work_dir=config.work_dir or None,
+          fault_tolerant_mode=bool(config.work_dir)))
+    host, port = parse_address(config.dispatcher_address, "dispatcher_address")
+    worker_address = config.worker_address or f"{socket.gethostname()}:%port%"
+    return service.WorkerServer(service.WorkerConfig(
+        dispatcher_address=f"{host}:{port}", worker_address=worker_address, port=config.port))
+  except RuntimeError as err:
+    raise ValueError(f"the {config.role} could not start on port {config.port} ({err}); is "
+                     "another server using it? choose another port (0: any free one)") from err
 
 
-def serve(config: DataServiceConfig) -> None:
-  """Runs a tf.data service dispatcher or worker until the process is killed."""
-  server = start_server(config)
+def serve(config: DataServiceConfig, server=None) -> None:
+  """Runs a tf.data service dispatcher or worker (`server`, else one started here) until the
+  process is killed."""
+  server = server or start_server(config)
   if config.role == "dispatcher":
     port = server.target.rsplit(":", 1)[1]
     print(f"tf.data service dispatcher listening on port {port}; train with "

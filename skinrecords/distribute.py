@@ -6,8 +6,9 @@ binaries build TF_CONFIG (`tf_config_from_hosts`, `tf_config_from_slurm`) and th
 `make_strategy` first thing.
 
 `train_input` and `valid_input` feed training under any strategy: per-worker file sharding or a
-tf.data service for training, exactly-once padded shares for validation. `serve_data` runs a tf.data
-service dispatcher or worker (`bin/data_service`), so decoding can run on separate CPU machines.
+tf.data service for training, exactly-once padded shares for validation. `data_service.serve` runs a
+tf.data service dispatcher or worker (`bin/data_service`), so decoding can run on separate CPU
+machines.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Every worker is a separate `bin/train` process with one CPU device, talking over gRPC on free ports;
 every wait is bounded and leftover processes are killed in `finally`. These are the slowest tests of
-the suite (about 2-3 minutes on 2 cores), so each run checks several things.
+the suite (the file took 216 s on 2 busy cores: 63 s two workers, 97 s kill and resume, which starts
+two clusters, 44 s the tf.data service), so each run checks several things. Which example the
+tf.data service sends to which trainer is counted, by image name, in test_data_service.py.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ from skinrecords import distribute
 from skinrecords import pipeline
 from skinrecords import train
 
-# No augmentation: in a handful of steps it only slows learning, and the tests check that loss falls.
-TRAIN_FLAGS = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16", "--noprogress",
-               "--strategy=multi_worker", "--learning_rate=2e-3", "--noaugment")
+# Augmentation stays on (the default): multi-worker training must run the per-replica XLA warp.
+TRAIN_FLAGS = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16",
+               "--strategy=multi_worker", "--learning_rate=2e-3")
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-  """120 synthetic lesions as 32 px records: 4 train shards (72 images), 1 valid (24), 1 test."""
+  """120 synthetic lesions as 32 px records, in shards of ~5 images (shard_size_mb=0.0013 at ~246
+  bytes an image): 72 train images in 14 shards, 24 valid in 5 (5, 5, 5, 5, 4), 24 test in 5.
+  With 2 workers the validation shares are 14 and 10 images, so valid_input pads both."""
   return synthetic_records(tmp_path_factory.mktemp("mw"), 120, (64, 48), (80, 60), 32,
-                           min_train_shards=4)
+                           min_train_shards=4, shard_size_mb=0.0013)
 
 
 def _free_port() -> int:
@@ -107,13 +111,39 @@ def _leftovers(tmp_path, i):
   return sorted(p.name for p in (tmp_path / f"tmp{i}").glob("skinrecords_*"))
 
 
+def _valid_shares(info, workers: int = 2) -> list[int]:
+  """Validation images per worker when the pipeline shards the files round-robin."""
+  shards = info.select("valid")
+  assert len(shards) >= workers  # sharding by file, as the fixture intends
+  return [sum(s.num_examples for s in shards[i::workers]) for i in range(workers)]
+
+
+def _evaluate_alone(model_dir, info) -> dict:
+  """Loss, accuracy and AUC of model_dir's model.keras on the validation split, in this process,
+  one device, no padding: what the workers' exactly-once validation must have computed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+  from skinrecords import inference  # pylint: disable=g-import-not-at-top
+  from skinrecords import rundir  # pylint: disable=g-import-not-at-top
+
+  model, _ = rundir.load_model_dir(model_dir)
+  ds = pipeline.make_dataset(info, "valid", 8, training=False, with_names=True)
+  probs, labels, names = inference.predict_dataset(model, ds, info=info, split="valid")
+  p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+  loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  return {"names": names, "val_loss": loss, "val_accuracy": np.mean((p > 0.5) == labels),
+          "val_auc": skm.roc_auc_score(labels, p)}
+
+
 def test_two_workers_train_in_step_on_disjoint_shards(records, tmp_path):
   model_dir = tmp_path / "model"
   info = pipeline.load_info(records)
+  shares = _valid_shares(info)
+  assert shares[0] != shares[1], shares  # uneven shares: the padding path must run
   cluster = _Cluster(tmp_path, "w")
   try:
     cluster.start([f"--records_dir={records}", f"--model_dir={model_dir}", "--epochs=3",
-                   "--steps_per_epoch=15"], tf_config_for_chief=True)
+                   "--steps_per_epoch=15", "--noprogress"], tf_config_for_chief=True)
     for i in range(2):
       assert cluster.wait(i, 240) == 0, cluster.text(i)[-3000:]
   finally:
@@ -126,43 +156,55 @@ def test_two_workers_train_in_step_on_disjoint_shards(records, tmp_path):
   assert _leftovers(tmp_path, 1) == [] and _leftovers(tmp_path, 0) == []
   saved = json.loads((model_dir / "config.json").read_text())
   assert saved["workers"] == 2 and saved["replicas"] == 2
+  # Augmentation on, XLA-compiled per replica (xla=auto on a CPU: "augment").
+  assert saved["train"]["augment"]["rotation_range"] > 0 and saved["xla"] == "augment", saved
   # Each worker read its own training shards, and together all of them.
   train_files = {os.path.basename(s.path) for s in info.select("train")}
   read = []
   for i, log in enumerate(logs):
-    m = re.search(rf"input pipeline {i}/2 reads \d+ of 4 'train' files: (.*)", log)
+    m = re.search(rf"input pipeline {i}/2 reads \d+ of {len(train_files)} 'train' files: (.*)",
+                  log)
     assert m, log[-3000:]
     read.append(set(m[1].strip().split(", ")))
   assert not read[0] & read[1] and read[0] | read[1] == train_files, read
-  # Validation: every example exactly once (the per-worker shares are padded, then dropped).
-  for log in logs:
-    assert log.count(f"validated {info.num_examples('valid')} examples") == 3
   # The all-reduce keeps the replicas identical, and the model learns.
   assert _digest(logs[0]) == _digest(logs[1])
   rows = _history(model_dir)
   assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-  assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]), rows
+  assert float(rows[-1]["loss"]) < float(rows[0]["loss"]), rows
+  # Validation: each worker scored its uneven share padded to full batches, yet the chief's
+  # figures for the saved epoch are those of one process scoring every example exactly once.
+  best = json.loads((model_dir / "summary.json").read_text())["best_epoch"]
+  row = next(r for r in rows if int(r["epoch"]) == best)
+  alone = _evaluate_alone(model_dir, info)
+  assert len(alone["names"]) == len(set(alone["names"])) == info.num_examples("valid")
+  for key in ("val_loss", "val_accuracy", "val_auc"):
+    assert float(row[key]) == pytest.approx(alone[key], abs=2e-4), (key, row, alone)
 
 
 def test_killed_worker_then_restarted_job_resumes(records, tmp_path):
   model_dir = tmp_path / "model"
+  steps = 12
   flags = [f"--records_dir={records}", f"--model_dir={model_dir}", "--epochs=3",
-           "--steps_per_epoch=6"]
+           f"--steps_per_epoch={steps}", "--progress",
+           "--noaugment"]  # no XLA warp to compile, twice: augmentation runs in the test above
+  # tqdm's bar for epoch 2 with 1..steps-1 steps done: the kill lands mid-epoch.
+  mid_epoch_2 = re.compile(rf"epoch 2/3: +\d+%\|[^|]*\| ([1-9]|1[01])/{steps} ")
   first = _Cluster(tmp_path, "first")
   try:
     first.start(flags)
     deadline = time.time() + 240
-    while time.time() < deadline and not (model_dir / "backup" / "checkpoint").exists():
+    while time.time() < deadline and not mid_epoch_2.search(first.text(0)):
       assert first.procs[0].poll() is None, first.text(0)[-3000:]
-      time.sleep(0.05)
+      time.sleep(0.02)
     first.procs[1].send_signal(signal.SIGKILL)
     first.procs[1].wait(timeout=30)
     # The survivor's next all-reduce fails: it exits on its own instead of hanging.
     assert first.wait(0, 90) != 0
   finally:
     first.kill()
-  done = len(_history(model_dir))
-  assert 1 <= done < 3, "the job must be killed mid-way"
+  assert mid_epoch_2.search(first.text(0)), first.text(0)[-3000:]
+  assert [int(r["epoch"]) for r in _history(model_dir)] == [1], "killed in epoch 2"
   assert _leftovers(tmp_path, 1), "the killed worker leaves its temporary copy behind"
 
   second = _Cluster(tmp_path, "second")
@@ -174,7 +216,11 @@ def test_killed_worker_then_restarted_job_resumes(records, tmp_path):
     second.kill()
   logs = [second.text(0), second.text(1)]
   for log in logs:
-    assert re.search(rf"resuming from .*backup.*ckpt-\d+ at epoch {done}", log), log[-3000:]
+    # Epoch 1's weights and optimizer state come back from the chief's backup; the half-done
+    # epoch 2 is run again from its start, and epoch 1 is not.
+    assert re.search(rf"resuming from .*backup.*ckpt-\d+ at epoch 1 \(optimizer step {steps},",
+                     log), log[-3000:]
+    assert "epoch 1/3" not in log and f"epoch 3/3: 100%" in log, log[-3000:]
   assert [int(r["epoch"]) for r in _history(model_dir)] == [1, 2, 3]
   assert (model_dir / "model.keras").exists()
   assert _digest(logs[0]) == _digest(logs[1])
@@ -191,14 +237,16 @@ def _wait_for(path, text: str, proc, timeout: float = 60) -> None:
   raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{path.read_text()[-3000:]}")
 
 
-def test_tf_data_service_feeds_training(records, tmp_path):
+def test_tf_data_service_feeds_two_multi_worker_trainers(records, tmp_path):
   port = _free_port()
   procs, logs = [], []
   # INFO logs on: a worker that opens a TFRecord file logs it (the proof that it did the reading).
   env = _env(TF_CPP_MIN_LOG_LEVEL="0")
-  roles = [["--role=dispatcher", f"--port={port}"]] + [
-      ["--role=worker", f"--dispatcher_address=127.0.0.1:{port}",
-       "--worker_address=127.0.0.1:%port%"]] * 2
+  roles = [["--role=dispatcher", f"--port={port}"],
+           ["--role=worker", f"--dispatcher_address=127.0.0.1:{port}",
+            "--worker_address=127.0.0.1:%port%"]]
+  model_dir = tmp_path / "model"
+  cluster = _Cluster(tmp_path, "trainer")
   try:
     for i, role in enumerate(roles):
       logs.append(tmp_path / f"service{i}.log")
@@ -207,18 +255,25 @@ def test_tf_data_service_feeds_training(records, tmp_path):
                                       env=env, stdout=f, stderr=subprocess.STDOUT))
     for proc, log in zip(procs, logs):
       _wait_for(log, "listening on port", proc)
-    result = run_bin("train", f"--records_dir={records}", f"--model_dir={tmp_path / 'model'}",
-                     "--backbone=simple_cnn", "--weights=none", "--batch_size=16",
-                     "--strategy=one_device", "--noprogress", "--epochs=2", "--steps_per_epoch=3",
-                     f"--data_service=grpc://127.0.0.1:{port}", timeout=240)
+    cluster.start([f"--records_dir={records}", f"--model_dir={model_dir}", "--epochs=2",
+                   "--steps_per_epoch=3", "--noprogress", "--noaugment",
+                   f"--data_service=grpc://127.0.0.1:{port}"])
+    for i in range(2):
+      assert cluster.wait(i, 240) == 0, cluster.text(i)[-3000:]
   finally:
+    cluster.kill()
     for proc in procs:
       proc.kill()
       proc.wait(timeout=30)
-  assert "training input from the tf.data service at grpc://127.0.0.1" in result.stderr
-  assert [int(r["epoch"]) for r in _history(tmp_path / "model")] == [1, 2]
-  assert all("TFRecordDataset" in log.read_text() for log in logs[1:]), [
-      log.read_text()[-2000:] for log in logs[1:]]
+  trainer_logs = [cluster.text(0), cluster.text(1)]
+  for log in trainer_logs:
+    # Both trainers took their training batches from the service's one job (which example went
+    # where is counted in test_data_service.py) and read no training file themselves.
+    assert "training input from the tf.data service at grpc://127.0.0.1" in log, log[-3000:]
+    assert "'train' files" not in log, log[-3000:]
+  assert "TFRecordDataset" in logs[1].read_text(), logs[1].read_text()[-2000:]
+  assert _digest(trainer_logs[0]) == _digest(trainer_logs[1])
+  assert [int(r["epoch"]) for r in _history(model_dir)] == [1, 2]
 
 
 def test_slurm_job_step_becomes_tf_config(monkeypatch):

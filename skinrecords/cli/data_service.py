@@ -45,9 +45,10 @@ def main(argv):
       worker_address=_WORKER_ADDRESS.value, work_dir=_WORK_DIR.value)
   try:
     config.validate()
+    server = data_service.start_server(config)
   except ValueError as err:
     raise app.UsageError(str(err)) from err
-  data_service.serve(config)
+  data_service.serve(config, server)
   return 0
 
 
