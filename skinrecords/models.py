@@ -24,21 +24,18 @@ from typing import Sequence
 
 import keras
 
+from skinrecords import backbones as backbones_lib
+
+# The five short names; any keras.applications constructor name is accepted too (backbones.NAMES).
 BACKBONES = ("simple_cnn", "vgg16", "resnet50", "densenet121", "efficientnetv2s")
 _WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")
-# keras.applications rejects smaller inputs for these backbones; 32 also keeps 3+ poolings > 1 px.
+# keras.applications rejects smaller inputs for most backbones (Inception 75, Xception 71:
+# backbones.min_image_size); 32 also keeps 3+ poolings > 1 px.
 _MIN_IMAGE_SIZE = 32
 # Per-read socket timeout for the ImageNet download: generous for a slow link (it bounds one read,
 # not the whole 60-95 MB file) but short enough that a firewalled machine fails instead of hanging.
 _DOWNLOAD_TIMEOUT_S = 20
 
-_PREPROCESS_MODE = {
-    "simple_cnn": "scale",
-    "vgg16": "caffe",
-    "resnet50": "caffe",
-    "densenet121": "torch",
-    "efficientnetv2s": "none",  # EfficientNetV2S(include_preprocessing=True) rescales itself.
-}
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
@@ -103,12 +100,16 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the field, the bad value and what is accepted."""
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"ModelConfig.backbone={self.backbone!r} is not one of {BACKBONES}.")
+    try:
+      backbones_lib.check(self.backbone)
+    except ValueError as err:
+      raise ValueError(f"ModelConfig.{err}") from err
+    least = backbones_lib.min_image_size(self.backbone)
     if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
-        or self.image_size < _MIN_IMAGE_SIZE):
-      raise ValueError(f"ModelConfig.image_size={self.image_size!r} must be an int >= "
-                       f"{_MIN_IMAGE_SIZE} (pixels per side).")
+        or self.image_size < least):
+      raise ValueError(f"ModelConfig.image_size={self.image_size!r} must be an int >= {least} "
+                       f"(pixels per side): keras.applications builds {self.backbone} from "
+                       f"{least} px up; records of another size are resized on read.")
     if (not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool)
         or self.num_classes < 2):
       raise ValueError(f"ModelConfig.num_classes={self.num_classes!r} must be an int >= 2 "
@@ -122,7 +123,7 @@ class ModelConfig:
                        f"ending in one of {_WEIGHT_SUFFIXES}.")
     if self.weights == "imagenet" and self.backbone == "simple_cnn":
       raise ValueError("ModelConfig.weights='imagenet' has no meaning for backbone='simple_cnn'; "
-                       f"use 'none', a weights file, or a backbone from {BACKBONES[1:]}.")
+                       "use 'none', a weights file, or a keras.applications backbone.")
     if self.weights not in ("auto", "imagenet", "none") and not self.weights.endswith(
         _WEIGHT_SUFFIXES):
       raise ValueError(f"ModelConfig.weights={self.weights!r} is neither 'auto', 'imagenet', "
@@ -145,10 +146,11 @@ class BackbonePreprocess(keras.layers.Layer):
   """RGB 0..255 -> what a backbone was trained on; always computes in float32.
 
   Modes follow keras.applications.imagenet_utils.preprocess_input: "caffe" (RGB->BGR, minus the
-  ImageNet BGR means), "torch" (/255, minus mean, over std), "scale" (/255) and "none" (cast only).
+  ImageNet BGR means), "torch" (/255, minus mean, over std), "tf" (/127.5 - 1), "scale" (/255) and
+  "none" (cast only). Which backbone takes which: backbones.FAMILIES.
   """
 
-  MODES = ("caffe", "torch", "scale", "none")
+  MODES = ("caffe", "torch", "tf", "scale", "none")
 
   def __init__(self, mode: str, **kwargs):
     # float32 even under mixed_float16: 255 - 123.68 in float16 would round to a step of 0.125.
@@ -166,6 +168,8 @@ class BackbonePreprocess(keras.layers.Layer):
       mean = keras.ops.convert_to_tensor(_TORCH_MEAN, "float32")
       std = keras.ops.convert_to_tensor(_TORCH_STD, "float32")
       return (x / 255.0 - mean) / std
+    if self.mode == "tf":
+      return x / 127.5 - 1.0
     if self.mode == "scale":
       return x / 255.0
     return x
@@ -243,18 +247,14 @@ def _fetch_imagenet(backbone: str) -> str:
 
 
 def _backbone(config: ModelConfig, weights: str | None) -> keras.Model:
-  shape = (config.image_size, config.image_size, 3)
-  apps = keras.applications
-  if config.backbone == "simple_cnn":
+  """The backbone network; `weights` is a local file, None, or "imagenet" (Keras downloads it)."""
+  if config.backbone == backbones_lib.SIMPLE_CNN:
     return _simple_cnn(config.image_size)
-  if config.backbone == "vgg16":
-    return apps.VGG16(include_top=False, weights=weights, input_shape=shape)
-  if config.backbone == "resnet50":
-    return apps.ResNet50(include_top=False, weights=weights, input_shape=shape)
-  if config.backbone == "densenet121":
-    return apps.DenseNet121(include_top=False, weights=weights, input_shape=shape)
-  return apps.EfficientNetV2S(include_top=False, weights=weights, input_shape=shape,
-                              include_preprocessing=True)
+  constructor = getattr(keras.applications, backbones_lib.constructor_name(config.backbone))
+  with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+    return constructor(include_top=False, weights=weights,
+                       input_shape=(config.image_size, config.image_size, 3),
+                       **backbones_lib.constructor_kwargs(config.backbone))
 
 
 def _initial_bias(num_classes: int, class_counts: Sequence[int] | None) -> list[float] | None:
@@ -315,19 +315,10 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   """
   config.validate()
   bias = _initial_bias(config.num_classes, class_counts)
-  weights = _fetch_imagenet(config.backbone) if config.resolved_weights == "imagenet" else None
-  try:
-    backbone = _backbone(config, weights)
-  except Exception as err:  # pylint: disable=broad-except
-    if weights is None:
-      raise
-    raise WeightsUnavailableError(
-        f"could not load ImageNet weights for {config.backbone!r} from {weights} "
-        f"({_short(err)}); the file may be truncated: delete it to download again, or download "
-        f"{IMAGENET_FILES[config.backbone].url} by hand.") from err
+  backbone = _backbone_with_weights(config)
 
   inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
-  x = BackbonePreprocess(_PREPROCESS_MODE[config.backbone], name="preprocess")(inputs)
+  x = BackbonePreprocess(backbones_lib.preprocess_mode(config.backbone), name="preprocess")(inputs)
   x = backbone(x)
   x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
   x = keras.layers.Dropout(config.dropout, name="dropout")(x)
@@ -341,6 +332,30 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
     _load_weights_file(model, config.resolved_weights)
   set_freeze(model, config.freeze)
   return model
+
+
+def _backbone_with_weights(config: ModelConfig) -> keras.Model:
+  """The backbone with its ImageNet weights (if asked for), or a one-line reason why not."""
+  weights = None
+  if config.resolved_weights == "imagenet":
+    # The four files listed in IMAGENET_FILES are fetched (and verified) here; for every other
+    # constructor Keras' own download runs, under the same socket timeout.
+    weights = (_fetch_imagenet(config.backbone) if config.backbone in IMAGENET_FILES
+               else "imagenet")
+  try:
+    return _backbone(config, weights)
+  except Exception as err:  # pylint: disable=broad-except
+    if weights is None:
+      raise
+    if weights == "imagenet":
+      raise WeightsUnavailableError(
+          f"ImageNet weights for backbone={config.backbone!r} are not cached and downloading them "
+          f"failed ({_short(err)}); run once on a machine with network access and copy "
+          f"{_keras_home() / 'models'} over, or pass --weights=none or a weights file.") from err
+    raise WeightsUnavailableError(
+        f"could not load ImageNet weights for {config.backbone!r} from {weights} "
+        f"({_short(err)}); the file may be truncated: delete it to download again, or download "
+        f"{IMAGENET_FILES[config.backbone].url} by hand.") from err
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

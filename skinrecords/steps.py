@@ -4,7 +4,8 @@ The per-replica forward + backward (augmentation included) is one `jit_compile=T
 called inside `strategy.run`; the optimizer's `apply_gradients` outside it all-reduces (sums) the
 gradients across replicas and updates the mirrored weights. Per-replica losses are divided by the
 GLOBAL batch so the sum is the mean over the global batch, whatever the replica count. `config` is
-a train.TrainConfig (read for xla, augment, seed, batch_size, epochs and progress).
+a train.TrainConfig (read for xla, augment, seed, batch_size, epochs, progress and the loss
+recipe: recipes.loss_fn).
 """
 
 from __future__ import annotations
@@ -23,14 +24,7 @@ from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
 from skinrecords import pipeline
-
-
-def _loss_fn(num_classes: int):
-  if num_classes == 2:
-    bce = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-    return lambda labels, logits: bce(tf.cast(labels[:, None], tf.float32), logits)
-  scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-  return scce
+from skinrecords import recipes
 
 
 class CompiledSteps:
@@ -44,9 +38,10 @@ class CompiledSteps:
                xla_mode: str | None = None):
     xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
                                                   config.augment.enabled)
-    loss_fn = _loss_fn(len(class_weights))
-    forward_backward = _forward_backward_fn(model, optimizer, config, class_weights, loss_fn,
-                                            xla_mode)
+    # The recipe's loss (label smoothing, focal) trains; validation scores plain cross-entropy.
+    forward_backward = _forward_backward_fn(model, optimizer, config, class_weights,
+                                            recipes.loss_fn(len(class_weights), config), xla_mode)
+    loss_fn = recipes.loss_fn(len(class_weights))
 
     def replica_train(images, labels, step):
       seed = augment.replica_seed(tf.stack([tf.constant(config.seed, tf.int64), step]))

@@ -19,7 +19,7 @@ STAGES = [
     {"records", "workers", "convert"},
     {"pipeline", "kaggle"},
     {"augment"},
-    {"models"},
+    {"backbones", "recipes", "models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},
     {"inference", "steps", "train"},
     {"evaluate", "predict", "export", "explain"},
