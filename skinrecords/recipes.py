@@ -174,6 +174,18 @@ def synchronize_batchnorm(model: keras.Model, on: bool = True) -> int:
   return len(layers)
 
 
+def xla_mode(config, resolved: str, replicas: int) -> str:
+  """The XLA mode with synchronised BatchNorm over several replicas: its all-reduce cannot sit in
+  an XLA-compiled (nested) forward pass, so "on" becomes "augment" (the augmentation, the part
+  that needs XLA, stays compiled); an explicit xla=on is refused instead of silently changed."""
+  if not (config.sync_batchnorm and replicas > 1 and resolved == "on"):
+    return resolved
+  if config.xla == "on":
+    raise ValueError(f"sync_batchnorm over {replicas} replicas cannot run in an XLA-compiled "
+                     "forward pass; use xla=augment (or auto), or drop sync_batchnorm")
+  return "augment"
+
+
 def should_stop(config, epochs_done: int, best_epoch: int) -> bool:
   """Early stopping: `early_stopping_patience` epochs after the best one without a better one.
 

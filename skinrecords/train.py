@@ -236,7 +236,12 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 def _resolve(config: TrainConfig, strategy) -> _Setup:
   mixed = distribute.use_mixed_precision(config.mixed_precision)
   devices = distribute.replica_devices(strategy)
-  xla_mode = distribute.resolve_xla(config.xla, devices, config.augment.enabled)
+  try:
+    xla_mode = recipes.xla_mode(config, distribute.resolve_xla(config.xla, devices,
+                                                               config.augment.enabled),
+                                strategy.num_replicas_in_sync)
+  except ValueError as err:
+    raise TrainError(str(err)) from err
   logging.info("XLA: %s (xla=%s on %s)", xla_mode, config.xla, ", ".join(devices))
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   info = pipeline.load_info(config.records_dir)

@@ -246,7 +246,7 @@ def main(argv):
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError, FileNotFoundError) as err:
-    print(f"train: {err}", file=sys.stderr)
+    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS)}", file=sys.stderr)
     return 2
   if not result["chief"]:
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
