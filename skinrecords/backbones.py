@@ -1,4 +1,4 @@
-"""Which backbones `--backbone` accepts, and each one's family: input preprocessing, minimum size.
+"""Which backbones `--backbone` accepts, each one's family, and where ImageNet weights come from.
 
 Every keras.applications constructor is accepted by its own name (`EfficientNetB3`,
 `ConvNeXtTiny`, `ResNet50V2`...), besides the five short names the project started with. What a
@@ -7,14 +7,26 @@ ImageNet normalisation its weights were trained with, which `models.BackbonePrep
 inside the model, and the smallest input side keras.applications accepts. The table below is that
 knowledge, one row per family; tests/test_models.py checks every row against the installed
 Keras (each family's `preprocess_input` on known pixels, and that every constructor is listed).
+
+ImageNet weights: the four original backbones' files are fetched and verified here (IMAGENET_FILES,
+with an offline error naming the file to place); every other constructor uses Keras' own download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import os
+import pathlib
+import socket
+
+import keras
 
 SIMPLE_CNN = "simple_cnn"
+# Per-read socket timeout for the ImageNet download: generous for a slow link (it bounds one read,
+# not the whole 60-95 MB file) but short enough that a firewalled machine fails instead of hanging.
+DOWNLOAD_TIMEOUT_S = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +115,84 @@ def min_image_size(backbone: str) -> int:
 
 def constructor_kwargs(backbone: str) -> dict:
   return dict(family(backbone).kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImagenetFile:
+  name: str  # file name under $KERAS_HOME/models/, as keras.applications names it
+  url: str
+  md5: str  # the no-top hash keras.applications verifies downloads with
+
+
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# Names, URLs and hashes as in keras/src/applications/{vgg16,resnet,densenet,efficientnet_v2}.py
+# (Keras 3.15); tests/test_models.py checks them against the installed Keras.
+IMAGENET_FILES = {
+    "vgg16": _ImagenetFile(
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        _KERAS_APPS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "6d6bbae143d832006294945121d1f1fc"),
+    "resnet50": _ImagenetFile(
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        _KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "4d473c1dd8becc155b73f8504c6f6626"),
+    "densenet121": _ImagenetFile(
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        _KERAS_APPS + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "30ee3e1110167f948a6b9946edeeb738"),
+    "efficientnetv2s": _ImagenetFile(
+        "efficientnetv2-s_notop.h5",
+        _KERAS_APPS + "efficientnet_v2/efficientnetv2-s_notop.h5",
+        "af0682fb74e8c54910f2d4393339c070"),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+  """Requested weights cannot be found or fetched (missing file, no network, corrupt cache)."""
+
+
+def keras_home() -> pathlib.Path:
+  # keras.config reads KERAS_HOME once at import; read it per call so a later setenv is honoured.
+  if "KERAS_HOME" in os.environ:
+    return pathlib.Path(os.path.expanduser(os.environ["KERAS_HOME"]))
+  base = os.path.expanduser("~")
+  if not os.access(base, os.W_OK):
+    base = "/tmp"  # Same fallback as keras.src.backend.config.
+  return pathlib.Path(base) / ".keras"
+
+
+def imagenet_weights_path(backbone: str) -> pathlib.Path:
+  """Where the ImageNet no-top weights of `backbone` are cached ($KERAS_HOME/models/<file>)."""
+  if backbone not in IMAGENET_FILES:
+    raise ValueError(f"backbone={backbone!r} has no ImageNet weights; "
+                     f"choose from {tuple(IMAGENET_FILES)}.")
+  return keras_home() / "models" / IMAGENET_FILES[backbone].name
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+  old = socket.getdefaulttimeout()
+  socket.setdefaulttimeout(seconds)
+  try:
+    yield
+  finally:
+    socket.setdefaulttimeout(old)
+
+
+def fetch_imagenet(backbone: str) -> str:
+  """Returns a local path to the ImageNet weights, downloading once; fails fast when offline."""
+  path = imagenet_weights_path(backbone)
+  if path.exists():
+    return str(path)
+  spec = IMAGENET_FILES[backbone]
+  try:
+    with socket_timeout(DOWNLOAD_TIMEOUT_S):
+      return keras.utils.get_file(spec.name, spec.url, cache_dir=str(path.parent.parent),
+                                  cache_subdir="models", file_hash=spec.md5)
+  except Exception as err:  # pylint: disable=broad-except  (URL, socket, hash errors alike)
+    raise WeightsUnavailableError(
+        f"ImageNet weights for backbone={backbone!r} are not cached at {path} and downloading "
+        f"them failed ({type(err).__name__}: {err}). Download {spec.url} on a machine with "
+        f"network access and place it as {path} (the directory is $KERAS_HOME/models, default "
+        "~/.keras/models), or pass --weights=none (random init) or "
+        f"--weights=/path/to/{spec.name}.") from err

@@ -13,18 +13,19 @@ is the keras.applications model nested as one layer, so its layer names (``block
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import pathlib
-import socket
 import warnings
 from typing import Sequence
 
 import keras
 
 from skinrecords import backbones as backbones_lib
+# The ImageNet weight files live with the backbone table; these names are part of models' API.
+from skinrecords.backbones import IMAGENET_FILES  # pylint: disable=unused-import
+from skinrecords.backbones import WeightsUnavailableError
+from skinrecords.backbones import imagenet_weights_path  # pylint: disable=unused-import
 
 # The five short names; any keras.applications constructor name is accepted too (backbones.NAMES).
 BACKBONES = ("simple_cnn", "vgg16", "resnet50", "densenet121", "efficientnetv2s")
@@ -32,47 +33,10 @@ _WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")
 # keras.applications rejects smaller inputs for most backbones (Inception 75, Xception 71:
 # backbones.min_image_size); 32 also keeps 3+ poolings > 1 px.
 _MIN_IMAGE_SIZE = 32
-# Per-read socket timeout for the ImageNet download: generous for a slow link (it bounds one read,
-# not the whole 60-95 MB file) but short enough that a firewalled machine fails instead of hanging.
-_DOWNLOAD_TIMEOUT_S = 20
 
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ImagenetFile:
-  name: str  # file name under $KERAS_HOME/models/, as keras.applications names it
-  url: str
-  md5: str  # the no-top hash keras.applications verifies downloads with
-
-
-_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-# Names, URLs and hashes as in keras/src/applications/{vgg16,resnet,densenet,efficientnet_v2}.py
-# (Keras 3.15); tests/test_models.py checks them against the installed Keras.
-IMAGENET_FILES = {
-    "vgg16": _ImagenetFile(
-        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "6d6bbae143d832006294945121d1f1fc"),
-    "resnet50": _ImagenetFile(
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "4d473c1dd8becc155b73f8504c6f6626"),
-    "densenet121": _ImagenetFile(
-        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "30ee3e1110167f948a6b9946edeeb738"),
-    "efficientnetv2s": _ImagenetFile(
-        "efficientnetv2-s_notop.h5",
-        _KERAS_APPS + "efficientnet_v2/efficientnetv2-s_notop.h5",
-        "af0682fb74e8c54910f2d4393339c070"),
-}
-
-
-class WeightsUnavailableError(RuntimeError):
-  """Requested weights cannot be found or fetched (missing file, no network, corrupt cache)."""
 
 
 def _parse_freeze(freeze: str) -> tuple[str, str | None]:
@@ -199,59 +163,12 @@ def _simple_cnn(size: int) -> keras.Model:
   return keras.Model(inputs, x, name="simple_cnn")
 
 
-def _keras_home() -> pathlib.Path:
-  # keras.config reads KERAS_HOME once at import; read it per call so a later setenv is honoured.
-  if "KERAS_HOME" in os.environ:
-    return pathlib.Path(os.path.expanduser(os.environ["KERAS_HOME"]))
-  base = os.path.expanduser("~")
-  if not os.access(base, os.W_OK):
-    base = "/tmp"  # Same fallback as keras.src.backend.config.
-  return pathlib.Path(base) / ".keras"
-
-
-def imagenet_weights_path(backbone: str) -> pathlib.Path:
-  """Where the ImageNet no-top weights of `backbone` are cached ($KERAS_HOME/models/<file>)."""
-  if backbone not in IMAGENET_FILES:
-    raise ValueError(f"backbone={backbone!r} has no ImageNet weights; "
-                     f"choose from {tuple(IMAGENET_FILES)}.")
-  return _keras_home() / "models" / IMAGENET_FILES[backbone].name
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-  old = socket.getdefaulttimeout()
-  socket.setdefaulttimeout(seconds)
-  try:
-    yield
-  finally:
-    socket.setdefaulttimeout(old)
-
-
-def _fetch_imagenet(backbone: str) -> str:
-  """Returns a local path to the ImageNet weights, downloading once; fails fast when offline."""
-  path = imagenet_weights_path(backbone)
-  if path.exists():
-    return str(path)
-  spec = IMAGENET_FILES[backbone]
-  try:
-    with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-      return keras.utils.get_file(spec.name, spec.url, cache_dir=str(path.parent.parent),
-                                  cache_subdir="models", file_hash=spec.md5)
-  except Exception as err:  # pylint: disable=broad-except  (URL, socket, hash errors alike)
-    raise WeightsUnavailableError(
-        f"ImageNet weights for backbone={backbone!r} are not cached at {path} and downloading "
-        f"them failed ({type(err).__name__}: {err}). Download {spec.url} on a machine with "
-        f"network access and place it as {path} (the directory is $KERAS_HOME/models, default "
-        "~/.keras/models), or pass --weights=none (random init) or "
-        f"--weights=/path/to/{spec.name}.") from err
-
-
 def _backbone(config: ModelConfig, weights: str | None) -> keras.Model:
   """The backbone network; `weights` is a local file, None, or "imagenet" (Keras downloads it)."""
   if config.backbone == backbones_lib.SIMPLE_CNN:
     return _simple_cnn(config.image_size)
   constructor = getattr(keras.applications, backbones_lib.constructor_name(config.backbone))
-  with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+  with backbones_lib.socket_timeout(backbones_lib.DOWNLOAD_TIMEOUT_S):
     return constructor(include_top=False, weights=weights,
                        input_shape=(config.image_size, config.image_size, 3),
                        **backbones_lib.constructor_kwargs(config.backbone))
@@ -340,7 +257,7 @@ def _backbone_with_weights(config: ModelConfig) -> keras.Model:
   if config.resolved_weights == "imagenet":
     # The four files listed in IMAGENET_FILES are fetched (and verified) here; for every other
     # constructor Keras' own download runs, under the same socket timeout.
-    weights = (_fetch_imagenet(config.backbone) if config.backbone in IMAGENET_FILES
+    weights = (backbones_lib.fetch_imagenet(config.backbone) if config.backbone in IMAGENET_FILES
                else "imagenet")
   try:
     return _backbone(config, weights)
@@ -351,7 +268,7 @@ def _backbone_with_weights(config: ModelConfig) -> keras.Model:
       raise WeightsUnavailableError(
           f"ImageNet weights for backbone={config.backbone!r} are not cached and downloading them "
           f"failed ({_short(err)}); run once on a machine with network access and copy "
-          f"{_keras_home() / 'models'} over, or pass --weights=none or a weights file.") from err
+          f"{backbones_lib.keras_home() / 'models'} over, or pass --weights=none or a weights file.") from err
     raise WeightsUnavailableError(
         f"could not load ImageNet weights for {config.backbone!r} from {weights} "
         f"({_short(err)}); the file may be truncated: delete it to download again, or download "
