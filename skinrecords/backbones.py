@@ -39,8 +39,8 @@ class Family:
   mode: str
   members: tuple[str, ...]
   # The min_size keras.applications passes to obtain_input_shape (it raises below it): 75 for the
-  # Inception nets, 71 for Xception, 32 for the rest (mobilenet_v3 does not check; 32 is its
-  # smallest side that keeps every stride-2 stage >= 1 px).
+  # Inception nets, 71 for Xception, 32 for the rest (mobilenet_v3 does not check; 32 is kept for
+  # it too, and tests/test_models.py trains each family's first member at its min_size).
   min_size: int = 32
   # Constructor arguments: the families that can include their own rescaling do (so the "none"
   # mode is right), and say so explicitly in case Keras changes a default.

@@ -42,6 +42,8 @@ def validate(config) -> None:
   if not 0 <= config.lr_floor < 1:
     raise ValueError(f"lr_floor={config.lr_floor} must be in [0, 1): a fraction of the learning "
                      "rate, where the cosine schedule ends")
+  if config.lr_floor and config.lr_schedule != "cosine":
+    raise ValueError(f"lr_floor={config.lr_floor} applies to lr_schedule=cosine only")
   if config.loss not in LOSSES:
     raise ValueError(f"loss={config.loss!r}; choose one of {', '.join(LOSSES)}")
   if not 0 <= config.label_smoothing < 1:
