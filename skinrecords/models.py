@@ -13,69 +13,30 @@ is the keras.applications model nested as one layer, so its layer names (``block
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import pathlib
-import socket
 import warnings
 from typing import Sequence
 
 import keras
 
+from skinrecords import backbones as backbones_lib
+# The ImageNet weight files live with the backbone table; these names are part of models' API.
+from skinrecords.backbones import IMAGENET_FILES  # pylint: disable=unused-import
+from skinrecords.backbones import WeightsUnavailableError
+from skinrecords.backbones import imagenet_weights_path  # pylint: disable=unused-import
+
+# The five short names; any keras.applications constructor name is accepted too (backbones.NAMES).
 BACKBONES = ("simple_cnn", "vgg16", "resnet50", "densenet121", "efficientnetv2s")
 _WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")
-# keras.applications rejects smaller inputs for these backbones; 32 also keeps 3+ poolings > 1 px.
+# keras.applications rejects smaller inputs for most backbones (Inception 75, Xception 71:
+# backbones.min_image_size); 32 also keeps 3+ poolings > 1 px.
 _MIN_IMAGE_SIZE = 32
-# Per-read socket timeout for the ImageNet download: generous for a slow link (it bounds one read,
-# not the whole 60-95 MB file) but short enough that a firewalled machine fails instead of hanging.
-_DOWNLOAD_TIMEOUT_S = 20
 
-_PREPROCESS_MODE = {
-    "simple_cnn": "scale",
-    "vgg16": "caffe",
-    "resnet50": "caffe",
-    "densenet121": "torch",
-    "efficientnetv2s": "none",  # EfficientNetV2S(include_preprocessing=True) rescales itself.
-}
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ImagenetFile:
-  name: str  # file name under $KERAS_HOME/models/, as keras.applications names it
-  url: str
-  md5: str  # the no-top hash keras.applications verifies downloads with
-
-
-_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-# Names, URLs and hashes as in keras/src/applications/{vgg16,resnet,densenet,efficientnet_v2}.py
-# (Keras 3.15); tests/test_models.py checks them against the installed Keras.
-IMAGENET_FILES = {
-    "vgg16": _ImagenetFile(
-        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "6d6bbae143d832006294945121d1f1fc"),
-    "resnet50": _ImagenetFile(
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "4d473c1dd8becc155b73f8504c6f6626"),
-    "densenet121": _ImagenetFile(
-        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_APPS + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "30ee3e1110167f948a6b9946edeeb738"),
-    "efficientnetv2s": _ImagenetFile(
-        "efficientnetv2-s_notop.h5",
-        _KERAS_APPS + "efficientnet_v2/efficientnetv2-s_notop.h5",
-        "af0682fb74e8c54910f2d4393339c070"),
-}
-
-
-class WeightsUnavailableError(RuntimeError):
-  """Requested weights cannot be found or fetched (missing file, no network, corrupt cache)."""
 
 
 def _parse_freeze(freeze: str) -> tuple[str, str | None]:
@@ -103,12 +64,16 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the field, the bad value and what is accepted."""
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"ModelConfig.backbone={self.backbone!r} is not one of {BACKBONES}.")
+    try:
+      backbones_lib.check(self.backbone)
+    except ValueError as err:
+      raise ValueError(f"ModelConfig.{err}") from err
+    least = backbones_lib.min_image_size(self.backbone)
     if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
-        or self.image_size < _MIN_IMAGE_SIZE):
-      raise ValueError(f"ModelConfig.image_size={self.image_size!r} must be an int >= "
-                       f"{_MIN_IMAGE_SIZE} (pixels per side).")
+        or self.image_size < least):
+      raise ValueError(f"ModelConfig.image_size={self.image_size!r} must be an int >= {least} "
+                       f"(pixels per side): keras.applications builds {self.backbone} from "
+                       f"{least} px up; records of another size are resized on read.")
     if (not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool)
         or self.num_classes < 2):
       raise ValueError(f"ModelConfig.num_classes={self.num_classes!r} must be an int >= 2 "
@@ -122,7 +87,7 @@ class ModelConfig:
                        f"ending in one of {_WEIGHT_SUFFIXES}.")
     if self.weights == "imagenet" and self.backbone == "simple_cnn":
       raise ValueError("ModelConfig.weights='imagenet' has no meaning for backbone='simple_cnn'; "
-                       f"use 'none', a weights file, or a backbone from {BACKBONES[1:]}.")
+                       "use 'none', a weights file, or a keras.applications backbone.")
     if self.weights not in ("auto", "imagenet", "none") and not self.weights.endswith(
         _WEIGHT_SUFFIXES):
       raise ValueError(f"ModelConfig.weights={self.weights!r} is neither 'auto', 'imagenet', "
@@ -145,10 +110,11 @@ class BackbonePreprocess(keras.layers.Layer):
   """RGB 0..255 -> what a backbone was trained on; always computes in float32.
 
   Modes follow keras.applications.imagenet_utils.preprocess_input: "caffe" (RGB->BGR, minus the
-  ImageNet BGR means), "torch" (/255, minus mean, over std), "scale" (/255) and "none" (cast only).
+  ImageNet BGR means), "torch" (/255, minus mean, over std), "tf" (/127.5 - 1), "scale" (/255) and
+  "none" (cast only). Which backbone takes which: backbones.FAMILIES.
   """
 
-  MODES = ("caffe", "torch", "scale", "none")
+  MODES = ("caffe", "torch", "tf", "scale", "none")
 
   def __init__(self, mode: str, **kwargs):
     # float32 even under mixed_float16: 255 - 123.68 in float16 would round to a step of 0.125.
@@ -166,6 +132,8 @@ class BackbonePreprocess(keras.layers.Layer):
       mean = keras.ops.convert_to_tensor(_TORCH_MEAN, "float32")
       std = keras.ops.convert_to_tensor(_TORCH_STD, "float32")
       return (x / 255.0 - mean) / std
+    if self.mode == "tf":
+      return x / 127.5 - 1.0
     if self.mode == "scale":
       return x / 255.0
     return x
@@ -195,66 +163,15 @@ def _simple_cnn(size: int) -> keras.Model:
   return keras.Model(inputs, x, name="simple_cnn")
 
 
-def _keras_home() -> pathlib.Path:
-  # keras.config reads KERAS_HOME once at import; read it per call so a later setenv is honoured.
-  if "KERAS_HOME" in os.environ:
-    return pathlib.Path(os.path.expanduser(os.environ["KERAS_HOME"]))
-  base = os.path.expanduser("~")
-  if not os.access(base, os.W_OK):
-    base = "/tmp"  # Same fallback as keras.src.backend.config.
-  return pathlib.Path(base) / ".keras"
-
-
-def imagenet_weights_path(backbone: str) -> pathlib.Path:
-  """Where the ImageNet no-top weights of `backbone` are cached ($KERAS_HOME/models/<file>)."""
-  if backbone not in IMAGENET_FILES:
-    raise ValueError(f"backbone={backbone!r} has no ImageNet weights; "
-                     f"choose from {tuple(IMAGENET_FILES)}.")
-  return _keras_home() / "models" / IMAGENET_FILES[backbone].name
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-  old = socket.getdefaulttimeout()
-  socket.setdefaulttimeout(seconds)
-  try:
-    yield
-  finally:
-    socket.setdefaulttimeout(old)
-
-
-def _fetch_imagenet(backbone: str) -> str:
-  """Returns a local path to the ImageNet weights, downloading once; fails fast when offline."""
-  path = imagenet_weights_path(backbone)
-  if path.exists():
-    return str(path)
-  spec = IMAGENET_FILES[backbone]
-  try:
-    with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-      return keras.utils.get_file(spec.name, spec.url, cache_dir=str(path.parent.parent),
-                                  cache_subdir="models", file_hash=spec.md5)
-  except Exception as err:  # pylint: disable=broad-except  (URL, socket, hash errors alike)
-    raise WeightsUnavailableError(
-        f"ImageNet weights for backbone={backbone!r} are not cached at {path} and downloading "
-        f"them failed ({type(err).__name__}: {err}). Download {spec.url} on a machine with "
-        f"network access and place it as {path} (the directory is $KERAS_HOME/models, default "
-        "~/.keras/models), or pass --weights=none (random init) or "
-        f"--weights=/path/to/{spec.name}.") from err
-
-
 def _backbone(config: ModelConfig, weights: str | None) -> keras.Model:
-  shape = (config.image_size, config.image_size, 3)
-  apps = keras.applications
-  if config.backbone == "simple_cnn":
+  """The backbone network; `weights` is a local file, None, or "imagenet" (Keras downloads it)."""
+  if config.backbone == backbones_lib.SIMPLE_CNN:
     return _simple_cnn(config.image_size)
-  if config.backbone == "vgg16":
-    return apps.VGG16(include_top=False, weights=weights, input_shape=shape)
-  if config.backbone == "resnet50":
-    return apps.ResNet50(include_top=False, weights=weights, input_shape=shape)
-  if config.backbone == "densenet121":
-    return apps.DenseNet121(include_top=False, weights=weights, input_shape=shape)
-  return apps.EfficientNetV2S(include_top=False, weights=weights, input_shape=shape,
-                              include_preprocessing=True)
+  constructor = getattr(keras.applications, backbones_lib.constructor_name(config.backbone))
+  with backbones_lib.socket_timeout(backbones_lib.DOWNLOAD_TIMEOUT_S):
+    return constructor(include_top=False, weights=weights,
+                       input_shape=(config.image_size, config.image_size, 3),
+                       **backbones_lib.constructor_kwargs(config.backbone))
 
 
 def _initial_bias(num_classes: int, class_counts: Sequence[int] | None) -> list[float] | None:
@@ -315,19 +232,10 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   """
   config.validate()
   bias = _initial_bias(config.num_classes, class_counts)
-  weights = _fetch_imagenet(config.backbone) if config.resolved_weights == "imagenet" else None
-  try:
-    backbone = _backbone(config, weights)
-  except Exception as err:  # pylint: disable=broad-except
-    if weights is None:
-      raise
-    raise WeightsUnavailableError(
-        f"could not load ImageNet weights for {config.backbone!r} from {weights} "
-        f"({_short(err)}); the file may be truncated: delete it to download again, or download "
-        f"{IMAGENET_FILES[config.backbone].url} by hand.") from err
+  backbone = _backbone_with_weights(config)
 
   inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
-  x = BackbonePreprocess(_PREPROCESS_MODE[config.backbone], name="preprocess")(inputs)
+  x = BackbonePreprocess(backbones_lib.preprocess_mode(config.backbone), name="preprocess")(inputs)
   x = backbone(x)
   x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
   x = keras.layers.Dropout(config.dropout, name="dropout")(x)
@@ -341,6 +249,30 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
     _load_weights_file(model, config.resolved_weights)
   set_freeze(model, config.freeze)
   return model
+
+
+def _backbone_with_weights(config: ModelConfig) -> keras.Model:
+  """The backbone with its ImageNet weights (if asked for), or a one-line reason why not."""
+  weights = None
+  if config.resolved_weights == "imagenet":
+    # The four files listed in IMAGENET_FILES are fetched (and verified) here; for every other
+    # constructor Keras' own download runs, under the same socket timeout.
+    weights = (backbones_lib.fetch_imagenet(config.backbone) if config.backbone in IMAGENET_FILES
+               else "imagenet")
+  try:
+    return _backbone(config, weights)
+  except Exception as err:  # pylint: disable=broad-except
+    if weights is None:
+      raise
+    if weights == "imagenet":
+      raise WeightsUnavailableError(
+          f"ImageNet weights for backbone={config.backbone!r} are not cached and downloading them "
+          f"failed ({_short(err)}); run once on a machine with network access and copy "
+          f"{backbones_lib.keras_home() / 'models'} over, or pass --weights=none or a weights file.") from err
+    raise WeightsUnavailableError(
+        f"could not load ImageNet weights for {config.backbone!r} from {weights} "
+        f"({_short(err)}); the file may be truncated: delete it to download again, or download "
+        f"{IMAGENET_FILES[config.backbone].url} by hand.") from err
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

@@ -4,7 +4,8 @@ The per-replica forward + backward (augmentation included) is one `jit_compile=T
 called inside `strategy.run`; the optimizer's `apply_gradients` outside it all-reduces (sums) the
 gradients across replicas and updates the mirrored weights. Per-replica losses are divided by the
 GLOBAL batch so the sum is the mean over the global batch, whatever the replica count. `config` is
-a train.TrainConfig (read for xla, augment, seed, batch_size, epochs and progress).
+a train.TrainConfig (read for xla, augment, seed, batch_size, epochs, progress and the loss
+recipe: recipes.loss_fn).
 """
 
 from __future__ import annotations
@@ -23,14 +24,7 @@ from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
 from skinrecords import pipeline
-
-
-def _loss_fn(num_classes: int):
-  if num_classes == 2:
-    bce = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-    return lambda labels, logits: bce(tf.cast(labels[:, None], tf.float32), logits)
-  scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-  return scce
+from skinrecords import recipes
 
 
 class CompiledSteps:
@@ -44,9 +38,18 @@ class CompiledSteps:
                xla_mode: str | None = None):
     xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
                                                   config.augment.enabled)
-    loss_fn = _loss_fn(len(class_weights))
-    forward_backward = _forward_backward_fn(model, optimizer, config, class_weights, loss_fn,
-                                            xla_mode)
+    # The recipe's loss (label smoothing, focal) trains; validation scores plain cross-entropy.
+    # A synchronised BatchNorm all-reduces inside the forward pass; under a nested tf.function
+    # that all-reduce fails ("`merge_call` called while defining a new graph"), so the forward +
+    # backward is then traced inline into train_step (and cannot be XLA-compiled).
+    inline = bool(getattr(config, "sync_batchnorm", False)) and strategy.num_replicas_in_sync > 1
+    if inline and xla_mode == "on":
+      raise ValueError(f"sync_batchnorm over {strategy.num_replicas_in_sync} replicas cannot run in "
+                       "an XLA-compiled forward pass; use xla=augment or xla=off")
+    forward_backward = _forward_backward_fn(model, optimizer, config, class_weights,
+                                            recipes.loss_fn(len(class_weights), config), xla_mode,
+                                            inline)
+    loss_fn = recipes.loss_fn(len(class_weights))
 
     def replica_train(images, labels, step):
       seed = augment.replica_seed(tf.stack([tf.constant(config.seed, tf.int64), step]))
@@ -81,8 +84,10 @@ class CompiledSteps:
     self.train_step, self.predict_step = train_step, predict_step
 
 
-def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_mode: str):
-  """Augmentation + forward + backward for one replica's batch, compiled per `xla_mode`."""
+def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_mode: str,
+                         inline: bool = False):
+  """Augmentation + forward + backward for one replica's batch, compiled per `xla_mode` (or, with
+  `inline`, a plain function traced into the caller's graph)."""
   global_batch = float(config.batch_size)
   weights = tf.constant(class_weights, tf.float32)
   mixed = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -94,7 +99,6 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
   def augment_fn(images, seed):
     return augment.augment_batch(images, seed, aug)
 
-  @tf.function(jit_compile=xla_mode == "on")
   def forward_backward(images, labels, seed):
     x = augment_fn(images, seed) if aug.enabled else tf.cast(images, tf.float32)
     with tf.GradientTape() as tape:
@@ -104,7 +108,8 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
       scaled = optimizer.scale_loss(loss) if mixed else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     return loss, grads, inference.probabilities(logits)
-  return forward_backward
+  return forward_backward if inline else tf.function(forward_backward,
+                                                     jit_compile=xla_mode == "on")
 
 
 def scores(probs, labels, classes) -> dict:

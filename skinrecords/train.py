@@ -39,6 +39,7 @@ from skinrecords import manifest
 from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
+from skinrecords import recipes
 from skinrecords import rundir
 from skinrecords import steps as steps_lib
 
@@ -70,6 +71,17 @@ class TrainConfig:
   # seed; it also forces tf.data's interleave and map into order (measured cost: BUILD_NOTES).
   deterministic: bool = False
   overwrite: bool = False  # start afresh in a model_dir holding another run, instead of refusing
+  # The recipe (recipes.py); the defaults are the recipe from before these fields existed.
+  optimizer: str = "adam"  # adam | adamw
+  weight_decay: float = 0.0  # adamw only (decoupled, biases and norm parameters excluded)
+  lr_schedule: str = "constant"  # constant | cosine, per training phase
+  warmup_steps: int = 0  # linear learning-rate warm-up at the start of each phase
+  lr_floor: float = 0.0  # cosine ends at learning_rate * lr_floor
+  loss: str = "bce"  # bce (binary or categorical cross-entropy) | focal
+  label_smoothing: float = 0.0
+  focal_gamma: float = 2.0
+  sync_batchnorm: bool = False  # BatchNorm statistics over all replicas and workers
+  early_stopping_patience: int = 0  # stop this many epochs after the best one; 0: never
 
   def validate(self) -> None:
     if self.balance not in BALANCE:
@@ -87,6 +99,7 @@ class TrainConfig:
                          "worker would cache only the files it happened to get; drop cache")
     if self.xla not in distribute.XLA_SETTINGS:
       raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(distribute.XLA_SETTINGS)}")
+    recipes.validate(self)
     self.model.validate()
     self.augment.validate()
 
@@ -122,11 +135,6 @@ def _selection(row: dict, has_valid: bool) -> tuple[str, float, float]:
   if math.isfinite(row["val_auc"]):
     return "val_auc", row["val_auc"], -row["val_loss"]
   return "val_loss", -row["val_loss"], 0.0
-
-
-def _make_optimizer(learning_rate: float, mixed: bool):
-  opt = keras.optimizers.Adam(learning_rate)
-  return keras.optimizers.LossScaleOptimizer(opt) if mixed else opt
 
 
 @dataclasses.dataclass
@@ -228,7 +236,12 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 def _resolve(config: TrainConfig, strategy) -> _Setup:
   mixed = distribute.use_mixed_precision(config.mixed_precision)
   devices = distribute.replica_devices(strategy)
-  xla_mode = distribute.resolve_xla(config.xla, devices, config.augment.enabled)
+  try:
+    xla_mode = recipes.xla_mode(config, distribute.resolve_xla(config.xla, devices,
+                                                               config.augment.enabled),
+                                strategy.num_replicas_in_sync)
+  except ValueError as err:
+    raise TrainError(str(err)) from err
   logging.info("XLA: %s (xla=%s on %s)", xla_mode, config.xla, ", ".join(devices))
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
   info = pipeline.load_info(config.records_dir)
@@ -239,13 +252,23 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
   has_valid = "valid" in info.shards if fold is None else True
   if not has_valid:
     logging.warning("no validation split: the best epoch is chosen by %s", SELECTION["loss"])
+  steps_per_epoch = config.steps_per_epoch or max(
+      1, info.num_examples("train", fold) // config.batch_size)
+  try:
+    recipes.check_warmup_fits(config, _phase_steps(config, steps_per_epoch))
+  except ValueError as err:
+    raise TrainError(str(err)) from err
   return _Setup(
       info=info, model_config=dataclasses.replace(config.model, num_classes=info.num_classes),
       mixed=mixed, xla_mode=xla_mode, class_counts=info.class_counts("train", fold),
-      class_weights=class_weights,
-      steps_per_epoch=config.steps_per_epoch or max(
-          1, info.num_examples("train", fold) // config.batch_size),
+      class_weights=class_weights, steps_per_epoch=steps_per_epoch,
       has_valid=has_valid, workers=distribute.num_workers(strategy))
+
+
+def _phase_steps(config: TrainConfig, steps_per_epoch: int) -> dict:
+  """Optimizer steps of the head-only warm-up and of the main phase (each has its optimizer)."""
+  return {"head-only warm-up": config.warmup_epochs * steps_per_epoch,
+          "training": (config.epochs - config.warmup_epochs) * steps_per_epoch}
 
 
 def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
@@ -269,9 +292,14 @@ def _build_state(config: TrainConfig, strategy, setup: _Setup) -> _State:
       if config.model.weights in ("imagenet", "none"):
         raise
       raise TrainError(f"--weights={config.model.weights} is not usable: {err}") from err
-    warm_opt = _make_optimizer(config.learning_rate, setup.mixed)
-    main_opt = _make_optimizer(config.fine_tune_learning_rate if config.warmup_epochs
-                               else config.learning_rate, setup.mixed)
+    if config.sync_batchnorm:
+      logging.info("synchronised BatchNorm: %d layers",
+                   recipes.synchronize_batchnorm(model, True))
+    warm_steps, main_steps = _phase_steps(config, setup.steps_per_epoch).values()
+    warm_opt = recipes.make_optimizer(config, config.learning_rate, warm_steps, setup.mixed)
+    main_opt = recipes.make_optimizer(
+        config, config.fine_tune_learning_rate if config.warmup_epochs else config.learning_rate,
+        main_steps, setup.mixed)
     # Optimizer slots are built here, not on the first apply: a mirrored variable created lazily
     # inside the traced step fails ("must feed a value for placeholder ... fn_with_cond").
     if config.warmup_epochs:
@@ -347,6 +375,10 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, itera
                                        max_to_keep=1)
   phase = steps = None
   for epoch in range(start, config.epochs):
+    if recipes.should_stop(config, epoch, int(state.best_epoch.numpy())):
+      logging.info("early stopping after epoch %d: no better epoch than %d in %d epochs", epoch,
+                   int(state.best_epoch.numpy()), config.early_stopping_patience)
+      break
     new_phase = "warmup" if epoch < config.warmup_epochs else "train"
     if new_phase != phase:
       phase = new_phase
@@ -415,6 +447,8 @@ def _summary(config: TrainConfig, state: _State, history: list, setup: _Setup,
           "best_epoch": best_epoch or None, "best_metrics": best, "selected_by": criterion,
           "selection_rule": SELECTION.get(criterion), "epochs_done": len(history),
           "epochs_planned": config.epochs, "epochs_this_run": max(0, len(history) - start),
+          "stopped_early": (len(history) < config.epochs
+                            and recipes.should_stop(config, len(history), best_epoch)),
           "fold": config.fold, "records_fingerprint": setup.info.fingerprint}
 
 

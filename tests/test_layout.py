@@ -19,7 +19,7 @@ STAGES = [
     {"records", "workers", "convert"},
     {"pipeline", "kaggle"},
     {"augment"},
-    {"models"},
+    {"backbones", "recipes", "models"},
     {"metrics", "plots", "rundir", "distribute", "data_service", "calibration", "submission"},
     {"inference", "steps", "train", "ensemble"},
     {"evaluate", "predict", "export", "explain"},

@@ -30,10 +30,12 @@ from skinrecords.cli import common as cli_common
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Folder written by make_records (or of "
                                    "SIIM-ISIC Kaggle .tfrec files).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Where the model, curves and logs go.")
-_BACKBONE = flags.DEFINE_enum("backbone", "densenet121", ["simple_cnn", "vgg16", "resnet50",
-                                                          "densenet121", "efficientnetv2s"],
-                              "Network: simple_cnn is the notebook's small CNN (CPU demos); the "
-                              "others come from keras.applications.")
+_BACKBONE = flags.DEFINE_string("backbone", "densenet121", "Network: simple_cnn (the notebook's "
+                                "small CNN, for CPU demos), vgg16, resnet50, densenet121, "
+                                "efficientnetv2s, or any keras.applications constructor by name "
+                                "(EfficientNetB0..B7, EfficientNetV2B0..L, ConvNeXtTiny..XLarge, "
+                                "ResNet50V2, Xception, InceptionV3, MobileNetV3Large, ...), each "
+                                "with its own ImageNet preprocessing inside the model.")
 _WEIGHTS = flags.DEFINE_string("weights", "auto", "auto (imagenet for the keras.applications "
                                "backbones, none for simple_cnn), imagenet, none, or a path to a "
                                "weights file (.weights.h5/.h5/.keras). Offline, imagenet needs the "
@@ -99,6 +101,28 @@ _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Start afresh in a --model
                                   "instead of refusing; without it a matching run is resumed.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
+# Training recipe (skinrecords/recipes.py); the defaults are the recipe from before these flags.
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", ["adam", "adamw"], "adamw: decoupled weight "
+                               "decay (--weight_decay; biases and norm parameters not decayed).")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay, e.g. 0.05; needs "
+                                   "--optimizer=adamw.")
+_LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"],
+                                 "Learning rate over each phase (head-only warm-up, then training): "
+                                 "constant, or cosine down to --lr_floor x the learning rate.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear learning-rate warm-up over this "
+                                     "many optimizer steps at the start of each phase.")
+_LR_FLOOR = flags.DEFINE_float("lr_floor", 0.0, "Where the cosine schedule ends, as a fraction of "
+                               "the learning rate, in [0, 1).")
+_LOSS = flags.DEFINE_enum("loss", "bce", ["bce", "focal"], "bce: cross-entropy (binary, or "
+                          "categorical with more classes); focal: focal loss (--focal_gamma).")
+_LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing in [0, 1) for "
+                                      "either loss (validation loss stays unsmoothed).")
+_FOCAL_GAMMA = flags.DEFINE_float("focal_gamma", 2.0, "Focusing parameter of --loss=focal (0: "
+                                  "cross-entropy).")
+_SYNC_BN = flags.DEFINE_boolean("sync_batchnorm", False, "BatchNorm statistics over the global "
+                                "batch (all replicas and workers), for small per-replica batches.")
+_PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs "
+                                 "without a better epoch than the saved one; 0: never.")
 # Augmentation: defaults reproduce the notebook's ImageDataGenerator.
 _AUGMENT = flags.DEFINE_boolean("augment", True, "On-device augmentation (off: none at all).")
 _HFLIP = flags.DEFINE_boolean("horizontal_flip", True, "Random left-right flips.")
@@ -118,6 +142,8 @@ _SAT = flags.DEFINE_float("saturation", 0.0, "Saturation factor in [1-s, 1+s] (0
 _HUE = flags.DEFINE_float("hue", 0.0, "Max hue delta as a fraction of the circle (0: off).")
 
 flags.mark_flags_as_required(["records_dir", "model_dir"])
+_RECIPE_FLAGS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
+                 "label_smoothing", "focal_gamma", "early_stopping_patience")
 
 
 def _fold():
@@ -167,7 +193,11 @@ def _config():
       fold=None if fold == "all" else fold, balance=_BALANCE.value, seed=_SEED.value,
       cache=_CACHE.value,
       progress=_PROGRESS.value, data_service=_DATA_SERVICE.value,
-      deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value)
+      deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value,
+      optimizer=_OPTIMIZER.value, weight_decay=_WEIGHT_DECAY.value,
+      lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value, lr_floor=_LR_FLOOR.value,
+      loss=_LOSS.value, label_smoothing=_LABEL_SMOOTHING.value, focal_gamma=_FOCAL_GAMMA.value,
+      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value)
   try:
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
@@ -175,7 +205,8 @@ def _config():
       cv.fold_ids(info)
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
-    raise app.UsageError(cli_common.as_flags(str(err), ("fold", "oof_tta"))) from err
+    raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
+                                             _RECIPE_FLAGS + ("fold", "oof_tta"))) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -212,7 +243,10 @@ def _final_line(result: dict) -> str:
                     if m.get(k) is not None)
   by = {"val_auc": "validation AUC", "val_loss": "validation loss (AUC undefined)",
         "loss": "training loss (no validation split)"}.get(result["selected_by"], "-")
-  return (f"model.keras holds epoch {epoch} of {result['epochs_done']} (best by {by}): {shown}\n"
+  stop = (f"; stopped early after epoch {result['epochs_done']} (--early_stopping_patience)"
+          if result.get("stopped_early") else "")
+  return (f"model.keras holds epoch {epoch} of {result['epochs_done']} (best by {by}){stop}: "
+          f"{shown}\n"
           f"run files in {result['model_dir']}: config.json, history.csv, summary.json, "
           "accuracy/loss/auc.png, logs/")
 
@@ -262,12 +296,15 @@ def main(argv):
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError, FileNotFoundError) as err:
-    print(f"train: {err}", file=sys.stderr)
+    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS)}", file=sys.stderr)
     return 2
   if not result["chief"]:
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
     return 0
-  if result["epochs_this_run"] == 0:
+  if result["epochs_this_run"] == 0 and result.get("stopped_early"):
+    print(f"{config.model_dir} stopped early after {result['epochs_done']} epochs; nothing to "
+          "train (raise --early_stopping_patience to continue, or --overwrite)")
+  elif result["epochs_this_run"] == 0:
     print(f"{config.model_dir} already holds all {result['epochs_done']} epochs; nothing to train "
           "(raise --epochs to continue, or --overwrite to start afresh)")
   print(_final_line(result))
