@@ -21,6 +21,7 @@ from typing import Sequence
 
 import keras
 
+from skinrecords import fileio
 from skinrecords import backbones as backbones_lib
 # The ImageNet weight files live with the backbone table; these names are part of models' API.
 from skinrecords.backbones import IMAGENET_FILES  # pylint: disable=unused-import
@@ -190,7 +191,7 @@ def _initial_bias(num_classes: int, class_counts: Sequence[int] | None) -> list[
 
 def _load_weights_file(model: keras.Model, path: str) -> None:
   """Loads a whole-model file, or failing that a backbone-only file (e.g. a *_notop.h5)."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise WeightsUnavailableError(f"weights file {path!r} does not exist; pass an existing "
                                   f"{'/'.join(_WEIGHT_SUFFIXES)} file, 'imagenet' or 'none'.")
   try:
