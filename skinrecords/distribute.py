@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import stat
@@ -154,14 +153,6 @@ class ChiefOutputDir:
       if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():  # lstat: never follow a link
         _remove_quietly(stale)
     self.dir = tempfile.mkdtemp(prefix=prefix)
-
-  @property
-  def path(self) -> pathlib.Path:
-    """`dir` as a pathlib.Path, for callers not yet on `join` (train.py); local folders only."""
-    if fileio.is_remote(self.dir):
-      raise ValueError(f"{self.dir}: a remote folder has no pathlib.Path; use ChiefOutputDir.dir "
-                       "and .join(name)")
-    return pathlib.Path(self.dir)
 
   def join(self, *names: str) -> str:
     return fileio.join(self.dir, *names)

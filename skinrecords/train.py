@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
 
 import keras
 import numpy as np
@@ -35,6 +34,7 @@ from tensorflow.python.framework import config as tf_framework_config
 from skinrecords import augment
 from skinrecords import data_service
 from skinrecords import distribute
+from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import models
 from skinrecords import pipeline
@@ -205,16 +205,16 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   run_config = _run_config(config, strategy, setup)
   if config.overwrite:
     if out.chief:
-      rundir.clear(out.path)
+      rundir.clear(out.dir)
   else:
     rundir.check_resumable(config.model_dir, run_config)
   state = _build_state(config, strategy, setup)
   start = 0 if config.overwrite else _restore(config, strategy, state, setup.workers)
-  history = rundir.read_history(out.path, start) if out.chief else []
+  history = rundir.read_history(out.dir, start) if out.chief else []
   if start >= config.epochs:
     return _already_done(config, start, state, history, setup, out.chief)
   if out.chief:
-    rundir.write_config(out.path, run_config)
+    rundir.write_config(out.dir, run_config)
   iterator, valid = _inputs(config, strategy, setup, start)
   _fit(config, strategy, setup, state, out, iterator, valid, history, start)
   digest = distribute.weights_digest(state.model.get_weights())
@@ -222,7 +222,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   result = _summary(config, state, history, setup, start)
   result.update(final_weights_sha256=digest, chief=out.chief)
   if out.chief:
-    rundir.write_summary(out.path, result)
+    rundir.write_summary(out.dir, result)
   # Measured with 2 workers on one host: destroying the training iterator blocked 0-10 s in a
   # tf.data thread join on one worker or the other. Destroy it here, then wait for every worker,
   # so that no worker leaves the cluster while another still needs it (the one left behind logs
@@ -319,7 +319,7 @@ def _build_state(config: TrainConfig, strategy, setup: _Setup) -> _State:
 
 def _restore(config: TrainConfig, strategy, state: _State, workers: int) -> int:
   """Restores the chief's backup if there is one; returns the number of epochs already done."""
-  latest = tf.train.latest_checkpoint(str(pathlib.Path(config.model_dir) / rundir.BACKUP_DIR))
+  latest = tf.train.latest_checkpoint(fileio.join(config.model_dir, rundir.BACKUP_DIR))
   if latest:
     try:
       state.checkpoint.restore(latest).expect_partial()
@@ -357,7 +357,7 @@ def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
                 balance="oversample" if config.balance == "oversample" else None,
                 cache=config.cache)
   # With a tf.data service, one job per run and resumed epoch, shared by all trainers.
-  job = (f"{pathlib.Path(config.model_dir).resolve()}|{info.records_dir}|{fold}|{config.seed}|"
+  job = (f"{fileio.canonical(config.model_dir)}|{info.records_dir}|{fold}|{config.seed}|"
          f"{start}")
   iterator = iter(distribute.train_input(strategy, info, config.batch_size, config.data_service,
                                          job, **kwargs))
@@ -368,10 +368,10 @@ def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
 
 def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, iterator, valid,
          history: list, start: int) -> None:
-  writer = tf.summary.create_file_writer(str(out.path / rundir.LOGS_DIR)) if out.chief else None
+  writer = tf.summary.create_file_writer(out.join(rundir.LOGS_DIR)) if out.chief else None
   # Saves go to this process's folder (a temporary one off the chief); restores always read the
   # chief's backup (_restore), so every worker resumes from the same state.
-  manager = tf.train.CheckpointManager(state.checkpoint, str(out.path / rundir.BACKUP_DIR),
+  manager = tf.train.CheckpointManager(state.checkpoint, out.join(rundir.BACKUP_DIR),
                                        max_to_keep=1)
   phase = steps = None
   for epoch in range(start, config.epochs):
@@ -420,19 +420,19 @@ def _save_epoch(config: TrainConfig, state: _State, out, history, improved: bool
   manager, writer = savers
   row = history[-1]
   if out.chief:
-    if improved or not (out.path / rundir.MODEL_FILE).exists():
-      rundir.save_model(state.model, out.path)
+    if improved or not fileio.exists(out.join(rundir.MODEL_FILE)):
+      rundir.save_model(state.model, out.dir)
     # History before the backup: a kill in between leaves a row that the resumed run drops.
-    rundir.write_history(out.path, history)
+    rundir.write_history(out.dir, history)
   state.epoch.assign(int(row["epoch"]))
   manager.save()  # on every worker: saving takes part in collectives
   if out.chief:
-    rundir.write_summary(out.path, _summary(config, state, history, setup, start))
+    rundir.write_summary(out.dir, _summary(config, state, history, setup, start))
     with writer.as_default(step=int(row["epoch"])):
       for k, v in row.items():
         if isinstance(v, float):
           tf.summary.scalar(k, v)
-    plots.plot_history(history, out.path)
+    plots.plot_history(history, out.dir)
 
 
 def _summary(config: TrainConfig, state: _State, history: list, setup: _Setup,

@@ -150,9 +150,6 @@ _DIRECT_FILE_ACCESS = {
     "labels": "reads the labels CSV that lives with the local input images",
     "synthetic": "writes synthetic input images for make_records (local by design)",
     "backbones": "the ~/.keras weights cache (local by design)",
-    "distribute": "ChiefOutputDir.path (local only) until train.py uses .dir / .join (issue 12)",
-    # Not converted yet (issue 12, second half): they still build user paths with pathlib.
-    "train": "issue 12, to convert",
 }
 _FILE_CALLS = {
     "open", "os.path.exists", "os.path.lexists", "os.path.isfile", "os.path.isdir",

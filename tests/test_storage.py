@@ -6,6 +6,7 @@ process, so the end-to-end parts here are library calls in the test process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import tensorflow as tf
 
 from conftest import REPO, bin_env, run_bin
 from test_kaggle import write_kaggle
+from skinrecords import augment
 from skinrecords import convert
 from skinrecords import distribute
 from skinrecords import export
@@ -272,8 +274,6 @@ def test_figures_and_chief_output_dir_on_a_remote_folder():
   d = _ram("plots")
   out = distribute.ChiefOutputDir(d, chief=True)
   assert out.dir == d and fileio.isdir(d)
-  with pytest.raises(ValueError, match="remote"):
-    _ = out.path  # pathlib would silently write to a local "ram:" folder
   written = plots.plot_history([{"epoch": e, "loss": 1.0 / e, "val_loss": 1.5 / e,
                                  "accuracy": 0.5, "val_accuracy": 0.5, "auc": 0.6,
                                  "val_auc": float("nan")} for e in (1, 2)], out.dir)
@@ -303,3 +303,48 @@ def test_make_records_command_with_an_unknown_file_system(images):
                  "--image_size=32", "--noprogress", check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "nosuchfs://b/records" in proc.stderr and "tensorflow-io" in proc.stderr
+
+
+def test_cross_validation_evaluate_and_predict_on_remote_folders(images):
+  """Issue 12's end-to-end run with ram:// everywhere: records, a CV run (fold run directories,
+  backups, logs, oof.csv), a resumed fold, the ensemble's evaluation (with its ISIC truth CSV)
+  and an ISIC submission file."""
+  from skinrecords import cv, evaluate, models, predict, train  # pylint: disable=g-import-not-at-top
+
+  records, runs = _ram("cv-records"), _ram("cv-runs")
+  convert.convert(_config(images, records, folds=2, split=(0.75, 0.0, 0.25)))
+  config = train.TrainConfig(
+      records_dir=records, model_dir=runs, progress=False, strategy="one_device", epochs=1,
+      batch_size=4, steps_per_epoch=2, learning_rate=1e-3, augment=augment.AugmentConfig.none(),
+      model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=SIZE))
+  m = cv.run_cv(config, echo=lambda line: None)
+  assert [f["fold"] for f in m["folds"]] == [0, 1]
+  assert rundir.cv_fold_dirs(runs) == [rundir.fold_dir(runs, 0), rundir.fold_dir(runs, 1)]
+  for fold_dir in rundir.cv_fold_dirs(runs):
+    assert {"model.keras", "config.json", "history.csv", "summary.json", "backup",
+            "logs"} <= set(fileio.listdir(fold_dir))
+  oof = fileio.read_text(fileio.join(runs, rundir.OOF_FILE)).splitlines()
+  assert len(oof) - 1 == pipeline.load_info(records).num_examples("train")
+  assert json.loads(fileio.read_text(fileio.join(runs, rundir.CV_METRICS_FILE)))["folds"]
+
+  # One more epoch: each fold resumes from its backup on ram://.
+  m = cv.run_cv(dataclasses.replace(config, epochs=2), echo=lambda line: None)
+  for fold_dir in rundir.cv_fold_dirs(runs):
+    history = fileio.read_text(fileio.join(fold_dir, rundir.HISTORY_FILE)).splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
+    summary = json.loads(fileio.read_text(fileio.join(fold_dir, rundir.SUMMARY_FILE)))
+    assert summary["epochs_this_run"] == 1, "epoch 1 came from the backup, not retrained"
+
+  out, truth, preds = fileio.join(runs, "eval"), _ram("truth.csv"), _ram("pred.csv")
+  result = evaluate.evaluate(evaluate.EvalConfig(
+      model_dir=runs, split="test", output_dir=out, bootstrap=10, isic_truth_csv=truth))
+  assert result["ensemble"]["members"] == rundir.cv_fold_dirs(runs)
+  metrics = json.loads(fileio.read_text(fileio.join(out, "metrics.json")))
+  assert metrics["n"] == pipeline.load_info(records).num_examples("test")
+  assert {"report.txt", "predictions.csv", "roc.png", "calibration.png"} <= set(
+      fileio.listdir(out))
+  rows, _, _ = predict.run(predict.PredictConfig(
+      model_dir=runs, records_dir=records, split="test", output_csv=preds, format="isic"))
+  lines = fileio.read_text(preds).splitlines()
+  assert lines[0] == "image,NotMelanoma,Melanoma" and len(lines) == len(rows) + 1
+  assert len(fileio.read_text(truth).splitlines()) == len(lines)
