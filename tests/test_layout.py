@@ -21,7 +21,7 @@ STAGES = [
     {"augment"},
     {"models"},
     {"metrics", "plots", "rundir", "distribute", "data_service"},
-    {"inference", "steps", "train"},
+    {"inference", "steps", "train", "selection"},
     {"evaluate", "predict", "export", "explain"},
 ]
 
