@@ -6,6 +6,7 @@ printed; each ratio, median and projection is the one computed from the rates pr
 (to their printed rounding); each verdict is PASS exactly when its printed value meets its target;
 the rates count the images processed; the work folder is removed (or kept with --keep).
 """
+# pylint: disable=protected-access
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _bench_input_parts(**namespace) -> types.SimpleNamespace:
     if isinstance(node, ast.Assign) and node.targets[0].id in ("_LABELS", "_TARGETS"):
       parts[node.targets[0].id] = ast.literal_eval(node.value)
     elif isinstance(node, ast.FunctionDef) and node.name == "_time":
-      exec(compile(ast.Module([node], []), str(_INPUT_PY), "exec"), namespace)  # pylint: disable=exec-used
+      code = compile(ast.Module([node], []), str(_INPUT_PY), "exec")
+      exec(code, namespace)  # pylint: disable=exec-used
       parts["_time"] = namespace["_time"]
   return types.SimpleNamespace(**parts)
 
@@ -112,7 +114,7 @@ def _check_input_report(out: str, num_images: int, image_size: int) -> dict:
   assert out.startswith(f"{num_images} synthetic {image_size}x{image_size} JPEGs"), out
   lines = out.splitlines()
   rates = {}
-  for key, label in _bench_input_parts()._LABELS.items():  # pylint: disable=protected-access
+  for key, label in _bench_input_parts()._LABELS.items():
     row = next((line for line in lines if line.startswith(label)), None)
     assert row, f"row {label!r} missing from:\n{out}"
     if key == "1" and row.endswith("n/a (pip install -e .[bench])"):
@@ -121,7 +123,7 @@ def _check_input_report(out: str, num_images: int, image_size: int) -> dict:
     assert found and float(found[1]) > 0 and float(found[2]) > 0, row
     rates[key] = (float(found[1]), float(found[2]))
   verdicts = _verdicts(out)
-  targets = _bench_input_parts()._TARGETS  # pylint: disable=protected-access
+  targets = _bench_input_parts()._TARGETS
   assert [v.split()[1] for v in verdicts] == [t[0].split()[0] for t in targets], out
   for line, (name, num_key, den_key, target, _) in zip(verdicts, targets):
     if num_key not in rates or den_key not in rates:
@@ -189,7 +191,7 @@ def test_rates_count_the_images_each_timed_call_returns():
   clock = {"wall": 0.0, "cpu": 0.0}
   fake_time = types.SimpleNamespace(perf_counter=lambda: clock["wall"],
                                     process_time=lambda: clock["cpu"])
-  time_fn = _bench_input_parts(time=fake_time)._time  # pylint: disable=protected-access
+  time_fn = _bench_input_parts(time=fake_time)._time
   sizes = iter([100, 100, 8, 8, 5])  # two warm-up batches, then three timed ones
 
   def next_batch():
@@ -212,7 +214,7 @@ def test_hair_report_rows_and_verdicts_follow_the_scores(capsys):
     column = list(bench_hair.METHODS).index(method)
     for metric, value in row.items():
       line = next(l for l in lines if l.startswith(metric))
-      assert line[34:].split()[column] == bench_hair._fmt(value), (metric, method)  # pylint: disable=protected-access
+      assert line[34:].split()[column] == bench_hair._fmt(value), (metric, method)
     before, after = map(int, row["dots/globules before/after"].split("/"))
     assert row["dots/globules kept"] == after / max(before, 1)
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall (all hair)"] <= 1
@@ -232,7 +234,7 @@ def test_hair_verdicts_meet_targets_inclusively():
 def test_report_checks_on_saved_style_output_catch_a_wrong_ratio():
   """The checkers themselves can fail: a ratio that is not the quotient of its rates is caught."""
   rows = "\n".join(f"{label:68s} {100.0:9.1f} {50.0:9.1f}"
-                   for label in _bench_input_parts()._LABELS.values())  # pylint: disable=protected-access
+                   for label in _bench_input_parts()._LABELS.values())
   head = "16 synthetic 64x64 JPEGs (stored: mean 2 KB) prepared in 1.0 s under /x\n\n"
   good = (f"{head}{rows}\n\nverdicts\nPASS  (3)/(5) >= 0.95 (x): 1.00 [1.00]\n"
           "MISS  aug ours/Keras >= 30 (x): 1.00 [1.00]\nMISS  (4)/(1) >= 20 (x): 1.00 [1.00]")

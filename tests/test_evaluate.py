@@ -471,7 +471,8 @@ def _fold_names(records_dir: pathlib.Path, fold: int) -> dict[str, int]:
   for shard in shards:
     for raw in tf.data.TFRecordDataset(str(records_dir / shard["file"])):
       feature = tf.train.Example.FromString(raw.numpy()).features.feature
-      out[feature["image_name"].bytes_list.value[0].decode()] = feature["target"].int64_list.value[0]
+      name = feature["image_name"].bytes_list.value[0].decode()
+      out[name] = feature["target"].int64_list.value[0]
     assert sum(1 for _ in tf.data.TFRecordDataset(str(records_dir / shard["file"]))) == \
         shard["num_examples"]
   return out

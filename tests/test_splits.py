@@ -1,4 +1,5 @@
 """Tests for skinrecords.splits: fractions, stratified (grouped) splits and folds."""
+# pylint: disable=protected-access
 
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def test_fraction_errors_show_the_fractions_as_given():
 
 def test_unknown_patients_never_share_a_group_with_a_known_one():
   # Index 1 and 0 are where an off-by-one in the unknowns' codes would hit the known ids 0 and 1.
-  _, dense = splits._as_arrays([0] * 6, ["", "", "B", "B", "C", ""])  # pylint: disable=protected-access
+  _, dense = splits._as_arrays([0] * 6, ["", "", "B", "B", "C", ""])
   assert dense[2] == dense[3]
   assert len({dense[0], dense[1], dense[2], dense[4], dense[5]}) == 5
 
@@ -194,7 +195,7 @@ def test_rounding_slack_never_reaches_a_closed_split():
   the floors with no fractional part to round up; they go to splits that have a share."""
   fractions = np.array(splits.check_fractions((0.5, 0.4999995, 0.0)))
   for seed in range(6):
-    counts = splits._round_counts(  # pylint: disable=protected-access
+    counts = splits._round_counts(
         np.array([4_000_000, 7]), fractions, np.random.default_rng(seed))
     assert counts.sum(axis=1).tolist() == [4_000_000, 7]
     assert counts[:, 2].tolist() == [0, 0]

@@ -11,7 +11,7 @@ children=${3:-1}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 declare -A TESTS=(
   [splits]='"tests/test_splits.py"'
-  [metrics]='"tests/test_metrics.py"'
+  [metrics]='"tests/test_metrics.py", "tests/test_evaluate.py::test_youden_threshold_hand_made", "tests/test_evaluate.py::test_compute_metrics_equal_sklearn_and_collapse"'
   [selection]='"tests/test_selection.py"'
   [pipeline]='"tests/test_pipeline.py"'
 )
