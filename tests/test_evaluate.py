@@ -505,6 +505,11 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
   assert m["threshold"] == pytest.approx(metrics.youden_threshold(probs, labels), abs=1e-6)
   assert m["threshold_source"].startswith(f"Youden's J on {len(rows)} valid fold 1 predictions")
   assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs), abs=1e-6)
+  report = (out / "report.txt").read_text()  # the report's numbers are metrics.json's
+  assert f"valid split (fold 1) of {records}: {m['n']} images" in report
+  assert f"ROC AUC: {m['roc_auc']:.4f}" in report
+  assert f"accuracy {'':>9} {'':>9} {m['accuracy']:>9.4f} {m['n']:>9d}" in report
+  assert f"threshold: P(b) >= {m['threshold']:.6g} (Youden's J on {m['n']} valid fold 1" in report
   # The threshold of another fold differs, so taking it from the wrong fold would show above.
   model, _ = rundir.load_model_dir(tmp_path / "m")
   other, other_labels, _ = inference.predict_dataset(model, pipeline.make_dataset(

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One-off mutation run (issue 14) of one skinrecords module against its fast tests; not part of CI.
-#   tools/mutation/run.sh MODULE [PROCESS_ISOLATION] [MAX_CHILDREN]
-# MODULE is splits, metrics, pipeline or selection (TESTS below). The checkout is copied to
+#   tools/mutation/run.sh MODULE [MUTANT_GLOB ...]
+# MODULE is splits, metrics, pipeline or selection (TESTS below); MUTANT_GLOBs restrict the run to
+# some functions, e.g. 'skinrecords.pipeline.x__check__mutmut_*'. Environment: ISOLATION (fork |
+# forkserver, default fork), CHILDREN (parallel mutants, default 1). The checkout is copied to
 # $MUT_ROOT/MODULE (default /tmp/skinrecords-mutation) with a pyproject.toml holding the mutmut
 # config, so setup.cfg and the checkout stay untouched. Results: MUT_ROOT/MODULE/results.txt.
 set -euo pipefail
-module=${1:?usage: run.sh MODULE [fork|forkserver] [max_children]}
-isolation=${2:-fork}
-children=${3:-1}
+module=${1:?usage: run.sh MODULE [MUTANT_GLOB ...]}
+shift
+isolation=${ISOLATION:-fork}
+children=${CHILDREN:-1}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 declare -A TESTS=(
   [splits]='"tests/test_splits.py"'
@@ -30,7 +33,7 @@ process_isolation = "$isolation"
 TOML
 cd "$work"
 start=$(date +%s)
-nice -n 10 mutmut run --max-children "$children" > run.log 2>&1 || true
+nice -n 10 mutmut run --max-children "$children" "$@" > run.log 2>&1 || true
 mutmut results --all true > results.txt 2>&1 || mutmut results > results.txt 2>&1 || true
 echo "$module: $(( $(date +%s) - start )) s"
 python "$repo/tools/mutation/score.py" results.txt
