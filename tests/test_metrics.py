@@ -389,3 +389,89 @@ def test_undefined_aucs_and_cis_are_named_in_the_report():
       "ROC AUC: undefined (one class present) 95% CI undefined",
       "PR AUC (average precision): undefined (one class present) 95% CI undefined"]
   assert not any("operating points" in line for line in lines)
+
+
+# ------------------------------------------------- boundaries found by mutation testing (metrics)
+
+
+def test_boundaries_a_threshold_hit_99_percent_and_two_predictions():
+  m = metrics.compute_metrics([0.5, 0.49, 0.8, 0.2], [1, 1, 0, 0], BINARY, 0.5, bootstrap=0)
+  assert m["predicted_counts"] == {"NotMelanoma": 2, "Melanoma": 2}  # 0.5 >= 0.5 is positive
+  assert m["confusion_matrix"] == [[1, 1], [1, 1]]
+  probs = np.r_[np.full(99, 0.9), 0.1]  # exactly 99 % in one class: collapsed
+  assert metrics.compute_metrics(probs, [0, 1] * 50, BINARY, 0.5, bootstrap=0)["collapsed"]
+  two = metrics.compute_metrics([0.9, 0.8], [0, 1], BINARY, 0.5, bootstrap=0)
+  assert two["collapsed"] and two["warning"].startswith("2 of 2 predictions (100.0%)")
+  assert not metrics.compute_metrics([0.9], [1], BINARY, 0.5, bootstrap=0)["collapsed"]
+
+
+@pytest.mark.parametrize("probs,labels,message", [
+    ([], [], r"^no predictions to evaluate \(the split is empty\)$"),
+    ([0.1, 0.2, 0.3], [0, 1], r"^probabilities of shape \(3,\) do not fit 2 labels and 2 classes$"),
+    ([0.1, np.inf], [0, 1], r"^1 of 2 probabilities are NaN or infinite: the model's weights have "
+                            r"diverged$"),
+    ([0.1, 0.2], [0, 2], r"^labels range over \[0, 2\] but there are 2 classes "
+                         r"\['NotMelanoma', 'Melanoma'\]$"),
+    ([0.1, 0.2], [-1, 1], r"^labels range over \[-1, 1\]"),
+])
+def test_unusable_predictions_are_refused_naming_the_problem(probs, labels, message):
+  with pytest.raises(ValueError, match=message):
+    metrics.compute_metrics(probs, labels, BINARY, 0.5, bootstrap=0)
+
+
+def test_single_class_splits_leave_the_missing_rate_undefined():
+  positives = metrics.compute_metrics([0.2, 0.7, 0.9], [1, 1, 1], BINARY, 0.5, bootstrap=0)
+  negatives = metrics.compute_metrics([0.2, 0.7, 0.9], [0, 0, 0], BINARY, 0.5, bootstrap=0)
+  assert (positives["sensitivity"], positives["specificity"]) == (2 / 3, None)
+  assert negatives["sensitivity"] is None and negatives["specificity"] == pytest.approx(1 / 3)
+  report = metrics.format_report(positives)
+  assert "WARNING" not in report  # "absent class" warnings are for more than two classes
+
+
+def test_multiclass_aucs_with_a_singleton_class_and_with_one_class():
+  p = np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1],
+                [0.1, 0.2, 0.7]])
+  m = metrics.compute_metrics(p, [0, 0, 1, 1, 2], ["a", "b", "c"], None, bootstrap=0)
+  assert m["roc_auc_per_class"] == {"a": 1.0, "b": 1.0, "c": 1.0}  # c has one image: still scored
+  one = metrics.compute_metrics(p, [0] * 5, ["a", "b", "c"], None, bootstrap=0)
+  assert one["roc_auc"] is None and one["roc_auc_per_class"] == {}
+  report = metrics.format_report(one)
+  assert report.endswith("WARNING: no image of class 'b', 'c' in this split: its AUCs are "
+                         "undefined and the macro averages cover the other 1 classes only.")
+
+
+def test_an_operating_point_reached_only_by_predicting_nothing_has_no_threshold():
+  # The top score is a negative, so specificity 0.80 of 4 negatives needs FPR 0: only "nothing
+  # positive" (roc_curve's threshold +inf) reaches it; JSON has no infinity.
+  m = metrics.compute_metrics([0.9, 0.3, 0.2, 0.1, 0.8, 0.7], [0, 0, 0, 0, 1, 1], BINARY, 0.5,
+                              bootstrap=0)
+  point = m["operating_points"][0]
+  assert point == {"constraint": "specificity >= 0.80", "sensitivity": 0.0, "specificity": 1.0,
+                   "threshold": None}
+  json.dumps(m, allow_nan=False)
+  row = next(line for line in metrics.format_report(m).splitlines()
+             if "specificity >= 0.80" in line)
+  assert row.split() == ["specificity", ">=", "0.80", "0.0000", "1.0000", "none"]
+
+
+def test_auc_above_sensitivity_accepts_one_and_refuses_above():
+  assert metrics.auc_above_sensitivity([0.1, 0.9], [0, 1], 1.0) == pytest.approx(1.0)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match=rf"min_sensitivity must be in \(0, 1\]; got {bad}"):
+      metrics.auc_above_sensitivity([0.1, 0.9], [0, 1], bad)
+
+
+def test_report_head_without_a_fold_or_a_threshold_source():
+  m = metrics.compute_metrics(_HAND_PROBS, _HAND_LABELS, BINARY, 0.5, bootstrap=0)
+  m.update(records_dir="/r", split="test", fold=None, model_dir="/m", tta=8)
+  lines = metrics.format_report(m).splitlines()
+  assert lines[0] == "test split of /r: 9 images, model /m, TTA 8"
+  assert "threshold: P(Melanoma) >= 0.5" in lines
+
+
+def test_one_defined_fold_has_no_spread():
+  s = metrics.summarize_folds([{"roc_auc": 0.8}, {"roc_auc": None}])
+  assert s["roc_auc"] == {"mean": 0.8, "std": None, "n": 1, "values": [0.8, None]}
+  assert metrics.format_folds(s).splitlines()[1] == f"  {'roc_auc':<36} 0.8000  (1 folds)"
+  with pytest.raises(ValueError, match="^no fold metrics to summarize$"):
+    metrics.summarize_folds([])
