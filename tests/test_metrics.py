@@ -423,6 +423,10 @@ def test_single_class_splits_leave_the_missing_rate_undefined():
   positives = metrics.compute_metrics([0.2, 0.7, 0.9], [1, 1, 1], BINARY, 0.5, bootstrap=0)
   negatives = metrics.compute_metrics([0.2, 0.7, 0.9], [0, 0, 0], BINARY, 0.5, bootstrap=0)
   assert (positives["sensitivity"], positives["specificity"]) == (2 / 3, None)
+  assert positives["roc_auc"] is None and positives["pr_auc"] is None  # keys kept for JSON readers
+  # A class never predicted still has its count (0), so every class is a key.
+  low = metrics.compute_metrics([0.1, 0.2, 0.3], [0, 1, 0], BINARY, 0.5, bootstrap=0)
+  assert low["predicted_counts"] == {"NotMelanoma": 3, "Melanoma": 0}
   assert negatives["sensitivity"] is None and negatives["specificity"] == pytest.approx(1 / 3)
   report = metrics.format_report(positives)
   assert "WARNING" not in report  # "absent class" warnings are for more than two classes
