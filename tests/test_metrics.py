@@ -403,6 +403,7 @@ def test_boundaries_a_threshold_hit_99_percent_and_two_predictions():
   two = metrics.compute_metrics([0.9, 0.8], [0, 1], BINARY, 0.5, bootstrap=0)
   assert two["collapsed"] and two["warning"].startswith("2 of 2 predictions (100.0%)")
   assert not metrics.compute_metrics([0.9], [1], BINARY, 0.5, bootstrap=0)["collapsed"]
+  assert metrics.compute_metrics([0.5, 0.2], [1, 0], BINARY, bootstrap=0)["threshold"] == 0.5
 
 
 @pytest.mark.parametrize("probs,labels,message", [
