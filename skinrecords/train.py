@@ -41,6 +41,7 @@ from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import recipes
 from skinrecords import rundir
+from skinrecords import selection
 from skinrecords import steps as steps_lib
 
 BALANCE = ("none", "oversample", "class_weights")
@@ -113,28 +114,13 @@ class TrainError(RuntimeError):
   """A run that cannot go on for a reason the user can fix; the message says how, in one line."""
 
 
-# How the epoch saved as model.keras is chosen, by what the run has. Ties on validation AUC are
-# common on small or easy validation sets (80 synthetic images reached AUC 1.000 by epoch 4 of 10),
-# and keeping the FIRST such epoch kept models whose probabilities were well ranked but sat on one
-# side of 0.5 (val_loss 0.60, test accuracy 0.50-0.64: issue 15); the later epoch with the lower
-# validation loss wins a tie instead.
-SELECTION = {
-    "val_auc": "validation ROC AUC; a later epoch with equal AUC and lower validation loss wins",
-    "val_loss": "validation loss, because the validation AUC is undefined (the validation split "
-                "holds a single class)",
-    "loss": "training loss, because there is no validation split (e.g. Kaggle files without "
-            "--fold); the saved epoch may overfit",
-}
+SELECTION = selection.SELECTION
 _METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
 
 
-def _selection(row: dict, has_valid: bool) -> tuple[str, float, float]:
-  """(criterion, score, tie-break): higher is better for both."""
-  if not has_valid:
-    return "loss", -row["loss"], 0.0
-  if math.isfinite(row["val_auc"]):
-    return "val_auc", row["val_auc"], -row["val_loss"]
-  return "val_loss", -row["val_loss"], 0.0
+# The selection rule lives in selection.py (pure, mutation-tested); these names stay for callers.
+_selection = selection.criterion
+_update_best = selection.update_best
 
 
 @dataclasses.dataclass
@@ -396,22 +382,6 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, itera
                  " (best so far, saved)" if improved else "")
   if writer:
     writer.close()
-
-
-def _update_best(state: _State, row: dict, epoch: int, has_valid: bool, first: bool) -> bool:
-  """Whether this epoch beats the best so far (SELECTION); records it in the checkpointed state.
-  Every worker gathered the same predictions, so every worker takes the same decision."""
-  criterion, score, tiebreak = _selection(row, has_valid)
-  if first and criterion == "val_loss":
-    logging.warning("validation AUC is undefined: the best epoch is chosen by %s",
-                    SELECTION["val_loss"])
-  best, best_tb = float(state.best.numpy()), float(state.best_tiebreak.numpy())
-  improved = bool(np.isfinite(score) and (score > best or (score == best and tiebreak > best_tb)))
-  if improved:
-    state.best.assign(score)
-    state.best_tiebreak.assign(tiebreak)
-    state.best_epoch.assign(epoch + 1)
-  return improved
 
 
 def _save_epoch(config: TrainConfig, state: _State, out, history, improved: bool, savers,

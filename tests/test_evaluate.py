@@ -28,6 +28,7 @@ from skinrecords import pipeline
 from skinrecords import predict
 from skinrecords import preprocess
 from skinrecords import rundir
+from skinrecords import train
 
 SIZE = 32
 
@@ -455,3 +456,63 @@ def test_galleries_hold_the_most_confident_errors_and_hits(data, random_dir, per
     for name in expected:
       assert cv2.imread(str(out / name)).shape[0] > 100 and name in m["files"]
   assert "errors.png" not in m["galleries"] and m["galleries"]["examples.png"]  # perfect model
+
+
+# ------------------------------------------------------------------------------ cross-validation
+
+
+def _fold_names(records_dir: pathlib.Path, fold: int) -> dict[str, int]:
+  """image_name -> label of fold `fold`, read straight from manifest.json's train shards (not
+  through DatasetInfo.select, which is what is under test)."""
+  m = json.loads((records_dir / "manifest.json").read_text())
+  shards = [s for s in m["splits"]["train"]["shards"] if s.get("fold") == fold]
+  assert shards, f"no shard of fold {fold}"
+  out = {}
+  for shard in shards:
+    for raw in tf.data.TFRecordDataset(str(records_dir / shard["file"])):
+      feature = tf.train.Example.FromString(raw.numpy()).features.feature
+      name = feature["image_name"].bytes_list.value[0].decode()
+      out[name] = feature["target"].int64_list.value[0]
+    assert sum(1 for _ in tf.data.TFRecordDataset(str(records_dir / shard["file"]))) == \
+        shard["num_examples"]
+  return out
+
+
+def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tmp_path):
+  """Records with --folds=3 -> train with fold=1 -> bin/evaluate --split=valid --fold=1: the
+  metrics cover fold 1's images and no other, and Youden's threshold is chosen on fold 1."""
+  write_dark_bright(tmp_path / "in", {"a": (30, 90), "b": (30, 160)}, 60, lambda i: (40, 40, 3))
+  records = convert_folder(tmp_path / "in", tmp_path / "records", SIZE, folds=3,
+                           min_train_shards=3, split=(0.8, 0.0, 0.2))
+  # In-process training (bin/train's own tests cover the command; a second TensorFlow start-up
+  # here would double this test's time).
+  train.train(train.TrainConfig(
+      records_dir=str(records), model_dir=str(tmp_path / "m"), progress=False, fold=1,
+      model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=SIZE),
+      batch_size=8, epochs=1, steps_per_epoch=2, strategy="one_device"))
+  out = tmp_path / "eval"
+  proc = run_bin("evaluate", f"--model_dir={tmp_path / 'm'}", "--split=valid", "--fold=1",
+                 "--threshold=youden", "--bootstrap=0", f"--output_dir={out}")
+  m = json.loads((out / "metrics.json").read_text())
+  rows = _read_csv(out / "predictions.csv")
+  expected = _fold_names(records, 1)
+  assert m["fold"] == 1 and m["split"] == "valid" and m["n"] == len(expected) == len(rows)
+  assert {r["image_name"]: r["label"] for r in rows} == {
+      n: ("a", "b")[t] for n, t in expected.items()}
+  assert not set(expected) & (set(_fold_names(records, 0)) | set(_fold_names(records, 2)))
+  probs = np.array([float(r["probability"]) for r in rows])
+  labels = np.array([r["label"] == "b" for r in rows], int)
+  assert m["threshold"] == pytest.approx(metrics.youden_threshold(probs, labels), abs=1e-6)
+  assert m["threshold_source"].startswith(f"Youden's J on {len(rows)} valid fold 1 predictions")
+  assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs), abs=1e-6)
+  report = (out / "report.txt").read_text()  # the report's numbers are metrics.json's
+  assert f"valid split (fold 1) of {records}: {m['n']} images" in report
+  assert f"ROC AUC: {m['roc_auc']:.4f}" in report
+  assert f"accuracy {'':>9} {'':>9} {m['accuracy']:>9.4f} {m['n']:>9d}" in report
+  assert f"threshold: P(b) >= {m['threshold']:.6g} (Youden's J on {m['n']} valid fold 1" in report
+  # The threshold of another fold differs, so taking it from the wrong fold would show above.
+  model, _ = rundir.load_model_dir(tmp_path / "m")
+  other, other_labels, _ = inference.predict_dataset(model, pipeline.make_dataset(
+      records, "valid", fold=0, training=False))
+  assert abs(metrics.youden_threshold(other, other_labels) - m["threshold"]) > 1e-6
+  assert f">= {m['threshold']:.6g}" in proc.stdout

@@ -1,8 +1,10 @@
 """Tests for skinrecords.metrics and .uncertainty: CIs, operating points, ISIC pAUC, folds."""
+# pylint: disable=protected-access
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -264,4 +266,217 @@ def test_summarize_folds():
   text = metrics.format_folds(s)
   assert "roc_auc" in text and "0.8500 ± 0.0707  (2 folds)" in text
   with pytest.raises(ValueError, match="no fold"):
+    metrics.summarize_folds([])
+
+
+# ------------------------------------------ report text, checked whole (tools/mutation found the
+# report's lines untested beyond a few substrings)
+
+_HAND_PROBS = [0.1, 0.2, 0.3, 0.45, 0.4, 0.6, 0.7, 0.8, 0.9]
+_HAND_LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+# By hand: one inverted pair (0.4 positive below 0.45 negative) of 20: ROC AUC 19/20. At 0.5: TP 4,
+# FN 1 (0.4), TN 4: accuracy 8/9, sensitivity 0.8, specificity 1. AP = (1+1+1+1+5/6)/5 = 0.9667.
+# auc_sens_80: TPR 0.8 from FPR 0 to 0.25, then 1: 0.8 * 0.25 + 0.75 = 0.95.
+_BINARY_REPORT = """\
+test split (fold 2) of /r: 9 images, model /m, TTA off
+             precision    recall  f1-score   support
+ NotMelanoma    0.8000    1.0000    0.8889         4
+    Melanoma    1.0000    0.8000    0.8889         5
+    accuracy                        0.8889         9
+   macro avg    0.9000    0.9000    0.8889         9
+weighted avg    0.9111    0.8889    0.8889         9
+
+ROC AUC: 0.9500                       95% CI [{roc_auc_ci}]
+PR AUC (average precision): 0.9667    95% CI [{pr_auc_ci}]
+sensitivity at the threshold: 0.8000  95% CI [{sensitivity_ci}]
+specificity at the threshold: 1.0000  95% CI [{specificity_ci}]
+(95% CI: percentile bootstrap, 50 resamples of 7 patients, seed 0)
+ISIC partial AUC above 80% sensitivity (auc_sens_80): 0.9500 (chance 0.18, perfect 1)
+operating points (each reached by a real threshold, no interpolation):
+  constraint            sensitivity specificity   threshold
+  specificity >= 0.80        0.8000      1.0000         0.6
+  specificity >= 0.90        0.8000      1.0000         0.6
+  specificity >= 0.95        0.8000      1.0000         0.6
+  sensitivity >= 0.90        1.0000      0.7500         0.4
+  sensitivity >= 0.95        1.0000      0.7500         0.4
+threshold: P(Melanoma) >= 0.5 (fixed)
+confusion matrix (rows: true class, columns: predicted class, order NotMelanoma, Melanoma):
+        4       0
+        1       4"""
+
+
+def test_binary_report_text_is_exactly_the_metrics():
+  groups = ["a", "a", "b", "c", "d", "d", "e", "f", "g"]
+  m = metrics.compute_metrics(_HAND_PROBS, _HAND_LABELS, BINARY, 0.5, groups=groups, bootstrap=50)
+  m.update(records_dir="/r", split="test", fold=2, model_dir="/m", tta=0, threshold_source="fixed")
+  cis = {f"{k}_ci": f"{m[k + '_ci'][0]:.4f}, {m[k + '_ci'][1]:.4f}"
+         for k in ("roc_auc", "pr_auc", "sensitivity", "specificity")}
+  assert metrics.format_report(m) == _BINARY_REPORT.format(**cis)
+  assert (m["roc_auc"], m["accuracy"], m["confusion_matrix"]) == (0.95, 8 / 9, [[4, 0], [1, 4]])
+  assert m["auc_sens_80"] == pytest.approx(0.95) and m["pr_auc"] == pytest.approx(29 / 30)
+  # Images resampled one by one: the report says the intervals may be too narrow, and how many
+  # resamples of 9 images drew a single class.
+  m = metrics.compute_metrics(_HAND_PROBS, _HAND_LABELS, BINARY, 0.5, bootstrap=50)
+  assert m["ci_skipped"] == 1
+  assert metrics.format_report(m).splitlines()[11:13] == [
+      "(95% CI: percentile bootstrap, 50 resamples of 9 images, seed 0; 1 skipped for lacking a "
+      "class)",
+      "(images resampled one by one: if patients have several images here, these intervals are "
+      "too narrow)"]
+
+
+def test_multiclass_report_text_is_exactly_the_metrics():
+  # mel: both mel images score above the rest, AUC 1. nv: of 6 (nv, other) pairs one ties
+  # (0.3 = 0.3): AUC 5.5/6 = 0.9167. Accuracy 3/5 (argmax).
+  p3 = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1],
+                 [0.5, 0.3, 0.2]])
+  m = metrics.compute_metrics(p3, [0, 0, 1, 1, 1], ["mel", "nv", "bkl"], None, bootstrap=0)
+  assert metrics.format_report(m) == """\
+             precision    recall  f1-score   support
+         mel    0.5000    1.0000    0.6667         2
+          nv    1.0000    0.3333    0.5000         3
+         bkl    0.0000    0.0000    0.0000         0
+    accuracy                        0.6000         5
+   macro avg    0.5000    0.4444    0.3889         5
+weighted avg    0.8000    0.6000    0.5667         5
+
+ROC AUC (one-vs-rest, macro): 0.9583
+PR AUC (average precision) (one-vs-rest, macro): 0.9583
+per class ROC AUC / PR AUC: mel 1.0000 / 1.0000, nv 0.9167 / 0.9167
+decision: the class with the highest probability
+confusion matrix (rows: true class, columns: predicted class, order mel, nv, bkl):
+        2       0       0
+        2       1       0
+        0       0       0
+
+WARNING: no image of class 'bkl' in this split: its AUCs are undefined and the macro averages \
+cover the other 2 classes only."""
+
+
+def test_collapse_warnings_say_which_fix_fits():
+  labels = np.array([0] * 100 + [1] * 100)
+  ranked = np.r_[np.linspace(0.6, 0.8, 100), np.linspace(0.81, 0.99, 100)]  # AUC 1, all >= 0.5
+  m = metrics.compute_metrics(ranked, labels, BINARY, 0.5, bootstrap=0)
+  assert m["warning"] == (
+      "200 of 200 predictions (100.0%) are class 'Melanoma': the classifier has collapsed to one "
+      "class. ROC AUC 1.000 says the scores still rank the classes, so the threshold 0.5 may be "
+      "what is wrong: try threshold='youden'.")
+  assert metrics.format_report(m).endswith("\n\nWARNING: " + m["warning"])
+  tail = (": check that the model was fed RGB 0..255 images (no extra rescaling), the class "
+          "balance (class weights or oversampling) and the training curves.")
+  # AUC 0.6 exactly still ranks; just below it does not.
+  for auc, fits_threshold in ((0.6, True), (0.595, False)):
+    m = dict(n=200, roc_auc=auc, threshold=0.5)
+    text = metrics._collapse_warning(m, "Melanoma", 199)
+    assert text.startswith("199 of 200 predictions (99.5%) are class 'Melanoma': the classifier "
+                           "has collapsed to one class. ")
+    assert text.endswith("try threshold='youden'." if fits_threshold else
+                         f" The scores do not separate the classes either (ROC AUC {auc:.3f})"
+                         + tail), text
+  for m in (dict(n=4, roc_auc=None, threshold=0.5), dict(n=4, roc_auc=0.9, threshold=None)):
+    text = metrics._collapse_warning(m, "x", 4)
+    auc = "" if m["roc_auc"] is None else " (ROC AUC 0.900)"
+    assert text == ("4 of 4 predictions (100.0%) are class 'x': the classifier has collapsed to "
+                    f"one class. The scores do not separate the classes either{auc}{tail}")
+
+
+def test_undefined_aucs_and_cis_are_named_in_the_report():
+  m = metrics.compute_metrics([0.2, 0.7, 0.9], [1, 1, 1], BINARY, 0.5, bootstrap=20)
+  lines = metrics.format_report(m).splitlines()
+  estimates = [line for line in lines if line.startswith(("ROC AUC", "PR AUC"))]
+  assert [re.sub(r"\s+", " ", e) for e in estimates] == [
+      "ROC AUC: undefined (one class present) 95% CI undefined",
+      "PR AUC (average precision): undefined (one class present) 95% CI undefined"]
+  assert not any("operating points" in line for line in lines)
+
+
+# ------------------------------------------------- boundaries found by mutation testing (metrics)
+
+
+def test_boundaries_a_threshold_hit_99_percent_and_two_predictions():
+  m = metrics.compute_metrics([0.5, 0.49, 0.8, 0.2], [1, 1, 0, 0], BINARY, 0.5, bootstrap=0)
+  assert m["predicted_counts"] == {"NotMelanoma": 2, "Melanoma": 2}  # 0.5 >= 0.5 is positive
+  assert m["confusion_matrix"] == [[1, 1], [1, 1]]
+  probs = np.r_[np.full(99, 0.9), 0.1]  # exactly 99 % in one class: collapsed
+  assert metrics.compute_metrics(probs, [0, 1] * 50, BINARY, 0.5, bootstrap=0)["collapsed"]
+  two = metrics.compute_metrics([0.9, 0.8], [0, 1], BINARY, 0.5, bootstrap=0)
+  assert two["collapsed"] and two["warning"].startswith("2 of 2 predictions (100.0%)")
+  assert not metrics.compute_metrics([0.9], [1], BINARY, 0.5, bootstrap=0)["collapsed"]
+  assert metrics.compute_metrics([0.5, 0.2], [1, 0], BINARY, bootstrap=0)["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("probs,labels,message", [
+    ([], [], r"^no predictions to evaluate \(the split is empty\)$"),
+    ([0.1, 0.2, 0.3], [0, 1], r"^probabilities of shape \(3,\) do not fit 2 labels and 2 classes$"),
+    ([0.1, np.inf], [0, 1], r"^1 of 2 probabilities are NaN or infinite: the model's weights have "
+                            r"diverged$"),
+    ([0.1, 0.2], [0, 2], r"^labels range over \[0, 2\] but there are 2 classes "
+                         r"\['NotMelanoma', 'Melanoma'\]$"),
+    ([0.1, 0.2], [-1, 1], r"^labels range over \[-1, 1\]"),
+])
+def test_unusable_predictions_are_refused_naming_the_problem(probs, labels, message):
+  with pytest.raises(ValueError, match=message):
+    metrics.compute_metrics(probs, labels, BINARY, 0.5, bootstrap=0)
+
+
+def test_single_class_splits_leave_the_missing_rate_undefined():
+  positives = metrics.compute_metrics([0.2, 0.7, 0.9], [1, 1, 1], BINARY, 0.5, bootstrap=0)
+  negatives = metrics.compute_metrics([0.2, 0.7, 0.9], [0, 0, 0], BINARY, 0.5, bootstrap=0)
+  assert (positives["sensitivity"], positives["specificity"]) == (2 / 3, None)
+  assert positives["roc_auc"] is None and positives["pr_auc"] is None  # keys kept for JSON readers
+  # A class never predicted still has its count (0), so every class is a key.
+  low = metrics.compute_metrics([0.1, 0.2, 0.3], [0, 1, 0], BINARY, 0.5, bootstrap=0)
+  assert low["predicted_counts"] == {"NotMelanoma": 3, "Melanoma": 0}
+  assert negatives["sensitivity"] is None and negatives["specificity"] == pytest.approx(1 / 3)
+  report = metrics.format_report(positives)
+  assert "WARNING" not in report  # "absent class" warnings are for more than two classes
+
+
+def test_multiclass_aucs_with_a_singleton_class_and_with_one_class():
+  p = np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1],
+                [0.1, 0.2, 0.7]])
+  m = metrics.compute_metrics(p, [0, 0, 1, 1, 2], ["a", "b", "c"], None, bootstrap=0)
+  assert m["roc_auc_per_class"] == {"a": 1.0, "b": 1.0, "c": 1.0}  # c has one image: still scored
+  one = metrics.compute_metrics(p, [0] * 5, ["a", "b", "c"], None, bootstrap=0)
+  assert one["roc_auc"] is None and one["roc_auc_per_class"] == {}
+  report = metrics.format_report(one)
+  assert report.endswith("WARNING: no image of class 'b', 'c' in this split: its AUCs are "
+                         "undefined and the macro averages cover the other 1 classes only.")
+
+
+def test_an_operating_point_reached_only_by_predicting_nothing_has_no_threshold():
+  # The top score is a negative, so specificity 0.80 of 4 negatives needs FPR 0: only "nothing
+  # positive" (roc_curve's threshold +inf) reaches it; JSON has no infinity.
+  m = metrics.compute_metrics([0.9, 0.3, 0.2, 0.1, 0.8, 0.7], [0, 0, 0, 0, 1, 1], BINARY, 0.5,
+                              bootstrap=0)
+  point = m["operating_points"][0]
+  assert point == {"constraint": "specificity >= 0.80", "sensitivity": 0.0, "specificity": 1.0,
+                   "threshold": None}
+  json.dumps(m, allow_nan=False)
+  row = next(line for line in metrics.format_report(m).splitlines()
+             if "specificity >= 0.80" in line)
+  assert row.split() == ["specificity", ">=", "0.80", "0.0000", "1.0000", "none"]
+
+
+def test_auc_above_sensitivity_accepts_one_and_refuses_above():
+  assert metrics.auc_above_sensitivity([0.1, 0.9], [0, 1], 1.0) == pytest.approx(1.0)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match=rf"min_sensitivity must be in \(0, 1\]; got {bad}"):
+      metrics.auc_above_sensitivity([0.1, 0.9], [0, 1], bad)
+
+
+def test_report_head_without_a_fold_or_a_threshold_source():
+  m = metrics.compute_metrics(_HAND_PROBS, _HAND_LABELS, BINARY, 0.5, bootstrap=0)
+  m.update(records_dir="/r", split="test", fold=None, model_dir="/m", tta=8)
+  lines = metrics.format_report(m).splitlines()
+  assert lines[0] == "test split of /r: 9 images, model /m, TTA 8"
+  assert "threshold: P(Melanoma) >= 0.5" in lines
+
+
+def test_one_defined_fold_has_no_spread():
+  s = metrics.summarize_folds([{"roc_auc": 0.8}, {"roc_auc": None}])
+  assert s["roc_auc"] == {"mean": 0.8, "std": None, "n": 1, "values": [0.8, None]}
+  assert metrics.format_folds(s).splitlines()[1] == f"  {'roc_auc':<36} 0.8000  (1 folds)"
+  with pytest.raises(ValueError, match="^no fold metrics to summarize$"):
     metrics.summarize_folds([])

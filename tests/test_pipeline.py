@@ -1,5 +1,6 @@
 """The tf.data pipeline: exactly-once evaluation, balance, folds, per-worker sharding, corrupt shards
 (SIIM-ISIC Kaggle files: test_kaggle.py)."""
+# pylint: disable=protected-access
 
 from __future__ import annotations
 
@@ -157,3 +158,42 @@ def test_oversampling_an_empty_class_fails_fast_naming_it(records_dir):
   with pytest.raises(ValueError, match=repr(info.classes[1])):
     pipeline.make_dataset(broken, "train", balance="oversample")
   pipeline.make_dataset(info, "train", balance="oversample")  # both classes present: fine
+
+
+# ---------------------------------------------- found by mutation testing (tools/mutation)
+
+
+def _corrupt(path: pathlib.Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x55
+  path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_of_a_fold_is_named_and_an_unfound_one_is_counted(tmp_path, records_dir,
+                                                                          monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  shutil.copytree(records_dir, tmp_path / "r")
+  info = pipeline.load_info(tmp_path / "r")
+  bad = pathlib.Path(info.select("valid", fold=1)[0].path)
+  _corrupt(bad)
+  ds = pipeline.make_dataset(info, "valid", fold=1, batch_size=4, training=False)
+  # The files searched are fold 1's, not the separate "valid" split's.
+  with pytest.raises(pipeline.CorruptShardError, match=f"corrupt TFRecord shard .*{bad.name}: "):
+    collections.deque(pipeline.iterate(ds, info, "valid", fold=1), maxlen=0)
+  # When rereading each file alone finds nothing, the message counts the files it searched and
+  # keeps TensorFlow's own message.
+  monkeypatch.setattr(pipeline, "find_corrupt_shard", lambda files: None)
+  n = len(info.select("valid", fold=1))
+  with pytest.raises(pipeline.CorruptShardError) as caught:
+    collections.deque(pipeline.iterate(ds, info, "valid", fold=1), maxlen=0)
+  message = str(caught.value)
+  assert message.startswith(f"corrupt TFRecord shard one of {n} shards (")
+  assert message.endswith(f"); run bin/verify_records --records_dir={tmp_path / 'r'}")
+  assert "corrupted record" in message or "checksum" in message.lower(), message
+
+
+def test_names_default_to_empty_and_integer_names_become_text():
+  assert pipeline._name({}).numpy() == b""
+  assert pipeline._name({"image_name": tf.constant(7, tf.int64)}).numpy() == b"7"
+  assert pipeline._name({"image_name": tf.constant("ISIC_1")}).numpy() == b"ISIC_1"

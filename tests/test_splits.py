@@ -1,4 +1,5 @@
 """Tests for skinrecords.splits: fractions, stratified (grouped) splits and folds."""
+# pylint: disable=protected-access
 
 from __future__ import annotations
 
@@ -170,3 +171,67 @@ def test_folds_small_classes_and_errors():
     splits.assign_folds([0, 1, 0, 1], None, 5, seed=0)
   with pytest.raises(ValueError, match="3 is more than the 2 groups"):
     splits.assign_folds([0, 1, 0, 1], ["a", "a", "b", "b"], 3, seed=0)
+
+
+# --------------------------------------------- edges found by mutation testing (tools/mutation)
+
+
+def test_fraction_errors_show_the_fractions_as_given():
+  with pytest.raises(ValueError, match=r"^split fractions 0\.5,0\.6: must sum to 1"):
+    splits.check_fractions([0.5, 0.6])
+  with pytest.raises(ValueError, match=r"^split fractions \(0\.5, 0\.6\): must sum to 1"):
+    splits.assign_splits([0, 1], None, (0.5, 0.6), seed=0)
+
+
+def test_unknown_patients_never_share_a_group_with_a_known_one():
+  # Index 1 and 0 are where an off-by-one in the unknowns' codes would hit the known ids 0 and 1.
+  _, dense = splits._as_arrays([0] * 6, ["", "", "B", "B", "C", ""])
+  assert dense[2] == dense[3]
+  assert len({dense[0], dense[1], dense[2], dense[4], dense[5]}) == 5
+
+
+def test_rounding_slack_never_reaches_a_closed_split():
+  """Fractions within the 1e-6 sum tolerance but short of 1 leave whole examples unassigned by
+  the floors with no fractional part to round up; they go to splits that have a share."""
+  fractions = np.array(splits.check_fractions((0.5, 0.4999995, 0.0)))
+  for seed in range(6):
+    counts = splits._round_counts(
+        np.array([4_000_000, 7]), fractions, np.random.default_rng(seed))
+    assert counts.sum(axis=1).tolist() == [4_000_000, 7]
+    assert counts[:, 2].tolist() == [0, 0]
+
+
+def test_one_huge_patient_is_placed_first_so_the_totals_still_fit():
+  # 40 images of one patient, then 80 single-image patients: placed last, the big patient would
+  # land on a split already at its target and overshoot it by up to 40.
+  labels = [0] * 40 + [0] * 60 + [1] * 20
+  groups = ["BIG"] * 40 + [f"p{i}" for i in range(80)]
+  for seed in range(3):
+    out = collections.Counter(splits.assign_splits(labels, groups, (0.6, 0.2, 0.2), seed=seed))
+    assert abs(out["train"] - 72) <= 2 and abs(out["valid"] - 24) <= 2, out
+
+
+def test_two_folds_as_many_folds_as_examples_or_groups_and_integral_k():
+  assert sorted(splits.assign_folds([0, 1] * 5, None, 2, seed=0)) == [0] * 5 + [1] * 5
+  assert sorted(splits.assign_folds([0, 1, 0, 1], None, 4, seed=0)) == [0, 1, 2, 3]
+  grouped = splits.assign_folds([0, 1, 0, 1], ["a", "a", "b", "b"], 2, seed=0)
+  assert grouped[0] == grouped[1] != grouped[2] == grouped[3]
+  for k in (2.0, "2", True):
+    with pytest.raises(ValueError, match="integer >= 2"):
+      splits.assign_folds([0, 1, 0, 1], None, k, seed=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_classes_of_exactly_k_members_are_still_stratified(seed):
+  folds = np.asarray(splits.assign_folds([0] * 3 + [1] * 3, None, 3, seed=seed))
+  labels = np.array([0] * 3 + [1] * 3)
+  assert [sorted(labels[folds == f].tolist()) for f in range(3)] == [[0, 1]] * 3
+
+
+def test_grouped_folds_are_stratified():
+  # 12 positive and 48 negative patients of 2 images: GroupKFold alone ignores the labels.
+  labels = [1] * 24 + [0] * 96
+  groups = [f"p{i // 2}" for i in range(120)]
+  for seed in range(3):
+    folds = np.asarray(splits.assign_folds(labels, groups, 4, seed=seed))
+    assert np.bincount(folds[:24], minlength=4).tolist() == [6, 6, 6, 6], seed
