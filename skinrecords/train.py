@@ -26,7 +26,6 @@ import logging
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 # TF 2.21 exports enable_op_determinism only; its query and switch-off live here.
 from tensorflow.python.framework import config as tf_framework_config
@@ -41,6 +40,7 @@ from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import recipes
 from skinrecords import rundir
+from skinrecords import run_state
 from skinrecords import selection
 from skinrecords import steps as steps_lib
 
@@ -137,19 +137,6 @@ class _Setup:
   workers: int
 
 
-@dataclasses.dataclass
-class _State:
-  """The model, its optimizers and the checkpointed counters (epoch, best epoch and its score)."""
-  model: keras.Model
-  warm_opt: keras.optimizers.Optimizer
-  main_opt: keras.optimizers.Optimizer
-  epoch: tf.Variable
-  best: tf.Variable
-  best_tiebreak: tf.Variable
-  best_epoch: tf.Variable
-  checkpoint: tf.train.Checkpoint
-
-
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
   """Trains, writing model.keras (the best epoch: SELECTION), config.json, history.csv,
   summary.json, plots and TensorBoard logs to `config.model_dir` (the chief only, under
@@ -195,7 +182,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   else:
     rundir.check_resumable(config.model_dir, run_config)
   state = _build_state(config, strategy, setup)
-  start = 0 if config.overwrite else _restore(config, strategy, state, setup.workers)
+  start = 0 if config.overwrite else run_state.restore(config.model_dir, strategy, state, setup.workers)
   history = rundir.read_history(out.dir, start) if out.chief else []
   if start >= config.epochs:
     return _already_done(config, start, state, history, setup, out.chief)
@@ -241,7 +228,7 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
   steps_per_epoch = config.steps_per_epoch or max(
       1, info.num_examples("train", fold) // config.batch_size)
   try:
-    recipes.check_warmup_fits(config, _phase_steps(config, steps_per_epoch))
+    recipes.check_warmup_fits(config, run_state.phase_steps(config, steps_per_epoch))
   except ValueError as err:
     raise TrainError(str(err)) from err
   return _Setup(
@@ -251,10 +238,17 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
       has_valid=has_valid, workers=distribute.num_workers(strategy))
 
 
-def _phase_steps(config: TrainConfig, steps_per_epoch: int) -> dict:
-  """Optimizer steps of the head-only warm-up and of the main phase (each has its optimizer)."""
-  return {"head-only warm-up": config.warmup_epochs * steps_per_epoch,
-          "training": (config.epochs - config.warmup_epochs) * steps_per_epoch}
+def _build_state(config: TrainConfig, strategy, setup: _Setup) -> run_state.State:
+  counts = setup.class_counts
+  with strategy.scope():
+    try:
+      model = models.build_model(setup.model_config, class_counts=counts if all(counts) else None)
+    except ValueError as err:
+      if config.model.weights in ("imagenet", "none"):
+        raise
+      raise TrainError(f"--weights={config.model.weights} is not usable: {err}") from err
+    return run_state.build(model, config, setup.model_config.freeze, setup.steps_per_epoch,
+                           setup.mixed)
 
 
 def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
@@ -269,62 +263,7 @@ def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
           "mixed_precision": setup.mixed, "xla": setup.xla_mode}
 
 
-def _build_state(config: TrainConfig, strategy, setup: _Setup) -> _State:
-  counts = setup.class_counts
-  with strategy.scope():
-    try:
-      model = models.build_model(setup.model_config, class_counts=counts if all(counts) else None)
-    except ValueError as err:
-      if config.model.weights in ("imagenet", "none"):
-        raise
-      raise TrainError(f"--weights={config.model.weights} is not usable: {err}") from err
-    if config.sync_batchnorm:
-      logging.info("synchronised BatchNorm: %d layers",
-                   recipes.synchronize_batchnorm(model, True))
-    warm_steps, main_steps = _phase_steps(config, setup.steps_per_epoch).values()
-    warm_opt = recipes.make_optimizer(config, config.learning_rate, warm_steps, setup.mixed)
-    main_opt = recipes.make_optimizer(
-        config, config.fine_tune_learning_rate if config.warmup_epochs else config.learning_rate,
-        main_steps, setup.mixed)
-    # Optimizer slots are built here, not on the first apply: a mirrored variable created lazily
-    # inside the traced step fails ("must feed a value for placeholder ... fn_with_cond").
-    if config.warmup_epochs:
-      models.set_freeze(model, "all")
-      warm_opt.build(model.trainable_variables)
-    models.set_freeze(model, setup.model_config.freeze)
-    main_opt.build(model.trainable_variables)
-    counters = [tf.Variable(0, dtype=tf.int64, trainable=False),
-                tf.Variable(-np.inf, dtype=tf.float64, trainable=False),
-                tf.Variable(-np.inf, dtype=tf.float64, trainable=False),
-                tf.Variable(0, dtype=tf.int64, trainable=False)]
-  ckpt = tf.train.Checkpoint(model=model, warmup_optimizer=warm_opt, optimizer=main_opt,
-                             epoch=counters[0], best=counters[1], best_tiebreak=counters[2],
-                             best_epoch=counters[3])
-  return _State(model, warm_opt, main_opt, *counters, ckpt)
-
-
-def _restore(config: TrainConfig, strategy, state: _State, workers: int) -> int:
-  """Restores the chief's backup if there is one; returns the number of epochs already done."""
-  latest = tf.train.latest_checkpoint(fileio.join(config.model_dir, rundir.BACKUP_DIR))
-  if latest:
-    try:
-      state.checkpoint.restore(latest).expect_partial()
-    except (ValueError, tf.errors.OpError) as err:
-      raise rundir.RunDirError(
-          f"{config.model_dir}/{rundir.BACKUP_DIR} does not fit this model "
-          f"({str(err).splitlines()[0][:200]}); use another --model_dir, or --overwrite") from err
-    logging.info("resuming from %s at epoch %d (optimizer step %d, weights sha256 %s)", latest,
-                 int(state.epoch.numpy()), int(state.main_opt.iterations.numpy()),
-                 distribute.weights_digest(state.model.get_weights()))
-  start = int(state.epoch.numpy())
-  if workers > 1 and not distribute.same_on_all_workers(strategy, start):
-    raise RuntimeError(f"workers restored different epochs from {config.model_dir}/backup "
-                       f"(this one: {start}); model_dir must be on a filesystem shared by all "
-                       "workers")
-  return start
-
-
-def _already_done(config: TrainConfig, start: int, state: _State, history, setup,
+def _already_done(config: TrainConfig, start: int, state: run_state.State, history, setup,
                   chief: bool) -> dict:
   if start > config.epochs:
     raise rundir.RunDirError(
@@ -352,11 +291,11 @@ def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
   return iterator, valid
 
 
-def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, iterator, valid,
+def _fit(config: TrainConfig, strategy, setup: _Setup, state: run_state.State, out, iterator, valid,
          history: list, start: int) -> None:
   writer = tf.summary.create_file_writer(out.join(rundir.LOGS_DIR)) if out.chief else None
   # Saves go to this process's folder (a temporary one off the chief); restores always read the
-  # chief's backup (_restore), so every worker resumes from the same state.
+  # chief's backup (run_state.restore), so every worker resumes from the same state.
   manager = tf.train.CheckpointManager(state.checkpoint, out.join(rundir.BACKUP_DIR),
                                        max_to_keep=1)
   phase = steps = None
@@ -384,7 +323,7 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: _State, out, itera
     writer.close()
 
 
-def _save_epoch(config: TrainConfig, state: _State, out, history, improved: bool, savers,
+def _save_epoch(config: TrainConfig, state: run_state.State, out, history, improved: bool, savers,
                 setup: _Setup, start: int) -> None:
   """model.keras if improved, history, backup, summary.json, TensorBoard and plots."""
   manager, writer = savers
@@ -405,7 +344,7 @@ def _save_epoch(config: TrainConfig, state: _State, out, history, improved: bool
     plots.plot_history(history, out.dir)
 
 
-def _summary(config: TrainConfig, state: _State, history: list, setup: _Setup,
+def _summary(config: TrainConfig, state: run_state.State, history: list, setup: _Setup,
              start: int) -> dict:
   """summary.json: which epoch model.keras holds, chosen how, with what metrics."""
   best_epoch = int(state.best_epoch.numpy())

@@ -21,7 +21,7 @@ STAGES = [
     {"augment"},
     {"backbones", "recipes", "models"},
     {"metrics", "plots", "rundir", "distribute", "data_service", "calibration", "submission"},
-    {"inference", "steps", "train", "ensemble", "selection"},
+    {"inference", "steps", "run_state", "train", "ensemble", "selection"},
     {"evaluate", "predict", "export", "explain"},
     {"cv"},
 ]
