@@ -36,7 +36,6 @@ from typing import Callable
 import numpy as np
 
 from skinrecords import distribute
-from skinrecords import evaluate
 from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
@@ -118,7 +117,7 @@ def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_si
                              image_size=cfg["image_size"], fold=fold, with_names=True)
   probs, labels, names = inference.predict_dataset(model, ds, tta, info=info, split="valid",
                                                    fold=fold)
-  groups = evaluate._patient_ids(info, "valid", fold, names)  # pylint: disable=protected-access
+  groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,
           "groups": groups or [""] * len(names)}
 

@@ -163,26 +163,6 @@ def _preprocessing_warnings(cfg: dict, info: manifest.DatasetInfo) -> list[str]:
           f"({diffs}); its scores here may not reflect its real accuracy"]
 
 
-def _patient_ids(info: manifest.DatasetInfo, split: str, fold,
-                 names: list[str]) -> list[str] | None:
-  """Patient ids in prediction order (read from the records), or None when none are recorded."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  by_name = {}
-  for shard in info.select(split, fold):
-    for raw in tf.data.TFRecordDataset(shard.path):
-      feature = tf.train.Example.FromString(raw.numpy()).features.feature
-      name = feature["image_name"].bytes_list.value
-      patient = feature.get("patient_id")
-      if not name or patient is None:
-        continue
-      value = (patient.bytes_list.value or patient.int64_list.value or [b""])[0]
-      value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-      by_name[name[0].decode("utf-8")] = value
-  groups = [by_name.get(n, "") for n in names]
-  return groups if any(groups) else None
-
-
 def _threshold(config, cfg, run, fold, classes):
   """(threshold, where it came from) — a fixed value, or Youden's J on the validation split."""
   threshold = config.threshold_value
@@ -313,7 +293,7 @@ def evaluate(config: EvalConfig) -> dict:
   probs, labels, names, member_probs, raw = run(config.split)
   threshold, source = _threshold(config, members[0].cfg, run, fold, classes)
   split_fold = fold if config.split in ("train", "valid") else None
-  groups = _patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
+  groups = pipeline.patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
   m = metrics.compute_metrics(probs, labels, classes, threshold, groups=groups,
                               bootstrap=config.bootstrap)
   m.update(ensemble.calibration_summary(members, probs, raw, labels, config.ensemble))

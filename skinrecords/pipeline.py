@@ -267,3 +267,22 @@ def iterate(ds: tf.data.Dataset, info: DatasetInfo, split: str, fold: int | None
   except tf.errors.DataLossError as err:
     files = [s.path for s in info.select(split, fold)]
     raise corrupt_shard_error(files, err, info.records_dir) from err
+
+
+def patient_ids(info: DatasetInfo, split: str, fold, names) -> list[str] | None:
+  """Patient ids of `names` (in that order), read from the split's records; None when the records
+  carry none (then confidence intervals resample images, not patients)."""
+  by_name = {}
+  for shard in info.select(split, fold):
+    for raw in tf.data.TFRecordDataset(shard.path):
+      feature = tf.train.Example.FromString(raw.numpy()).features.feature
+      name = feature[features.IMAGE_NAME].bytes_list.value
+      patient = feature.get(features.PATIENT_ID)
+      if not name or patient is None:
+        continue
+      # Kaggle's files store patient ids as int64, ours as bytes.
+      value = (patient.bytes_list.value or patient.int64_list.value or [b""])[0]
+      value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      by_name[name[0].decode("utf-8")] = value
+  groups = [by_name.get(n, "") for n in names]
+  return groups if any(groups) else None

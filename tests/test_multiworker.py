@@ -220,7 +220,7 @@ def test_killed_worker_then_restarted_job_resumes(records, tmp_path):
     # epoch 2 is run again from its start, and epoch 1 is not.
     assert re.search(rf"resuming from .*backup.*ckpt-\d+ at epoch 1 \(optimizer step {steps},",
                      log), log[-3000:]
-    assert "epoch 1/3" not in log and f"epoch 3/3: 100%" in log, log[-3000:]
+    assert "epoch 1/3" not in log and "epoch 3/3: 100%" in log, log[-3000:]
   assert [int(r["epoch"]) for r in _history(model_dir)] == [1, 2, 3]
   assert (model_dir / "model.keras").exists()
   assert _digest(logs[0]) == _digest(logs[1])
