@@ -58,7 +58,11 @@ def basename(path: str | os.PathLike) -> str:
 
 def dirname(path: str | os.PathLike) -> str:
   path = _str(path)
-  return posixpath.dirname(path.rstrip("/")) if is_remote(path) else os.path.dirname(path)
+  if not is_remote(path):
+    return os.path.dirname(path)
+  parent = posixpath.dirname(path.rstrip("/"))
+  # "ram://x" -> "ram:" would be a LOCAL folder named "ram:" (one appeared in the checkout).
+  return parent if "://" in parent else path[:path.index("://") + 3]
 
 
 @contextlib.contextmanager
@@ -336,6 +340,13 @@ def check_writable_file(path: str | os.PathLike, what: str = "output_csv") -> No
                      f"{join(path, 'predictions.csv')}")
   folder = dirname(path) or "."
   try:
-    check_writable_dir(folder, f"the folder of {what}={path},")
-  except ValueError as err:
-    raise ValueError(f"{err} (choose another {what})") from err
+    makedirs(folder)
+    probe = join(folder, f".write-test-{os.getpid()}")
+    write_bytes_atomic(probe, b"")
+    remove(probe)
+  except (FileExistsError, NotADirectoryError) as err:
+    raise ValueError(f"{what}={path}: a part of its folder is a file; choose another "
+                     f"{what}") from err
+  except OSError as err:
+    raise ValueError(f"{what}={path}: cannot write in {folder} ({err.strerror or err}); choose "
+                     f"another {what} or fix its permissions") from err

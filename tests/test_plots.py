@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,7 @@ def drawn(monkeypatch):
   save = plots.save_figure
 
   def keep(fig, path):
-    figures[path.name] = fig
+    figures[os.path.basename(os.fspath(path))] = fig
     save(fig, path)
 
   monkeypatch.setattr(plots, "save_figure", keep)
@@ -120,8 +122,8 @@ def test_history_curves_are_the_history_and_skip_an_all_nan_series(tmp_path, dra
                   val_loss=1.5 / e, val_accuracy=0.4 + 0.1 * e, val_auc=math.nan)
              for e in (1, 2, 3)]
   paths = plots.plot_history(history, tmp_path)
-  assert [p.name for p in paths] == ["accuracy.png", "loss.png", "auc.png"]
-  assert all(p.stat().st_size > 0 for p in paths)
+  assert paths == [str(tmp_path / f) for f in ("accuracy.png", "loss.png", "auc.png")]
+  assert all(os.path.getsize(p) > 0 for p in paths)
   loss = drawn["loss.png"].axes[0]
   assert [a.tolist() for a in _line(loss, "train")] == [[1, 2, 3], [1.0, 0.5, 1 / 3]]
   assert [a.tolist() for a in _line(loss, "validation")] == [[1, 2, 3], [1.5, 0.75, 0.5]]
@@ -133,8 +135,9 @@ def test_history_curves_are_the_history_and_skip_an_all_nan_series(tmp_path, dra
 
 def test_a_failed_save_leaves_neither_the_png_nor_its_temporary_file(tmp_path):
   class Broken:
-    def savefig(self, path):
-      path.write_bytes(b"half a png")
+    def savefig(self, buf, format):  # pylint: disable=redefined-builtin
+      assert format == "png"
+      buf.write(b"half a png")
       raise OSError("disk full")
 
   with pytest.raises(OSError, match="disk full"):
