@@ -64,16 +64,7 @@ class CompiledSteps:
       return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
               strategy.gather(probs, axis=0), strategy.gather(labels, axis=0))
 
-    # Not XLA-compiled on purpose: a jit-compiled forward inside strategy.run failed under
-    # MirroredStrategy on 2 logical CPUs ("Trying to access resource .../replica_1 ... from device
-    # CPU:0"), while the jit-compiled forward + backward above works.
-    @tf.function
-    def forward(images, labels):
-      logits = model(tf.cast(images, tf.float32), training=False)
-      # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
-      # negative labels, so they are scored as class 0 here and dropped after the gather.
-      per_example = loss_fn(tf.maximum(labels, 0), logits)
-      return per_example, inference.probabilities(logits)
+    forward = _predict_forward_fn(model, loss_fn, jit=xla_mode == "on")
 
     @tf.function
     def predict_step(images, labels):
@@ -110,6 +101,47 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
     return loss, grads, inference.probabilities(logits)
   return forward_backward if inline else tf.function(forward_backward,
                                                      jit_compile=xla_mode == "on")
+
+
+def _predict_forward_fn(model, loss_fn, jit: bool):
+  """One replica's validation forward pass: (images, labels) -> (per-example losses, probabilities).
+
+  With `jit`, XLA compiles a pure function of the weights (`model.stateless_call`), and the replica
+  reads its own copy of the weights outside it. Compiling `model(x)` itself, which captures the
+  mirrored variables, failed under MirroredStrategy on 2 logical CPUs (TF 2.21, Keras 3.15.1):
+  "Trying to access resource block1_conv/kernel/replica_1/3 ... located in device CPU:1 from
+  device CPU:0" - although the call op carries device CPU:1 in the graph, and also with a
+  GradientTape inside, with the reads done first inside the compiled function, with the batch taken
+  by `next(iterator)` inside the step, and eagerly. It ran when the compiled function also took a
+  tensor made inside the replica function (`tf.identity(images)`, even a constant): that is why the
+  train step, whose augmentation seed is computed per replica, always worked. The pure function
+  does not depend on that quirk: it holds no resource, so there is nothing to access from the
+  wrong device.
+  """
+
+  def scored(logits, labels):
+    # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
+    # negative labels, so they are scored as class 0 here and dropped after the gather.
+    return loss_fn(tf.maximum(labels, 0), logits), inference.probabilities(logits)
+
+  if not jit:
+    @tf.function
+    def forward(images, labels):
+      return scored(model(tf.cast(images, tf.float32), training=False), labels)
+    return forward
+
+  @tf.function(jit_compile=True)
+  def pure_forward(trainable, non_trainable, images, labels):
+    logits, _ = model.stateless_call(trainable, non_trainable, tf.cast(images, tf.float32),
+                                     training=False)
+    return scored(logits, labels)
+
+  def forward(images, labels):
+    # Read here, in the replica context: each replica's own copy, on its own device.
+    return pure_forward([tf.identity(v.value) for v in model.trainable_variables],
+                        [tf.identity(v.value) for v in model.non_trainable_variables],
+                        images, labels)
+  return forward
 
 
 def scores(probs, labels, classes) -> dict:
