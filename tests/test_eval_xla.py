@@ -74,10 +74,11 @@ def _xla_functions(steps, images, labels) -> list[str]:
           if f.attr["_XlaMustCompile"].b]
 
 
-@pytest.mark.parametrize("num_classes", [2, 3])
-def test_xla_validation_pass_on_two_replicas_matches_tf_kernels(num_classes):
+@pytest.mark.parametrize("strategy_name,num_classes",
+                         [("mirrored", 2), ("mirrored", 3), ("one_device", 2)])
+def test_xla_validation_pass_matches_tf_kernels(strategy_name, num_classes):
   assert len(tf.config.list_logical_devices("CPU")) == 2, "conftest sets up 2 logical CPUs"
-  strategy = distribute.make_strategy("mirrored")
+  strategy = distribute.make_strategy(strategy_name)
   images, labels = _data(num_classes)
   reference, weights = _weights(num_classes)
   logits = reference(tf.cast(images, tf.float32), training=False)
