@@ -88,6 +88,20 @@ def _quiet_tensorflow() -> None:
     sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
+def _adopt_flags_for_help(module: str) -> None:
+  """--help lists the flags of the main module only: for bin/train or skinrecords-train that is a
+  shim defining none, so `--help` showed no flag at all (found by trying it, issue 8's layout
+  change). Make the command module's flags key flags of the main module (absl names it by argv[0])."""
+  if module == "__main__":  # python -m skinrecords.cli.x: the flags are the main module's already
+    return
+  for flag in flags.FLAGS.get_key_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  # --help opens with the main module's docstring: the command's (with its examples), not the shim's.
+  main_module, command_module = sys.modules.get("__main__"), sys.modules.get(module)
+  if main_module is not None and command_module is not None and command_module.__doc__:
+    main_module.__doc__ = command_module.__doc__
+
+
 def run(main, command: str) -> None:
   """`app.run(main)`, with app.UsageError and Ctrl-C turned into short messages on stderr.
 
@@ -97,6 +111,7 @@ def run(main, command: str) -> None:
   name = os.path.basename(sys.argv[0])
   if not name or name.endswith(".py"):
     name = command
+  _adopt_flags_for_help(main.__module__)
 
   def wrapped(argv):
     _quiet_tensorflow()
