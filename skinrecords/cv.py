@@ -78,7 +78,8 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
   rundir.check_resumable(d, {
       "records_fingerprint": info.fingerprint, "image_size": config.model.image_size,
       "classes": list(info.classes), "fold": config.fold,
-      "model": {"backbone": config.model.backbone, "num_classes": info.num_classes}})
+      "model": {"backbone": config.model.backbone, "num_classes": info.num_classes},
+      "train": config.to_dict()})
   try:
     summary = json.loads(fileio.read_text(summary_path))
   except (json.JSONDecodeError, UnicodeDecodeError):
@@ -235,6 +236,9 @@ def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | N
   chief = distribute.is_chief(strategy)
   if chief:
     rundir.check_writable(config.model_dir)
+    if rundir.holds_single_run(config.model_dir):
+      raise rundir.RunDirError(f"{config.model_dir} holds a single run ({rundir.MODEL_FILE}); "
+                               "cross-validate into another --model_dir")
     if config.overwrite:
       for name in _CV_FILES:  # stale CV files must not outlive the folds they describe
         fileio.remove(fileio.join(config.model_dir, name))

@@ -65,18 +65,25 @@ class Member:
 
 
 def _expand(entry: str) -> list[str]:
-  """One --model_dir entry: a run, or a CV folder's finished folds (refusing unfinished ones)."""
-  if fileio.isfile(fileio.join(entry, rundir.MODEL_FILE)) or not fileio.isdir(entry):
+  """One --model_dir entry: a run, or a finished CV folder's folds (refusing an unfinished one)."""
+  if not rundir.holds_cv_run(entry):
     return [entry]  # a run, or a missing folder that load_model_dir reports
+  if rundir.holds_single_run(entry):
+    raise ValueError(f"{entry} holds both a cross-validation run (fold_k/) and a single run "
+                     f"({rundir.MODEL_FILE} or {rundir.CONFIG_FILE} at its top); which one to "
+                     "use is ambiguous: move one of them to its own folder")
   folds = rundir.cv_fold_dirs(entry)
-  unfinished = [fileio.basename(d) for d in rundir.cv_fold_dirs(entry, finished=False)
-                if d not in folds]
-  if unfinished:
-    done = ",".join(folds) or "(none)"
-    raise ValueError(f"{entry} is a cross-validation run whose {', '.join(unfinished)} has no "
-                     f"{rundir.MODEL_FILE} yet (unfinished); finish it (rerun train --fold=all), "
-                     f"or pass the finished folds: --model_dir={done}")
-  return folds or [entry]
+  started = rundir.cv_fold_dirs(entry, finished=False)
+  unfinished = [fileio.basename(d) for d in started
+                if d not in folds or not rundir.run_finished(d)]
+  done = ",".join(d for d in folds if rundir.run_finished(d)) or "(none)"
+  if unfinished or not fileio.exists(fileio.join(entry, rundir.CV_METRICS_FILE)):
+    # cv_metrics.json is written after the last fold: without it a fold may not exist at all yet.
+    what = (f"whose {', '.join(unfinished)} did not train all its epochs" if unfinished else
+            f"that has not finished (no {rundir.CV_METRICS_FILE}, written after the last fold)")
+    raise ValueError(f"{entry} is a cross-validation run {what}; finish it (rerun the same train "
+                     f"--fold=all command), or pass finished runs: --model_dir={done}")
+  return folds
 
 
 def member_dirs(model_dir: str) -> list[str]:

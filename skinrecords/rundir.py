@@ -62,6 +62,12 @@ def read_config(model_dir: str | os.PathLike) -> dict | None:
 # changed would continue one model under another's description (a changed --image_size resumed
 # silently and model.keras no longer matched config.json).
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
+# The recipe (config.json's "train"): resuming under another loss silently mixed two losses in one
+# history, and another optimizer or schedule failed deep in the restore ("Received incompatible
+# tensor with shape ()"). The learning rates and epochs may change on resume.
+RECIPE_KEYS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
+               "label_smoothing", "focal_gamma", "sync_batchnorm")
+_MISSING = object()  # a key an older config.json (or a partial caller) does not have: not compared
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
               "auc.png", CALIBRATION_FILE)
@@ -94,6 +100,27 @@ def cv_fold_dirs(model_dir: str | os.PathLike, finished: bool = True) -> list[st
   return [path for _, path in sorted(folds)]
 
 
+def holds_cv_run(model_dir: str | os.PathLike) -> bool:
+  """Whether MODEL_DIR holds (part of) a cross-validation run: fold_k folders or CV files."""
+  return bool(cv_fold_dirs(model_dir, finished=False)) or any(
+      fileio.exists(fileio.join(model_dir, name)) for name in (OOF_FILE, CV_METRICS_FILE))
+
+
+def holds_single_run(model_dir: str | os.PathLike) -> bool:
+  return any(fileio.exists(fileio.join(model_dir, name)) for name in (MODEL_FILE, CONFIG_FILE))
+
+
+def run_finished(run_dir: str | os.PathLike) -> bool:
+  """Whether a run trained all its planned epochs (or stopped early), by its summary.json."""
+  try:
+    summary = json.loads(fileio.read_text(fileio.join(run_dir, SUMMARY_FILE)))
+  except (OSError, ValueError):
+    return False
+  done, planned = summary.get("epochs_done"), summary.get("epochs_planned")
+  return bool(summary.get("stopped_early")) or (isinstance(done, int) and isinstance(
+      planned, int) and done >= planned)
+
+
 def write_calibration(model_dir: str | os.PathLike, calibration: dict) -> None:
   """calibration.json: {"method": "temperature", "temperature": T, ...where it was fitted}."""
   fileio.write_text_atomic(fileio.join(model_dir, CALIBRATION_FILE),
@@ -123,12 +150,13 @@ class RunDirError(ValueError):
 
 
 def resume_settings(config: dict) -> dict:
-  """The RESUME_KEYS of a config.json dict (older runs without a key give None for it)."""
-  model = config.get("model") or {}
-  return {"records_fingerprint": config.get("records_fingerprint"),
-          "backbone": model.get("backbone"), "image_size": config.get("image_size"),
-          "classes": config.get("classes"), "num_classes": model.get("num_classes"),
-          "fold": config.get("fold")}
+  """The RESUME_KEYS and RECIPE_KEYS of a config.json dict (absent ones are not compared)."""
+  model, recipe = config.get("model") or {}, config.get("train") or {}
+  top = {k: config.get(k, _MISSING) for k in ("records_fingerprint", "image_size", "classes",
+                                               "fold")}
+  return {**top, "backbone": model.get("backbone", _MISSING),
+          "num_classes": model.get("num_classes", _MISSING),
+          **{k: recipe.get(k, _MISSING) for k in RECIPE_KEYS}}
 
 
 def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
@@ -137,8 +165,10 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
   if old is None:
     return
   before, now = resume_settings(old), resume_settings(config)
-  for key in RESUME_KEYS:
-    if before[key] != now[key] and before[key] is not None:
+  for key in RESUME_KEYS + RECIPE_KEYS:
+    if _MISSING in (before[key], now[key]) or before[key] is None and key != "fold":
+      continue
+    if before[key] != now[key]:
       raise RunDirError(
           f"{model_dir} holds a run with {key}={before[key]!r}, this one has {key}={now[key]!r}; "
           "use another --model_dir, or --overwrite to start afresh there")

@@ -55,13 +55,17 @@ def parse_isic_columns(text: str | None, classes: list[str]) -> list[str]:
 
 
 def melanoma_index(classes: list[str]) -> int:
-  """The class whose probability is the Kaggle target: id 1 for two classes (the positive class),
-  else the class named melanoma/MEL; ValueError when there is none."""
-  if len(classes) == 2:
-    return 1
+  """The class whose probability is the Kaggle target: the class named melanoma/MEL, else for two
+  classes id 1 (the positive class, e.g. ISIC's target "1"); ValueError when there is none.
+
+  The name comes first: records made from a `diagnosis` column sort to ['melanoma', 'nevus'], and
+  taking id 1 wrote P(nevus) as the target, an inverted submission (found by a trial run).
+  """
   for i, c in enumerate(classes):
     if c.lower() in MELANOMA_NAMES:
       return i
+  if len(classes) == 2:
+    return 1
   raise ValueError(f"format=kaggle needs P(melanoma), and none of the classes {classes} is named "
                    "melanoma or MEL; use format=isic")
 

@@ -156,6 +156,10 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
   chief = distribute.is_chief(strategy)
   if chief:
     rundir.check_writable(config.model_dir)  # before anything long: nothing computed is lost
+    if rundir.holds_cv_run(config.model_dir):
+      # A single run beside fold_k/ made evaluate read the folder as that one model, silently.
+      raise rundir.RunDirError(f"{config.model_dir} holds a cross-validation run (fold_k/, "
+                               "oof.csv); train a single run into another --model_dir")
   out = distribute.ChiefOutputDir(config.model_dir, chief, tag=distribute.task_name(strategy))
   was_deterministic = tf_framework_config.is_op_determinism_enabled()
   try:

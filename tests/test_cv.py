@@ -242,3 +242,41 @@ def test_kaggle_folds_are_the_file_groups_and_one_file_is_refused(tmp_path):
   assert cv.fold_ids(info(3)) == [0, 1, 2]
   with pytest.raises(ValueError, match="only fold 0; fold=all needs"):
     cv.fold_ids(info(1))
+
+
+def test_single_runs_and_cv_runs_never_share_a_folder(cv_records, tmp_path):
+  """A --fold=k run written beside fold_k/ made evaluate read the CV folder as that one model."""
+  cv_dir = tmp_path / "cv"
+  (cv_dir / "fold_0").mkdir(parents=True)
+  with pytest.raises(rundir.RunDirError, match="holds a cross-validation run"):
+    train.train(_config(cv_records, cv_dir, epochs=1, fold=1))
+  assert sorted(p.name for p in cv_dir.iterdir()) == ["fold_0"]  # nothing written beside it
+  single = tmp_path / "single"
+  single.mkdir()
+  (single / rundir.MODEL_FILE).write_bytes(b"x")
+  with pytest.raises(rundir.RunDirError, match="holds a single run"):
+    cv.run_cv(_config(cv_records, single, epochs=1), echo=lambda line: None)
+  assert sorted(p.name for p in single.iterdir()) == [rundir.MODEL_FILE]
+
+
+def test_resume_with_another_recipe_is_refused_naming_the_setting(tmp_path):
+  """Another loss resumed silently (two losses in one history); another optimizer or schedule
+  failed deep in the restore. Learning rates and epochs may change."""
+  run = {"classes": ["a", "b"], "image_size": 32, "fold": None, "records_fingerprint": "f",
+         "model": {"backbone": "simple_cnn", "num_classes": 2},
+         "train": {"loss": "bce", "optimizer": "adam", "lr_schedule": "constant",
+                   "learning_rate": 1e-3, "epochs": 2}}
+  rundir.write_config(tmp_path, run)
+  for key, value in (("loss", "focal"), ("optimizer", "adamw"), ("lr_schedule", "cosine")):
+    changed = dict(run, train=dict(run["train"], **{key: value}))
+    with pytest.raises(rundir.RunDirError, match=f"{key}='{run['train'][key]}', this one has "
+                       f"{key}='{value}'"):
+      rundir.check_resumable(tmp_path, changed)
+  rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], learning_rate=1e-4,
+                                                          epochs=5)))
+  # A run made without folds is not resumed as a fold (its validation data would change).
+  with pytest.raises(rundir.RunDirError, match="fold=None, this one has fold=1"):
+    rundir.check_resumable(tmp_path, dict(run, fold=1))
+  # Older config.json files without the recipe keys still resume.
+  rundir.write_config(tmp_path, dict(run, train={}))
+  rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], loss="focal")))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
+
 import pytest
 from scipy import stats
 from sklearn import metrics as skm
@@ -15,6 +17,7 @@ from conftest import run_bin
 from skinrecords import ensemble
 from skinrecords import evaluate
 from skinrecords import predict
+from skinrecords import rundir
 import tiny_runs
 
 
@@ -29,6 +32,7 @@ def runs(tmp_path_factory):
   for k in range(2):
     tiny_runs.save_run(tiny_runs.random_model(records, 32, seed=10 + k), root / "cv" / f"fold_{k}",
                        records, 32, fold=k)
+  (root / "cv" / rundir.CV_METRICS_FILE).write_text("{}")  # written after the last fold
   return root, records, a, b
 
 
@@ -100,13 +104,27 @@ def test_ensemble_refusals_through_the_command(runs, tmp_path):
   # Mixed classes across members.
   tiny_runs.save_run(tiny_runs.random_model(records, 32, seed=5), tmp_path / "swapped", records,
                      32, classes=["b", "a"])
-  # A CV folder with an unfinished fold (config.json written, no model.keras yet).
+  # A CV folder with an unfinished fold (config.json written, no model.keras yet), one killed
+  # after its first epoch of two (model.keras saved), one not started (no cv_metrics.json yet),
+  # and one with a single run written beside its folds.
   cv = tmp_path / "cv"
   for k in range(2):
     (cv / f"fold_{k}").mkdir(parents=True)
-  (cv / "fold_0" / "model.keras").write_bytes((a / "model.keras").read_bytes())
-  (cv / "fold_0" / "config.json").write_text((a / "config.json").read_text())
-  for model_dir, message in [(str(cv), "fold_1 has no model.keras yet (unfinished)"),
+  for name in ("model.keras", "config.json", "summary.json"):
+    (cv / "fold_0" / name).write_bytes((a / name).read_bytes())
+  (cv / "fold_1" / "config.json").write_text((a / "config.json").read_text())
+  killed = tmp_path / "killed"
+  shutil.copytree(root / "cv", killed)
+  rundir.write_summary(killed / "fold_1", {"epochs_done": 1, "epochs_planned": 2})
+  not_started = tmp_path / "not_started"
+  shutil.copytree(root / "cv" / "fold_0", not_started / "fold_0")
+  mixed = tmp_path / "mixed"
+  shutil.copytree(root / "cv", mixed)
+  shutil.copy(a / "model.keras", mixed / "model.keras")
+  for model_dir, message in [(str(cv), "fold_1 did not train all its epochs"),
+                             (str(killed), "fold_1 did not train all its epochs"),
+                             (str(not_started), "has not finished (no cv_metrics.json"),
+                             (str(mixed), "holds both a cross-validation run"),
                              (f"{a},{b}", "pass output_dir"), (f"{a},{a}", "more than once")]:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
       evaluate.evaluate(evaluate.EvalConfig(model_dir=model_dir, bootstrap=0))

@@ -50,6 +50,11 @@ def test_file_layouts(tmp_path):
   submission.write_kaggle(tmp_path / "k.csv", names, probs, ["NotMelanoma", "Melanoma"])
   assert _rows(tmp_path / "k.csv")[0] == ["image_name", "target"]
   assert float(_rows(tmp_path / "k.csv")[3][1]) == probs[2]
+  # Two classes sorted by name put melanoma first: the target is still P(melanoma), not P(id 1).
+  submission.write_kaggle(tmp_path / "k2.csv", names, 1 - probs, ["melanoma", "nevus"])
+  assert [float(r[1]) for r in _rows(tmp_path / "k2.csv")[1:]] == pytest.approx(probs, abs=1e-15)
+  submission.write_kaggle(tmp_path / "k01.csv", names, probs, ["0", "1"])  # ISIC's target column
+  assert [float(r[1]) for r in _rows(tmp_path / "k01.csv")[1:]] == probs.tolist()
   three = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]])
   submission.write_kaggle(tmp_path / "k3.csv", names[:2], three, ["BCC", "MEL", "NV"])
   assert [float(r[1]) for r in _rows(tmp_path / "k3.csv")[1:]] == [0.7, 0.1]

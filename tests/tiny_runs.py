@@ -47,7 +47,7 @@ def random_model(records, size: int, seed: int, spread: float = 2.0, classes: in
 
 def save_run(model, out: pathlib.Path, records: pathlib.Path, size: int, fold=None,
              classes=None) -> pathlib.Path:
-  """A run directory as training writes it (model.keras + config.json)."""
+  """A finished run directory as training writes it (model.keras, config.json, summary.json)."""
   manifest = json.loads((records / "manifest.json").read_text())
   out.mkdir(parents=True)
   model.save(out / rundir.MODEL_FILE)
@@ -56,6 +56,7 @@ def save_run(model, out: pathlib.Path, records: pathlib.Path, size: int, fold=No
       "records_dir": str(records), "records_fingerprint": manifest["fingerprint"], "fold": fold,
       "preprocessing": manifest["preprocessing"],
       "model": models.ModelConfig(backbone="simple_cnn", image_size=size).to_dict(), "train": {}})
+  rundir.write_summary(out, {"epochs_done": 1, "epochs_planned": 1, "fold": fold})
   return out
 
 
