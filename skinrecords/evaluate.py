@@ -320,6 +320,13 @@ def _annotate(config, m, members, info, records_dir, same, split_fold, source, o
   """Where the numbers come from: records, split, threshold, optimism, preprocessing."""
   warnings = [w for x in members for w in _preprocessing_warnings(x.cfg, info)]
   warnings += (m.get("calibration") or {}).get("warnings", [])
+  others = [x.model_dir for x in members if not _same_records(info, x.cfg)]
+  if others:
+    # The splits of two conversions are independent: another seed put half of one's test images
+    # in the other's training split (trial run), and nothing here can see that.
+    warnings.append(f"{records_dir} are not the training records of {', '.join(others)}: its "
+                    "split here may hold images (or patients) those runs trained on; make sure "
+                    "the two record sets share none, or evaluate on their own records")
   if config.split == "valid" and same:
     m["optimistic"] = ("this validation split chose the saved epoch" +
                        (" and the threshold" if source and source != "fixed" else "") +

@@ -150,7 +150,7 @@ def cv_roc(path, folds, probs, labels, classes) -> None:
     fpr, tpr, _ = skm.roc_curve(y, score)
     ax.plot(fpr, tpr, lw=2.5, color="black", label=f"pooled: AUC = {skm.auc(fpr, tpr):.3f}")
   ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
-  what = f"{classes[1]} positive" if len(classes) == 2 else "micro-averaged one-vs-rest"
+  what = f"class '{classes[1]}' positive" if len(classes) == 2 else "micro-averaged one-vs-rest"
   ax.set_title(f"Out-of-fold ROC, {len(folds)} folds, n={len(np.asarray(labels))} ({what})")
   ax.set_xlim(-0.01, 1.01)
   ax.set_ylim(-0.01, 1.01)

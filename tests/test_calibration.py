@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 
 from conftest import run_bin
 from skinrecords import calibration
+from skinrecords import ensemble
 from skinrecords import evaluate
 from skinrecords import fileio
 from skinrecords import predict
@@ -147,3 +148,17 @@ def test_overwrite_removes_a_stored_temperature(tmp_path):
   assert rundir.read_calibration(tmp_path)["temperature"] == 2.0
   rundir.clear(tmp_path)
   assert rundir.read_calibration(tmp_path) is None
+
+
+def test_a_temperature_at_the_end_of_its_range_is_not_applied(tmp_path):
+  """Perfectly separated validation predictions drive T to the bottom of its range (sharper is
+  always better there): no estimate, so the member stays uncalibrated and the file says why."""
+  (tmp_path / rundir.MODEL_FILE).write_bytes(b"model")
+  member = ensemble.Member(str(tmp_path), None, {})
+  labels = np.array([0, 0, 0, 1, 1, 1])
+  probs = np.array([0.2, 0.3, 0.4, 0.6, 0.7, 0.8])
+  assert calibration.fit_temperature(probs, labels) == pytest.approx(min(calibration.T_RANGE))
+  cal = ensemble.fit_temperature(member, probs, labels, {"split": "valid"})
+  assert cal["temperature"] == 1.0 and "left uncalibrated" in cal["warning"]
+  assert rundir.read_calibration(tmp_path)["temperature"] == 1.0
+  np.testing.assert_allclose(member.calibrated(probs), probs)

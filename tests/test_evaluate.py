@@ -392,6 +392,13 @@ def test_folds_and_records_other_than_the_training_ones_are_refused(data, random
                                             output_dir=str(tmp_path / "c"), bootstrap=0))
   assert not m["training_records"] and "optimistic" not in m
   assert "NOT the records" in (tmp_path / "c" / "report.txt").read_text()
+  # The test split of other records is allowed, with a warning: nothing here can tell whether their
+  # test images were in this model's training split.
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(other),
+                                            split="test", output_dir=str(tmp_path / "t"),
+                                            bootstrap=0))
+  assert any("are not the training records of" in w for w in m["warnings"]), m["warnings"]
+  assert "are not the training records of" in (tmp_path / "t" / "report.txt").read_text()
   no_valid = _copy_records(data, tmp_path / "no_valid", lambda m: m["splits"].pop("valid"))
   with pytest.raises(ValueError, match="needs a validation split"):
     evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), records_dir=str(no_valid),

@@ -125,8 +125,17 @@ def run(main, command: str) -> None:
             "where resuming applies)", file=sys.stderr)
       return 130
 
+  def parse(argv):
+    # absl's own parser says "FATAL Flags parsing error" and exits 1; every other user error of
+    # these commands is one line and exit 2.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as err:
+      print(f"{name}: {err}\n(see {name} --help)", file=sys.stderr)
+      sys.exit(2)
+
   try:
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse)
   except KeyboardInterrupt:  # Ctrl-C while flags were parsed or modules imported.
     print(f"{name}: interrupted", file=sys.stderr)
     sys.exit(130)

@@ -80,8 +80,11 @@ def main(argv):
       isic_truth_csv=_ISIC_TRUTH_CSV.value, isic_columns=_ISIC_COLUMNS.value)
   try:
     result = evaluate.evaluate(config)
-  except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
+  except (ValueError, pipeline.CorruptShardError) as err:
     print(f"evaluate: {err}", file=sys.stderr)
+    return 2
+  except OSError as err:  # a missing run, or a remote path that cannot be read (network, scheme)
+    print(f"evaluate: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
   print(evaluate.report_text(result))
   paths = list(result["files"].values())

@@ -53,10 +53,10 @@ def main(argv):
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:
     print(f"export: {cli_common.as_flags(str(err), _FLAG_NAMES)}", file=sys.stderr)
-    return 1
+    return 2
   except OSError as err:  # a remote output that failed mid-upload (network, permissions)
     print(f"export: {fileio.describe_error(err)}", file=sys.stderr)
-    return 1
+    return 2
   for warning in report.warnings:  # loud: stderr too, where a pipeline's log would keep it
     print(f"export: WARNING: {warning}", file=sys.stderr)
   print("\n".join(report.lines()))

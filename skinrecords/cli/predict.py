@@ -66,7 +66,7 @@ def main(argv):
   if len(argv) < 2 and not _INPUT_DIR.value and not _RECORDS_DIR.value:
     raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER, "
                          "or --records_dir=FOLDER")
-  from skinrecords import pipeline, predict  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from skinrecords import fileio, pipeline, predict  # pylint: disable=g-import-not-at-top
 
   config = cli_common.make_config(
       predict.PredictConfig,
@@ -77,8 +77,11 @@ def main(argv):
       isic_columns=_ISIC_COLUMNS.value)
   try:
     rows, rejected, classes = predict.run(config)
-  except (FileNotFoundError, ValueError, pipeline.CorruptShardError) as err:
+  except (ValueError, pipeline.CorruptShardError) as err:
     print(f"predict: {err}", file=sys.stderr)
+    return 2
+  except OSError as err:  # a missing run, or a remote path that cannot be read (network, scheme)
+    print(f"predict: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
   if rows:
     print(predict.format_table(rows, classes))

@@ -167,7 +167,7 @@ def _config():
   fold = _fold()
   try:
     info = pipeline.load_info(_RECORDS_DIR.value)
-  except (FileNotFoundError, ValueError) as err:
+  except (OSError, ValueError) as err:
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: {err}") from err
   size = _IMAGE_SIZE.value or info.image_size
   if not size:
@@ -288,15 +288,19 @@ def main(argv):
                          f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
                          f"{strategy.num_replicas_in_sync}")
   config = _config()
-  from skinrecords import models, pipeline, rundir, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords import fileio, models, pipeline, rundir, train
 
   try:
     if _fold() == "all":
       return _cross_validate(config, strategy)
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
-          train.TrainError, FileNotFoundError) as err:
+          train.TrainError) as err:
     print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS)}", file=sys.stderr)
+    return 2
+  except OSError as err:  # a missing file, or a remote path that cannot be read (network, scheme)
+    print(f"train: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
   if not result["chief"]:
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
