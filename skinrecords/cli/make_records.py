@@ -117,6 +117,10 @@ def main(argv):
   from skinrecords import convert  # pylint: disable=g-import-not-at-top
 
   config = _config()
+  if str(config.output_dir).startswith("ram://"):
+    print(f"make_records: warning: --output_dir={config.output_dir} is TensorFlow's in-memory "
+          "file system: the records vanish when this command exits (meant for tests)",
+          file=sys.stderr)
   try:
     for warning in convert.check_output_dir(config):  # Before the listing and hashing.
       print(f"make_records: warning: {warning}", file=sys.stderr)

@@ -32,9 +32,9 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Predict every image under this folder "
                                  "(recursive, sorted; hidden files skipped). Can be combined with "
                                  "image paths given as arguments.")
-_OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Also write the predictions to this CSV "
-                                  "(image, probability, predicted; per-class columns for more "
-                                  "than two classes).")
+_OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Also write the predictions to this CSV, "
+                                  "laid out by --format (default: image, probability, "
+                                  "predicted, plus per-class columns for more than two classes).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Score the records of --split in this "
                                    "folder (make_records output or SIIM-ISIC .tfrec files) "
                                    "instead of image files.")
