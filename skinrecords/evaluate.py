@@ -234,10 +234,13 @@ def _inputs(config: EvalConfig):
     raise ValueError("threshold=youden with ensemble=rank: rank scores are relative to the split "
                      "they rank, so a threshold chosen on valid means nothing on another split; "
                      "use ensemble=mean, or a fixed threshold")
+  # The ensemble's own refusals first, on the folds the members trained with: with --fold=1 the
+  # per-member check told fold_0 to "evaluate with fold=0", which then failed on fold_1.
+  ensemble.check_leakage(members, config.split, youden, [m.cfg.get("fold") for m in members],
+                         [_same_records(info, m.cfg) for m in members])
   folds = [config.fold if config.fold is not None else m.cfg.get("fold") for m in members]
   sames = [_check_leakage(dataclasses.replace(config, model_dir=m.model_dir), m.cfg, info, f,
                           youden) for m, f in zip(members, folds)]
-  ensemble.check_leakage(members, config.split, youden, folds, sames)
   return members, info, records_dir, folds, all(sames)
 
 

@@ -94,6 +94,8 @@ def test_cv_folder_is_an_ensemble_of_its_folds_on_the_test_split_only(runs):
   assert (cv / "eval_test" / "metrics.json").is_file()
   with pytest.raises(ValueError, match="different folds.*split=test.*oof.csv"):
     evaluate.evaluate(evaluate.EvalConfig(model_dir=str(cv), split="valid", bootstrap=0))
+  with pytest.raises(ValueError, match="different folds.*split=test.*oof.csv"):  # not "fold=0"
+    evaluate.evaluate(evaluate.EvalConfig(model_dir=str(cv), split="valid", fold=1, bootstrap=0))
   with pytest.raises(ValueError, match="youden for an ensemble needs a validation split that no "
                      "member trained on"):
     evaluate.evaluate(evaluate.EvalConfig(model_dir=str(cv), threshold="youden", bootstrap=0))
