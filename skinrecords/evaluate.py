@@ -90,6 +90,9 @@ class EvalConfig:
     if self.calibrate not in CALIBRATE_CHOICES:
       raise ValueError(f"EvalConfig.calibrate={self.calibrate!r}: expected one of "
                        f"{', '.join(CALIBRATE_CHOICES)}")
+    if self.isic_columns and not self.isic_truth_csv:
+      raise ValueError("isic_columns renames the columns of the ISIC truth CSV; pass "
+                       "isic_truth_csv too")
 
   @property
   def threshold_value(self) -> float | str:

@@ -52,6 +52,8 @@ def validate(config) -> None:
   if not config.focal_gamma >= 0:
     raise ValueError(f"focal_gamma={config.focal_gamma} must be >= 0 (0: cross-entropy; 2 is "
                      "usual)")
+  if config.focal_gamma != 2.0 and config.loss != "focal":  # 2.0: the default
+    raise ValueError(f"focal_gamma={config.focal_gamma} applies to loss=focal only")
   if config.early_stopping_patience < 0:
     raise ValueError(f"early_stopping_patience={config.early_stopping_patience} must be >= 0 "
                      "(0: train every epoch)")

@@ -168,6 +168,11 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
   for key in RESUME_KEYS + RECIPE_KEYS:
     if _MISSING in (before[key], now[key]) or before[key] is None and key != "fold":
       continue
+    if before[key] != now[key] and key == "records_fingerprint":
+      raise RunDirError(
+          f"{model_dir} holds a run trained on other records ({old.get('records_dir')}, "
+          f"another fingerprint than {config.get('records_dir') or 'these'}); use another "
+          "--model_dir, or --overwrite to start afresh there")
     if before[key] != now[key]:
       raise RunDirError(
           f"{model_dir} holds a run with {key}={before[key]!r}, this one has {key}={now[key]!r}; "

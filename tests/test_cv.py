@@ -274,6 +274,10 @@ def test_resume_with_another_recipe_is_refused_naming_the_setting(tmp_path):
       rundir.check_resumable(tmp_path, changed)
   rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], learning_rate=1e-4,
                                                           epochs=5)))
+  # Other records are named by folder, not by two fingerprints.
+  with pytest.raises(rundir.RunDirError, match="trained on other records \\(None, another "
+                     "fingerprint than /data/other\\)"):
+    rundir.check_resumable(tmp_path, dict(run, records_fingerprint="g", records_dir="/data/other"))
   # A run made without folds is not resumed as a fold (its validation data would change).
   with pytest.raises(rundir.RunDirError, match="fold=None, this one has fold=1"):
     rundir.check_resumable(tmp_path, dict(run, fold=1))

@@ -127,6 +127,7 @@ def test_adamw_decays_kernels_but_not_biases_or_norm_parameters():
     ({"loss": "mse"}, "loss='mse'"),
     ({"label_smoothing": 1.0}, "label_smoothing=1.0"),
     ({"focal_gamma": -1.0}, "focal_gamma=-1.0"),
+    ({"focal_gamma": 3.0}, "focal_gamma=3.0 applies to loss=focal only"),
     ({"early_stopping_patience": -1}, "early_stopping_patience=-1"),
 ])
 def test_bad_recipes_name_the_field(recipe, message):
