@@ -117,6 +117,19 @@ def test_training_input_fn_per_replica_batch(records_dir):
                                    num_replicas_in_sync=2)
   images, labels = next(iter(fn(ctx)))
   assert images.shape[0] == 4 and labels.shape == (4,)
+  # The function shards by its context (a mutant passing no context to make_dataset survived):
+  # two pipelines read disjoint halves that together are the split once (the split it was given,
+  # not the default); a DatasetInfo works too.
+  info = pipeline.load_info(records_dir)
+  seen = []
+  for i in range(2):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
+                                     num_replicas_in_sync=2)
+    fn = pipeline.input_fn(info if i else str(records_dir), "valid", global_batch_size=2000,
+                           training=False, with_names=True)
+    seen.append(list(_collect(fn(ctx))[2]))
+  assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+  assert len(seen[0]) + len(seen[1]) == info.num_examples("valid")
 
 
 def test_resize_only_when_sizes_differ(records_dir):
