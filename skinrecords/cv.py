@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import gc
 import io
-import json
 import logging
 from typing import Callable
 
@@ -71,19 +70,15 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
   Raises rundir.RunDirError when the folder holds a run with other settings (as a resume would).
   """
   d = config.model_dir
-  summary_path = fileio.join(d, rundir.SUMMARY_FILE)
-  if not (fileio.isfile(summary_path) and fileio.isfile(fileio.join(d, rundir.MODEL_FILE))):
-    return None
+  summary = rundir.read_summary(d)
+  if summary is None or not fileio.isfile(fileio.join(d, rundir.MODEL_FILE)):
+    return None  # not started, killed before its first epoch, or a save cut short
   # The keys rundir.resume_settings compares, in config.json's shape (train._run_config).
   rundir.check_resumable(d, {
       "records_fingerprint": info.fingerprint, "image_size": config.model.image_size,
       "classes": list(info.classes), "fold": config.fold,
       "model": {"backbone": config.model.backbone, "num_classes": info.num_classes},
       "train": config.to_dict()})
-  try:
-    summary = json.loads(fileio.read_text(summary_path))
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    return None  # train.train rewrites it
   return summary if summary.get("epochs_done") == config.epochs else None
 
 
@@ -187,15 +182,14 @@ def format_cv(m: dict) -> str:
 def write_outputs(model_dir, predictions: list[dict], classes: list[str],
                   bootstrap: int = 1000, tta: int = 0) -> dict:
   """oof.csv, cv_metrics.json and cv_roc.png in `model_dir`, each atomically."""
-  out = model_dir
   m = cv_metrics(predictions, classes, bootstrap)
   m["oof_tta"] = tta
-  fileio.write_text_atomic(fileio.join(out, rundir.OOF_FILE), oof_csv(predictions, classes))
+  fileio.write_text_atomic(fileio.join(model_dir, rundir.OOF_FILE), oof_csv(predictions, classes))
   probs, labels, _ = _pooled(predictions)
-  plots.cv_roc(fileio.join(out, CV_ROC_FILE), [(p["fold"], p["probs"], p["labels"]) for p in predictions],
-               probs, labels, classes)
-  m["files"] = {name: str(fileio.join(out, name)) for name in _CV_FILES}
-  fileio.write_text_atomic(fileio.join(out, rundir.CV_METRICS_FILE), json.dumps(m, indent=2) + "\n")
+  plots.cv_roc(fileio.join(model_dir, CV_ROC_FILE),
+               [(p["fold"], p["probs"], p["labels"]) for p in predictions], probs, labels, classes)
+  m["files"] = {name: fileio.join(model_dir, name) for name in _CV_FILES}
+  rundir.write_cv_metrics(model_dir, m)
   return m
 
 

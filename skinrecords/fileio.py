@@ -311,6 +311,15 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+  """Creates `folder` if needed and writes (then removes) a probe file there; OSError if either
+  fails. Every command calls it, through the checks below, before its long work."""
+  makedirs(folder)
+  probe = join(folder, f".write-test-{os.getpid()}")
+  write_bytes_atomic(probe, b"")
+  remove(probe)
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> str:
   """Creates `path` if needed and proves a file can be written there, before any long work.
 
@@ -320,10 +329,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
   try:
     if isfile(path):
       raise ValueError(f"{what} {path} is a file, not a folder; choose another path")
-    makedirs(path)
-    probe = join(path, f".write-test-{os.getpid()}")
-    write_bytes_atomic(probe, b"")
-    remove(probe)
+    probe_writable(path)
   except OSError as err:
     raise ValueError(f"{what} {path} is not writable ({err.strerror or err}); choose another path "
                      "or fix its permissions") from err
@@ -340,10 +346,7 @@ def check_writable_file(path: str | os.PathLike, what: str = "output_csv") -> No
                      f"{join(path, 'predictions.csv')}")
   folder = dirname(path) or "."
   try:
-    makedirs(folder)
-    probe = join(folder, f".write-test-{os.getpid()}")
-    write_bytes_atomic(probe, b"")
-    remove(probe)
+    probe_writable(folder)
   except (FileExistsError, NotADirectoryError) as err:
     raise ValueError(f"{what}={path}: a part of its folder is a file; choose another "
                      f"{what}") from err

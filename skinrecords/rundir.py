@@ -37,25 +37,46 @@ HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_
                   "val_auc", "images_per_sec", "seconds")
 
 
-def write_config(model_dir: str | os.PathLike, config: dict) -> None:
-  fileio.write_text_atomic(fileio.join(model_dir, CONFIG_FILE),
-                           json.dumps(config, indent=2) + "\n")
+def _write_json(model_dir: str | os.PathLike, name: str, obj: dict) -> None:
+  fileio.write_text_atomic(fileio.join(model_dir, name), json.dumps(obj, indent=2) + "\n")
 
 
-def write_summary(model_dir: str | os.PathLike, summary: dict) -> None:
-  fileio.write_text_atomic(fileio.join(model_dir, SUMMARY_FILE),
-                           json.dumps(summary, indent=2) + "\n")
-
-
-def read_config(model_dir: str | os.PathLike) -> dict | None:
-  """config.json as a dict, or None when the run has not written one yet."""
-  path = fileio.join(model_dir, CONFIG_FILE)
+def _read_json(model_dir: str | os.PathLike, name: str, fix: str = "") -> dict | None:
+  """MODEL_DIR/name as parsed JSON, None when absent; ValueError (plus `fix`) when not JSON."""
+  path = fileio.join(model_dir, name)
   if not fileio.isfile(path):
     return None
   try:
     return json.loads(fileio.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{path}: not valid JSON ({err})") from err
+    raise ValueError(f"{path}: not valid JSON ({err}){fix}") from err
+
+
+def write_config(model_dir: str | os.PathLike, config: dict) -> None:
+  _write_json(model_dir, CONFIG_FILE, config)
+
+
+def write_summary(model_dir: str | os.PathLike, summary: dict) -> None:
+  _write_json(model_dir, SUMMARY_FILE, summary)
+
+
+def write_cv_metrics(model_dir: str | os.PathLike, cv_metrics: dict) -> None:
+  _write_json(model_dir, CV_METRICS_FILE, cv_metrics)
+
+
+def read_config(model_dir: str | os.PathLike) -> dict | None:
+  """config.json as a dict, or None when the run has not written one yet."""
+  return _read_json(model_dir, CONFIG_FILE)
+
+
+def read_summary(model_dir: str | os.PathLike) -> dict | None:
+  """summary.json as a dict; None when absent or unreadable (a killed save: the run rewrites it
+  after its next epoch, so callers treat it as not finished)."""
+  try:
+    summary = _read_json(model_dir, SUMMARY_FILE)
+  except ValueError:
+    return None
+  return summary if isinstance(summary, dict) else None
 
 
 # The settings a run's backup, model.keras and config.json depend on: resuming with any of them
@@ -112,10 +133,7 @@ def holds_single_run(model_dir: str | os.PathLike) -> bool:
 
 def run_finished(run_dir: str | os.PathLike) -> bool:
   """Whether a run trained all its planned epochs (or stopped early), by its summary.json."""
-  try:
-    summary = json.loads(fileio.read_text(fileio.join(run_dir, SUMMARY_FILE)))
-  except (OSError, ValueError):
-    return False
+  summary = read_summary(run_dir) or {}
   done, planned = summary.get("epochs_done"), summary.get("epochs_planned")
   return bool(summary.get("stopped_early")) or (isinstance(done, int) and isinstance(
       planned, int) and done >= planned)
@@ -123,20 +141,16 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
 
 def write_calibration(model_dir: str | os.PathLike, calibration: dict) -> None:
   """calibration.json: {"method": "temperature", "temperature": T, ...where it was fitted}."""
-  fileio.write_text_atomic(fileio.join(model_dir, CALIBRATION_FILE),
-                           json.dumps(calibration, indent=2) + "\n")
+  _write_json(model_dir, CALIBRATION_FILE, calibration)
 
 
 def read_calibration(model_dir: str | os.PathLike) -> dict | None:
   """calibration.json as a dict, or None when the run has none; ValueError when it is unusable."""
   path = fileio.join(model_dir, CALIBRATION_FILE)
-  if not fileio.isfile(path):
+  cal = _read_json(model_dir, CALIBRATION_FILE,
+                   "; delete it or refit with --calibrate=temperature")
+  if cal is None:
     return None
-  try:
-    cal = json.loads(fileio.read_text(path))
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{path}: not valid JSON ({err}); delete it or refit with "
-                     "--calibrate=temperature") from err
   t = cal.get("temperature") if isinstance(cal, dict) else None
   if not isinstance(cal, dict) or cal.get("method") != "temperature" or isinstance(t, bool) or \
       not isinstance(t, (int, float)) or not t > 0:
@@ -190,10 +204,7 @@ def clear(model_dir: str | os.PathLike) -> None:
 def check_writable(model_dir: str | os.PathLike) -> None:
   """Creates MODEL_DIR and writes a probe file, before any long work; RunDirError if it can't."""
   try:
-    fileio.makedirs(model_dir)
-    probe = fileio.join(model_dir, ".write-test")
-    fileio.write_text_atomic(probe, "")
-    fileio.remove(probe)
+    fileio.probe_writable(model_dir)
   except OSError as err:
     raise RunDirError(f"--model_dir={model_dir} cannot be written ({err.strerror or err}); "
                       "choose a writable folder") from err
@@ -239,10 +250,7 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   if fileio.size(model_path) == 0:
     raise ValueError(f"{model_path} is empty (0 bytes): a save was interrupted; train again "
                      "into this directory to resume from its backup")
-  try:
-    cfg = json.loads(fileio.read_text(config_path))
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+  cfg = read_config(d)
   classes = cfg.get("classes") if isinstance(cfg, dict) else None
   if not isinstance(classes, list) or len(classes) < 2:
     raise ValueError(f"{config_path}: 'classes' must list at least 2 class names in id order, "
