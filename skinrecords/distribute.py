@@ -145,8 +145,7 @@ class ChiefOutputDir:
       self.dir = model_dir
       fileio.makedirs(self.dir)
       return
-    where = model_dir if fileio.is_remote(model_dir) else os.path.realpath(model_dir)
-    key = hashlib.sha256(where.encode()).hexdigest()[:12]
+    key = hashlib.sha256(fileio.canonical(model_dir).encode()).hexdigest()[:12]
     prefix = f"skinrecords_{re.sub(r'[^A-Za-z0-9]+', '', tag)}_{key}_"
     for stale in fileio.glob(fileio.join(tempfile.gettempdir(), prefix + "*")):
       st = os.lstat(stale)

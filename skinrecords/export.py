@@ -289,7 +289,7 @@ def export(config: ExportConfig) -> ExportReport:
   """
   config.validate()
   model, cfg = rundir.load_model_dir(config.model_dir)
-  out = os.fspath(fileio.check_writable_dir(config.output_dir))
+  out = fileio.check_writable_dir(config.output_dir)
   records = _check_records(config, cfg)
   classes = [str(c) for c in cfg["classes"]]
   settings, warn = preprocessing_settings(cfg, config.threshold)

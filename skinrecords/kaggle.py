@@ -179,8 +179,7 @@ def _image_size(records_dir, all_sizes: set) -> int | None:
 
 
 def _key(records_dir: str, files) -> tuple:
-  where = records_dir if fileio.is_remote(records_dir) else os.path.realpath(records_dir)
-  return (where,) + tuple((fileio.basename(p), *fileio.stat(p)) for p in files)
+  return (fileio.canonical(records_dir),) + tuple((fileio.basename(p), *fileio.stat(p)) for p in files)
 
 
 def read_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:

@@ -220,11 +220,6 @@ def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta,
   return probs, names
 
 
-def check_writable(path) -> None:
-  """Fails now, before any forward pass, when the CSV could not be written later."""
-  fileio.check_writable_file(path, "output_csv")
-
-
 def write_csv(rows: list[dict], path, classes: list[str]) -> None:
   """image, probability (P(class 1), or P(predicted) for K > 2), predicted[, p_<class>...]."""
   binary = len(classes) == 2
@@ -286,7 +281,7 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   """
   config.validate()
   if config.output_csv:
-    check_writable(config.output_csv)
+    fileio.check_writable_file(config.output_csv, "output_csv")  # before any forward pass
   if config.explain_dir:
     fileio.check_writable_dir(config.explain_dir, "explain_dir")
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
