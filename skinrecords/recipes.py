@@ -193,7 +193,7 @@ def xla_mode(config, resolved: str, replicas: int) -> str:
 def should_stop(config, epochs_done: int, best_epoch: int) -> bool:
   """Early stopping: `early_stopping_patience` epochs after the best one without a better one.
 
-  The best epoch is the one the run state keeps for model.keras (train.SELECTION), so stopping and
+  The best epoch is the one the run state keeps for model.keras (selection.SELECTION), so stopping and
   saving agree. Never during the head-only warm-up (`warmup_epochs`): the backbone has not
   started training yet.
   """

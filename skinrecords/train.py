@@ -9,7 +9,7 @@ A run is reproducible from its seed: initialisation, input order and augmentatio
 `seed`; with `deterministic=True` the ops too (bit-identical weights on the CPU). A run directory
 holds one run: resuming checks the records' fingerprint, backbone, image size, classes and fold
 against its config.json (`overwrite=True` starts afresh instead), and summary.json says which epoch
-model.keras holds and why (SELECTION).
+model.keras holds and why (selection.SELECTION).
 
 Multi-worker (MultiWorkerMirroredStrategy, one process per host): every worker runs the same number
 of steps (the training input repeats forever and each epoch is `steps_per_epoch` steps, so no worker
@@ -114,13 +114,7 @@ class TrainError(RuntimeError):
   """A run that cannot go on for a reason the user can fix; the message says how, in one line."""
 
 
-SELECTION = selection.SELECTION
 _METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
-
-
-# The selection rule lives in selection.py (pure, mutation-tested); these names stay for callers.
-_selection = selection.criterion
-_update_best = selection.update_best
 
 
 @dataclasses.dataclass
@@ -138,7 +132,7 @@ class _Setup:
 
 
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
-  """Trains, writing model.keras (the best epoch: SELECTION), config.json, history.csv,
+  """Trains, writing model.keras (the best epoch: selection.SELECTION), config.json, history.csv,
   summary.json, plots and TensorBoard logs to `config.model_dir` (the chief only, under
   multi-worker training); resumes from its backup when restarted with the same settings.
   Returns the summary (best epoch and its metrics) plus the final weights' digest.
@@ -228,7 +222,8 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
     class_weights = [w for _, w in sorted(manifest.class_weights(info, "train", fold).items())]
   has_valid = "valid" in info.shards if fold is None else True
   if not has_valid:
-    logging.warning("no validation split: the best epoch is chosen by %s", SELECTION["loss"])
+    logging.warning("no validation split: the best epoch is chosen by %s",
+                    selection.SELECTION["loss"])
   steps_per_epoch = config.steps_per_epoch or max(
       1, info.num_examples("train", fold) // config.batch_size)
   try:
@@ -318,7 +313,7 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: run_state.State, o
     row = steps_lib.run_epoch(steps, iterator, epoch, setup.steps_per_epoch, config, valid, setup.info)
     row["phase"] = phase
     history.append(row)
-    improved = _update_best(state, row, epoch, valid is not None, first=epoch == start)
+    improved = selection.update_best(state, row, epoch, valid is not None, first=epoch == start)
     _save_epoch(config, state, out, history, improved, (manager, writer), setup, start)
     logging.info("epoch %d/%d %s%s", epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
@@ -354,11 +349,11 @@ def _summary(config: TrainConfig, state: run_state.State, history: list, setup: 
   best_epoch = int(state.best_epoch.numpy())
   row = next((r for r in history if int(r["epoch"]) == best_epoch), None)
   best = {k: _number(row[k]) for k in _METRICS} if row else {}
-  criterion = (_selection({k: float(row[k]) for k in _METRICS}, setup.has_valid)[0] if row
+  criterion = (selection.criterion({k: float(row[k]) for k in _METRICS}, setup.has_valid)[0] if row
                else None)
   return {"model_dir": str(config.model_dir), "model_file": rundir.MODEL_FILE,
           "best_epoch": best_epoch or None, "best_metrics": best, "selected_by": criterion,
-          "selection_rule": SELECTION.get(criterion), "epochs_done": len(history),
+          "selection_rule": selection.SELECTION.get(criterion), "epochs_done": len(history),
           "epochs_planned": config.epochs, "epochs_this_run": max(0, len(history) - start),
           "stopped_early": (len(history) < config.epochs
                             and recipes.should_stop(config, len(history), best_epoch)),
