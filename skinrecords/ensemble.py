@@ -73,10 +73,10 @@ def _expand(entry: str) -> list[str]:
                      f"({rundir.MODEL_FILE} or {rundir.CONFIG_FILE} at its top); which one to "
                      "use is ambiguous: move one of them to its own folder")
   folds = rundir.cv_fold_dirs(entry)
-  started = rundir.cv_fold_dirs(entry, finished=False)
-  unfinished = [fileio.basename(d) for d in started
-                if d not in folds or not rundir.run_finished(d)]
-  done = ",".join(d for d in folds if rundir.run_finished(d)) or "(none)"
+  finished = {d for d in folds if rundir.run_finished(d)}
+  unfinished = [fileio.basename(d) for d in rundir.cv_fold_dirs(entry, finished=False)
+                if d not in finished]
+  done = ",".join(d for d in folds if d in finished) or "(none)"
   if unfinished or not fileio.exists(fileio.join(entry, rundir.CV_METRICS_FILE)):
     # cv_metrics.json is written after the last fold: without it a fold may not exist at all yet.
     what = (f"whose {', '.join(unfinished)} did not train all its epochs" if unfinished else

@@ -130,10 +130,9 @@ def _same_records(info: manifest.DatasetInfo, cfg: dict) -> bool:
 
 
 def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fold,
-                   youden: bool) -> bool:
-  """Refuses evaluations that would score (or pick a threshold on) the model's training data.
-  Returns whether `info` holds the model's own training records."""
-  same = _same_records(info, cfg)
+                   youden: bool, same: bool) -> None:
+  """Refuses evaluations that would score (or pick a threshold on) the model's training data;
+  `same`: whether `info` holds the model's own training records (_same_records)."""
   trained_fold = cfg.get("fold")
   uses_folds = config.split in ("train", "valid") or youden
   if same and uses_folds and fold != trained_fold:
@@ -150,7 +149,6 @@ def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fo
     raise ValueError(f"threshold='youden' needs a validation split to be chosen on, and "
                      f"{info.records_dir} has none (splits: {sorted(info.shards)}); pass a fixed "
                      "threshold or a fold")
-  return same
 
 
 def _preprocessing_warnings(cfg: dict, info: manifest.DatasetInfo) -> list[str]:
@@ -239,12 +237,14 @@ def _inputs(config: EvalConfig):
                      "use ensemble=mean, or a fixed threshold")
   # The ensemble's own refusals first, on the folds the members trained with: with --fold=1 the
   # per-member check told fold_0 to "evaluate with fold=0", which then failed on fold_1.
+  sames = [_same_records(info, m.cfg) for m in members]
   ensemble.check_leakage(members, config.split, youden, [m.cfg.get("fold") for m in members],
-                         [_same_records(info, m.cfg) for m in members])
+                         sames)
   folds = [config.fold if config.fold is not None else m.cfg.get("fold") for m in members]
-  sames = [_check_leakage(dataclasses.replace(config, model_dir=m.model_dir), m.cfg, info, f,
-                          youden) for m, f in zip(members, folds)]
-  return members, info, records_dir, folds, all(sames)
+  for m, f, same in zip(members, folds, sames):
+    _check_leakage(dataclasses.replace(config, model_dir=m.model_dir), m.cfg, info, f, youden,
+                   same)
+  return members, info, records_dir, folds, sames
 
 
 def _check_outputs(config: EvalConfig, classes) -> tuple[str, list[str]]:
@@ -257,17 +257,17 @@ def _check_outputs(config: EvalConfig, classes) -> tuple[str, list[str]]:
   return out, columns
 
 
-def _fit_calibration(config, members, info, folds) -> None:
+def _fit_calibration(config, members, info, folds, sames) -> None:
   """--calibrate=temperature: each member's T on its own validation split (for CV folds, the fold
   it held out: honest for that member), stored in its MODEL_DIR."""
-  for m, fold in zip(members, folds):
+  for m, fold, same in zip(members, folds, sames):
     rundir.check_writable(m.model_dir)
     if "valid" not in info.shards and fold is None:
       raise ValueError(f"calibrate=temperature fits on a validation split, and "
                        f"{info.records_dir} has none for {m.model_dir} (no valid split, no "
                        "fold); calibrate=none, or records with a validation split")
     _check_leakage(dataclasses.replace(config, model_dir=m.model_dir, split="valid"), m.cfg, info,
-                   fold, False)
+                   fold, False, same)
   for m, fold in zip(members, folds):
     probs, labels, _ = ensemble.predict_member(m, info, "valid", fold, config.batch_size,
                                                config.tta)
@@ -279,11 +279,11 @@ def _fit_calibration(config, members, info, folds) -> None:
 def evaluate(config: EvalConfig) -> dict:
   """Predicts `config.split`, computes metrics, writes the report files; returns the metrics."""
   config.validate()
-  members, info, records_dir, folds, same = _inputs(config)
+  members, info, records_dir, folds, sames = _inputs(config)
   classes, fold = members[0].classes, folds[0]
   out, columns = _check_outputs(config, classes)
   if config.calibrate == "temperature":
-    _fit_calibration(config, members, info, folds)
+    _fit_calibration(config, members, info, folds, sames)
 
   # Predictions (each member at its own image size), the threshold and the metrics.
   def run(split):
@@ -308,7 +308,7 @@ def evaluate(config: EvalConfig) -> dict:
     m["members"] = ensemble.member_rows(members, [dict(
         metrics.compute_metrics(p, labels, classes, threshold, bootstrap=0),
         **calibration.calibration_metrics(p, labels)) for p in member_probs])
-  _annotate(config, m, members, info, records_dir, same, split_fold, source, out)
+  _annotate(config, m, members, info, records_dir, sames, split_fold, source, out)
   if len(members) == 1:
     m["galleries"] = _galleries(out, members[0].model, info, config.split, split_fold,
                                 members[0].cfg, m, probs, labels, names)
@@ -322,11 +322,12 @@ def evaluate(config: EvalConfig) -> dict:
   return m
 
 
-def _annotate(config, m, members, info, records_dir, same, split_fold, source, out) -> None:
-  """Where the numbers come from: records, split, threshold, optimism, preprocessing."""
+def _annotate(config, m, members, info, records_dir, sames, split_fold, source, out) -> None:
+  """Where the numbers come from: records, split, threshold, optimism, preprocessing; `sames`
+  says per member whether these are its training records."""
   warnings = [w for x in members for w in _preprocessing_warnings(x.cfg, info)]
   warnings += (m.get("calibration") or {}).get("warnings", [])
-  others = [x.model_dir for x in members if not _same_records(info, x.cfg)]
+  same, others = all(sames), [x.model_dir for x, s in zip(members, sames) if not s]
   if others:
     # The splits of two conversions are independent: another seed put half of one's test images
     # in the other's training split (trial run), and nothing here can see that.
