@@ -94,35 +94,17 @@ def cluster_peers(tf_config: str) -> tuple[waiting.Peer | None, list[waiting.Pee
 
 def start_multi_worker(timeout: float = CLUSTER_TIMEOUT_S,
                        interval: float = CLUSTER_PROGRESS_S) -> tf.distribute.Strategy:
-  """MultiWorkerMirroredStrategy from TF_CONFIG, with a bounded, interruptible wait for the peers.
-
-  Its constructor starts this task's gRPC server and then blocks in C++ until every task has
-  registered, forever and deaf to Ctrl-C and SIGTERM (issue 27: 580 s until kill -9). First this
-  task's port is checked (in use: ValueError), then the security line is printed, then the
-  constructor runs under `waiting.watchdog`: a line every `interval` s per absent peer, exit 2 with
-  one line after `timeout` s, exit at once on Ctrl-C/SIGTERM.
-  """
+  """MultiWorkerMirroredStrategy from TF_CONFIG, after a bounded, interruptible wait for the peers
+  (`waiting.rendezvous`: this task's port in use is a ValueError, absent peers a line every
+  `interval` s, then `waiting.WaitTimeout` after `timeout` s). Prints the open-port line first."""
   me, peers = cluster_peers(os.environ.get("TF_CONFIG", ""))
   if me is None:
     return tf.distribute.MultiWorkerMirroredStrategy()
-  if me.host.strip("[]") in ("localhost", "127.0.0.1", "::1") or _is_local(me.host):
-    waiting.check_port_free(me.port, f"multi-worker gRPC server of {me.label}")
   print(waiting.security_note(me.port, f"multi-worker gRPC server of {me.label}",
                               "join the cluster and read the model and the training batches"),
         file=sys.stderr, flush=True)
-  with waiting.watchdog(peers, timeout, interval, "--cluster_timeout"):
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def _is_local(host: str) -> bool:
-  """Whether `host` names this machine (so its port is ours to check)."""
-  import socket  # pylint: disable=g-import-not-at-top
-
-  try:
-    return host in (socket.gethostname(), socket.getfqdn()) or socket.gethostbyname(host) in (
-        socket.gethostbyname(socket.gethostname()), "127.0.0.1")
-  except OSError:
-    return False
+  waiting.rendezvous(me, peers, timeout, interval, "--cluster_timeout")
+  return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def use_mixed_precision(setting: str) -> bool:

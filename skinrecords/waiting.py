@@ -9,17 +9,12 @@ progress lines, a timeout and a prompt exit on Ctrl-C/SIGTERM. Pure Python: no T
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
-import select
-import signal
 import socket
 import sys
-import threading
 import time
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 # Printed when a server starts: TensorFlow offers neither authentication nor a choice of interface
 # for these servers (tf.data service's DispatcherConfig/WorkerConfig have no bind address and bind
@@ -119,71 +114,40 @@ def _stderr(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def watchdog(peers: Iterable[Peer], timeout: float, interval: float, flag: str,
-             echo: Callable[[str], None] | None = None) -> Iterator[None]:
-  """Guards a blocking TensorFlow call in the main thread (the multi-worker strategy's start, which
-  waits in C++ until every peer has registered).
+def rendezvous(me: Peer, peers: Iterable[Peer], timeout: float, interval: float, flag: str,
+               echo: Callable[[str], None] | None = None) -> None:
+  """Before a multi-worker strategy starts: hold this task's port and wait for every peer's.
 
-  A thread logs "waiting for worker k at host:port" every `interval` seconds for each peer that
-  does not accept connections yet, and ends the process with one line (exit 2) after `timeout`
-  seconds, or at once (exit 128 + signal) on Ctrl-C or SIGTERM: the C-level signal handler writes
-  the signal number to a wakeup fd the thread reads, since the Python-level handler cannot run
-  while the main thread is inside TensorFlow.
+  MultiWorkerMirroredStrategy's constructor starts the gRPC server and then blocks in C++ until
+  every task has registered, forever, holding the GIL (no Python thread runs, so no watchdog can),
+  deaf to Ctrl-C, and SIGTERM was ignored too (issue 27: 580 s until kill -9). So the waiting
+  happens here, in Python, first: this task listens on its own port (which also refuses a port in
+  use: ValueError) until every peer's port accepts connections (a peer's own rendezvous socket, or
+  its TensorFlow server once it got past this point), with a line every `interval` s per absent
+  peer and WaitTimeout after `timeout` s; Ctrl-C and SIGTERM act as usual. Then the port is
+  released for TensorFlow, whose wait now only covers peers that are up.
   """
-  echo = echo or _stderr
-  peers = list(peers)
-  done = threading.Event()
-  read_fd, write_fd = os.pipe()
-  os.set_blocking(write_fd, False)
-  handlers = {s: signal.signal(s, _no_op) for s in (signal.SIGINT, signal.SIGTERM)}
-  old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  thread = threading.Thread(target=_watch, name="peer-watchdog", daemon=True,
-                            args=(peers, timeout, interval, flag, echo, done, read_fd))
-  thread.start()
+  holder = _listen(me.port, f"multi-worker gRPC server of {me.label}")
   try:
-    yield
+    wait_until_reachable(peers, timeout, interval, flag, echo)
   finally:
-    done.set()
-    os.write(write_fd, b"\0")  # wakes the thread, which sees `done`
-    thread.join(timeout=5)
-    signal.set_wakeup_fd(old_fd)
-    for sig, handler in handlers.items():
-      signal.signal(sig, handler)
-    os.close(read_fd)
-    os.close(write_fd)
+    holder.close()
 
 
-def _no_op(signum, frame):  # pylint: disable=unused-argument
-  """The Python-level handler while the watchdog runs; the watchdog thread does the work."""
-
-
-def _watch(peers, timeout, interval, flag, echo, done, read_fd) -> None:
-  start = time.monotonic()
-  next_line = start + min(interval, 5.0)  # a healthy cluster forms within seconds: no line then
-  while not done.is_set():
-    ready, _, _ = select.select([read_fd], [], [], 1.0)
-    if ready:
-      data = os.read(read_fd, 64)
-      sigs = [b for b in data if b in (signal.SIGINT, signal.SIGTERM)]
-      if sigs and not done.is_set():
-        name = signal.Signals(sigs[0]).name
-        _exit(echo, f"stopped by {name} while waiting for {', '.join(map(str, peers))}",
-              128 + sigs[0])
-      continue
-    waited = time.monotonic() - start
-    if waited >= timeout:
-      absent = [p for p in peers if not reachable(p.host, p.port)]
-      _exit(echo, _gave_up(absent or peers, timeout, flag), 2)
-    if time.monotonic() >= next_line:
-      next_line += interval
-      for p in peers:
-        if not done.is_set() and not reachable(p.host, p.port):
-          echo(f"waiting for {p} ({waited:.0f} s of {timeout:.0f} s, {flag})")
-
-
-def _exit(echo, line: str, code: int) -> None:
-  logging.shutdown()
-  echo(line)
-  sys.stdout.flush()
-  os._exit(code)  # pylint: disable=protected-access
+def _listen(port: int, what: str) -> socket.socket:
+  """A socket listening on `port` on every interface (as TensorFlow's server will)."""
+  check_port_free(port, what)
+  try:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    host = "::"
+  except OSError:
+    sock, host = socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+    sock.listen(64)
+  except OSError as err:
+    sock.close()
+    raise ValueError(f"the {what} cannot listen on port {port}: {err.strerror}") from err
+  return sock

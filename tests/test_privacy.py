@@ -114,8 +114,12 @@ def test_pseudonymized_names_mapping_lies_beside_the_key(tmp_path):
   assert b"ISIC_" not in _all_bytes(tmp_path / "out")
 
 
-def test_make_records_pseudonymizes_and_evaluate_reads_it(tmp_path):
-  """Through the commands: make_records with a salt file, then wrong uses of the flag."""
+@pytest.mark.slow
+def test_make_records_pseudonymizes_and_evaluate_predict_read_it(tmp_path):
+  """Through the commands: make_records with a salt file, evaluate and predict on its records
+  (patient-level bootstrap over the pseudonyms), then wrong uses of the flag."""
+  from tiny_runs import random_model, save_run  # pylint: disable=g-import-not-at-top
+
   labels = _csv_dataset(tmp_path / "in", patients=12)
   salt = tmp_path / "salt.key"
   out = tmp_path / "out"
@@ -125,8 +129,15 @@ def test_make_records_pseudonymizes_and_evaluate_reads_it(tmp_path):
                  "--noprogress")
   assert "pseudonymised: patient_id" in proc.stdout and str(salt) in proc.stdout, proc.stdout
   assert salt.exists() and b"MRN-" not in _all_bytes(out)
+  run = save_run(random_model(out, 32, seed=1), tmp_path / "run", out, 32)
+  report = run_bin("evaluate", f"--model_dir={run}", "--split=test", "--bootstrap=50")
+  assert "patient" in report.stdout, report.stdout[-2000:]
+  assert b"MRN-" not in _all_bytes(run)
+  pred = run_bin("predict", f"--model_dir={run}", f"--records_dir={out}", "--split=test",
+                 f"--output_csv={tmp_path / 'pred.csv'}")
+  assert "MRN-" not in pred.stdout + (tmp_path / "pred.csv").read_text()
   for args, message in (
-      ([f"--pseudonymize_patients={out / 'k'}"], "inside"),
+      ([f"--pseudonymize_patients={tmp_path / 'out2' / 'k'}"], "inside"),
       (["--pseudonymize_names"], "needs --pseudonymize_patients")):
     bad = run_bin("make_records", f"--input_dir={tmp_path / 'in' / 'images'}",
                   f"--output_dir={tmp_path / 'out2'}", f"--labels_csv={labels}",

@@ -306,10 +306,15 @@ def main(argv):
 
   _set_cluster()
   # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
+  from skinrecords import waiting  # pylint: disable=g-import-not-at-top
+
   try:
     strategy = distribute.make_strategy(_STRATEGY.value, cluster_timeout=_CLUSTER_TIMEOUT.value)
   except ValueError as err:  # this worker's port is in use
     raise app.UsageError(cli_common.as_flags(str(err), ("worker_hosts",))) from err
+  except waiting.WaitTimeout as err:
+    print(f"train: {err}", file=sys.stderr)
+    return 2
   _quiet_keras_internals()
   if _BATCH.value % strategy.num_replicas_in_sync:
     raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
