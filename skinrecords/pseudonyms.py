@@ -38,22 +38,25 @@ def load_key(salt_file: str, output_dir: str, create: bool = True) -> bytes:
   if not fileio.is_remote(output_dir):
     out = os.path.abspath(output_dir)
     if os.path.commonpath([salt, out]) == out:
-      raise ValueError(f"pseudonymize_patients={salt_file} lies inside output_dir={output_dir}: "
+      raise ValueError(f"the salt file {salt_file} lies inside the output folder {output_dir}: "
                        "the key would be shared with the records; keep it elsewhere")
   if not os.path.exists(salt) and create:
-    os.makedirs(os.path.dirname(salt), exist_ok=True)
-    fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-      f.write(secrets.token_hex(32) + "\n")
+    try:
+      os.makedirs(os.path.dirname(salt), exist_ok=True)
+      fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+      with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    except OSError as err:
+      raise ValueError(f"the salt file {salt_file} cannot be created ({err.strerror}); give a "
+                       "writable path or an existing key file") from err
   try:
     with open(salt, "rb") as f:
       key = f.read().strip()
   except OSError as err:
-    raise ValueError(f"pseudonymize_patients={salt_file}: cannot read the key ({err.strerror})"
-                     ) from err
+    raise ValueError(f"the salt file {salt_file} cannot be read ({err.strerror})") from err
   if len(key) < _MIN_KEY_BYTES:
-    raise ValueError(f"pseudonymize_patients={salt_file} holds {len(key)} bytes; a key needs at "
-                     f"least {_MIN_KEY_BYTES} random ones (delete the file: one is made for you)")
+    raise ValueError(f"the salt file {salt_file} holds {len(key)} bytes; a key needs at least "
+                     f"{_MIN_KEY_BYTES} random ones (delete the file and one is made for you)")
   return key
 
 
