@@ -40,9 +40,9 @@ def load_key(salt_file: str, output_dir: str, create: bool = True) -> bytes:
     if os.path.commonpath([salt, out]) == out:
       raise ValueError(f"the salt file {salt_file} lies inside the output folder {output_dir}: "
                        "the key would be shared with the records; keep it elsewhere")
-  if not os.path.exists(salt) and create:
+  if not fileio.exists(salt) and create:
     try:
-      os.makedirs(os.path.dirname(salt), exist_ok=True)
+      fileio.makedirs(os.path.dirname(salt))
       fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
       with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
@@ -50,8 +50,7 @@ def load_key(salt_file: str, output_dir: str, create: bool = True) -> bytes:
       raise ValueError(f"the salt file {salt_file} cannot be created ({err.strerror}); give a "
                        "writable path or an existing key file") from err
   try:
-    with open(salt, "rb") as f:
-      key = f.read().strip()
+    key = fileio.read_bytes(salt).strip()
   except OSError as err:
     raise ValueError(f"the salt file {salt_file} cannot be read ({err.strerror})") from err
   if len(key) < _MIN_KEY_BYTES:
