@@ -26,6 +26,7 @@ from skinrecords import features
 from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import preprocess
+from skinrecords import pseudonyms
 from skinrecords import records
 from skinrecords import sources
 from skinrecords import splits
@@ -62,6 +63,10 @@ class ConvertConfig:
   overwrite: bool = False
   progress: bool = True
   preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
+  # A salt file: patient ids (and image names with pseudonymize_names) are stored as keyed hashes
+  # (skinrecords.pseudonyms); its path and secret stay out of the output.
+  pseudonymize_patients: str | None = None
+  pseudonymize_names: bool = False
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would be accepted."""
@@ -79,6 +84,8 @@ class ConvertConfig:
     if self.patients_csv and (self.labels_csv or not self.patient_column):
       raise ValueError("patients_csv is for folder layouts and needs patient_column; with "
                        "labels_csv give patient_column alone")
+    if self.pseudonymize_names and not self.pseudonymize_patients:
+      raise ValueError("pseudonymize_names needs pseudonymize_patients=SALT_FILE (the key)")
     self.preprocess.validate()
     if self.preprocess.image_size < MIN_TRAIN_IMAGE_SIZE:
       raise ValueError(f"image_size={self.preprocess.image_size}: training needs at least "
@@ -87,8 +94,11 @@ class ConvertConfig:
   def plan_dict(self) -> dict:
     """Settings that change the output bytes (not where it goes or how fast it is made)."""
     d = dataclasses.asdict(self)
-    for key in ("output_dir", "workers", "strict", "overwrite", "progress"):
+    for key in ("output_dir", "workers", "strict", "overwrite", "progress",
+                "pseudonymize_patients"):
       d.pop(key)
+    if not self.pseudonymize_patients:  # records made before these fields keep their fingerprint
+      d.pop("pseudonymize_names")
     d["preprocess"] = self.preprocess.to_dict()
     d["classes"] = list(self.classes) if self.classes else None
     d["split"] = list(self.split)
@@ -289,6 +299,7 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
       label_column=config.label_column, patient_column=config.patient_column,
       patients_csv=config.patients_csv, classes=list(config.classes) if config.classes else None,
       exclude=None if fileio.is_remote(config.output_dir) else config.output_dir)
+  key = _pseudonymize(config, listing)
   items, classes = listing.items, list(listing.classes)
   labels = [classes.index(it.label) for it in items]
   grouped = any(it.patient_id for it in items)
@@ -319,9 +330,25 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
   bar.close()
 
   written = _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings)
+  if key is not None:
+    written["inputs"]["pseudonymized"] = pseudonyms.manifest_entry(config.pseudonymize_names)
+    if config.pseudonymize_names:
+      pseudonyms.scrub_paths(written["inputs"], key)
   manifest.write(out, written)
   fileio.rmtree(state_dir)
   return Result(written, str(out), resumed_shards=len(plan) - len(todo))
+
+
+def _pseudonymize(config: ConvertConfig, listing: sources.Listing) -> bytes | None:
+  """--pseudonymize_patients: keyed hashes replace the listing's patient ids (and image names),
+  before splits, fingerprint and records see them; the names mapping goes beside the key."""
+  if not config.pseudonymize_patients:
+    return None
+  key = pseudonyms.load_key(config.pseudonymize_patients, config.output_dir)
+  mapping = pseudonyms.apply(listing, key, names=config.pseudonymize_names)
+  if mapping:
+    pseudonyms.write_mapping(config.pseudonymize_patients, mapping)
+  return key
 
 
 def _assign(config: ConvertConfig, listing: sources.Listing, labels: list[int], grouped: bool):

@@ -14,12 +14,15 @@ import hashlib
 import logging
 import re
 import socket
+import sys
+import time
 
 import tensorflow as tf
 
 from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import pipeline
+from skinrecords import waiting
 
 ROLES = ("dispatcher", "worker")
 # [grpc://]host:port, the host a name, an IPv4 address or a bracketed IPv6 address.
@@ -66,12 +69,19 @@ class DataServiceConfig:
   dispatcher_address: str = ""
   worker_address: str = ""
   work_dir: str = ""
+  # Worker only: how long the dispatcher may be unreachable (at start, or later) before the worker
+  # gives up with one line; a line every `progress_interval` s meanwhile. A dispatcher restarted
+  # with --work_dir within this time is rejoined.
+  dispatcher_timeout: float = 300.0
+  progress_interval: float = 10.0
 
   def validate(self) -> None:
     if self.role not in ROLES:
       raise ValueError(f"role={self.role!r}; choose one of {', '.join(ROLES)}")
     if not 0 <= self.port < 65536:
       raise ValueError(f"port={self.port} must be within 0..65535 (0: any free port)")
+    if not (self.dispatcher_timeout > 0 and self.progress_interval > 0):
+      raise ValueError(f"dispatcher_timeout={self.dispatcher_timeout} must be above 0 seconds")
     if self.role == "worker":
       parse_address(self.dispatcher_address, "dispatcher_address")
       if self.work_dir:
@@ -90,6 +100,15 @@ def start_server(config: DataServiceConfig):
   service = tf.data.experimental.service
   if config.work_dir:
     fileio.check_writable_dir(config.work_dir, "work_dir")
+  waiting.check_port_free(config.port, f"tf.data service {config.role}")
+  if config.role == "worker":
+    host, port = parse_address(config.dispatcher_address, "dispatcher_address")
+    try:  # TensorFlow's worker starts without its dispatcher and then waits silently
+      waiting.wait_until_reachable([waiting.Peer("the dispatcher", host, port)],
+                                   config.dispatcher_timeout, config.progress_interval,
+                                   "--dispatcher_timeout")
+    except waiting.WaitTimeout as err:
+      raise ValueError(f"dispatcher_address={config.dispatcher_address}: {err}") from err
   try:
     if config.role == "dispatcher":
       return service.DispatchServer(service.DispatcherConfig(
@@ -104,16 +123,48 @@ def start_server(config: DataServiceConfig):
                      "another server using it? choose another port (0: any free one)") from err
 
 
-def serve(config: DataServiceConfig, server=None) -> None:
+def serve(config: DataServiceConfig, server=None) -> int:
   """Runs a tf.data service dispatcher or worker (`server`, else one started here) until the
-  process is killed."""
+  process is killed (a dispatcher), or until its dispatcher has been unreachable for
+  `dispatcher_timeout` seconds (a worker: returns 1 after one line)."""
   server = server or start_server(config)
   if config.role == "dispatcher":
     port = server.target.rsplit(":", 1)[1]
+    print(waiting.security_note(port, "tf.data service dispatcher"), file=sys.stderr, flush=True)
     print(f"tf.data service dispatcher listening on port {port}; train with "
           f"--data_service=grpc://{socket.gethostname()}:{port}", flush=True)
-  else:
-    port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
-    print(f"tf.data service worker listening on port {port}, registered with dispatcher "
-          f"{config.dispatcher_address}", flush=True)
-  server.join()
+    # A Python loop, not server.join(): join() blocks in C++, where Ctrl-C cannot reach it.
+    while True:
+      time.sleep(1.0)
+  port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
+  print(waiting.security_note(port, "tf.data service worker"), file=sys.stderr, flush=True)
+  print(f"tf.data service worker listening on port {port}, registered with dispatcher "
+        f"{config.dispatcher_address}", flush=True)
+  return watch_dispatcher(config)
+
+
+def watch_dispatcher(config: DataServiceConfig) -> int:
+  """A worker whose dispatcher died ran on silently forever (issue 27): check it every second; a
+  line every `progress_interval` s while it is unreachable; 1 after `dispatcher_timeout` s."""
+  host, port = parse_address(config.dispatcher_address, "dispatcher_address")
+  lost = next_line = None
+  while True:
+    time.sleep(1.0)
+    now = time.monotonic()
+    if waiting.reachable(host, port):
+      if lost is not None:
+        print(f"the dispatcher at {host}:{port} answers again", file=sys.stderr, flush=True)
+      lost = None
+      continue
+    if lost is None:
+      lost, next_line = now, now
+    if now - lost >= config.dispatcher_timeout:
+      print(f"gave up: the dispatcher at {host}:{port} has not answered for "
+            f"{config.dispatcher_timeout:.0f} s (--dispatcher_timeout); restart it (with its "
+            "--work_dir it recovers its jobs) and this worker", file=sys.stderr, flush=True)
+      return 1
+    if now >= next_line:
+      print(f"waiting for the dispatcher at {host}:{port}: unreachable for {now - lost:.0f} s of "
+            f"{config.dispatcher_timeout:.0f} s (--dispatcher_timeout)", file=sys.stderr,
+            flush=True)
+      next_line += config.progress_interval

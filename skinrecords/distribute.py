@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from skinrecords import data_service
 from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import pipeline
+from skinrecords import waiting
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("auto", "on", "off")
@@ -37,19 +39,26 @@ MIXED_PRECISION = ("auto", "on", "off")
 XLA_MODES = ("off", "augment", "on")
 XLA_SETTINGS = ("auto",) + XLA_MODES
 _MIRRORED_COUNT = itertools.count()
+# How long a multi-worker process waits for its peers at start (--cluster_timeout), and how often
+# it says which ones it is waiting for. Workers started by hand or by a scheduler on several hosts
+# can come up minutes apart; TensorFlow's own wait is unbounded.
+CLUSTER_TIMEOUT_S = 600.0
+CLUSTER_PROGRESS_S = 10.0
 
 
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+def make_strategy(name: str = "auto", cluster_timeout: float = CLUSTER_TIMEOUT_S,
+                  progress_interval: float = CLUSTER_PROGRESS_S) -> tf.distribute.Strategy:
   """auto: MirroredStrategy over all GPUs when there are several, else one device (GPU or CPU).
 
   Without GPUs, `mirrored` mirrors over the logical CPU devices (the tests make two of them to stand
   in for two GPUs). `multi_worker` reads the cluster from TF_CONFIG (no TF_CONFIG: one worker) and
-  mirrors over this host's GPUs, or its CPU.
+  mirrors over this host's GPUs, or its CPU; it waits at most `cluster_timeout` seconds for the
+  other workers (`start_multi_worker`).
   """
   if name not in STRATEGIES:
     raise ValueError(f"strategy={name!r}; choose one of {', '.join(STRATEGIES)}")
   if name == "multi_worker":
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return start_multi_worker(cluster_timeout, progress_interval)
   gpus = tf.config.list_logical_devices("GPU")
   devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
   if name == "mirrored" or (name == "auto" and len(gpus) > 1):
@@ -63,6 +72,39 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             100000 * next(_MIRRORED_COUNT))
     return tf.distribute.MirroredStrategy(devices)
   return tf.distribute.OneDeviceStrategy(devices[0])
+
+
+def cluster_peers(tf_config: str) -> tuple[waiting.Peer | None, list[waiting.Peer]]:
+  """(this task, the other tasks) of a TF_CONFIG JSON; (None, []) without one (a single worker)."""
+  if not tf_config:
+    return None, []
+  config = json.loads(tf_config)
+  task = config.get("task", {})
+  me, peers = None, []
+  for job, hosts in config.get("cluster", {}).items():
+    for i, address in enumerate(hosts):
+      host, port = data_service.parse_address(address, f"TF_CONFIG {job} {i}")
+      peer = waiting.Peer(f"{job} {i}", host, port)
+      if job == task.get("type") and i == task.get("index"):
+        me = peer
+      elif job in ("chief", "worker"):  # evaluators and parameter servers do not all-reduce
+        peers.append(peer)
+  return me, peers
+
+
+def start_multi_worker(timeout: float = CLUSTER_TIMEOUT_S,
+                       interval: float = CLUSTER_PROGRESS_S) -> tf.distribute.Strategy:
+  """MultiWorkerMirroredStrategy from TF_CONFIG, after a bounded, interruptible wait for the peers
+  (`waiting.rendezvous`: this task's port in use is a ValueError, absent peers a line every
+  `interval` s, then `waiting.WaitTimeout` after `timeout` s). Prints the open-port line first."""
+  me, peers = cluster_peers(os.environ.get("TF_CONFIG", ""))
+  if me is None:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  print(waiting.security_note(me.port, f"multi-worker gRPC server of {me.label}",
+                              "join the cluster and read the model and the training batches"),
+        file=sys.stderr, flush=True)
+  waiting.rendezvous(me, peers, timeout, interval, "--cluster_timeout")
+  return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def use_mixed_precision(setting: str) -> bool:
@@ -177,6 +219,8 @@ def tf_config_from_hosts(worker_hosts: list[str], task_index: int) -> str:
   for host in worker_hosts:
     if not data_service.ADDRESS.match(host) or host.startswith("grpc://"):
       raise ValueError(f"worker host {host!r} is not host:port (e.g. 10.0.0.2:12345)")
+    if not 0 < int(host.rsplit(":", 1)[1]) < 65536:
+      raise ValueError(f"worker host {host!r}: the port must be within 1..65535")
   if len(set(worker_hosts)) != len(worker_hosts):
     raise ValueError(f"worker_hosts {','.join(worker_hosts)} lists an address twice")
   if not 0 <= task_index < len(worker_hosts):

@@ -15,7 +15,8 @@ LIB = REPO / "skinrecords"
 # earlier. "cli" sits on top and may import anything.
 STAGES = [
     {"fileio", "tfrecord", "features", "manifest", "splits", "labels", "patients", "dedup",
-     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty"},
+     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty",
+     "pseudonyms", "waiting"},
     {"records", "workers", "convert"},
     {"pipeline", "kaggle"},
     {"augment"},

@@ -6,7 +6,11 @@ whole shard files to the workers on demand (dynamic sharding: within one pass ov
 file goes to exactly one worker; files a worker was reading when it died are not handed out again,
 so a pass is at-most-once under failures). Every trainer of one run shares one job, so each batch
 reaches exactly one trainer. Validation never goes through the service (it stays exactly-once).
-Runs until killed.
+Runs until killed (a worker also stops, after --dispatcher_timeout, when its dispatcher is gone).
+
+Security: the port is unauthenticated and listens on every interface (TensorFlow offers no choice
+of interface and no authentication): anyone who can reach it can register a worker or a trainer and
+receive the training images. Run it inside a private network or behind a firewall.
 
 Example:
   data_service --role=dispatcher --port=5050
@@ -32,24 +36,34 @@ _WORKER_ADDRESS = flags.DEFINE_string("worker_address", "", "Worker only: the ad
 _WORK_DIR = flags.DEFINE_string("work_dir", "", "Dispatcher only: a folder for its journal, so a "
                                 "restarted dispatcher recovers its jobs (fault-tolerant mode); "
                                 "empty: state is lost on restart.")
+_DISPATCHER_TIMEOUT = flags.DEFINE_float("dispatcher_timeout", 300.0, "Worker only: seconds the "
+                                         "dispatcher may be unreachable, at start or later, "
+                                         "before this worker gives up (exit 1 with one line); a "
+                                         "line every 10 s meanwhile.")
 flags.mark_flag_as_required("role")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from skinrecords import waiting  # pylint: disable=g-import-not-at-top
+
+  try:  # before TensorFlow loads (seconds): a port in use is said at once
+    waiting.check_port_free(_PORT.value, f"tf.data service {_ROLE.value}")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from err
   from skinrecords import data_service  # pylint: disable=g-import-not-at-top
 
   config = data_service.DataServiceConfig(
       role=_ROLE.value, port=_PORT.value, dispatcher_address=_DISPATCHER.value,
-      worker_address=_WORKER_ADDRESS.value, work_dir=_WORK_DIR.value)
+      worker_address=_WORKER_ADDRESS.value, work_dir=_WORK_DIR.value,
+      dispatcher_timeout=_DISPATCHER_TIMEOUT.value)
   try:
     config.validate()
     server = data_service.start_server(config)
   except ValueError as err:
     raise app.UsageError(str(err)) from err
-  data_service.serve(config, server)
-  return 0
+  return data_service.serve(config, server)
 
 
 def run():

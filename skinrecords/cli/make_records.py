@@ -69,12 +69,24 @@ _STRICT = flags.DEFINE_boolean("strict", False, "Exit non-zero if any input was 
                                "output is still written).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace output made with other flags.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+_PSEUDONYMIZE = flags.DEFINE_string("pseudonymize_patients", None, "SALT_FILE: store patient ids "
+                                    "as keyed hashes (HMAC-SHA256 with the secret in this file; "
+                                    "created with 32 random bytes if absent) in the records and "
+                                    "the manifest, for records that are shared. Splits and folds "
+                                    "are the same as without. Keep the file outside --output_dir "
+                                    "and private: the same key gives the same ids next time.")
+_PSEUDONYMIZE_NAMES = flags.DEFINE_boolean("pseudonymize_names", False, "With "
+                                           "--pseudonymize_patients: image names too; the mapping "
+                                           "(pseudonym -> original path) is written beside the "
+                                           "salt file as SALT_FILE.names.csv, never into the "
+                                           "records. ISIC submission files then carry pseudonyms.")
 
 flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
-               "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels")
+               "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels",
+               "pseudonymize_patients", "pseudonymize_names")
 
 
 def _config():
@@ -103,12 +115,24 @@ def _config():
       classes=tuple(_CLASSES.value) if _CLASSES.value else None, split=split, folds=_FOLDS.value,
       seed=_SEED.value, shard_size_mb=_SHARD_MB.value, min_train_shards=_MIN_TRAIN_SHARDS.value,
       workers=_WORKERS.value, strict=_STRICT.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, preprocess=pre)
+      progress=_PROGRESS.value, preprocess=pre, pseudonymize_patients=_PSEUDONYMIZE.value,
+      pseudonymize_names=_PSEUDONYMIZE_NAMES.value)
   try:
     config.validate()
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err), _FLAG_NAMES)) from err
   return config
+
+
+def _say_pseudonymized(written: dict, config) -> None:
+  from skinrecords import pseudonyms  # pylint: disable=g-import-not-at-top
+
+  entry = written["inputs"].get("pseudonymized")
+  if entry:
+    where = (f"; names mapping in {pseudonyms.mapping_path(config.pseudonymize_patients)}"
+             if entry.get("image_name") else "")
+    print(f"  {pseudonyms.describe(entry)}; the key stays in {config.pseudonymize_patients} "
+          f"(keep it private and outside the records){where}")
 
 
 def main(argv):
@@ -133,6 +157,7 @@ def main(argv):
           file=sys.stderr)
     return 1
   print(convert.summary(result))
+  _say_pseudonymized(result.manifest, config)
   if config.strict and result.rejected:
     print(f"make_records: --strict: {len(result.rejected)} input(s) rejected", file=sys.stderr)
     return 1

@@ -61,12 +61,19 @@ _WORKER_HOSTS = flags.DEFINE_list("worker_hosts", None, "Every worker's host:por
                                   "the chief. Turned into TF_CONFIG; needs --task_index.")
 _TASK_INDEX = flags.DEFINE_integer("task_index", None, "This host's position in --worker_hosts "
                                    "(0-based; 0 is the chief).")
+_CLUSTER_TIMEOUT = flags.DEFINE_float("cluster_timeout", 600.0, "With --strategy=multi_worker: "
+                                      "seconds to wait at start for every other worker to come "
+                                      "up (a line every 10 s names the ones missing), then give "
+                                      "up with exit 2. Ctrl-C/SIGTERM stop the wait at once.")
 _SLURM_PORT = flags.DEFINE_integer("slurm_port_base", 8888, "With --cluster=slurm: the port of "
                                    "each node's first task; further tasks on a node add 1, 2, ...")
 _DATA_SERVICE = flags.DEFINE_string("data_service", "", "grpc://host:port of a tf.data service "
                                     "dispatcher (bin/data_service): the training input is read and "
                                     "decoded by its workers, files handed out dynamically; "
                                     "validation stays local. Empty: input built in this process.")
+_DATA_SERVICE_TIMEOUT = flags.DEFINE_float("data_service_timeout", 300.0, "With --data_service: "
+                                           "seconds to wait at start for the dispatcher to "
+                                           "answer (a line every 10 s), then give up with exit 2.")
 _XLA = flags.DEFINE_enum("xla", "auto", ["auto", "on", "off", "augment"],
                          "XLA compilation of the per-replica train step. on: augmentation, forward "
                          "and backward in one XLA program; augment: only the augmentation (the "
@@ -227,6 +234,21 @@ def _set_cluster():
     logging.info("TF_CONFIG=%s", tf_config)
 
 
+def _data_service_answers() -> bool:
+  """Waits (bounded, with progress lines) for the --data_service dispatcher: without it the input
+  pipeline waits forever, silently (issue 27)."""
+  from skinrecords import data_service, waiting  # pylint: disable=g-import-not-at-top
+
+  host, port = data_service.parse_address(_DATA_SERVICE.value, "--data_service")
+  try:
+    waiting.wait_until_reachable([waiting.Peer("the tf.data service dispatcher", host, port)],
+                                 _DATA_SERVICE_TIMEOUT.value, 10.0, "--data_service_timeout")
+  except waiting.WaitTimeout as err:
+    print(f"train: --data_service={_DATA_SERVICE.value}: {err}", file=sys.stderr)
+    return False
+  return True
+
+
 def _quiet_keras_internals() -> None:
   """TensorFlow's own INFO lines (`functional_saver.py ... Sharding callback duration` at every
   backup save) only with --verbosity >= 1; this package's INFO lines stay."""
@@ -277,17 +299,30 @@ def main(argv):
   # Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included.
   if _fold() != "all" and _OOF_TTA.value:
     raise app.UsageError(f"--oof_tta={_OOF_TTA.value} applies only to --fold=all")
+  for flag in (_CLUSTER_TIMEOUT, _DATA_SERVICE_TIMEOUT):
+    if not flag.value > 0:
+      raise app.UsageError(f"--{flag.name}={flag.value}: give a number of seconds above 0")
   from skinrecords import distribute  # pylint: disable=g-import-not-at-top
 
   _set_cluster()
   # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
-  strategy = distribute.make_strategy(_STRATEGY.value)
+  from skinrecords import waiting  # pylint: disable=g-import-not-at-top
+
+  try:
+    strategy = distribute.make_strategy(_STRATEGY.value, cluster_timeout=_CLUSTER_TIMEOUT.value)
+  except ValueError as err:  # this worker's port is in use
+    raise app.UsageError(cli_common.as_flags(str(err), ("worker_hosts",))) from err
+  except waiting.WaitTimeout as err:
+    print(f"train: {err}", file=sys.stderr)
+    return 2
   _quiet_keras_internals()
   if _BATCH.value % strategy.num_replicas_in_sync:
     raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
                          f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
                          f"{strategy.num_replicas_in_sync}")
   config = _config()
+  if config.data_service and not _data_service_answers():
+    return 2
   # pylint: disable-next=g-import-not-at-top
   from skinrecords import fileio, models, pipeline, rundir, train
 
