@@ -249,7 +249,8 @@ def build_model(config: ModelConfig, class_counts: Sequence[int] | None = None) 
   if config.resolved_weights not in ("imagenet", "none"):
     _load_weights_file(model, config.resolved_weights)
   # Every BatchNormalization (the backbone's; simple_cnn and the head have none) on TensorFlow's
-  # fused kernel: DenseNet121's step 1.55-1.61 -> 1.05 CPU s (batchnorm.py).
+  # fused kernel: DenseNet121's step 1.55-1.61 -> 1.05 CPU s on an AVX-512/AMX CPU, tf_keras's
+  # cost (FIELD_NOTES); 1.02x on this AVX2 build machine (BUILD_NOTES "BatchNorm").
   batchnorm.fuse(model)
   set_freeze(model, config.freeze)
   return model

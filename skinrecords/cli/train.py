@@ -125,9 +125,9 @@ _LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing i
 _FOCAL_GAMMA = flags.DEFINE_float("focal_gamma", 2.0, "Focusing parameter of --loss=focal (0: "
                                   "cross-entropy).")
 _SYNC_BN = flags.DEFINE_boolean("sync_batchnorm", False, "BatchNorm statistics over the global "
-                                "batch (all replicas and workers), for small per-replica batches. Synchronised layers "
-                                "train unfused (Keras' own code, slower: the fused kernel cannot "
-                                "all-reduce its moments).")
+                                "batch (all replicas and workers), for small per-replica batches. "
+                                "Synchronised layers train unfused (Keras' own code, slower: the "
+                                "fused kernel cannot all-reduce its moments).")
 _PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs "
                                  "without a better epoch than the saved one; 0: never.")
 # Augmentation: defaults reproduce the notebook's ImageDataGenerator.
