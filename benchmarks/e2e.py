@@ -50,8 +50,9 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of both ways
 _XLA = flags.DEFINE_string("xla", "auto", "Ours: XLA mode as in skinrecords-train (auto, on, off, "
                            "augment).")
 _MIXED = flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"],
-                           "Ours: float16 compute, as in skinrecords-train (auto: on with a GPU). "
-                           "The notebook's way stays float32, as the notebook did.")
+                           "Ours: mixed precision as in skinrecords-train (auto: float16 on "
+                           "tensor-core GPUs, bfloat16 on CPUs with native bfloat16, else "
+                           "float32). The notebook's way stays float32, as the notebook did.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the images, the split and both trainings.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder in which a fresh bench_e2e-* folder is "
                                "made for images, records and models (default: the temp folder).")
@@ -101,32 +102,6 @@ def _convert(images: pathlib.Path, records: pathlib.Path, size: int, seed: int) 
   return seconds
 
 
-def _notebook_model(backbone: str, size: int, learning_rate: float):
-  """The notebook's model in tf_keras: inputs already scaled to 0..1 by the generator."""
-  import tf_keras  # pylint: disable=g-import-not-at-top
-
-  from skinrecords import models  # pylint: disable=g-import-not-at-top
-
-  layers = tf_keras.layers
-  inputs = tf_keras.Input((size, size, 3))
-  if backbone == "simple_cnn":  # skinrecords.models' simple_cnn, layer for layer
-    x = inputs
-    for filters in (32, 64, 128, 128):
-      x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-      x = layers.MaxPooling2D(2)(x)
-  else:
-    apps = {"vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121",
-            "efficientnetv2s": "EfficientNetV2S"}
-    net = getattr(tf_keras.applications, apps[backbone])
-    x = net(include_top=False, weights=None, input_shape=(size, size, 3))(inputs)
-  x = layers.GlobalAveragePooling2D()(x)
-  x = layers.Dropout(models.ModelConfig().dropout)(x)
-  outputs = layers.Dense(1, activation="sigmoid")(x)
-  model = tf_keras.Model(inputs, outputs)
-  model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss="binary_crossentropy")
-  return model
-
-
 def _epoch_timer():
   """A tf_keras callback, and the list it fills with each epoch's wall seconds (begin to end)."""
   import tf_keras  # pylint: disable=g-import-not-at-top
@@ -162,7 +137,7 @@ def _notebook_way(backbone: str, images: pathlib.Path, counts: dict, opts: dict)
     test_it = plain.flow_from_directory(str(images / "test"), shuffle=False, **flow)
 
   start, cpu = time.perf_counter(), time.process_time()
-  model = _notebook_model(backbone, size, opts["learning_rate"])
+  model = bench_common.notebook_model(backbone, size, opts["learning_rate"])
   timer, epoch_seconds = _epoch_timer()
   model.fit(train_it, epochs=opts["epochs"], steps_per_epoch=counts["train"] // batch,
             callbacks=[timer], verbose=0)
@@ -251,13 +226,17 @@ def run_benchmark(root: pathlib.Path, opts: dict) -> None:
   if counts["train"] < opts["batch"]:
     raise app.UsageError(f"--batch_size={opts['batch']} exceeds the {counts['train']} training "
                          "images: raise --num_images or lower --batch_size")
+  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+
   records = root / "records"
   convert_s = _convert(images, records, opts["size"], opts["seed"])
   steps = counts["train"] // opts["batch"]
   print(f"{counts['train']} train / {counts['test']} test synthetic {opts['size']}x{opts['size']} "
         f"images under {root}; batch {opts['batch']}, {opts['epochs']} epochs of {steps} steps, "
         f"Adam {opts['learning_rate']:g}, no pretrained weights; ours: xla={opts['xla']}, "
-        f"mixed_precision={opts['mixed']}", flush=True)
+        f"mixed_precision={opts['mixed']} "
+        f"({distribute.resolve_mixed_precision(opts['mixed']).policy}), fused BatchNorm",
+        flush=True)
   print("gain: notebook / ours for seconds, ours / notebook for img/s and the AUC (> 1: ours "
         "better)\n", flush=True)
   for backbone in opts["backbones"]:

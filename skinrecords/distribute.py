@@ -108,12 +108,84 @@ def start_multi_worker(timeout: float = CLUSTER_TIMEOUT_S,
 
 
 def use_mixed_precision(setting: str) -> bool:
-  """auto: float16 on GPU (Tensor Cores), off on CPU, where float16 matmuls are slower, not faster."""
+  """Whether `setting` resolves to a mixed policy on this machine (resolve_mixed_precision)."""
+  return resolve_mixed_precision(setting).policy != "float32"
+
+
+# CPU flags (Linux /proc/cpuinfo names) of native low-precision matmuls that oneDNN uses.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+class Precision(NamedTuple):
+  policy: str  # the Keras dtype policy: float32, mixed_float16 or mixed_bfloat16
+  reason: str  # why, for the log line
+  warning: str = ""  # set when the choice is known to be slow on this hardware
+
+
+def cpu_flags() -> frozenset:
+  """This CPU's feature flags from /proc/cpuinfo (empty where there is none: then no native
+  low precision is assumed, which only costs speed)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def gpu_compute_capabilities() -> list:
+  """(major, minor) per visible GPU; (0, 0) where TensorFlow does not say."""
+  caps = []
+  for gpu in tf.config.list_physical_devices("GPU"):
+    details = tf.config.experimental.get_device_details(gpu)
+    caps.append(tuple(details.get("compute_capability") or (0, 0)))
+  return caps
+
+
+def resolve_mixed_precision(setting: str, gpu_capabilities=None, flags=None) -> Precision:
+  """The Keras dtype policy for `--mixed_precision` on this machine (or the GPUs/CPU flags given).
+
+  GPUs: float16 where every GPU has tensor cores (compute capability >= 7.0), with loss scaling;
+  bfloat16 (>= 8.0) is as fast there and unmeasured by us, so float16 stays. CPU: bfloat16 only
+  where the CPU multiplies it natively (AVX512-BF16 / AMX-BF16): there a fused-BN DenseNet121 step
+  took 0.41 s against 0.61 s in float32 (FIELD_NOTES). Without those instructions oneDNN emulates
+  low precision and a step runs several times slower (simple_cnn 64 px ~6x, issue 27): auto keeps
+  float32 and `on` warns.
+  """
   if setting not in MIXED_PRECISION:
     raise ValueError(f"mixed_precision={setting!r}; choose one of {', '.join(MIXED_PRECISION)}")
+  if setting == "off":
+    return Precision("float32", "mixed_precision=off")
+  caps = gpu_compute_capabilities() if gpu_capabilities is None else list(gpu_capabilities)
+  if caps:
+    shown = ", ".join(f"{major}.{minor}" for major, minor in caps)
+    tensor_cores = all(tuple(c) >= (7, 0) for c in caps)
+    if setting == "auto" and not tensor_cores:
+      return Precision("float32", f"mixed_precision=auto: GPU compute capability {shown} < 7.0 "
+                       "has no float16 tensor cores")
+    warning = "" if tensor_cores else (
+        f"--mixed_precision=on: GPU compute capability {shown} < 7.0 has no float16 tensor "
+        "cores, so float16 may be slower than float32; use --mixed_precision=auto or off")
+    return Precision("mixed_float16", f"mixed_precision={setting}: GPU compute capability "
+                     f"{shown}", warning)
+  flags = cpu_flags() if flags is None else frozenset(flags)
+  bf16 = sorted(flags & set(NATIVE_BF16_CPU_FLAGS))
+  if bf16:
+    return Precision("mixed_bfloat16", f"mixed_precision={setting}: the CPU has "
+                     f"{', '.join(bf16)}")
   if setting == "auto":
-    return bool(tf.config.list_physical_devices("GPU"))
-  return setting == "on"
+    return Precision("float32", "mixed_precision=auto: the CPU has no native bfloat16 "
+                     f"({' or '.join(NATIVE_BF16_CPU_FLAGS)})")
+  if flags & set(NATIVE_FP16_CPU_FLAGS):
+    return Precision("mixed_float16", "mixed_precision=on: the CPU has native float16")
+  return Precision("mixed_float16", "mixed_precision=on on a CPU without native low precision",
+                   "--mixed_precision=on: this CPU has no native bfloat16 or float16 (no "
+                   f"{', '.join(NATIVE_BF16_CPU_FLAGS + NATIVE_FP16_CPU_FLAGS)}), so mixed "
+                   "precision runs several times slower than float32 here; use "
+                   "--mixed_precision=auto (float32 on this CPU)")
 
 
 def resolve_xla(setting: str, device_names, augmenting: bool = True) -> str:

@@ -23,6 +23,7 @@ import os
 
 import keras
 
+from skinrecords import batchnorm
 from skinrecords import fileio
 from skinrecords import models  # pylint: disable=unused-import  (registers layers for load_model)
 
@@ -263,6 +264,7 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
     raise ValueError(f"{model_path}: could not load the Keras model "
                      f"({type(err).__name__}: {err})") from err
+  batchnorm.fuse(model)  # a run saved before the fused layer existed predicts on it too
   units = model.outputs[0].shape[-1]
   expected = 1 if len(classes) == 2 else len(classes)
   if units != expected:

@@ -122,7 +122,8 @@ class _Setup:
   """Everything the run derives from its config and records before building anything."""
   info: manifest.DatasetInfo
   model_config: models.ModelConfig
-  mixed: bool
+  mixed: bool  # float16: the optimizer scales the loss (bfloat16 needs no scaling)
+  precision: str  # the Keras dtype policy (distribute.resolve_mixed_precision)
   xla_mode: str
   class_counts: list
   class_weights: list
@@ -205,7 +206,10 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def _resolve(config: TrainConfig, strategy) -> _Setup:
-  mixed = distribute.use_mixed_precision(config.mixed_precision)
+  precision = distribute.resolve_mixed_precision(config.mixed_precision)
+  logging.info("precision: %s (%s)", precision.policy, precision.reason)
+  if precision.warning:
+    logging.warning("%s", precision.warning)
   devices = distribute.replica_devices(strategy)
   try:
     xla_mode = recipes.xla_mode(config, distribute.resolve_xla(config.xla, devices,
@@ -214,7 +218,7 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
   except ValueError as err:
     raise TrainError(str(err)) from err
   logging.info("XLA: %s (xla=%s on %s)", xla_mode, config.xla, ", ".join(devices))
-  keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+  keras.mixed_precision.set_global_policy(precision.policy)
   info = pipeline.load_info(config.records_dir)
   fold = config.fold
   class_weights = [1.0] * info.num_classes
@@ -232,7 +236,8 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
     raise TrainError(str(err)) from err
   return _Setup(
       info=info, model_config=dataclasses.replace(config.model, num_classes=info.num_classes),
-      mixed=mixed, xla_mode=xla_mode, class_counts=info.class_counts("train", fold),
+      mixed=precision.policy == "mixed_float16", precision=precision.policy, xla_mode=xla_mode,
+      class_counts=info.class_counts("train", fold),
       class_weights=class_weights, steps_per_epoch=steps_per_epoch,
       has_valid=has_valid, workers=distribute.num_workers(strategy))
 
@@ -259,7 +264,7 @@ def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
           "model": setup.model_config.to_dict(), "train": config.to_dict(),
           "seed": config.seed, "deterministic": config.deterministic,
           "replicas": strategy.num_replicas_in_sync, "workers": setup.workers,
-          "mixed_precision": setup.mixed, "xla": setup.xla_mode}
+          "mixed_precision": setup.precision, "xla": setup.xla_mode}
 
 
 def _already_done(config: TrainConfig, start: int, state: run_state.State, history, setup,

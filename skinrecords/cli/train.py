@@ -81,7 +81,12 @@ _XLA = flags.DEFINE_enum("xla", "auto", ["auto", "on", "off", "augment"],
                          "augment on the CPU, where XLA's convolutions ran at ~0.5x of TensorFlow's "
                          "oneDNN ones but the fused augmentation needs XLA (off if --noaugment).")
 _MIXED = flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"],
-                           "float16 compute; auto: on with a GPU, off on the CPU.")
+                           "Mixed-precision compute (float32 weights and statistics). auto: "
+                           "float16 on GPUs with tensor cores (compute capability >= 7.0), "
+                           "bfloat16 on CPUs with native bfloat16 (avx512_bf16/amx_bf16), else "
+                           "float32. on: float16 on GPUs, bfloat16 on such CPUs; on a CPU "
+                           "without native low precision it runs ~6x slower than float32 (a "
+                           "warning says so). The choice is logged and stored in config.json.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size, split evenly over all "
                               "replicas of all workers (must be a multiple of their number).")
 _LR = flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate (head-only during warm-up).")
@@ -127,7 +132,9 @@ _LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing i
 _FOCAL_GAMMA = flags.DEFINE_float("focal_gamma", 2.0, "Focusing parameter of --loss=focal (0: "
                                   "cross-entropy).")
 _SYNC_BN = flags.DEFINE_boolean("sync_batchnorm", False, "BatchNorm statistics over the global "
-                                "batch (all replicas and workers), for small per-replica batches.")
+                                "batch (all replicas and workers), for small per-replica batches. "
+                                "Synchronised layers train unfused (Keras' own code, slower: the "
+                                "fused kernel cannot all-reduce its moments).")
 _PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs "
                                  "without a better epoch than the saved one; 0: never.")
 # Augmentation: defaults reproduce the notebook's ImageDataGenerator.
