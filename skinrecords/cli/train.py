@@ -99,6 +99,11 @@ _DETERMINISTIC = flags.DEFINE_boolean(
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Start afresh in a --model_dir that holds "
                                   "another run (its model, history, backup and logs are deleted) "
                                   "instead of refusing; without it a matching run is resumed.")
+_RESTORE_MODEL = flags.DEFINE_boolean(
+    "restore_model", False, "When model.keras is found damaged (0 bytes, truncated) and backup/ "
+    "no longer holds its best epoch, save backup/'s last epoch as model.keras (summary.json says "
+    "which epoch it is) and go on. A damaged model.keras whose epoch backup/ holds is restored "
+    "without it.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 # Training recipe (skinrecords/recipes.py); the defaults are the recipe from before these flags.
@@ -197,7 +202,8 @@ def _config():
       optimizer=_OPTIMIZER.value, weight_decay=_WEIGHT_DECAY.value,
       lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value, lr_floor=_LR_FLOOR.value,
       loss=_LOSS.value, label_smoothing=_LABEL_SMOOTHING.value, focal_gamma=_FOCAL_GAMMA.value,
-      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value)
+      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value,
+      restore_model=_RESTORE_MODEL.value)
   try:
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
@@ -206,7 +212,9 @@ def _config():
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _RECIPE_FLAGS + ("fold", "oof_tta"))) from err
+                                             _RECIPE_FLAGS + ("fold", "oof_tta", "seed",
+                                                              "learning_rate",
+                                                              "fine_tune_learning_rate"))) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -297,7 +305,8 @@ def main(argv):
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError) as err:
-    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS)}", file=sys.stderr)
+    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS + ('freeze',))}",
+          file=sys.stderr)
     return 2
   except OSError as err:  # a missing file, or a remote path that cannot be read (network, scheme)
     print(f"train: {fileio.describe_error(err)}", file=sys.stderr)
