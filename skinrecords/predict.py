@@ -299,6 +299,10 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   if config.explain_dir:
     fileio.check_writable_dir(config.explain_dir, "explain_dir")
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
+  if config.input_dir and not paths and not config.records_dir:  # said "0 predicted" (issue 27)
+    raise ValueError(f"--input_dir={config.input_dir}: found no images there (looked for "
+                     f"{', '.join(sources.IMAGE_EXTENSIONS)} files, in subfolders too; hidden "
+                     "ones skipped)")
   members = ensemble.load_members(config.model_dir)
   classes = members[0].classes
   columns = _check_outputs(config, classes, len(members))
