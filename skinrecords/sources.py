@@ -386,6 +386,8 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
         f"no usable images under {input_dir} ({layout} layout: {scan.found} found, "
         f"{len(scan.rejected)} rejected{': ' + shown if shown else ''}, "
         f"{len(duplicates)} duplicates); accepted layouts: {LAYOUTS}")
+  if layout != "csv":
+    _explain_empty_classes(class_list, items, scan.rejected, layout, input_dir)
   labels.check_classes(class_list, classes is not None, [c.label for c in scan.candidates],
                        [item.label for item in items], where, kind, LAYOUTS)
   listing = Listing(layout=layout, classes=list(class_list), items=items,
@@ -400,6 +402,28 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
     listing.warnings.append(f"left out {', '.join(skipped)}: a records folder (it holds "
                             f"{_RECORDS_MANIFEST}), not images")
   return listing
+
+
+def _explain_empty_classes(class_list, items, rejected, layout: str, input_dir: str) -> None:
+  """ValueError saying why a class folder whose every file was rejected has no usable image (a
+  class of symbolic links out of the input folder only said "holds none, or every one was
+  rejected", issue 27)."""
+  have = {it.label for it in items}
+  depth = 1 if layout == "presplit" else 0  # class folder: the path's first (or second) part
+  for name in class_list:
+    if name in have:
+      continue
+    mine = [r for r in rejected if r.path.split("/")[depth:depth + 1] == [name]
+            and r.path.count("/") > depth]
+    if not mine:
+      continue  # an empty folder: labels.check_classes says so
+    reasons = collections.Counter(r.reason for r in mine).most_common(3)
+    shown = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+    fix = (" (symbolic links must point inside the input folder: copy those files in, or pass "
+           "the folder they live in as --input_dir)" if any(r.reason == ESCAPES for r in mine)
+           else "")
+    raise ValueError(f"class '{name}' has no usable images in {input_dir}: all {len(mine)} of "
+                     f"its files were rejected: {shown}{fix}")
 
 
 def unique_names(relpaths: Sequence[str], stems: Sequence[str] | None = None) -> list[str]:
