@@ -119,7 +119,8 @@ class TrainConfig:
 
 # Adam steps are about learning_rate in size whatever the gradient: 1e-5..1e-2 are the usual rates;
 # at 1 a weight moves by 1 per step and the loss diverges (issue 27: -1 "trained" to loss 1.6e10 and
-# saved that model, nan/inf/1e6 ended in tracebacks).
+# saved that model, nan/inf/1e6 ended in tracebacks). 0 stays allowed: nothing moves, which the
+# early-stopping test uses for an epoch that never improves.
 _MAX_LEARNING_RATE = 1.0
 
 
@@ -127,8 +128,8 @@ def _check_learning_rates(config) -> None:
   for name in ("learning_rate", "fine_tune_learning_rate"):
     value = getattr(config, name)
     if not (isinstance(value, (int, float)) and math.isfinite(value)
-            and 0 < value <= _MAX_LEARNING_RATE):
-      raise ValueError(f"{name}={value} must be a number in (0, {_MAX_LEARNING_RATE:g}] "
+            and 0 <= value <= _MAX_LEARNING_RATE):
+      raise ValueError(f"{name}={value} must be a number in [0, {_MAX_LEARNING_RATE:g}] "
                        "(Adam's usual rates are 1e-5..1e-2)")
 
 

@@ -85,10 +85,10 @@ def test_new_training_fields_are_compared_without_being_listed():
 
 # --- item 2: nonsense learning rates -------------------------------------------------------------
 
-@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), float("inf"), 1e6])
+@pytest.mark.parametrize("value", [-1.0, -1e-9, float("nan"), float("inf"), 1e6])
 def test_nonsense_learning_rates_are_refused(value):
   for name in ("learning_rate", "fine_tune_learning_rate"):
-    with pytest.raises(ValueError, match=f"{name}=.* must be a number in \\(0, 1\\]"):
+    with pytest.raises(ValueError, match=f"{name}=.* must be a number in \\[0, 1\\]"):
       train.TrainConfig(records_dir="r", model_dir="m", **{name: value}).validate()
 
 
@@ -96,7 +96,7 @@ def test_nonsense_learning_rates_are_refused(value):
 def test_a_negative_learning_rate_is_one_line_and_trains_nothing(records, tmp_path):
   proc = run_bin("train", f"--records_dir={records}", f"--model_dir={tmp_path / 'm'}",
                  "--epochs=1", *TINY, "--learning_rate=-1", check=False)
-  _one_line_error(proc, "--learning_rate=-1.0 must be a number in (0, 1]")
+  _one_line_error(proc, "--learning_rate=-1.0 must be a number in [0, 1]")
   assert not (tmp_path / "m" / "model.keras").exists()
 
 
