@@ -372,3 +372,12 @@ def test_make_records_does_not_import_tensorflow(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=REPO, env=bin_env(), check=True).stdout
   assert out.strip().splitlines()[-1] == "False", out
+
+
+def test_a_diverged_epoch_stops_the_run_in_one_line():
+  config = train.TrainConfig(records_dir="r", model_dir="m", learning_rate=0.9)
+  train._check_finite({"loss": 0.7}, 0, config)  # pylint: disable=protected-access
+  for loss in (float("nan"), float("inf")):
+    with pytest.raises(train.TrainError, match="training diverged in epoch 3 .*at learning_rate="
+                                               "0.9: lower --learning_rate"):
+      train._check_finite({"loss": loss}, 2, config)  # pylint: disable=protected-access
