@@ -229,15 +229,14 @@ def _take_lock(out: str) -> str | None:
   """
   if fileio.is_remote(out):
     return None
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, LOCK)
+  fileio.makedirs(out)
+  path = fileio.join(out, LOCK)
   for _ in range(2):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       try:
-        with open(path, encoding="utf-8") as f:
-          pid = int(f.read().strip() or 0)
+        pid = int(fileio.read_text(path).strip() or 0)
       except (OSError, ValueError):
         pid = 0
       if pid and pid != os.getpid() and _pid_alive(pid):
