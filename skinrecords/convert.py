@@ -217,6 +217,49 @@ def patient_warning(listing: sources.Listing) -> str | None:
   return None
 
 
+LOCK = ".make_records.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def _take_lock(out: str) -> str | None:
+  """OUT/.make_records.lock holding this pid; ValueError when a live make_records holds it.
+
+  Two make_records on one output folder: the loser died on a missing plan.json.tmp (issue 27).
+  A lock left by a killed run (its pid is gone) is taken over. Local outputs only: an object
+  store has no atomic create-if-absent here, and a pid means nothing across hosts.
+  """
+  if fileio.is_remote(out):
+    return None
+  fileio.makedirs(out)
+  path = fileio.join(out, LOCK)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        pid = int(fileio.read_text(path).strip() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and pid != os.getpid() and _pid_alive(pid):
+        raise ValueError(f"another make_records is writing here (pid {pid}, lock {path}): wait "
+                         "for it to finish; delete the lock only if no make_records runs")
+      fileio.remove(path)  # stale: its process is gone
+      continue
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(f"{os.getpid()}\n")
+    return path
+  raise ValueError(f"cannot take the lock {path}; delete it if no make_records runs")
+
+
 def _written_by_converter(name: str) -> bool:
   base = name[:-4] if name.endswith(".tmp") else name
   return base == manifest.FILE or base == STATE_DIR or features.parse_shard_name(base) is not None
@@ -225,7 +268,7 @@ def _written_by_converter(name: str) -> bool:
 def _prepare_output(out: str, fingerprint: str, overwrite: bool) -> bool:
   """Makes `out` ready; returns True when the finished output already matches (nothing to do)."""
   state = fileio.join(out, STATE_DIR, PLAN)
-  existing = fileio.listdir(out) if fileio.isdir(out) else []
+  existing = [n for n in (fileio.listdir(out) if fileio.isdir(out) else []) if n != LOCK]
   if existing and not overwrite:
     try:
       if manifest.exists(out):
@@ -272,11 +315,26 @@ def _write_shards(out: str, todo, results, items, labels, num_classes, bar) -> d
   return done
 
 
+def _tensorflow_version() -> str:
+  """TensorFlow's version without importing it: the import for this one string made the peak
+  memory of make_records 49 -> 748 MB (VmHWM, measured), after all the work was done (issue 27)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"].__version__
+  for dist in ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly"):
+    try:
+      return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      continue
+  return "unknown"
+
+
 def _versions() -> dict:
   import cv2  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  return {"skinrecords": skinrecords.__version__, "tensorflow": tf.__version__,
+  return {"skinrecords": skinrecords.__version__, "tensorflow": _tensorflow_version(),
           "opencv": cv2.__version__, "numpy": np.__version__,
           "python": platform.python_version()}
 
@@ -304,9 +362,27 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
   labels = [classes.index(it.label) for it in items]
   grouped = any(it.patient_id for it in items)
   plan = _assign(config, listing, labels, grouped)
+  for name in _untrained_classes(classes, labels, plan):
+    warnings.append(f"class {name!r} has no image in the train split: train refuses these "
+                    "records (a model would never learn it); add training images of it")
 
   out = config.output_dir  # a str: it may be gs://, which pathlib would mangle
   fingerprint = _fingerprint(config, listing)
+  lock = _take_lock(out)
+  try:
+    return _convert_locked(config, listing, classes, labels, plan, grouped, warnings,
+                           fingerprint, pool)
+  finally:
+    if lock:
+      fileio.remove(lock)
+
+
+def _convert_locked(config, listing, classes, labels, plan, grouped, warnings, fingerprint,
+                    pool) -> Result:
+  """convert()'s writing half, with the output folder's lock held."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  out, items = config.output_dir, listing.items
   if _prepare_output(out, fingerprint, config.overwrite):
     return Result(manifest.read(out), str(out), resumed_shards=len(plan))
   state_dir = fileio.join(out, STATE_DIR)
@@ -407,8 +483,11 @@ def summary(result: Result, max_listed: int = 10) -> str:
            f"duplicates {len(inputs['duplicates'])})"
            + (f"; {result.resumed_shards} shards reused from an earlier run"
               if result.resumed_shards else "")]
-  for split, info in m["splits"].items():
-    counts = ", ".join(f"{k}={v}" for k, v in info["class_counts"].items())
+  # In manifest.SPLITS and class-id order: a resumed run read them back from manifest.json in
+  # another order than a fresh run printed them (issue 27).
+  for split, info in sorted(m["splits"].items(), key=lambda kv: _order(manifest.SPLITS, kv[0])):
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(
+        info["class_counts"].items(), key=lambda kv: _order(m.get("classes", []), kv[0])))
     lines.append(f"  {split:5s} {info['num_examples']:7d}  ({counts}) in {len(info['shards'])} shards")
   notes = inputs.get("warnings", []) + [inputs.get("patient_warning")]
   lines += [f"  WARNING: {note}" for note in notes if note]
@@ -419,3 +498,13 @@ def summary(result: Result, max_listed: int = 10) -> str:
     if len(entries) > max_listed:
       lines.append(f"  ... {len(entries) - max_listed} more {kind} (see manifest.json)")
   return "\n".join(lines)
+
+
+def _order(names, name) -> tuple:
+  return (names.index(name), "") if name in names else (len(names), str(name))
+
+
+def _untrained_classes(classes: list[str], labels: list[int], plan) -> list[str]:
+  """Classes without an image in the train split (a pre-split layout's empty train/Melanoma)."""
+  trained = {labels[i] for _, split, _, members in plan if split == "train" for i in members}
+  return [c for k, c in enumerate(classes) if trained and k not in trained]

@@ -80,6 +80,9 @@ def _first_record(path) -> bytes:
     if len(header) < 12:
       raise ValueError(f"{path}: no records (an empty or truncated file)")
     length = struct.unpack("<Q", header[:8])[0]
+    if length > fileio.size(path) - 16:  # garbage framing: read(2**63) ended in MemoryError
+      raise ValueError(f"{path}: not a TFRecord file (its first record claims {length} bytes, "
+                       f"the file holds {fileio.size(path)})")
     data = f.read(length)
   if len(data) != length:
     raise ValueError(f"{path}: truncated first record ({len(data)} of {length} bytes)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import tensorflow as tf
 
@@ -252,10 +253,61 @@ def find_corrupt_shard(files) -> tuple[str, str] | None:
   return None
 
 
+def clean_message(message: str) -> str:
+  """TensorFlow's error text without its `{{function_node __wrapped__...}}` and `[Op:...]` parts."""
+  message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(message))
+  return re.sub(r"\s*\[Op:\w+\]", "", message).strip()
+
+
+# What TensorFlow's image decoders say about bytes that are not an image (TF 2.21).
+_DECODE_ERRORS = ("DecodeJpeg", "DecodePng", "DecodeImage", "DecodeBmp", "DecodeGif",
+                  "Invalid JPEG data", "Unknown image file format", "Invalid PNG data")
+
+
+def is_decode_error(err: Exception) -> bool:
+  return isinstance(err, tf.errors.InvalidArgumentError) and any(
+      s in str(err) for s in _DECODE_ERRORS)
+
+
+def find_undecodable(files) -> tuple[str, int, str, str] | None:
+  """The first record whose image does not decode: (shard, record index, image_name, error)."""
+  spec = {features.IMAGE: tf.io.FixedLenFeature([], tf.string),
+          features.IMAGE_NAME: tf.io.FixedLenFeature([], tf.string, default_value="")}
+  for path in files:
+    try:
+      for index, raw in enumerate(tf.data.TFRecordDataset(path)):
+        ex = tf.io.parse_single_example(raw, spec)
+        try:
+          tf.io.decode_image(ex[features.IMAGE], channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError as err:
+          name = ex[features.IMAGE_NAME].numpy().decode("utf-8", "replace")
+          return path, index, name, clean_message(err.message)
+    except tf.errors.OpError:
+      continue  # a framing error is corrupt_shard_error's
+  return None
+
+
+def read_error(err: Exception, files, records_dir) -> CorruptShardError | None:
+  """One line for a records read that failed (a corrupt shard, or a record whose image does not
+  decode: train and evaluate ended in a raw DecodeJpeg traceback, issue 27), naming the shard and
+  record; None when `err` is neither."""
+  if isinstance(err, tf.errors.DataLossError):
+    return corrupt_shard_error(files, err, records_dir)
+  if not is_decode_error(err):
+    return None
+  found = find_undecodable(files)
+  where = (f"record {found[1]} ({found[2] or 'no image_name'}) of {found[0]} does not decode as "
+           f"an image ({found[3]})" if found else
+           f"a record does not decode as an image ({clean_message(err.message)})")
+  return CorruptShardError(f"{where}; bin/verify_records --records_dir={records_dir} lists every "
+                           "such record; convert those images again")
+
+
 def corrupt_shard_error(files, err: tf.errors.DataLossError, records_dir) -> CorruptShardError:
   """Names the shard behind TensorFlow's anonymous DataLossError (tensorflow#20835)."""
   found = find_corrupt_shard(files)
-  where = f"{found[0]}: {found[1]}" if found else f"one of {len(files)} shards ({err.message})"
+  where = (f"{found[0]}: {clean_message(found[1])}" if found else
+           f"one of {len(files)} shards ({clean_message(err.message)})")
   return CorruptShardError(f"corrupt TFRecord shard {where}; run bin/verify_records "
                            f"--records_dir={records_dir}")
 
@@ -264,9 +316,11 @@ def iterate(ds: tf.data.Dataset, info: DatasetInfo, split: str, fold: int | None
   """Iterates `ds`; a corrupt shard raises CorruptShardError naming the file."""
   try:
     yield from ds
-  except tf.errors.DataLossError as err:
-    files = [s.path for s in info.select(split, fold)]
-    raise corrupt_shard_error(files, err, info.records_dir) from err
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+    named = read_error(err, [s.path for s in info.select(split, fold)], info.records_dir)
+    if named is None:
+      raise
+    raise named from err
 
 
 def patient_ids(info: DatasetInfo, split: str, fold, names) -> list[str] | None:

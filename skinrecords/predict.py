@@ -138,13 +138,26 @@ def _batches(paths, pconfig, image_size, batch_size, rejected):
     yield np.stack(images), np.full(len(images), -1), names
 
 
-def _explaining(batches, model, classes, threshold, folder):
-  """Passes batches through, writing FOLDER/<name>.gradcam.png for each image on the way."""
+def _explaining(batches, model, classes, threshold, folder, overlay_names=None):
+  """Passes batches through, writing FOLDER/<name>.gradcam.png for each image on the way;
+  `overlay_names` maps a file path to its unique name (gray.png, gray.jpg and sub/gray.png shared
+  one heatmap, issue 27)."""
   for batch in batches:
     names = batch[2].numpy() if hasattr(batch[2], "numpy") else batch[2]
     names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    if overlay_names:
+      names = [overlay_names.get(n, n) for n in names]
     explain.write_overlays(folder, model, np.asarray(batch[0]), names, classes, threshold)
     yield batch
+
+
+def _overlay_names(paths: list[str]) -> dict[str, str]:
+  """{path: unique name} for image files: the stem, or the path below their common folder."""
+  if not paths:
+    return {}
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+  rel = [os.path.relpath(os.path.abspath(p), root).replace(os.sep, "/") for p in paths]
+  return dict(zip(paths, sources.unique_names(rel)))
 
 
 def _rows(probs, names, classes, threshold) -> list[dict]:
@@ -166,7 +179,8 @@ def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explai
   rejected: list[dict] = []
   batches = _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected)
   if explain_dir:
-    batches = _explaining(batches, model, classes, threshold, explain_dir)
+    batches = _explaining(batches, model, classes, threshold, explain_dir,
+                          _overlay_names([str(p) for p in paths]))
   probs, _, names = inference.predict_dataset(model, batches, tta)
   order = {str(p): i for i, p in enumerate(paths)}
   rejected.sort(key=lambda r: order[r["image"]])
@@ -285,6 +299,10 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   if config.explain_dir:
     fileio.check_writable_dir(config.explain_dir, "explain_dir")
   paths = list(config.images) + (list_images(config.input_dir) if config.input_dir else [])
+  if config.input_dir and not paths and not config.records_dir:  # said "0 predicted" (issue 27)
+    raise ValueError(f"--input_dir={config.input_dir}: found no images there (looked for "
+                     f"{', '.join(sources.IMAGE_EXTENSIONS)} files, in subfolders too; hidden "
+                     "ones skipped)")
   members = ensemble.load_members(config.model_dir)
   classes = members[0].classes
   columns = _check_outputs(config, classes, len(members))

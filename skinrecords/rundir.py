@@ -20,9 +20,11 @@ import csv
 import io
 import json
 import os
+import zipfile
 
 import keras
 
+from skinrecords import augment as augment_lib
 from skinrecords import batchnorm
 from skinrecords import fileio
 from skinrecords import models  # pylint: disable=unused-import  (registers layers for load_model)
@@ -86,9 +88,27 @@ def read_summary(model_dir: str | os.PathLike) -> dict | None:
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
 # The recipe (config.json's "train"): resuming under another loss silently mixed two losses in one
 # history, and another optimizer or schedule failed deep in the restore ("Received incompatible
-# tensor with shape ()"). The learning rates and epochs may change on resume.
+# tensor with shape ()"). Kept for callers; check_resumable compares every "train" field now.
 RECIPE_KEYS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
                "label_smoothing", "focal_gamma", "sync_batchnorm")
+# The fields of config.json's "train" (train.TrainConfig, model.* and augment.* flattened) that MAY
+# differ on resume; every other one is refused by name (issue 27: --learning_rate=0.05
+# --balance=oversample --noaugment resumed a 1e-4 run silently and rewrote config.json, so the saved
+# best epoch was described by settings it was not trained with). A refuse-by-default rule: a field
+# added to TrainConfig later is covered without a change here. What may change does not change the
+# model a run trains, only how far, where from, how fast or how it is shown:
+RESUME_MAY_CHANGE = (
+    "epochs",  # train further (or stop sooner); refused with lr_schedule=cosine (_epochs_fixed)
+    "early_stopping_patience",  # when to stop, not what one epoch does
+    "records_dir",  # the records may move: their fingerprint is compared instead
+    "model_dir", "overwrite", "progress",  # where, and how it is shown
+    "cache", "data_service",  # where the same input comes from
+    "strategy", "xla",  # which devices, and how fast (a preempted run may resume on others)
+    "mixed_precision",  # the flag ("auto"); config.json's resolved top-level value is compared
+    "restore_model",  # a repair of model.keras from backup/, asked for once
+)
+# Top-level config.json values compared besides RESUME_KEYS: float16 or float32 compute.
+_RESOLVED_KEYS = ("mixed_precision",)
 _MISSING = object()  # a key an older config.json (or a partial caller) does not have: not compared
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
@@ -174,13 +194,62 @@ def resume_settings(config: dict) -> dict:
           **{k: recipe.get(k, _MISSING) for k in RECIPE_KEYS}}
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+  """{"model": {"dropout": .3}} -> {"dropout": .3}: the nested configs' fields are flags too."""
+  flat = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, prefix))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def changed_training_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
+  """(field, stored value, new value) for every training setting a resume must not change.
+
+  Compares config.json's "train" field by field (RESUME_MAY_CHANGE excepted) and the resolved
+  mixed precision; a field one side lacks (a config.json from before it existed) is not compared.
+  """
+  before, now = _flatten(old.get("train") or {}), _flatten(new.get("train") or {})
+  changed = [(k, before[k], now[k]) for k in before
+             if k in now and k not in RESUME_MAY_CHANGE and before[k] != now[k]]
+  changed = _augment_as_one(changed, old.get("train") or {}, new.get("train") or {})
+  if _epochs_fixed(before) and before.get("epochs", _MISSING) != now.get("epochs", _MISSING) \
+      and "epochs" in before and "epochs" in now:
+    changed.append(("epochs", before["epochs"], now["epochs"]))
+  for key in _RESOLVED_KEYS:
+    if key in old and key in new and old[key] != new[key]:
+      changed.append((key, old[key], new[key]))
+  return changed
+
+
+def _augment_as_one(changed: list, old: dict, new: dict) -> list:
+  """--noaugment changes six fields at once: say --augment=true (now false) instead."""
+  none = augment_lib.AugmentConfig.none().to_dict()
+  was, now = old.get("augment"), new.get("augment")
+  if not (isinstance(was, dict) and isinstance(now, dict)) or (was == none) == (now == none):
+    return changed
+  fields = set(none)
+  return [c for c in changed if c[0] not in fields] + [("augment", was != none, now != none)]
+
+
+def _epochs_fixed(train: dict) -> bool:
+  """A cosine schedule decays over the planned epochs: more epochs would change every step's rate."""
+  return train.get("lr_schedule") == "cosine"
+
+
+def _as_flag(value) -> str:
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
-  """Raises RunDirError naming the first setting in which MODEL_DIR's run differs from `config`."""
+  """Raises RunDirError naming the setting(s) in which MODEL_DIR's run differs from `config`."""
   old = read_config(model_dir)
   if old is None:
     return
   before, now = resume_settings(old), resume_settings(config)
-  for key in RESUME_KEYS + RECIPE_KEYS:
+  for key in RESUME_KEYS:
     if _MISSING in (before[key], now[key]) or before[key] is None and key != "fold":
       continue
     if before[key] != now[key] and key == "records_fingerprint":
@@ -192,6 +261,14 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
       raise RunDirError(
           f"{model_dir} holds a run with {key}={before[key]!r}, this one has {key}={now[key]!r}; "
           "use another --model_dir, or --overwrite to start afresh there")
+  changed = changed_training_settings(old, config)
+  if changed:
+    shown = ", ".join(f"--{k}={_as_flag(a)} (now {_as_flag(b)})" for k, a, b in changed)
+    raise RunDirError(
+        f"{model_dir} holds a run trained with other settings: {shown}; resume with the run's "
+        "settings (only --epochs, --early_stopping_patience, --records_dir, --cache, "
+        "--data_service, --strategy, --xla, --progress may change), use another --model_dir, or "
+        "--overwrite to start afresh there")
 
 
 def clear(model_dir: str | os.PathLike) -> None:
@@ -238,6 +315,30 @@ def write_history(model_dir: str | os.PathLike, rows: list[dict]) -> None:
   fileio.write_text_atomic(fileio.join(model_dir, HISTORY_FILE), buf.getvalue())
 
 
+def model_file_problem(path: str | os.PathLike) -> str | None:
+  """Why the model.keras at `path` is damaged ("empty (0 bytes)", "truncated ..."), None when it
+  is a complete .keras archive. A .keras file is a zip: a kill or a full disk mid-copy leaves one
+  without its central directory, which Keras reported as "File not found" (issue 27)."""
+  n = fileio.size(path)
+  if n == 0:
+    return "empty (0 bytes)"
+  try:
+    with fileio.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+      bad = archive.testzip()  # reads every member and checks its CRC: ~0.1 s for 30 MB
+      names = set(archive.namelist())
+  except (zipfile.BadZipFile, EOFError, OSError) as err:
+    return f"truncated or corrupt ({n} bytes, not a complete .keras zip archive: {err})"
+  if bad is not None:
+    return f"corrupt ({n} bytes; the member {bad} fails its checksum)"
+  if "config.json" not in names:
+    return f"not a Keras model ({n} bytes; a zip without config.json)"
+  return None
+
+
+DAMAGED_FIX = ("rerun the same train command into this directory: it restores model.keras from "
+               "backup/ (add --restore_model when it asks), or train with --overwrite")
+
+
 def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   """Loads MODEL_DIR/model.keras (safe mode) and MODEL_DIR/config.json; checks they agree."""
   d = os.fspath(model_dir)
@@ -248,9 +349,9 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not fileio.isfile(fileio.join(d, name))]
   if missing:
     raise FileNotFoundError(f"{d}: missing {' and '.join(missing)}; {need}")
-  if fileio.size(model_path) == 0:
-    raise ValueError(f"{model_path} is empty (0 bytes): a save was interrupted; train again "
-                     "into this directory to resume from its backup")
+  problem = model_file_problem(model_path)
+  if problem:
+    raise ValueError(f"{model_path} is damaged: {problem}; {DAMAGED_FIX}")
   cfg = read_config(d)
   classes = cfg.get("classes") if isinstance(cfg, dict) else None
   if not isinstance(classes, list) or len(classes) < 2:

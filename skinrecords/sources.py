@@ -86,9 +86,32 @@ def inside(path: str, root_real: str) -> bool:
   return os.path.commonpath([path, root_real]) == root_real
 
 
+# A records folder (make_records output: manifest.json beside the shards) left inside the input
+# folder is not input: its shards showed up as .tfrecord rejections, or as a class (issue 27).
+_RECORDS_MANIFEST = "manifest.json"  # manifest.FILE (the write side imports no manifest reader)
+
+
+def _records_folder(entry: os.DirEntry) -> bool:
+  return entry.is_dir(follow_symlinks=False) and os.path.isfile(
+      os.path.join(entry.path, _RECORDS_MANIFEST))
+
+
 def _sorted_entries(directory: str) -> list[os.DirEntry]:
   with os.scandir(directory) as it:
-    return sorted((e for e in it if not _ignored(e.name)), key=lambda e: e.name)
+    return sorted((e for e in it if not _ignored(e.name) and not _records_folder(e)),
+                  key=lambda e: e.name)
+
+
+def _skipped_records_folders(root: str) -> list[str]:
+  """Relative paths of the records folders _sorted_entries leaves out, for a warning."""
+  found = []
+  for folder, dirs, _ in os.walk(root):
+    dirs[:] = [d for d in dirs if not _ignored(d)]
+    for d in list(dirs):
+      if os.path.isfile(os.path.join(folder, d, _RECORDS_MANIFEST)):
+        found.append(os.path.relpath(os.path.join(folder, d), root).replace(os.sep, "/"))
+        dirs.remove(d)
+  return sorted(found)
 
 
 def _walk(directory: str, rel: str, problems: list[Rejection]) -> Iterator[tuple[str, str]]:
@@ -247,9 +270,11 @@ def _conflicts(scan: _Scan, conflicted: dict[str, list[tuple[str, int]]], labels
   scan.candidates = [c for c in scan.candidates if c.relpath not in conflicted]
   for relpath, rows in conflicted.items():
     listed = ", ".join(f"'{label}' (line {line})" for label, line in rows)
-    for _ in rows:
-      scan.rejected.append(Rejection(relpath, f"{LABEL_CONFLICT}: listed as {listed} in "
-                                     f"{labels_csv}; fix the CSV"))
+    # One rejection per image, not per row: 5 conflicting images were listed twice each and
+    # counted as 10 rejections (issue 27). `found` counts the image once as well.
+    scan.found -= len(rows) - 1
+    scan.rejected.append(Rejection(relpath, f"{LABEL_CONFLICT}: listed as {listed} in "
+                                   f"{labels_csv}; fix the CSV"))
 
 
 def _scan_csv(root: str, root_real: str, labels_csv: str, columns: dict[str, str | None]) -> _Scan:
@@ -361,6 +386,8 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
         f"no usable images under {input_dir} ({layout} layout: {scan.found} found, "
         f"{len(scan.rejected)} rejected{': ' + shown if shown else ''}, "
         f"{len(duplicates)} duplicates); accepted layouts: {LAYOUTS}")
+  if layout != "csv":
+    _explain_empty_classes(class_list, items, scan.rejected, layout, input_dir)
   labels.check_classes(class_list, classes is not None, [c.label for c in scan.candidates],
                        [item.label for item in items], where, kind, LAYOUTS)
   listing = Listing(layout=layout, classes=list(class_list), items=items,
@@ -368,9 +395,65 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
                     duplicates=sorted(duplicates, key=lambda d: (d.path, d.duplicate_of)),
                     found=scan.found, sha256=hashes)
   patients.fill(listing, labels_csv, patients_csv, image_column, patient_column)
+  listing.items = _unique_image_names(listing.items)
   if classes is None and (note := labels.class_order_warning(class_list)):
     listing.warnings.insert(0, note)
+  if labels_csv is None and (skipped := _skipped_records_folders(root)):
+    listing.warnings.append(f"left out {', '.join(skipped)}: a records folder (it holds "
+                            f"{_RECORDS_MANIFEST}), not images")
   return listing
+
+
+def _explain_empty_classes(class_list, items, rejected, layout: str, input_dir: str) -> None:
+  """ValueError saying why a class folder whose every file was rejected has no usable image (a
+  class of symbolic links out of the input folder only said "holds none, or every one was
+  rejected", issue 27)."""
+  have = {it.label for it in items}
+  depth = 1 if layout == "presplit" else 0  # class folder: the path's first (or second) part
+  for name in class_list:
+    if name in have:
+      continue
+    mine = [r for r in rejected if r.path.split("/")[depth:depth + 1] == [name]
+            and r.path.count("/") > depth]
+    if not mine:
+      continue  # an empty folder: labels.check_classes says so
+    reasons = collections.Counter(r.reason for r in mine).most_common(3)
+    shown = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+    fix = (" (symbolic links must point inside the input folder: copy those files in, or pass "
+           "the folder they live in as --input_dir)" if any(r.reason == ESCAPES for r in mine)
+           else "")
+    raise ValueError(f"class '{name}' has no usable images in {input_dir}: all {len(mine)} of "
+                     f"its files were rejected: {shown}{fix}")
+
+
+def unique_names(relpaths: Sequence[str], stems: Sequence[str] | None = None) -> list[str]:
+  """One name per file, unique: its stem where no other file has that stem, else its relative path
+  spelled without "/" and "." (Melanoma/sub/gray.png -> Melanoma_sub_gray_png).
+
+  Issue 27: gray.png, gray.jpg and sub/gray.png all became "gray", so their predictions, OOF rows
+  and ISIC rows collided. Stems stay the names wherever they are unique, so ISIC_0000000 and Kaggle
+  image_name values are unchanged; a colliding name keeps its folder, and has neither "/" nor "."
+  because the ISIC and Kaggle CSVs reduce a name to its base name without extension.
+  Raises ValueError listing the files when even these names collide (a_b/c.png and a/b_c.png).
+  """
+  stems = list(stems) if stems is not None else [
+      posixpath.splitext(posixpath.basename(r))[0] for r in relpaths]
+  count = collections.Counter(stems)
+  names = [stem if count[stem] == 1 else re.sub(r"[/\\.]", "_", rel)
+           for rel, stem in zip(relpaths, stems)]
+  clash = [n for n, c in collections.Counter(names).items() if c > 1]
+  if clash:
+    files = sorted(r for r, n in zip(relpaths, names) if n in clash)
+    raise ValueError(f"{len(files)} images would share a name ({', '.join(files[:10])}"
+                     f"{', ...' if len(files) > 10 else ''}); rename them")
+  return names
+
+
+def _unique_image_names(items: list[SourceItem]) -> list[SourceItem]:
+  """Items whose image_name is unique within the records folder (unique_names)."""
+  names = unique_names([it.relpath for it in items], [it.image_name for it in items])
+  return [it if it.image_name == name else dataclasses.replace(it, image_name=name)
+          for it, name in zip(items, names)]
 
 
 def _labelled(scan: _Scan, class_list: list[str], deduplicate: bool, hashes: dict[str, str]

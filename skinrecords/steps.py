@@ -206,7 +206,8 @@ def run_epoch(steps: CompiledSteps, iterator, epoch: int, num_steps: int, config
   train_m = scores(np.concatenate(probs), np.concatenate(labels), info.classes)
   row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "accuracy": train_m["accuracy"],
          "auc": train_m["auc"], "images_per_sec": float(ips), "seconds": float(seconds)}
-  val = (evaluate(steps, valid, info.classes) if valid is not None
+  val = (call_naming_corrupt_shard(lambda *_: evaluate(steps, valid, info.classes), None, None,
+                                   info) if valid is not None
          else {"loss": math.nan, "accuracy": math.nan, "auc": math.nan})
   row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
   return row
@@ -216,6 +217,9 @@ def call_naming_corrupt_shard(fn, iterator, step, info: manifest.DatasetInfo):
   """Calls a train step; a corrupt shard's anonymous DataLossError becomes one naming the file."""
   try:
     return fn(iterator, step)
-  except tf.errors.DataLossError as err:
-    files = [s.path for shards in info.shards.values() for s in shards]
-    raise pipeline.corrupt_shard_error(files, err, info.records_dir) from err
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+    files = [s.path for split in manifest.SPLITS for s in info.shards.get(split, [])]
+    named = pipeline.read_error(err, files, info.records_dir)
+    if named is None:
+      raise
+    raise named from err

@@ -114,5 +114,6 @@ def write_isic_truth(path, names, labels, columns: list[str]) -> None:
 def write_kaggle(path, names, probs, classes: list[str]) -> None:
   """SIIM-ISIC 2020: image_name,target with P(melanoma)."""
   p = _class_matrix(probs)[:, melanoma_index(classes)]
-  _write(path, ["image_name", "target"],
-         ([image_id(n), repr(float(x))] for n, x in zip(names, p)))
+  ids = [image_id(n) for n in names]
+  _check_ids(ids)  # two rows of one image_name: Kaggle scores one of them (issue 27)
+  _write(path, ["image_name", "target"], ([i, repr(float(x))] for i, x in zip(ids, p)))

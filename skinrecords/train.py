@@ -83,10 +83,17 @@ class TrainConfig:
   focal_gamma: float = 2.0
   sync_batchnorm: bool = False  # BatchNorm statistics over all replicas and workers
   early_stopping_patience: int = 0  # stop this many epochs after the best one; 0: never
+  # A model.keras found damaged on resume, whose best epoch backup/ no longer holds, is replaced by
+  # backup/'s epoch (summary.json then names that epoch); without it such a resume is refused.
+  restore_model: bool = False
 
   def validate(self) -> None:
     if self.balance not in BALANCE:
       raise ValueError(f"balance={self.balance!r}; choose one of {', '.join(BALANCE)}")
+    _check_learning_rates(self)
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+      # keras.utils.set_random_seed fails on -5 with a traceback from numpy (issue 27).
+      raise ValueError(f"seed={self.seed} must be an integer in [0, 2**32)")
     for name in ("batch_size", "epochs"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -108,6 +115,22 @@ class TrainConfig:
     d = dataclasses.asdict(self)
     d["model"], d["augment"] = self.model.to_dict(), self.augment.to_dict()
     return d
+
+
+# Adam steps are about learning_rate in size whatever the gradient: 1e-5..1e-2 are the usual rates;
+# at 1 a weight moves by 1 per step and the loss diverges (issue 27: -1 "trained" to loss 1.6e10 and
+# saved that model, nan/inf/1e6 ended in tracebacks). 0 stays allowed: nothing moves, which the
+# early-stopping test uses for an epoch that never improves.
+_MAX_LEARNING_RATE = 1.0
+
+
+def _check_learning_rates(config) -> None:
+  for name in ("learning_rate", "fine_tune_learning_rate"):
+    value = getattr(config, name)
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and 0 <= value <= _MAX_LEARNING_RATE):
+      raise ValueError(f"{name}={value} must be a number in [0, {_MAX_LEARNING_RATE:g}] "
+                       "(Adam's usual rates are 1e-5..1e-2)")
 
 
 class TrainError(RuntimeError):
@@ -183,6 +206,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   state = _build_state(config, strategy, setup)
   start = 0 if config.overwrite else run_state.restore(config.model_dir, strategy, state, setup.workers)
   history = rundir.read_history(out.dir, start) if out.chief else []
+  if out.chief and start:
+    _repair_model(config, state, out, history, start, setup)
   if start >= config.epochs:
     return _already_done(config, start, state, history, setup, out.chief)
   if out.chief:
@@ -228,6 +253,7 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
   if not has_valid:
     logging.warning("no validation split: the best epoch is chosen by %s",
                     selection.SELECTION["loss"])
+  _check_every_class_trains(info, fold, config.records_dir)
   steps_per_epoch = config.steps_per_epoch or max(
       1, info.num_examples("train", fold) // config.batch_size)
   try:
@@ -248,6 +274,8 @@ def _build_state(config: TrainConfig, strategy, setup: _Setup) -> run_state.Stat
     try:
       model = models.build_model(setup.model_config, class_counts=counts if all(counts) else None)
     except ValueError as err:
+      if str(err).startswith("freeze="):  # from:NOPE: the layers are known once the model is built
+        raise TrainError(str(err)) from err
       if config.model.weights in ("imagenet", "none"):
         raise
       raise TrainError(f"--weights={config.model.weights} is not usable: {err}") from err
@@ -316,6 +344,7 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: run_state.State, o
                             state.warm_opt if phase == "warmup" else state.main_opt, config,
                             setup.class_weights, setup.xla_mode)
     row = steps_lib.run_epoch(steps, iterator, epoch, setup.steps_per_epoch, config, valid, setup.info)
+    _check_finite(row, epoch, config)
     row["phase"] = phase
     history.append(row)
     improved = selection.update_best(state, row, epoch, valid is not None, first=epoch == start)
@@ -369,3 +398,66 @@ def _number(value) -> float | None:
   """A history value as a float for JSON, None for NaN (JSON has no NaN)."""
   value = float(value)
   return value if math.isfinite(value) else None
+
+
+def _check_every_class_trains(info: manifest.DatasetInfo, fold, records_dir) -> None:
+  """TrainError when a class has no training image: class_weights trained a model that never saw a
+  positive without a word, and oversample ended in a traceback (issue 27)."""
+  counts = info.class_counts("train", fold)
+  empty = [name for name, n in zip(info.classes, counts) if not n]
+  if empty:
+    where = "the train split" if fold is None else f"the training folds (all but fold {fold})"
+    raise TrainError(
+        f"{records_dir}: class {', '.join(map(repr, empty))} has no image in {where} "
+        f"(training counts: {dict(zip(info.classes, counts))}); a model would never learn it. "
+        "Add images of it to the training split and convert again")
+
+
+def _check_finite(row: dict, epoch: int, config: TrainConfig) -> None:
+  """A diverged epoch (loss inf or NaN) stops the run before anything of it is saved."""
+  loss = float(row.get("loss", 0.0))
+  if not math.isfinite(loss):
+    raise TrainError(
+        f"training diverged in epoch {epoch + 1} (loss={loss}) at learning_rate="
+        f"{config.learning_rate}: lower --learning_rate (or --fine_tune_learning_rate); "
+        "what earlier epochs saved is kept")
+
+
+def _repair_model(config: TrainConfig, state: run_state.State, out, history: list, start: int,
+                  setup: _Setup) -> None:
+  """A damaged model.keras (0 bytes, truncated) found on resume is rewritten from backup/.
+
+  backup/ holds the last epoch's weights: when that epoch is the best one they are exactly what
+  model.keras held; otherwise the best epoch's weights are gone, and only restore_model=True puts
+  the last epoch in its place (and makes it the best, so summary.json says which epoch it is).
+  """
+  path = out.join(rundir.MODEL_FILE)
+  problem = rundir.model_file_problem(path) if fileio.exists(path) else None
+  if not problem:
+    return
+  best = int(state.best_epoch.numpy())
+  if best != start and not config.restore_model:
+    raise rundir.RunDirError(
+        f"{path} is damaged: {problem}; backup/ holds epoch {start}, not the best epoch {best}, "
+        f"whose weights are lost. Pass --restore_model to save epoch {start} as model.keras "
+        "(summary.json will say so), or --overwrite to train afresh")
+  if best != start:
+    row = next((r for r in history if int(r["epoch"]) == start), None)
+    if row is None:
+      raise rundir.RunDirError(f"{path} is damaged and history.csv has no row for epoch {start}; "
+                               "--overwrite to train afresh")
+    if setup.workers > 1:
+      raise rundir.RunDirError(f"{path} is damaged: rerun with --restore_model on one worker")
+    _, score, tiebreak = selection.criterion(
+        {k: float(row[k] or "nan") for k in _METRICS}, setup.has_valid)
+    state.best.assign(score)
+    state.best_tiebreak.assign(tiebreak)
+    state.best_epoch.assign(start)
+    # backup/ and summary.json must name the epoch model.keras now holds, also when no epoch
+    # is left to train (a later resume restores the best epoch from backup/).
+    tf.train.CheckpointManager(state.checkpoint, out.join(rundir.BACKUP_DIR), max_to_keep=1).save()
+    rundir.write_summary(out.dir, _summary(config, state, history, setup, start))
+  rundir.save_model(state.model, out.dir)
+  logging.warning("%s was damaged (%s); restored epoch %d from %s/ (%s)", path, problem, start,
+                  rundir.BACKUP_DIR, "the best epoch" if best == start else
+                  f"the best epoch {best} was lost; --restore_model")

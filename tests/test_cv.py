@@ -261,7 +261,8 @@ def test_single_runs_and_cv_runs_never_share_a_folder(cv_records, tmp_path):
 
 def test_resume_with_another_recipe_is_refused_naming_the_setting(tmp_path):
   """Another loss resumed silently (two losses in one history); another optimizer or schedule
-  failed deep in the restore. Learning rates and epochs may change."""
+  failed deep in the restore; another learning rate resumed silently (issue 27). Epochs may
+  change."""
   run = {"classes": ["a", "b"], "image_size": 32, "fold": None, "records_fingerprint": "f",
          "model": {"backbone": "simple_cnn", "num_classes": 2},
          "train": {"loss": "bce", "optimizer": "adam", "lr_schedule": "constant",
@@ -269,11 +270,12 @@ def test_resume_with_another_recipe_is_refused_naming_the_setting(tmp_path):
   rundir.write_config(tmp_path, run)
   for key, value in (("loss", "focal"), ("optimizer", "adamw"), ("lr_schedule", "cosine")):
     changed = dict(run, train=dict(run["train"], **{key: value}))
-    with pytest.raises(rundir.RunDirError, match=f"{key}='{run['train'][key]}', this one has "
-                       f"{key}='{value}'"):
+    with pytest.raises(rundir.RunDirError, match=f"--{key}={run['train'][key]} \\(now "
+                       f"{value}\\)"):
       rundir.check_resumable(tmp_path, changed)
-  rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], learning_rate=1e-4,
-                                                          epochs=5)))
+  with pytest.raises(rundir.RunDirError, match="--learning_rate=0.001 \\(now 0.0001\\)"):
+    rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], learning_rate=1e-4)))
+  rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], epochs=5)))
   # Other records are named by folder, not by two fingerprints.
   with pytest.raises(rundir.RunDirError, match="trained on other records \\(None, another "
                      "fingerprint than /data/other\\)"):

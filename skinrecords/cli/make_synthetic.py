@@ -59,8 +59,11 @@ def main(argv):
         images_per_patient=_IMAGES_PER_PATIENT.value, jpeg_quality=_JPEG_QUALITY.value,
         workers=_WORKERS.value)
     config.validate()
-  except ValueError as err:
-    raise app.UsageError(str(err)) from err
+  except ValueError as err:  # in the flags the user typed, not the config's field names
+    message = str(err).replace("flat=True", "--flat").replace("write_csv=True", "--csv")
+    raise app.UsageError(cli_common.as_flags(message, (
+        "seed", "num_images", "melanoma_fraction", "min_size", "max_size", "images_per_patient",
+        "jpeg_quality", "workers"))) from err
   try:
     summary = synthetic.write_dataset(_OUTPUT_DIR.value, config,
                                       hair_masks_dir=_HAIR_MASKS_DIR.value)

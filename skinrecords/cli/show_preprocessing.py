@@ -24,12 +24,19 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Output size the converter
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for picking the images.")
 
 
+class _FileError(ValueError):
+  """An image the converter would reject; the message names the file."""
+
+
 def sheet(paths: list[str], size: int) -> np.ndarray:
   """RGB rows original | mask (red on grey) | result, each size x size."""
   config = pp.PreprocessConfig(image_size=size)
   rows = []
   for path in paths:
-    rgb = pp.preprocess_array(pp.decode(fileio.read_bytes(path), config), config)
+    try:
+      rgb = pp.preprocess_array(pp.decode(fileio.read_bytes(path), config), config)
+    except (pp.RejectedImage, ValueError) as err:  # an oversize file went unnamed (issue 27)
+      raise _FileError(f"{path}: {err}") from err
     mask = hair.hair_mask(rgb)
     shown = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB) // 2
     shown[mask > 0] = (255, 40, 40)
@@ -42,6 +49,12 @@ def main(argv):
     print("show_preprocessing: need --input_dir=DIR (a folder of images) and --num >= 1",
           file=sys.stderr)
     return 2
+  try:  # before listing: --image_size=0 read as a config name (PreprocessConfig.image_size=0)
+    pp.PreprocessConfig(image_size=_IMAGE_SIZE.value)
+  except ValueError as err:
+    print(f"show_preprocessing: --image_size={_IMAGE_SIZE.value}: "
+          f"{str(err).split(': ', 1)[-1]}", file=sys.stderr)
+    return 2
   folder = _INPUT_DIR.value
   files = list(sources.list_image_files(folder)) if fileio.isdir(folder) else []
   if not files:
@@ -52,7 +65,7 @@ def main(argv):
   picked = [files[i] for i in sorted(rng.choice(len(files), min(_NUM.value, len(files)), False))]
   try:
     img = sheet(picked, _IMAGE_SIZE.value)
-  except (pp.RejectedImage, ValueError) as err:
+  except _FileError as err:
     print(f"show_preprocessing: {err}; remove or fix that file", file=sys.stderr)
     return 2
   out = _OUTPUT.value

@@ -111,6 +111,11 @@ _DETERMINISTIC = flags.DEFINE_boolean(
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Start afresh in a --model_dir that holds "
                                   "another run (its model, history, backup and logs are deleted) "
                                   "instead of refusing; without it a matching run is resumed.")
+_RESTORE_MODEL = flags.DEFINE_boolean(
+    "restore_model", False, "When model.keras is found damaged (0 bytes, truncated) and backup/ "
+    "no longer holds its best epoch, save backup/'s last epoch as model.keras (summary.json says "
+    "which epoch it is) and go on. A damaged model.keras whose epoch backup/ holds is restored "
+    "without it.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 # Training recipe (skinrecords/recipes.py); the defaults are the recipe from before these flags.
@@ -156,6 +161,7 @@ _SAT = flags.DEFINE_float("saturation", 0.0, "Saturation factor in [1-s, 1+s] (0
 _HUE = flags.DEFINE_float("hue", 0.0, "Max hue delta as a fraction of the circle (0: off).")
 
 flags.mark_flags_as_required(["records_dir", "model_dir"])
+_MAX_IMAGE_SIZE = 8192  # make_records' largest --image_size (preprocess)
 _RECIPE_FLAGS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
                  "label_smoothing", "focal_gamma", "early_stopping_patience")
 
@@ -211,7 +217,8 @@ def _config():
       optimizer=_OPTIMIZER.value, weight_decay=_WEIGHT_DECAY.value,
       lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value, lr_floor=_LR_FLOOR.value,
       loss=_LOSS.value, label_smoothing=_LABEL_SMOOTHING.value, focal_gamma=_FOCAL_GAMMA.value,
-      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value)
+      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value,
+      restore_model=_RESTORE_MODEL.value)
   try:
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
@@ -220,7 +227,9 @@ def _config():
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _RECIPE_FLAGS + ("fold", "oof_tta"))) from err
+                                             _RECIPE_FLAGS + ("fold", "oof_tta", "seed",
+                                                              "learning_rate",
+                                                              "fine_tune_learning_rate"))) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -300,10 +309,29 @@ def _cross_validate(config, strategy) -> int:
   os._exit(0)  # pylint: disable=protected-access
 
 
+def _resource_error(err: Exception, config) -> str | None:
+  """One line for a full disk while saving the backup (ResourceExhaustedError [Op:SaveV2]; a full
+  disk in model.save is an OSError) or for memory too small for the batch; None for others."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(err, tf.errors.ResourceExhaustedError):
+    return None
+  text = pipeline.clean_message(getattr(err, "message", str(err))).splitlines()[0][:300]
+  if "SaveV2" in str(err) or "space" in str(err).lower():
+    return (f"the disk of --model_dir={config.model_dir} is full ({text}); free space and rerun "
+            "the same command: it resumes from the last complete backup")
+  return (f"out of memory ({text}); lower --batch_size or --image_size="
+          f"{config.model.image_size}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included.
+  if not 0 <= _IMAGE_SIZE.value <= _MAX_IMAGE_SIZE:  # 100000 ran out of memory after 15 s
+    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: expected 0 (the records' size) or a "
+                         f"side in pixels up to {_MAX_IMAGE_SIZE}, as make_records accepts")
   if _fold() != "all" and _OOF_TTA.value:
     raise app.UsageError(f"--oof_tta={_OOF_TTA.value} applies only to --fold=all")
   for flag in (_CLUSTER_TIMEOUT, _DATA_SERVICE_TIMEOUT):
@@ -339,10 +367,17 @@ def main(argv):
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError) as err:
-    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS)}", file=sys.stderr)
+    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS + ('freeze',))}",
+          file=sys.stderr)
     return 2
   except OSError as err:  # a missing file, or a remote path that cannot be read (network, scheme)
     print(f"train: {fileio.describe_error(err)}", file=sys.stderr)
+    return 2
+  except Exception as err:  # pylint: disable=broad-except  (TensorFlow's errors, sorted below)
+    line = _resource_error(err, config)
+    if line is None:
+      raise
+    print(f"train: {line}", file=sys.stderr)
     return 2
   if not result["chief"]:
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
