@@ -475,8 +475,7 @@ def _remove(out: str, stale: list[str], trash: str) -> None:
 
 
 def _smoke_script() -> str:
-  with open(os.path.join(os.path.dirname(__file__), "score_folder.py"), encoding="utf-8") as f:
-    return f.read()
+  return fileio.read_text(os.path.join(os.path.dirname(__file__), SMOKE_SCRIPT))
 
 
 def export(config: ExportConfig) -> ExportReport:
@@ -509,7 +508,7 @@ def export(config: ExportConfig) -> ExportReport:
   try:
     saved = os.path.join(tmp, "saved_model")
     write_saved_model(members, classes, saved, config.threshold, config.member_outputs)
-    os.makedirs(os.path.dirname(os.path.join(saved, IDENTITY_FILE)), exist_ok=True)
+    fileio.makedirs(os.path.dirname(os.path.join(saved, IDENTITY_FILE)))
     fileio.write_json_atomic(os.path.join(saved, IDENTITY_FILE), identity)
     tflite = _check_tflite(tmp, members, records, config, report) if records else {}
     _remove(out, stale, tmp)

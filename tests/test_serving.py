@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving_files import (cmyk_jpeg, jpeg, photo, png, with_exif_jpeg, with_exif_png)
+from benchmarks.serving_files import cmyk_jpeg, jpeg, photo, png, with_exif_jpeg, with_exif_png
 from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import serving
