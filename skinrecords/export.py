@@ -165,15 +165,23 @@ def preprocessing_settings(cfg: dict, threshold: float) -> tuple[dict, list[str]
 
 # ------------------------------------------------------------------------------- SavedModel
 
+# calibration.apply_temperature clips probabilities to [1e-7, 1 - 1e-7] before taking logits:
+# logit(1 - 1e-7) = 16.118095. Float32 cannot hold 1 - 1e-7 (its neighbours are 0.99999988 and
+# 0.99999994), so the clip is applied to the logit, which float32 holds to 1e-7.
+_LOGIT_CLIP = 16.118095
+
+
 def _calibrated(probs, temperature):
-  """calibration.apply_temperature in-graph (float64, the same 1e-7 clip), so a calibrated run
-  serves the probabilities bin/predict prints."""
+  """calibration.apply_temperature in-graph, so a calibrated run serves the probabilities
+  bin/predict prints. Float32 only: TFLite has no float64 Log1p (the conversion failed)."""
   if not temperature:
     return probs
-  p = tf.clip_by_value(tf.cast(probs, tf.float64), 1e-7, 1.0 - 1e-7)
+  t = tf.constant(temperature, tf.float32)
   if probs.shape.rank == 1:
-    return tf.cast(tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / temperature), tf.float32)
-  return tf.cast(tf.nn.softmax(tf.math.log(p) / temperature, axis=-1), tf.float32)
+    z = tf.math.log(probs) - tf.math.log1p(-probs)
+    z = tf.where(probs > 1.0 - 1e-7, _LOGIT_CLIP, tf.where(probs < 1e-7, -_LOGIT_CLIP, z))
+    return tf.sigmoid(z / t)
+  return tf.nn.softmax(tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0 - 1e-7)) / t, axis=-1)
 
 
 def _member_probs(member, images):
@@ -407,10 +415,11 @@ def _read_json(path) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
-def existing_exports(out: str) -> list[tuple[str, str | None]]:
-  """(file set, fingerprint or None when it names no model) for each export file in `out`."""
+def existing_exports(out: str) -> list[tuple[str, dict | None]]:
+  """(file set, the model identity it records, or None when it names none) for each export file
+  in `out`."""
   recorded = _read_json(fileio.join(out, PREPROCESSING_FILE))
-  top = ((recorded or {}).get("model") or {}).get("fingerprint")
+  top = (recorded or {}).get("model") or None
   sets = [(PREPROCESSING_FILE, top)] if fileio.exists(fileio.join(out, PREPROCESSING_FILE)) else []
   hashes = (recorded or {}).get("files") or {}
   for name in TFLITE_FILES.values():
@@ -421,22 +430,31 @@ def existing_exports(out: str) -> list[tuple[str, str | None]]:
   for entry in sorted(fileio.listdir(out)):
     name = entry.rstrip("/")
     if name.isdigit() and fileio.exists(fileio.join(out, name, "saved_model.pb")):
-      identity = _read_json(fileio.join(out, name, IDENTITY_FILE)) or {}
-      sets.append((f"{name}/", identity.get("fingerprint")))
+      sets.append((f"{name}/", _read_json(fileio.join(out, name, IDENTITY_FILE))))
   return sets
+
+
+def _whose(found: list[dict | None], identity: dict) -> str:
+  if not all(found):
+    return "an export that names no model (or whose files changed since it was written)"
+  ours = [m["model_sha256"] for m in identity["members"]]
+  if all([m.get("model_sha256") for m in f.get("members", [])] == ours for f in found):
+    return ("an export of this model with other settings built in (threshold, member_outputs "
+            "or temperatures)")
+  runs = sorted({m.get("model_dir", "?") for f in found for m in f.get("members", [])})
+  return f"another model's export (of {', '.join(runs)})"
 
 
 def check_no_mix(out: str, identity: dict, overwrite: bool) -> list[str]:
   """Refuses an output folder holding another model's export; returns what --overwrite removes."""
-  other = [(what, fp) for what, fp in existing_exports(out) if fp != identity["fingerprint"]]
+  other = [(what, found) for what, found in existing_exports(out)
+           if (found or {}).get("fingerprint") != identity["fingerprint"]]
   if not other or overwrite:
     return [what for what, _ in other]
   names = ", ".join(what for what, _ in other)
-  whose = ("another model's export" if all(fp for _, fp in other) else
-           "an export that names no model (or whose files changed since)")
-  raise ValueError(f"{out} already holds {whose} ({names}); files of two models in one folder "
-                   "would be served together: export into a new output_dir, or pass "
-                   "overwrite=True to replace them")
+  raise ValueError(f"{out} already holds {_whose([f for _, f in other], identity)}: {names}; "
+                   "files of two models in one folder would be served together: export into a "
+                   "new output_dir, or pass overwrite=True to replace them")
 
 
 def _install(src: str, dst: str, trash: str) -> None:

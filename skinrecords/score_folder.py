@@ -14,13 +14,34 @@ A file the graph cannot decode is reported on stderr and skipped, as predict rej
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import sys
+import tempfile
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # sources.IMAGE_EXTENSIONS
 BATCH = 16
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+  """File descriptor 2 goes to a temporary file, replayed only if the block raises."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def _ignored(name):
@@ -114,9 +135,10 @@ def main(argv=None):
     print(f"score_folder: found no images in {args.image_folder} (extensions: "
           f"{', '.join(EXTENSIONS)})", file=sys.stderr)
     return 2
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the argument checks)
-  serve = tf.saved_model.load(model).signatures["serving_default"]
-  results = list(_score(serve, paths, tf))
+  with _stderr_held_back():  # TensorFlow's C++ start-up lines (CUDA probes) are not ours to print
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the argument checks)
+    serve = tf.saved_model.load(model).signatures["serving_default"]
+    results = list(_score(serve, paths, tf))
   out = open(args.output_csv, "w", newline="", encoding="utf-8") if args.output_csv else sys.stdout
   try:
     csv.writer(out).writerows(_rows(results, settings["classes"]))

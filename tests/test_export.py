@@ -253,6 +253,7 @@ def _read_csv(text: str) -> dict:
   return {row["image"]: row for row in csv.DictReader(text.splitlines())}
 
 
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
 def test_score_folder_needs_only_tensorflow_and_prints_predicts_csv(data, exported, raw, tmp_path):
   folder, orientations = raw
   out, _ = exported
@@ -303,6 +304,7 @@ def cv_folder(data):
   return cv
 
 
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
 def test_cv_folder_exports_as_one_mean_model_equal_to_predict(data, cv_folder, raw, tmp_path):
   folder, _ = raw
   out = tmp_path / "ensemble"
@@ -341,6 +343,7 @@ def test_ensembles_that_cannot_be_served_are_refused_in_one_line(cv_folder, tmp_
   assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
 def test_two_models_never_mix_in_one_folder(data, cv_folder, tmp_path):
   out = tmp_path / "e"
   run_bin("export", f"--model_dir={data / 'model'}", f"--output_dir={out}",
@@ -365,3 +368,17 @@ def test_two_models_never_mix_in_one_folder(data, cv_folder, tmp_path):
   proc = run_bin("export", f"--model_dir={cv_folder / 'fold_1'}", f"--output_dir={out}",
                  "--format=tflite", check=False)
   assert proc.returncode == 2 and "names no model" in proc.stderr, proc.stderr
+
+
+def test_in_graph_temperature_is_calibrations_to_float32_rounding():
+  """float32 (TFLite has no float64 Log1p), saturated probabilities included: the clip at
+  1 - 1e-7 moves to the logit."""
+  from skinrecords import calibration  # pylint: disable=g-import-not-at-top
+  z = np.concatenate([np.linspace(-30, 30, 2001), [16.0, 16.1, 16.2, 17.0]]).astype(np.float32)
+  p = tf.sigmoid(z).numpy()
+  k = tf.nn.softmax(np.random.default_rng(0).normal(0, 8, (500, 4)).astype(np.float32)).numpy()
+  for t in (0.3, 1.7, 10.0):
+    np.testing.assert_allclose(export._calibrated(tf.constant(p), t).numpy(),  # pylint: disable=protected-access
+                               calibration.apply_temperature(p, t), atol=1e-6)
+    np.testing.assert_allclose(export._calibrated(tf.constant(k), t).numpy(),  # pylint: disable=protected-access
+                               calibration.apply_temperature(k, t), atol=1e-6)
