@@ -90,7 +90,16 @@ def _score(serve, paths, tf):
           yield (p, out["probabilities"].numpy()[0],
                  out["predicted_label"].numpy()[0].decode("utf-8"), None)
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
-          yield p, None, None, str(err.message).strip().splitlines()[0][:200]
+          yield p, None, None, _reason(err.message)
+
+
+def _reason(message):
+  """TensorFlow's own sentence from a graph error (its first line is "Graph execution error:")."""
+  skip = ("Graph execution error", "Detected at node", "File ", "[[", "{{", "Stack trace",
+          "<stack traces unavailable>")
+  lines = [l.strip() for l in str(message).splitlines() if l.strip()]
+  useful = [l for l in lines if not l.startswith(skip) and not l.startswith("  ")]
+  return (useful[-1] if useful else lines[-1] if lines else "undecodable")[:200]
 
 
 def _rows(results, classes):
