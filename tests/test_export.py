@@ -3,9 +3,13 @@ fail in one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -13,8 +17,10 @@ import pytest
 from sklearn import metrics as skm
 import tensorflow as tf
 
-from conftest import convert_folder, run_bin, write_dark_bright
+from conftest import bin_env, convert_folder, run_bin, write_dark_bright
+from benchmarks import serving_files
 from skinrecords import export
+from skinrecords import fileio
 from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import predict
@@ -40,11 +46,12 @@ def train_tiny(records: pathlib.Path, model_dir: pathlib.Path, size: int, steps:
                 keras.losses.BinaryCrossentropy(from_logits=True))
   # A fixed batch order (training=False, repeated, batches shuffled with the seed): the training
   # input's non-deterministic interleave made the blob model miss its bound 1 run in 3.
-  ds = pipeline.make_dataset(info, "train", batch_size=16, training=False).repeat().shuffle(
+  ds = pipeline.make_dataset(info, "train", batch_size=16, training=False,
+                            image_size=size).repeat().shuffle(
       64, seed=seed).map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)[:, None]))
   model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-  images = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(info, "train",
-                                                                       training=False)])
+  images = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(
+      info, "train", training=False, image_size=size)])
   scale = max_logit / float(np.abs(model.predict(images.astype(np.float32), verbose=0)).max())
   kernel, bias = model.get_layer("logits").get_weights()
   model.get_layer("logits").set_weights([kernel * scale, bias * scale])
@@ -174,3 +181,204 @@ def test_float_tflite_beyond_tolerance_fails_and_writes_nothing(data, tmp_path, 
   with pytest.raises(export.ExportCheckError, match=r"differs from the Keras model by 2\.0"):
     export.export(export.ExportConfig(model_dir=str(data / "model"), output_dir=str(out)))
   assert out.is_dir() and not list(out.iterdir())
+
+
+# ------------------------------------------------------------------------------- raw files
+
+def _raw_files(folder: pathlib.Path, pconfig: preprocess.PreprocessConfig) -> dict:
+  """Photos as a clinic sends them (synthetic lesions): name -> EXIF orientation they carry."""
+  sf = serving_files
+  rgb = sf.photo(120, 90)
+  files = {"640x480_like.jpg": (sf.jpeg(sf.photo(96, 72, 1)), 1),
+           "portrait.jpg": (sf.jpeg(sf.photo(60, 90, 2)), 1),
+           "reduced_3000x2000_like.jpg": (sf.jpeg(sf.photo(300, 200, 3)), 1),
+           "small_upscaled.jpg": (sf.jpeg(sf.photo(24, 20, 4)), 1),
+           "exif6.jpg": (sf.with_exif_jpeg(sf.jpeg(rgb), 6, little=False), 6),
+           "exif3.jpg": (sf.with_exif_jpeg(sf.jpeg(rgb), 3), 3),
+           "exif8.png": (sf.with_exif_png(sf.png(rgb), 8), 8),
+           "photo.png": (sf.png(sf.photo(80, 50, 5)), 1),
+           "grey.jpg": (sf.jpeg(rgb[..., 1].copy()), 1),
+           "cmyk.jpg": (sf.cmyk_jpeg(rgb), 1)}
+  files["client_preprocessed.jpg"] = (preprocess.preprocess_bytes(files["portrait.jpg"][0],
+                                                                  pconfig), 1)
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, (data, _) in files.items():
+    (folder / name).write_bytes(data)
+  return {str(folder / name): orientation for name, (_, orientation) in files.items()}
+
+
+# CMYK: OpenCV and TensorFlow round libjpeg's CMYK differently (<= 2 levels); every other raw
+# file gives predict's pixels exactly (test_serving), so its probability agrees to rounding.
+# A client-preprocessed file is served as it is, where predict preprocesses it once more (one
+# more JPEG generation): it is held to 1e-5 against predict on the photo it was made from.
+TOLERANCE = {"cmyk.jpg": 0.01, "client_preprocessed.jpg": 0.01}
+
+
+def _served(saved_model: pathlib.Path, paths: list[str]) -> dict:
+  serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+  return {k: v.numpy() for k, v in serve(image_bytes=tf.constant(
+      [pathlib.Path(p).read_bytes() for p in paths])).items()}
+
+
+@pytest.fixture(scope="module")
+def raw(data):
+  pconfig = preprocess.PreprocessConfig.from_dict(pipeline.load_info(data / "records").preprocessing)
+  return data / "raw", _raw_files(data / "raw", pconfig)
+
+
+def test_raw_photos_are_served_as_predict_scores_them(data, exported, raw):
+  folder, orientations = raw
+  out, proc = exported
+  rows, rejected, _ = predict.run(predict.PredictConfig(model_dir=str(data / "model"),
+                                                        input_dir=str(folder)))
+  assert not rejected and [r["image"] for r in rows] == sorted(orientations)
+  served = _served(out / "1", [r["image"] for r in rows])
+  for r, p, label, o in zip(rows, served["probabilities"], served["predicted_label"],
+                            served["exif_orientation"]):
+    name = os.path.basename(r["image"])
+    assert abs(p - r["probability"]) <= TOLERANCE.get(name, 1e-5), (name, p, r["probability"])
+    assert label.decode() == r["predicted"] or TOLERANCE.get(name), name
+    assert o == orientations[r["image"]], name
+  by_name = {os.path.basename(r["image"]): r["probability"] for r in rows}
+  client = served["probabilities"][[os.path.basename(r["image"]) for r in rows].index(
+      "client_preprocessed.jpg")]
+  assert abs(client - by_name["portrait.jpg"]) <= 1e-5, (client, by_name["portrait.jpg"])
+  probs = np.array([r["probability"] for r in rows])
+  # Not saturated (0 or 1 would hide any difference) and not one answer for every photo.
+  assert 0.02 < probs.min() and probs.max() < 0.98 and probs.std() > 0.005, probs
+  assert "XNNPACK" not in proc.stderr + proc.stdout, proc.stderr
+
+
+def _read_csv(text: str) -> dict:
+  return {row["image"]: row for row in csv.DictReader(text.splitlines())}
+
+
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
+def test_score_folder_needs_only_tensorflow_and_prints_predicts_csv(data, exported, raw, tmp_path):
+  folder, orientations = raw
+  out, _ = exported
+  script = out / export.SMOKE_SCRIPT
+  assert script.is_file()
+  shutil.copy(data / "raw" / "grey.jpg", folder / "ignored.txt")  # not an image extension
+  # A fresh interpreter in which importing skinrecords fails: the script must not need it.
+  argv = [str(script), str(folder)]
+  block = (f"import sys, runpy; sys.modules['skinrecords'] = None; sys.argv = {argv!r}; "
+           f"runpy.run_path({str(script)!r}, run_name='__main__')")
+  env = {k: v for k, v in bin_env().items() if k != "PYTHONPATH"}
+  proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env,
+                        cwd=tmp_path, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  csv_path = tmp_path / "predict.csv"
+  run_bin("predict", f"--model_dir={data / 'model'}", f"--input_dir={folder}",
+          f"--output_csv={csv_path}")
+  ours, theirs = _read_csv(proc.stdout), _read_csv(csv_path.read_text())
+  assert list(ours) == list(theirs) == sorted(orientations)
+  assert proc.stdout.splitlines()[0] == csv_path.read_text().splitlines()[0]
+  for image, row in ours.items():
+    tol = TOLERANCE.get(os.path.basename(image), 1e-5)
+    assert abs(float(row["probability"]) - float(theirs[image]["probability"])) <= tol, image
+    assert row["predicted"] == theirs[image]["predicted"] or tol > 1e-5, image
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for args, says in (([str(tmp_path / "missing")], "not a folder"), ([str(empty)], "no images")):
+    bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                         env=env, timeout=120, check=False)
+    assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------- ensembles
+
+@pytest.fixture(scope="module")
+def cv_folder(data):
+  """A finished two-fold CV folder whose members differ in size (32 and 48 px), one calibrated."""
+  cv = data / "cv"
+  cv.mkdir()
+  shutil.copytree(data / "model", cv / "fold_0")
+  train_tiny(data / "records", cv / "fold_1", 48, steps=30, seed=1, max_logit=4.0)
+  rundir.write_calibration(cv / "fold_1", {
+      "method": "temperature", "temperature": 1.7,
+      "model_sha256": fileio.sha256_file(cv / "fold_1" / rundir.MODEL_FILE)})
+  for fold in ("fold_0", "fold_1"):
+    (cv / fold / "summary.json").write_text(json.dumps({"epochs_done": 1, "epochs_planned": 1}))
+  (cv / rundir.CV_METRICS_FILE).write_text("{}")
+  return cv
+
+
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
+def test_cv_folder_exports_as_one_mean_model_equal_to_predict(data, cv_folder, raw, tmp_path):
+  folder, _ = raw
+  out = tmp_path / "ensemble"
+  proc = run_bin("export", f"--model_dir={cv_folder}", f"--output_dir={out}",
+                 "--format=saved_model", "--member_outputs")
+  assert "ensemble: mean of 2 runs" in proc.stdout, proc.stdout
+  rows, _, _ = predict.run(predict.PredictConfig(model_dir=str(cv_folder), input_dir=str(folder)))
+  served = _served(out / "1", [r["image"] for r in rows])
+  members = served["member_probabilities"]
+  assert members.shape == (len(rows), 2)
+  np.testing.assert_allclose(served["probabilities"], members.mean(axis=1), atol=1e-6)
+  for r, p in zip(rows, served["probabilities"]):
+    assert abs(p - r["probability"]) <= TOLERANCE.get(os.path.basename(r["image"]), 1e-5), r
+  # Each member is the run on its own, its temperature applied (fold_1: T = 1.7).
+  for k, fold in enumerate(("fold_0", "fold_1")):
+    alone, _, _ = predict.run(predict.PredictConfig(model_dir=str(cv_folder / fold),
+                                                    input_dir=str(folder)))
+    expected = np.array([a["probability"] for a in alone])
+    clean = [i for i, a in enumerate(alone) if not TOLERANCE.get(os.path.basename(a["image"]))]
+    np.testing.assert_allclose(members[clean, k], expected[clean], atol=1e-5)
+  assert np.abs(members[:, 0] - members[:, 1]).max() > 0.01  # two different members
+  loaded = tf.saved_model.load(str(out / "1"))
+  assert "serving_uint8" not in loaded.signatures  # no single pixel size for 32 and 48 px
+  settings = json.loads((out / export.PREPROCESSING_FILE).read_text())
+  assert [m["temperature"] for m in settings["model"]["members"]] == [None, 1.7]
+
+
+@pytest.mark.parametrize("case", ["rank", "tflite_sizes"])
+def test_ensembles_that_cannot_be_served_are_refused_in_one_line(cv_folder, tmp_path, case):
+  args = ["--ensemble=rank", "--format=saved_model"] if case == "rank" else []
+  proc = run_bin("export", f"--model_dir={cv_folder}", f"--output_dir={tmp_path / 'e'}", *args,
+                 check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert {"rank": "--ensemble=mean", "tflite_sizes": "--format=saved_model"}[case] in proc.stderr
+  assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+
+@pytest.mark.slow  # subprocesses: several exports / predict / a fresh TensorFlow
+def test_two_models_never_mix_in_one_folder(data, cv_folder, tmp_path):
+  out = tmp_path / "e"
+  run_bin("export", f"--model_dir={data / 'model'}", f"--output_dir={out}",
+          "--format=saved_model")
+  before = sorted(p.name for p in out.iterdir())
+  proc = run_bin("export", f"--model_dir={cv_folder / 'fold_1'}", f"--output_dir={out}",
+                 "--format=tflite", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert "another model's export" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+  assert sorted(p.name for p in out.iterdir()) == before  # nothing changed
+  # The same model again (a new Serving version of it) is no mix.
+  run_bin("export", f"--model_dir={data / 'model'}", f"--output_dir={out}",
+          "--format=saved_model", "--version=2")
+  run_bin("export", f"--model_dir={cv_folder / 'fold_1'}", f"--output_dir={out}",
+          "--format=tflite", "--overwrite")
+  assert not (out / "1").exists() and not (out / "2").exists()
+  settings = json.loads((out / export.PREPROCESSING_FILE).read_text())
+  assert settings["model"]["members"][0]["model_dir"].endswith("fold_1")
+  assert set(settings["files"]) == set(export.TFLITE_FILES.values())
+  # A file set that names no model (an older export, or a file replaced by hand) is refused too.
+  (out / export.TFLITE_FILES["float32"]).write_bytes(b"other")
+  proc = run_bin("export", f"--model_dir={cv_folder / 'fold_1'}", f"--output_dir={out}",
+                 "--format=tflite", check=False)
+  assert proc.returncode == 2 and "names no model" in proc.stderr, proc.stderr
+
+
+def test_in_graph_temperature_is_calibrations_to_float32_rounding():
+  """float32 (TFLite has no float64 Log1p), saturated probabilities included: the clip at
+  1 - 1e-7 moves to the logit."""
+  from skinrecords import calibration  # pylint: disable=g-import-not-at-top
+  z = np.concatenate([np.linspace(-30, 30, 2001), [16.0, 16.1, 16.2, 17.0]]).astype(np.float32)
+  p = tf.sigmoid(z).numpy()
+  k = tf.nn.softmax(np.random.default_rng(0).normal(0, 8, (500, 4)).astype(np.float32)).numpy()
+  for t in (0.3, 1.7, 10.0):
+    np.testing.assert_allclose(export._calibrated(tf.constant(p), t).numpy(),  # pylint: disable=protected-access
+                               calibration.apply_temperature(p, t), atol=1e-6)
+    np.testing.assert_allclose(export._calibrated(tf.constant(k), t).numpy(),  # pylint: disable=protected-access
+                               calibration.apply_temperature(k, t), atol=1e-6)

@@ -18,12 +18,12 @@ STAGES = [
      "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty",
      "pseudonyms", "waiting"},
     {"records", "workers", "convert"},
-    {"pipeline", "kaggle"},
+    {"pipeline", "kaggle", "serving"},
     {"augment"},
     {"backbones", "recipes", "models"},
     {"metrics", "plots", "rundir", "distribute", "data_service", "calibration", "submission"},
     {"inference", "steps", "run_state", "train", "ensemble", "selection"},
-    {"evaluate", "predict", "export", "explain"},
+    {"evaluate", "predict", "export", "explain", "score_folder"},
     {"cv"},
 ]
 
@@ -151,6 +151,8 @@ _DIRECT_FILE_ACCESS = {
     "labels": "reads the labels CSV that lives with the local input images",
     "synthetic": "writes synthetic input images for make_records (local by design)",
     "backbones": "the ~/.keras weights cache (local by design)",
+    "score_folder": "export copies it next to the SavedModel, where it runs without skinrecords "
+                    "(TensorFlow and the standard library only) on a local folder of photos",
 }
 _FILE_CALLS = {
     "open", "os.path.exists", "os.path.lexists", "os.path.isfile", "os.path.isdir",

@@ -1,7 +1,8 @@
 """Exports a trained model directory for TensorFlow Serving (SavedModel) and phones (TFLite).
 
-Writes OUTPUT_DIR/1/ (SavedModel: `serving_default` takes encoded JPEG/PNG bytes, `serving_uint8`
-takes uint8 [B, S, S, 3]), OUTPUT_DIR/model_float32.tflite and model_dynamic_range.tflite (uint8
+Writes OUTPUT_DIR/1/ (SavedModel: `serving_default` takes the raw JPEG/PNG files, any size, and
+does the converter's EXIF orientation, centre crop and resize in the graph; `serving_uint8` takes
+uint8 [B, S, S, 3]), OUTPUT_DIR/score_folder.py (scores a folder with TensorFlow only), OUTPUT_DIR/model_float32.tflite and model_dynamic_range.tflite (uint8
 input), and OUTPUT_DIR/preprocessing.json (what the client must do before sending an image). The
 TFLite models are checked against the Keras model on the records' valid (or test) split; the
 export fails, writing nothing, when float32 differs by more than 1e-4.
@@ -9,6 +10,8 @@ export fails, writing nothing, when float32 differs by more than 1e-4.
 Example:
   export --model_dir=/runs/densenet_fold0 --output_dir=/serving/melanoma
   export --model_dir=/runs/densenet_fold0 --output_dir=/app/assets --format=tflite
+  export --model_dir=/runs/cv_densenet --output_dir=/serving/melanoma_cv   # a 5-fold ensemble
+  python /serving/melanoma/score_folder.py photos/    # the deployment's own check
 """
 
 import sys
@@ -19,8 +22,10 @@ from absl import flags
 from skinrecords import fileio
 from skinrecords.cli import common as cli_common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training: model.keras and "
-                                 "config.json.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training (model.keras and "
+                                 "config.json), a cross-validation folder (every fold_k), or a "
+                                 "comma list of either: exported as one ensemble, the mean of "
+                                 "the runs' calibrated probabilities.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the export (created; "
                                   "checked writable before any work).")
 _FORMAT = flags.DEFINE_enum("format", "all", ["saved_model", "tflite", "all"],
@@ -34,9 +39,20 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two classes: the exported pre
                                 "1 when P(class 1) >= threshold (as bin/predict --threshold).")
 _VERSION = flags.DEFINE_integer("version", 1, "TensorFlow Serving version folder: "
                                 "OUTPUT_DIR/VERSION/ (replaced if present).")
+_ENSEMBLE = flags.DEFINE_enum("ensemble", "mean", ["mean", "rank"],
+                              "Several runs in --model_dir: how they combine. Only mean can be "
+                              "served (rank scores each image against the others in its request, "
+                              "so it is refused).")
+_MEMBER_OUTPUTS = flags.DEFINE_boolean("member_outputs", False, "An ensemble's signatures also "
+                                       "return member_probabilities ([B, members] or [B, "
+                                       "members, K]), each member's calibrated answer.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace another model's export found in "
+                                  "--output_dir (refused otherwise: two models' files in one "
+                                  "folder would be served together).")
 flags.mark_flags_as_required(["model_dir", "output_dir"])
 
-_FLAG_NAMES = ("format", "max_examples", "threshold", "version", "records_dir")
+_FLAG_NAMES = ("format", "max_examples", "threshold", "version", "records_dir", "ensemble",
+               "member_outputs", "overwrite=True", "output_dir", "model_dir")
 
 
 def main(argv):
@@ -48,7 +64,8 @@ def main(argv):
       export.ExportConfig,
       model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, format=_FORMAT.value,
       records_dir=_RECORDS_DIR.value, max_examples=_MAX_EXAMPLES.value,
-      threshold=_THRESHOLD.value, version=_VERSION.value)
+      threshold=_THRESHOLD.value, version=_VERSION.value, ensemble=_ENSEMBLE.value,
+      member_outputs=_MEMBER_OUTPUTS.value, overwrite=_OVERWRITE.value)
   try:
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:
