@@ -39,6 +39,7 @@ from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
@@ -108,11 +109,9 @@ def train_folds(config: train.TrainConfig, strategy, info: manifest.DatasetInfo,
 def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_size: int,
                  tta: int = 0) -> dict:
   """Fold `fold`'s model on the fold it held out: probs ([N] or [N, K]), labels, names, groups."""
-  model, cfg = rundir.load_model_dir(model_dir)
-  ds = pipeline.make_dataset(info, "valid", batch_size=batch_size, training=False,
-                             image_size=cfg["image_size"], fold=fold, with_names=True)
-  probs, labels, names = inference.predict_dataset(model, ds, tta, info=info, split="valid",
-                                                   fold=fold)
+  model, cfg = models.load_model_dir(model_dir)
+  probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg["image_size"],
+                                                 batch_size=batch_size, tta=tta, fold=fold)
   groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,
           "groups": groups or [""] * len(names)}

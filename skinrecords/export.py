@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from skinrecords import fileio
 from skinrecords import inference
+from skinrecords import models
 from skinrecords import pipeline
-from skinrecords import rundir
 
 FORMATS = ("saved_model", "tflite", "all")
 TFLITE_FILES = {"float32": "model_float32.tflite", "dynamic_range": "model_dynamic_range.tflite"}
@@ -288,7 +288,7 @@ def export(config: ExportConfig) -> ExportReport:
     ExportCheckError: float32 TFLite disagrees with Keras (nothing is written).
   """
   config.validate()
-  model, cfg = rundir.load_model_dir(config.model_dir)
+  model, cfg = models.load_model_dir(config.model_dir)
   out = fileio.check_writable_dir(config.output_dir)
   records = _check_records(config, cfg)
   classes = [str(c) for c in cfg["classes"]]

@@ -12,6 +12,9 @@ A cross-validation run (`train --fold=all`) is a folder of such runs, one per fo
     CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
 Every file is written atomically (temporary name, then rename): a kill during a save used to leave a
 0-byte best model that a rerun reported as success.
+
+TensorFlow-free: `check_model_dir` checks a finished run's files and config; loading its model.keras
+is `models.load_model_dir`, next to the custom layers a safe-mode load needs registered.
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ import io
 import json
 import os
 
-import keras
-
 from skinrecords import fileio
-from skinrecords import models  # pylint: disable=unused-import  (registers layers for load_model)
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
@@ -88,7 +88,6 @@ RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_
 # tensor with shape ()"). The learning rates and epochs may change on resume.
 RECIPE_KEYS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
                "label_smoothing", "focal_gamma", "sync_batchnorm")
-_MISSING = object()  # a key an older config.json (or a partial caller) does not have: not compared
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
               "auc.png", CALIBRATION_FILE)
@@ -164,13 +163,12 @@ class RunDirError(ValueError):
 
 
 def resume_settings(config: dict) -> dict:
-  """The RESUME_KEYS and RECIPE_KEYS of a config.json dict (absent ones are not compared)."""
+  """The RESUME_KEYS and RECIPE_KEYS a config.json dict holds (an older file, or a partial
+  caller, lacks some: those are left out, and not compared)."""
   model, recipe = config.get("model") or {}, config.get("train") or {}
-  top = {k: config.get(k, _MISSING) for k in ("records_fingerprint", "image_size", "classes",
-                                               "fold")}
-  return {**top, "backbone": model.get("backbone", _MISSING),
-          "num_classes": model.get("num_classes", _MISSING),
-          **{k: recipe.get(k, _MISSING) for k in RECIPE_KEYS}}
+  found = [(k, config) for k in ("records_fingerprint", "image_size", "classes", "fold")]
+  found += [(k, model) for k in ("backbone", "num_classes")] + [(k, recipe) for k in RECIPE_KEYS]
+  return {k: where[k] for k, where in found if k in where}
 
 
 def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
@@ -180,7 +178,7 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
     return
   before, now = resume_settings(old), resume_settings(config)
   for key in RESUME_KEYS + RECIPE_KEYS:
-    if _MISSING in (before[key], now[key]) or before[key] is None and key != "fold":
+    if key not in before or key not in now or before[key] is None and key != "fold":
       continue
     if before[key] != now[key] and key == "records_fingerprint":
       raise RunDirError(
@@ -210,7 +208,7 @@ def check_writable(model_dir: str | os.PathLike) -> None:
                       "choose a writable folder") from err
 
 
-def save_model(model: keras.Model, model_dir: str | os.PathLike) -> None:
+def save_model(model: "keras.Model", model_dir: str | os.PathLike) -> None:
   """model.keras, atomically (Keras insists on the .keras suffix, so the temporary name keeps it)."""
   path = fileio.join(model_dir, MODEL_FILE)
   tmp = fileio.join(model_dir, ".tmp-" + MODEL_FILE)
@@ -237,8 +235,9 @@ def write_history(model_dir: str | os.PathLike, rows: list[dict]) -> None:
   fileio.write_text_atomic(fileio.join(model_dir, HISTORY_FILE), buf.getvalue())
 
 
-def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
-  """Loads MODEL_DIR/model.keras (safe mode) and MODEL_DIR/config.json; checks they agree."""
+def check_model_dir(model_dir) -> dict:
+  """MODEL_DIR/config.json, once MODEL_DIR holds a non-empty model.keras and a config.json that
+  names at least 2 classes and an image size (FileNotFoundError or ValueError otherwise)."""
   d = os.fspath(model_dir)
   model_path, config_path = fileio.join(d, MODEL_FILE), fileio.join(d, CONFIG_FILE)
   need = f"a model directory holds {MODEL_FILE} (model.save()) and {CONFIG_FILE} from training"
@@ -258,14 +257,4 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   size = cfg.get("image_size")
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ValueError(f"{config_path}: 'image_size' must be a positive integer, got {size!r}")
-  try:
-    model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
-  except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
-    raise ValueError(f"{model_path}: could not load the Keras model "
-                     f"({type(err).__name__}: {err})") from err
-  units = model.outputs[0].shape[-1]
-  expected = 1 if len(classes) == 2 else len(classes)
-  if units != expected:
-    raise ValueError(f"{model_path}: the model outputs {units} logit(s) but {CONFIG_FILE} "
-                     f"lists {len(classes)} classes {classes}; expected {expected}")
-  return model, cfg
+  return cfg

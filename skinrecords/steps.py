@@ -21,11 +21,13 @@ import tensorflow as tf
 
 from skinrecords import augment
 from skinrecords import distribute
+from skinrecords import feeding
 from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
 from skinrecords import pipeline
 from skinrecords import recipes
+from skinrecords import xla
 
 
 class CompiledSteps:
@@ -37,13 +39,13 @@ class CompiledSteps:
 
   def __init__(self, strategy, model, optimizer, config, class_weights,
                xla_mode: str | None = None):
-    xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
+    xla_mode = xla_mode or xla.resolve_xla(config.xla, distribute.replica_devices(strategy),
                                                   config.augment.enabled)
     # The recipe's loss (label smoothing, focal) trains; validation scores plain cross-entropy.
     # A synchronised BatchNorm all-reduces inside the forward pass; under a nested tf.function
     # that all-reduce fails ("`merge_call` called while defining a new graph"), so the forward +
     # backward is then traced inline into train_step (and cannot be XLA-compiled).
-    inline = bool(getattr(config, "sync_batchnorm", False)) and strategy.num_replicas_in_sync > 1
+    inline = config.sync_batchnorm and strategy.num_replicas_in_sync > 1
     if inline and xla_mode == "on":
       raise ValueError(f"sync_batchnorm over {strategy.num_replicas_in_sync} replicas cannot run in "
                        "an XLA-compiled forward pass; use xla=augment or xla=off")
@@ -126,7 +128,7 @@ def _predict_forward_fn(model, loss_fn, jit: bool):
   """
 
   def scored(logits, labels):
-    # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
+    # Padding examples carry label -1 (feeding.valid_input); a sparse cross-entropy rejects
     # negative labels, so they are scored as class 0 here and dropped after the gather.
     return loss_fn(tf.maximum(labels, 0), logits), inference.probabilities(logits)
 
@@ -158,7 +160,7 @@ def scores(probs, labels, classes) -> dict:
   return {"accuracy": m["accuracy"], "auc": math.nan if m["roc_auc"] is None else m["roc_auc"]}
 
 
-def evaluate(steps: CompiledSteps, valid: distribute.ValidInput, classes) -> dict:
+def evaluate(steps: CompiledSteps, valid: feeding.ValidInput, classes) -> dict:
   """Validation loss, accuracy and AUC over every real (unpadded) example, exactly once."""
   dist_ds, num_steps, total = valid
   losses, probs, labels = [], [], []

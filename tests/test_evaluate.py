@@ -212,7 +212,7 @@ def test_dihedral_order_matches_numpy():
 
 
 def test_tta8_is_the_mean_over_the_eight_transforms(data, random_dir):
-  model, _ = rundir.load_model_dir(random_dir)
+  model, _ = models.load_model_dir(random_dir)
   images = np.concatenate([b[0].numpy() for b in pipeline.make_dataset(
       data / "records", "test", training=False)])
   got, _, _ = inference.predict_dataset(model, [(images, np.zeros(len(images)))], tta=8)
@@ -273,11 +273,11 @@ def test_constant_model_warns_collapse_and_corrupt_shard_is_named(data, constant
 
 def test_load_model_dir_names_missing_files(tmp_path, constant_dir):
   with pytest.raises(FileNotFoundError, match="not found"):
-    rundir.load_model_dir(tmp_path / "nope")
+    models.load_model_dir(tmp_path / "nope")
   (tmp_path / "m").mkdir()
   shutil.copy(constant_dir / "config.json", tmp_path / "m")
   with pytest.raises(FileNotFoundError, match="model.keras"):
-    rundir.load_model_dir(tmp_path / "m")
+    models.load_model_dir(tmp_path / "m")
   with pytest.raises(ValueError, match="youden"):
     evaluate.EvalConfig(model_dir="m", threshold="1.5")
   with pytest.raises(ValueError, match="tta=9"):
@@ -362,7 +362,7 @@ def _copy_records(data, dest, edit=None):
 
 
 def test_youden_threshold_is_chosen_on_valid_not_test(data, perfect_dir, tmp_path):
-  model, _ = rundir.load_model_dir(perfect_dir)
+  model, _ = models.load_model_dir(perfect_dir)
 
   def youden(split):
     ds = pipeline.make_dataset(data / "records", split, batch_size=8, training=False)
@@ -519,7 +519,7 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
   assert f"accuracy {'':>9} {'':>9} {m['accuracy']:>9.4f} {m['n']:>9d}" in report
   assert f"threshold: P(b) >= {m['threshold']:.6g} (Youden's J on {m['n']} valid fold 1" in report
   # The threshold of another fold differs, so taking it from the wrong fold would show above.
-  model, _ = rundir.load_model_dir(tmp_path / "m")
+  model, _ = models.load_model_dir(tmp_path / "m")
   other, other_labels, _ = inference.predict_dataset(model, pipeline.make_dataset(
       records, "valid", fold=0, training=False))
   assert abs(metrics.youden_threshold(other, other_labels) - m["threshold"]) > 1e-6

@@ -12,7 +12,6 @@ import pytest
 from conftest import convert_folder
 from skinrecords import explain
 from skinrecords import models
-from skinrecords import rundir
 from test_export import train_tiny
 
 SIZE = 48
@@ -44,7 +43,7 @@ def blob_model(tmp_path_factory):
       cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), image[..., ::-1])
   convert_folder(root / "in", root / "records", SIZE, split=(0.8, 0.1, 0.1), min_train_shards=2)
   model_dir = train_tiny(root / "records", root / "model", SIZE, steps=60)
-  return rundir.load_model_dir(model_dir)[0]
+  return models.load_model_dir(model_dir)[0]
 
 
 @pytest.mark.parametrize("backbone", models.BACKBONES)

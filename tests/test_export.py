@@ -111,7 +111,7 @@ def test_tflite_float_matches_and_quantised_keeps_auc(data, exported):
   assert "float32 TFLite: largest probability difference" in proc.stdout, proc.stdout
   assert "MB)" in proc.stdout and "preprocessing.json" in proc.stdout
   images, labels = _test_split(data / "records")
-  model, _ = rundir.load_model_dir(data / "model")
+  model, _ = models.load_model_dir(data / "model")
   keras_probs = tf.sigmoid(model(images.astype(np.float32))[:, 0]).numpy()
   float_probs = export.tflite_probabilities(
       (out / export.TFLITE_FILES["float32"]).read_bytes(), images)

@@ -237,7 +237,7 @@ def test_run_directory_files_on_a_remote_folder():
   rows = [{k: 1 for k in rundir.HISTORY_FIELDS}, {k: 2 for k in rundir.HISTORY_FIELDS}]
   rundir.write_history(d, rows)
   assert [r["epoch"] for r in rundir.read_history(d, upto=1)] == ["1"]
-  loaded, cfg = rundir.load_model_dir(d)
+  loaded, cfg = models.load_model_dir(d)
   x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
   np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)
   assert cfg["classes"] == ["a", "b"]

@@ -26,6 +26,7 @@ from skinrecords import rundir
 from skinrecords import selection
 from skinrecords import steps as steps_lib
 from skinrecords import train
+from skinrecords import xla
 
 NO_AUGMENT = augment.AugmentConfig.none()
 
@@ -212,14 +213,14 @@ def test_corrupt_training_shard_is_named(abcd_records, tmp_path):
 
 def test_xla_auto_resolves_by_device():
   cpu, gpus = ["/job:localhost/replica:0/task:0/device:CPU:0"], ["/device:GPU:0", "/device:GPU:1"]
-  assert distribute.resolve_xla("auto", cpu) == "augment"
-  assert distribute.resolve_xla("auto", cpu, augmenting=False) == "off"
-  assert distribute.resolve_xla("auto", gpus) == "on"
-  assert distribute.resolve_xla("auto", ["/job:worker/replica:0/task:1/device:TPU:0"]) == "on"
+  assert xla.resolve_xla("auto", cpu) == "augment"
+  assert xla.resolve_xla("auto", cpu, augmenting=False) == "off"
+  assert xla.resolve_xla("auto", gpus) == "on"
+  assert xla.resolve_xla("auto", ["/job:worker/replica:0/task:1/device:TPU:0"]) == "on"
   for setting in ("on", "off", "augment"):
-    assert distribute.resolve_xla(setting, gpus) == setting
+    assert xla.resolve_xla(setting, gpus) == setting
   with pytest.raises(ValueError, match="xla='yes'"):
-    distribute.resolve_xla("yes", cpu)
+    xla.resolve_xla("yes", cpu)
   with pytest.raises(ValueError, match="xla='yes'"):
     train.TrainConfig(records_dir="r", model_dir="m", xla="yes").validate()
 
@@ -327,7 +328,7 @@ def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
   # 0-byte model (a kill mid-save before saves were atomic): loading says so.
   (out / "model.keras").write_bytes(b"")
   with pytest.raises(ValueError, match="empty"):
-    rundir.load_model_dir(out)
+    models.load_model_dir(out)
   over = dataclasses.replace(_tiny(abcd_records, out, epochs=1, strategy="one_device"),
                              model=models.ModelConfig(backbone="simple_cnn", weights="none",
                                                       image_size=40), overwrite=True)
