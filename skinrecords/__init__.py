@@ -1,8 +1,8 @@
 """skinrecords: sharded TFRecords, a tf.data pipeline and XLA augmentation for skin-lesion classifiers.
 
 Data flows one way: sources -> preprocess -> records (write) -> manifest -> pipeline (read) ->
-augment -> models -> train -> inference -> evaluate/predict/export. Modules are imported explicitly
-(``from skinrecords import pipeline``) so that importing the package does not pull in TensorFlow
+augment -> models -> train -> inference -> evaluate/predict/export. Modules are imported explicitly,
+never through this package's namespace, so that importing the package does not pull in TensorFlow
 for tools that only need OpenCV.
 
 The layout, in one place: tests/test_layout.py keeps this map true, and tools/relayout.py moves the
@@ -11,8 +11,8 @@ imports only the packages above it; "never:" names one it must not import even s
 cli/ and no library module imports absl.flags; core/ and data/ import neither TensorFlow nor Keras
 at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it).
 
-    core/        fileio features tfrecord manifest rundir
-                 - file access, the record schema, manifest.json, the run directory
+    core/        fileio features tfrecord manifest rundir tflog
+                 - file access, the record schema, manifest.json, the run directory, TF log filters
     data/        labels patients dedup sources splits hair preprocess synthetic_structures
                  synthetic records workers convert
                  - the converter's write side: inputs, labels, splits, OpenCV preprocessing, shards
@@ -33,3 +33,30 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
 """
 
 __version__ = "0.1.0"
+
+
+def layout() -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+  """The map above as data: ({package: its modules} in table order, {package: what it never
+  imports}). Read by tests/test_layout.py, which keeps it true, and by tools/relayout.py."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  packages: dict[str, list[str]] = {}
+  never: dict[str, set[str]] = {}
+  current = None
+  for line in (__doc__ or "").splitlines():
+    m = re.match(r"^    (\w+)/\s+(.*)$", line)
+    if m:
+      current = m[1]
+      packages[current], never[current] = m[2].split(), set()
+    elif current and line.startswith(" " * 17) and line.strip():
+      item = line.strip()
+      if item.startswith("never:"):
+        never[current] |= {n.strip().rstrip("/") for n in item[len("never:"):].split(",")}
+      elif not item.startswith("- "):
+        packages[current] += item.split()
+    else:
+      current = None
+  if not packages:
+    raise RuntimeError("no map of the layout in the docstring of skinrecords/__init__.py "
+                       "(python -OO strips docstrings)")
+  return packages, never

@@ -43,6 +43,7 @@ from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
+from skinrecords import tflog
 from skinrecords import train
 
 CV_ROC_FILE = "cv_roc.png"
@@ -192,16 +193,6 @@ def write_outputs(model_dir, predictions: list[dict], classes: list[str],
   return m
 
 
-class _ExpectedRetracing(logging.Filter):
-  """Drops TensorFlow's "5 out of the last 6 calls to <...train_step> triggered tf.function
-  retracing" warnings: every fold builds its own model, train step, forward pass and worker
-  barrier (new tf.functions by design), which TensorFlow called excessive from the 4th of 5 folds
-  on (seen on Kaggle files), once per function: a page of advice that does not apply."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "triggered tf.function retracing" not in record.getMessage()
-
-
 def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
   """Trains every fold of `config.records_dir` into config.model_dir/fold_k, then writes the
   out-of-fold files there (chief only). Returns cv_metrics.json's dict ({"chief": False} on the
@@ -211,12 +202,8 @@ def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
 
   Raises ValueError (records without folds, bad tta), and what `train.train` raises.
   """
-  tf_logger, quiet = logging.getLogger("tensorflow"), _ExpectedRetracing()
-  tf_logger.addFilter(quiet)
-  try:
+  with tflog.expected_retracing():
     return _run_cv(config, strategy, **kwargs)
-  finally:
-    tf_logger.removeFilter(quiet)
 
 
 def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | None = None,

@@ -23,25 +23,10 @@ _TF_FREE = ("core", "data")  # packages that never import TensorFlow at module l
 
 
 def layout() -> tuple[dict[str, list[str]], dict[str, set[str]]]:
-  """From skinrecords/__init__.py's map: {package: modules} in table order, {package: never}."""
-  assert skinrecords.__file__ and pathlib.Path(skinrecords.__file__).parent == LIB, (
+  """The map of skinrecords/__init__.py: {package: modules} in table order, {package: never}."""
+  assert pathlib.Path(skinrecords.__file__).parent == LIB, (
       f"skinrecords is imported from {skinrecords.__file__}, not this checkout")
-  packages, never, current = {}, {}, None
-  for line in (skinrecords.__doc__ or "").splitlines():
-    m = re.match(r"^    (\w+)/\s+(.*)$", line)
-    if m:
-      current = m[1]
-      packages[current], never[current] = m[2].split(), set()
-    elif current and line.startswith(" " * 17) and line.strip():
-      item = line.strip()
-      if item.startswith("never:"):
-        never[current] |= {n.strip().rstrip("/") for n in item[len("never:"):].split(",")}
-      elif not item.startswith("- "):
-        packages[current] += item.split()
-    else:
-      current = None
-  assert packages, "no map of the layout in the docstring of skinrecords/__init__.py"
-  return packages, never
+  return skinrecords.layout()
 
 
 def _module_of() -> dict[str, str]:
