@@ -347,10 +347,11 @@ def _direct_file_access(path: pathlib.Path) -> set[str]:
 def test_only_fileio_touches_user_paths_directly():
   offenders, stale = [], []
   for path in sorted(LIB.rglob("*.py")):
-    module = path.relative_to(LIB).with_suffix("").as_posix()
+    module = path.stem if path.stem != "__init__" else path.relative_to(LIB).as_posix()
+    module = f"cli.{module}" if path.parent.name == "cli" else module
     found = _direct_file_access(path)
     if found and module not in _DIRECT_FILE_ACCESS:
-      offenders.append(f"skinrecords/{module}.py: {', '.join(sorted(found))}")
+      offenders.append(f"{path.relative_to(REPO)}: {', '.join(sorted(found))}")
     elif not found and module in _DIRECT_FILE_ACCESS:
       stale.append(module)
   assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "

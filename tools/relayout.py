@@ -145,6 +145,33 @@ def _rewrite_from_package(match: re.Match, module_of: dict[str, str]) -> str:
   return "\n".join(lines)
 
 
+_IMPORT_LINE = re.compile(r"^([ \t]*)(from skinrecords[\w.]* import [^(\n]*|import skinrecords[\w.]*"
+                          r"(?: as \w+)?)$")
+
+
+def _sort_import_runs(text: str) -> str:
+  """Sorts each run of consecutive one-line skinrecords imports at one indent (the rewrite
+  renames their modules, so their old order no longer reads sorted)."""
+  lines, out, run = text.split("\n"), [], []
+
+  def flush():
+    out.extend(sorted(run, key=lambda l: l.split("#")[0]))
+    run.clear()
+
+  for line in lines:
+    m = _IMPORT_LINE.match(line)
+    if m and (not run or _IMPORT_LINE.match(run[0])[1] == m[1]):
+      run.append(line)
+      continue
+    flush()
+    if m:
+      run.append(line)
+    else:
+      out.append(line)
+  flush()
+  return "\n".join(out)
+
+
 def rewrite_text(text: str, module_of: dict[str, str], renames: dict[str, str]) -> str:
   text = _FROM_PKG.sub(lambda m: _rewrite_from_package(m, module_of), text)
   modules = "|".join(sorted(module_of, key=len, reverse=True))
@@ -156,7 +183,7 @@ def rewrite_text(text: str, module_of: dict[str, str], renames: dict[str, str]) 
                 lambda m: f"skinrecords/{module_of[m[1]]}/{m[1]}.py", text)
   for old, new in renames.items():
     text = re.sub(rf"\b{re.escape(old)}\b", new, text)
-  return text
+  return _sort_import_runs(text)
 
 
 def scanned_files() -> list[pathlib.Path]:
@@ -195,19 +222,25 @@ def main() -> int:
     init = LIB / package / "__init__.py"
     if not init.exists():
       init.parent.mkdir(exist_ok=True)
-      init.write_text(f'"""{docs.get(package, package).rstrip(".")}.\n\nThe layout map is the '
-                      'docstring of skinrecords/__init__.py."""\n')
+      init.write_text(f'"""skinrecords.{package}: {docs.get(package, "").rstrip(".")}.\n\n'
+                      'The map of the layout is the docstring of skinrecords/__init__.py."""\n')
       _git("add", str(init.relative_to(REPO)))
   for source, target in moves:
     _git("mv", str(source.relative_to(REPO)), str(target.relative_to(REPO)))
-  rewritten = []
+  rewritten, long_lines = [], []
   for path in scanned_files():
     before = path.read_text()
     after = rewrite_text(before, module_of, renames)
     if after != before:
       path.write_text(after)
-      rewritten.append(str(path.relative_to(REPO)))
+      rel = str(path.relative_to(REPO))
+      rewritten.append(rel)
+      old = set(before.splitlines())
+      long_lines += [f"{rel}:{i}" for i, l in enumerate(after.splitlines(), 1)
+                     if len(l) > 100 and l not in old and path.suffix == ".py"]
   print("\n".join(todo + [f"rewrote {r}" for r in rewritten]) or "relayout: nothing to do")
+  if long_lines:
+    print("lines now over 100 characters (rewrap by hand):\n  " + "\n  ".join(long_lines))
   return 0
 
 
