@@ -250,3 +250,15 @@ def test_report_checks_on_saved_style_output_catch_a_wrong_ratio():
   for bad in (wrong_ratio, wrong_verdict, missing_row):
     with pytest.raises(AssertionError):
       _check_input_report(bad, 16, 64)
+
+
+def test_bench_speed_reports_each_check_with_a_verdict_that_matches_its_time():
+  from benchmarks import speed  # pylint: disable=g-import-not-at-top
+
+  rows = speed.measure(rounds=2, n=500, size=96)
+  assert [r["name"] for r in rows] == ["bootstrap 500 x 1000", "notebook cleanup 96 px"]
+  for r in rows:
+    assert 0 < r["best"] <= r["median"]
+    assert r["verdict"] == ("PASS" if r["best"] <= r["target"] else "MISS")
+  table = speed.report(rows).splitlines()
+  assert len(table) == 3 and all(r["name"] in line for r, line in zip(rows, table[1:]))

@@ -19,6 +19,9 @@ from conftest import bin_env, convert_folder, run_bin, start_bin
 from skinrecords import augment, cv, features, kaggle, manifest, models, pipeline, rundir, train
 from skinrecords import synthetic
 
+# Trains every fold (and kills and resumes a CV run).
+pytestmark = pytest.mark.slow
+
 FOLDS = 3
 
 

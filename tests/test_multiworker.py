@@ -28,6 +28,9 @@ from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import train
 
+# Real worker processes on loopback: the slowest file of the suite (216 s on 2 busy cores).
+pytestmark = pytest.mark.slow
+
 # Augmentation stays on (the default): multi-worker training must run the per-replica XLA warp.
 TRAIN_FLAGS = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16",
                "--strategy=multi_worker", "--learning_rate=2e-3")
