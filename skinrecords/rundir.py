@@ -208,7 +208,7 @@ def check_writable(model_dir: str | os.PathLike) -> None:
                       "choose a writable folder") from err
 
 
-def save_model(model: "keras.Model", model_dir: str | os.PathLike) -> None:
+def save_model(model, model_dir: str | os.PathLike) -> None:
   """model.keras, atomically (Keras insists on the .keras suffix, so the temporary name keeps it)."""
   path = fileio.join(model_dir, MODEL_FILE)
   tmp = fileio.join(model_dir, ".tmp-" + MODEL_FILE)

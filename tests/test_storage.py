@@ -25,6 +25,7 @@ from skinrecords import convert
 from skinrecords import distribute
 from skinrecords import export
 from skinrecords import fileio
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import preprocess
