@@ -145,6 +145,7 @@ def _check_input_report(out: str, num_images: int, image_size: int) -> dict:
   return rates
 
 
+@pytest.mark.slow
 def test_bench_convert_prints_every_row_and_removes_its_folder(tmp_path):
   proc = run_bin("bench_convert", "--num_images=8", "--num_large=2", "--source_size=128x96",
                  "--large_size=384x288", "--image_size=64", "--rounds=2", f"--workdir={tmp_path}")
@@ -152,6 +153,7 @@ def test_bench_convert_prints_every_row_and_removes_its_folder(tmp_path):
   assert list(tmp_path.iterdir()) == []  # sources and records removed
 
 
+@pytest.mark.slow
 def test_bench_convert_runs_as_a_module(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -173,6 +175,7 @@ def test_bench_convert_rejects_a_large_size_too_small_for_reduced_decoding(tmp_p
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
   proc = run_bin("bench_input", "--num_images=16", "--image_size=64", "--batch_size=8",
                  "--batches=2", "--batches_slow=1", "--warmup=1", "--keep", f"--workdir={tmp_path}")
@@ -185,6 +188,7 @@ def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
   assert len(list((kept[0] / "images").glob("*/*.jpg"))) == 16
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_path():
   rows = bench_augment.benchmark(image_size=24, batch_size=2, iters=1)
   assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(b)", "(c)"]

@@ -272,6 +272,7 @@ def test_existing_output_from_other_flags_refused_unless_overwrite(tmp_path):
   assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # unrelated files survive
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(tmp_path):
   # Enough work (hair removal on 640x480 sources) that the first kill lands mid-conversion.
   rng = np.random.default_rng(4)

@@ -81,6 +81,7 @@ def _test_split(records):
           np.concatenate([b[1].numpy() for b in batches]))
 
 
+@pytest.mark.slow
 def test_saved_model_on_encoded_bytes_matches_predict(data, exported):
   out, _ = exported
   paths = sorted(str(p) for p in (data / "in").rglob("*.png"))[::7]
@@ -106,6 +107,7 @@ def test_saved_model_on_encoded_bytes_matches_predict(data, exported):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tflite_float_matches_and_quantised_keeps_auc(data, exported):
   out, proc = exported
   assert "float32 TFLite: largest probability difference" in proc.stdout, proc.stdout
@@ -126,6 +128,7 @@ def test_tflite_float_matches_and_quantised_keeps_auc(data, exported):
   assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_hair_removal_is_announced_and_recorded(data, tmp_path):
   pre = dict(pipeline.load_info(data / "records").preprocessing, remove_hair=True)
   cfg = json.loads((data / "model" / rundir.CONFIG_FILE).read_text())
@@ -143,6 +146,7 @@ def test_hair_removal_is_announced_and_recorded(data, tmp_path):
   assert not list((tmp_path / "e").glob("*.tflite"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["read_only", "is_a_file", "missing_model", "bad_format"])
 def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
   out, model = tmp_path / "out", data / "model"
@@ -166,6 +170,7 @@ def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
   assert case == "is_a_file" or not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_float_tflite_beyond_tolerance_fails_and_writes_nothing(data, tmp_path, monkeypatch):
   real = export.tflite_probabilities
   monkeypatch.setattr(export, "tflite_probabilities",

@@ -250,6 +250,7 @@ def test_run_directory_files_on_a_remote_folder():
   assert fileio.listdir(d) == ["fold_1"]
 
 
+@pytest.mark.slow
 def test_export_saved_model_to_a_remote_folder(tmp_path):
   model_dir = _ram("exportrun")
   model = _tiny_model()
@@ -306,6 +307,7 @@ def test_make_records_command_with_an_unknown_file_system(images):
   assert "nosuchfs://b/records" in proc.stderr and "tensorflow-io" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cross_validation_evaluate_and_predict_on_remote_folders(images):
   """Issue 12's end-to-end run with ram:// everywhere: records, a CV run (fold run directories,
   backups, logs, oof.csv), a resumed fold, the ensemble's evaluation (with its ISIC truth CSV)

@@ -180,6 +180,7 @@ def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_p
   assert f"holds epoch {summary['best_epoch']} of 3" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
   proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path}",
                  "--fold=3", "--weights=none", check=False)
@@ -189,6 +190,7 @@ def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
   assert proc.returncode != 0 and "nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_imagenet_weights_offline_fail_fast_with_the_file_to_place(abcd_records, tmp_path):
   start = time.time()
   proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path / 'm'}",
@@ -345,6 +347,7 @@ def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
   assert json.loads((out / "config.json").read_text())["image_size"] == 40
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(abcd_records, tmp_path):
   garbage = tmp_path / "garbage.weights.h5"
   garbage.write_bytes(b"not an h5 file" * 10)
