@@ -99,7 +99,6 @@ def main(argv):
       raise app.UsageError(f"--{name}={value}: must be an integer >= {least}")
   # Must be set before TensorFlow creates its CPU allocator, i.e. before it is imported.
   os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true" if _BFC.value else "false"
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
   from skinrecords import augment  # pylint: disable=g-import-not-at-top
 

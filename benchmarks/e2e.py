@@ -176,7 +176,7 @@ def _our_way(backbone: str, records: pathlib.Path, model_dir: pathlib.Path, opts
   history = rundir.read_history(model_dir, opts["epochs"])
 
   start = time.perf_counter()
-  model, _ = rundir.load_model_dir(model_dir)
+  model, _ = models.load_model_dir(model_dir)
   info = pipeline.load_info(records)
   ds = pipeline.make_dataset(info, "test", batch_size=opts["batch"], training=False)
   probs, labels, _ = inference.predict_dataset(model, ds, info=info, split="test")
@@ -261,15 +261,15 @@ def _check_flags() -> dict:
   if _LR.value <= 0:
     raise app.UsageError(f"--learning_rate={_LR.value}: must be > 0")
   # Only now TensorFlow (~4 s): the number checks above answer at once.
-  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
   from skinrecords import models  # pylint: disable=g-import-not-at-top
+  from skinrecords import xla  # pylint: disable=g-import-not-at-top
 
   bad = [b for b in _BACKBONES.value if b not in models.BACKBONES]
   if bad or not _BACKBONES.value:
     raise app.UsageError(f"--backbones={','.join(_BACKBONES.value)}: choose from "
                          f"{', '.join(models.BACKBONES)}")
-  if _XLA.value not in distribute.XLA_SETTINGS:
-    raise app.UsageError(f"--xla={_XLA.value}: choose from {', '.join(distribute.XLA_SETTINGS)}")
+  if _XLA.value not in xla.XLA_SETTINGS:
+    raise app.UsageError(f"--xla={_XLA.value}: choose from {', '.join(xla.XLA_SETTINGS)}")
   return {"backbones": _BACKBONES.value, "size": _SIZE.value, "num": _NUM.value,
           "test_fraction": _TEST.value, "batch": _BATCH.value, "epochs": _EPOCHS.value,
           "learning_rate": _LR.value, "xla": _XLA.value, "mixed": _MIXED.value,

@@ -121,11 +121,12 @@ def main(argv):
     raise app.UsageError("--batchnorm=tf_keras alone: the XLA table times skinrecords' own step; "
                          "give --batchnorm=keras,fused,tf_keras for the BatchNorm table")
   from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+  from skinrecords import xla  # pylint: disable=g-import-not-at-top
 
-  bad = [x for x in _XLA.value if x not in distribute.XLA_SETTINGS]
+  bad = [x for x in _XLA.value if x not in xla.XLA_SETTINGS]
   if bad:
     raise app.UsageError(f"--xla={','.join(_XLA.value)}: choose from "
-                         f"{', '.join(distribute.XLA_SETTINGS)}")
+                         f"{', '.join(xla.XLA_SETTINGS)}")
   strategy = distribute.make_strategy(_STRATEGY.value)
   if _DETERMINISTIC.value:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -134,7 +135,7 @@ def main(argv):
   if len(bn) > 1:
     _batchnorm_table(strategy, bn, mixed)
     return
-  modes = list(dict.fromkeys(distribute.resolve_xla(x, distribute.replica_devices(strategy))
+  modes = list(dict.fromkeys(xla.resolve_xla(x, distribute.replica_devices(strategy))
                              for x in _XLA.value))
   print(f"{type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
         f"{_SIZE.value}px, global batch {_BATCH.value}, {mixed}, BN {bn[0]}, "

@@ -39,9 +39,11 @@ from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
+from skinrecords import tflog
 from skinrecords import train
 
 CV_ROC_FILE = "cv_roc.png"
@@ -108,11 +110,9 @@ def train_folds(config: train.TrainConfig, strategy, info: manifest.DatasetInfo,
 def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_size: int,
                  tta: int = 0) -> dict:
   """Fold `fold`'s model on the fold it held out: probs ([N] or [N, K]), labels, names, groups."""
-  model, cfg = rundir.load_model_dir(model_dir)
-  ds = pipeline.make_dataset(info, "valid", batch_size=batch_size, training=False,
-                             image_size=cfg["image_size"], fold=fold, with_names=True)
-  probs, labels, names = inference.predict_dataset(model, ds, tta, info=info, split="valid",
-                                                   fold=fold)
+  model, cfg = models.load_model_dir(model_dir)
+  probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg["image_size"],
+                                                 batch_size=batch_size, tta=tta, fold=fold)
   groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,
           "groups": groups or [""] * len(names)}
@@ -193,16 +193,6 @@ def write_outputs(model_dir, predictions: list[dict], classes: list[str],
   return m
 
 
-class _ExpectedRetracing(logging.Filter):
-  """Drops TensorFlow's "5 out of the last 6 calls to <...train_step> triggered tf.function
-  retracing" warnings: every fold builds its own model, train step, forward pass and worker
-  barrier (new tf.functions by design), which TensorFlow called excessive from the 4th of 5 folds
-  on (seen on Kaggle files), once per function: a page of advice that does not apply."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "triggered tf.function retracing" not in record.getMessage()
-
-
 def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
   """Trains every fold of `config.records_dir` into config.model_dir/fold_k, then writes the
   out-of-fold files there (chief only). Returns cv_metrics.json's dict ({"chief": False} on the
@@ -212,12 +202,8 @@ def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
 
   Raises ValueError (records without folds, bad tta), and what `train.train` raises.
   """
-  tf_logger, quiet = logging.getLogger("tensorflow"), _ExpectedRetracing()
-  tf_logger.addFilter(quiet)
-  try:
+  with tflog.expected_retracing():
     return _run_cv(config, strategy, **kwargs)
-  finally:
-    tf_logger.removeFilter(quiet)
 
 
 def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | None = None,

@@ -3,12 +3,8 @@
 MultiWorkerMirroredStrategy must be created before any other TensorFlow op runs, with TF_CONFIG
 already set ("Collective ops must be configured at program startup", tensorflow#34568), so the
 binaries build TF_CONFIG (`tf_config_from_hosts`, `tf_config_from_slurm`) and then call
-`make_strategy` first thing.
-
-`train_input` and `valid_input` feed training under any strategy: per-worker file sharding or a
-tf.data service for training, exactly-once padded shares for validation. `data_service.serve` runs a
-tf.data service dispatcher or worker (`bin/data_service`), so decoding can run on separate CPU
-machines.
+`make_strategy` first thing. What each worker reads under a strategy is `feeding`'s; the XLA
+policy is `xla`'s.
 """
 
 from __future__ import annotations
@@ -29,15 +25,10 @@ import tensorflow as tf
 
 from skinrecords import data_service
 from skinrecords import fileio
-from skinrecords import manifest
-from skinrecords import pipeline
 from skinrecords import waiting
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("auto", "on", "off")
-# off: TensorFlow's kernels; augment: only the augmentation XLA-compiled; on: the whole step.
-XLA_MODES = ("off", "augment", "on")
-XLA_SETTINGS = ("auto",) + XLA_MODES
 _MIRRORED_COUNT = itertools.count()
 # How long a multi-worker process waits for its peers at start (--cluster_timeout), and how often
 # it says which ones it is waiting for. Workers started by hand or by a scheduler on several hosts
@@ -186,24 +177,6 @@ def resolve_mixed_precision(setting: str, gpu_capabilities=None, flags=None) -> 
                    f"{', '.join(NATIVE_BF16_CPU_FLAGS + NATIVE_FP16_CPU_FLAGS)}), so mixed "
                    "precision runs several times slower than float32 here; use "
                    "--mixed_precision=auto (float32 on this CPU)")
-
-
-def resolve_xla(setting: str, device_names, augmenting: bool = True) -> str:
-  """`auto` -> the XLA mode for these replica devices; other settings are returned as they are.
-
-  GPU/TPU: the whole step (NVIDIA's ResNet-50 figures: 1.4-1.6x from XLA alone; the fused warp's
-  gathers are cheap there). CPU: XLA's CPU backend has no oneDNN convolutions, so an XLA-compiled
-  conv-net step ran at 0.48-0.52x of TensorFlow's kernels here (simple_cnn 64 and 256 px, resnet50
-  64 px), while the fused augmentation needs XLA (~5x its non-XLA speed at 512 px): so only the
-  augmentation is compiled (`bin/bench_train --xla=on,off,augment`, BUILD_NOTES "Training step").
-  """
-  if setting not in XLA_SETTINGS:
-    raise ValueError(f"xla={setting!r}; choose one of {', '.join(XLA_SETTINGS)}")
-  if setting != "auto":
-    return setting
-  if any(("GPU" in name.upper() or "TPU" in name.upper()) for name in device_names):
-    return "on"
-  return "augment" if augmenting else "off"
 
 
 def replica_devices(strategy: tf.distribute.Strategy) -> list[str]:
@@ -388,65 +361,6 @@ def same_on_all_workers(strategy: tf.distribute.Strategy, value: int) -> bool:
       lambda ctx: tf.constant([value], tf.int64))
   values = strategy.gather(per_worker, axis=0).numpy()
   return int(values.min()) == int(values.max())
-
-
-class ValidInput(NamedTuple):
-  dataset: tf.distribute.DistributedDataset
-  steps: int  # the same on every worker
-  examples: int  # real ones, padding excluded
-
-
-def valid_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, batch_size: int,
-                image_size: int, fold: int | None = None) -> ValidInput:
-  """The validation split for `strategy`, every example scored exactly once, hang-free.
-
-  Every worker predicts its own share and the predictions are gathered. Shares differ in size (24
-  records over 2 workers are 12 + 12, but 5 files of 18 are 54 + 36), and a worker that runs out
-  of batches first leaves the others waiting in a collective forever (tensorflow#36153). So every
-  worker pads its share with label -1 examples to the same number of full batches, `steps`, and
-  the caller drops label -1 after the gather. (The alternative, every worker predicting the whole
-  set alone, needs no collectives but costs every worker the full validation time.) The bound on a
-  share covers both ways the pipeline shards: by file when there are at least as many files as
-  workers, else by record. `batch_size` is global.
-  """
-  shards = info.select("valid", fold)
-  total = sum(s.num_examples for s in shards)
-  workers = num_workers(strategy)
-  per_replica = batch_size // strategy.num_replicas_in_sync
-  per_step = per_replica * (strategy.num_replicas_in_sync // workers)  # one worker, one step
-  share = -(-total // workers)
-  if len(shards) >= workers:
-    share = max(share, max(sum(s.num_examples for s in shards[i::workers])
-                           for i in range(workers)))
-  steps = max(1, -(-share // per_step))
-
-  def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    ds = pipeline.make_dataset(info, "valid", per_replica, training=False, image_size=image_size,
-                               fold=fold, input_context=ctx)
-    pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),
-                                        tf.constant(-1, tf.int32))).repeat()
-    ds = ds.unbatch().concatenate(pad).take(steps * per_step)
-    return ds.batch(per_replica, drop_remainder=True).prefetch(pipeline.AUTOTUNE)
-
-  return ValidInput(strategy.distribute_datasets_from_function(fn), steps, total)
-
-
-def train_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, batch_size: int,
-                service_address: str = "", job_key: str = "", **kwargs):
-  """Training batches (`batch_size` global), endless; `kwargs` go to `pipeline.make_dataset`.
-
-  Without `data_service`, each worker reads its own files (pipeline.make_dataset shards by file
-  when there are enough, and logs which). With `service_address` (grpc://host:port of a dispatcher),
-  the pipeline runs on the tf.data service workers: the dispatcher hands whole files to them on
-  demand (dynamic sharding: each file once per pass over the data; files a tf.data worker held when
-  it died are not handed out again, so at-most-once under failures), and every trainer joins one
-  job named from `job_key`, so each batch reaches exactly one trainer.
-  """
-  if not service_address:
-    return strategy.distribute_datasets_from_function(
-        pipeline.input_fn(info, "train", batch_size, **kwargs))
-  return strategy.distribute_datasets_from_function(
-      data_service.service_input_fn(info, batch_size, service_address, job_key, **kwargs))
 
 
 def weights_digest(weights) -> str:

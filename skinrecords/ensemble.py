@@ -32,7 +32,7 @@ import numpy as np
 from skinrecords import calibration
 from skinrecords import fileio
 from skinrecords import inference
-from skinrecords import pipeline
+from skinrecords import models
 from skinrecords import rundir
 
 METHODS = ("mean", "rank")
@@ -115,7 +115,7 @@ def load_members(model_dir: str, use_stored_calibration: bool = True) -> list[Me
   """Loads every member; ValueError when their classes differ."""
   members = []
   for d in member_dirs(model_dir):
-    model, cfg = rundir.load_model_dir(d)
+    model, cfg = models.load_model_dir(d)
     members.append(Member(d, model, cfg, _stored_calibration(d) if use_stored_calibration
                           else None))
   first = members[0]
@@ -177,9 +177,8 @@ def check_leakage(members: list[Member], split: str, youden: bool, folds: list,
 def predict_member(member: Member, info, split: str, fold, batch_size: int, tta: int):
   """(probabilities before calibration, labels, names) of one member on one split, decoded at the
   member's own image size."""
-  ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
-                             image_size=member.image_size, fold=fold, with_names=True)
-  return inference.predict_dataset(member.model, ds, tta, info=info, split=split, fold=fold)
+  return inference.predict_split(member.model, info, split, image_size=member.image_size,
+                                 batch_size=batch_size, tta=tta, fold=fold)
 
 
 def check_aligned(names_per_member: list[list[str]], dirs: list[str]) -> None:

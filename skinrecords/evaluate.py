@@ -112,14 +112,6 @@ def parse_threshold(text: str | float) -> float | str:
   return value
 
 
-def _check_classes(info: manifest.DatasetInfo, classes: list[str], model_dir) -> None:
-  if len(info.classes) != len(classes) or (info.manifest is not None and
-                                           list(info.classes) != list(classes)):
-    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {classes} but "
-                     f"{info.records_dir} holds {list(info.classes)}; evaluate on records made with the same classes "
-                     "in the same order")
-
-
 def _same_records(info: manifest.DatasetInfo, cfg: dict) -> bool:
   """Whether `info` is the records the model was trained on: the manifest fingerprint when both
   sides have one (a copied or moved folder still matches), else the resolved path."""
@@ -221,7 +213,7 @@ def _inputs(config: EvalConfig):
     raise ValueError(f"{lead.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass "
                      "records_dir")
   info = pipeline.load_info(records_dir)
-  _check_classes(info, classes, lead.model_dir)
+  inference.check_classes(info, classes, lead.model_dir)
   if not info.has_labels(config.split):
     raise ValueError(f"{records_dir}: split {config.split!r} has no labels (SIIM-ISIC test files "
                      "carry no target), so it cannot be evaluated; score it with bin/predict "

@@ -34,6 +34,7 @@ import tensorflow as tf
 from skinrecords import ensemble
 from skinrecords import fileio
 from skinrecords import inference
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import rundir

@@ -1,14 +1,18 @@
-"""The tf.train.Example schema, defined once for the writer (records) and the reader (pipeline).
+"""The tf.train.Example schema: one table, `SCHEMA`, from which the writer (`tfrecord`), the reader's
+spec (`feature_spec`), the manifest's "features" entry and `manifest.RecordSchema.ours` are derived.
 
 Keys follow the public SIIM-ISIC Kaggle melanoma TFRecords (`image`, `image_name`, `target`) so those
 files read without conversion; `patient_id`, `fold`, `height` and `width` are ours. The Kaggle files
 store `patient_id` as int64 (ours: bytes) and their test files have no `target`: readers therefore
 parse with the schema the files actually have (`manifest.RecordSchema`, `pipeline.parse_spec`),
-never with `feature_spec`, which is our writer's full schema. Shard file names follow tensorflow/models: ``{split}-{i:05d}-of-{n:05d}.tfrecord``.
+never with `feature_spec`, which is our writer's full schema. Shard file names follow
+tensorflow/models: ``{split}-{i:05d}-of-{n:05d}.tfrecord``. TensorFlow-free (the converter's workers
+import it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 IMAGE = "image"  # encoded JPEG or PNG bytes, RGB
@@ -19,8 +23,26 @@ FOLD = "fold"  # int64 fold of a training example, -1 when no folds
 HEIGHT = "height"
 WIDTH = "width"
 
-# Keys our records always hold (the Kaggle test files lack TARGET).
-REQUIRED_KEYS = (IMAGE, IMAGE_NAME, TARGET)
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+  """One feature of our records."""
+  key: str
+  dtype: str  # "bytes" | "int64" (manifest.RecordSchema.DTYPES)
+  default: str | int | None  # the reader's value when a record lacks it; None: required
+  optional: bool = False  # the writer fills `default` when the caller gives no value
+
+
+# Our records, in the order the writer fills them (the manifest's "features" entry keeps it too).
+SCHEMA = (
+    Feature(IMAGE, "bytes", None),
+    Feature(IMAGE_NAME, "bytes", ""),
+    Feature(TARGET, "int64", None),
+    Feature(PATIENT_ID, "bytes", "", optional=True),
+    Feature(FOLD, "int64", -1, optional=True),
+    Feature(HEIGHT, "int64", 0),
+    Feature(WIDTH, "int64", 0),
+)
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
 
@@ -38,25 +60,21 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
   return m["split"], int(m["index"]), int(m["count"])
 
 
-def serialize_example(*, image: bytes, image_name: str, target: int, patient_id: str = "",
-                      fold: int = -1, height: int, width: int) -> bytes:
-  """One record as serialized `tf.train.Example` bytes (built without TensorFlow, see `tfrecord`)."""
-  from skinrecords import tfrecord  # pylint: disable=g-import-not-at-top  (tfrecord imports this module)
-
-  return tfrecord.serialize_example(image=image, image_name=image_name, target=target,
-                                    patient_id=patient_id, fold=fold, height=height, width=width)
-
-
 def feature_spec():
   """`tf.io.parse_example` spec of every key our converter writes (tests, verify_records)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  return {
-      IMAGE: tf.io.FixedLenFeature([], tf.string),
-      IMAGE_NAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
-      TARGET: tf.io.FixedLenFeature([], tf.int64),
-      PATIENT_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
-      FOLD: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-      HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-      WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-  }
+  tf_dtype = {"bytes": tf.string, "int64": tf.int64}
+  return {f.key: (tf.io.FixedLenFeature([], tf_dtype[f.dtype]) if f.default is None else
+                  tf.io.FixedLenFeature([], tf_dtype[f.dtype], default_value=f.default))
+          for f in SCHEMA}
+
+
+def dtypes() -> dict[str, str]:
+  """{key: dtype} of every feature we write (`manifest.RecordSchema.ours`)."""
+  return {f.key: f.dtype for f in SCHEMA}
+
+
+def manifest_entry() -> dict[str, str]:
+  """The manifest's "features" entry: each feature's role -> its key in the records."""
+  return {f.key: f.key for f in SCHEMA}

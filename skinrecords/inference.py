@@ -13,9 +13,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from skinrecords import distribute
 from skinrecords import manifest
 from skinrecords import pipeline
+from skinrecords import rundir
+from skinrecords import xla
 
 # Test-time augmentation order: tta=n averages the probabilities of the first n of these.
 DIHEDRAL = ("identity", "flip_left_right", "flip_up_down", "rot90", "rot180", "rot270",
@@ -55,7 +56,7 @@ _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def forward(model: keras.Model, tta: int):
   """One compiled forward pass per (model, tta): images -> probabilities ([B] or [B, K]).
 
-  XLA only with a GPU/TPU (`distribute.resolve_xla`): on this CPU DenseNet121's forward pass took
+  XLA only with a GPU/TPU (`xla.resolve_xla`): on this CPU DenseNet121's forward pass took
   15-30 s to compile, so a 60-image test split predicted 2.6-5x slower than without XLA
   (`bin/bench_e2e`), and XLA's CPU convolutions are slower than TensorFlow's oneDNN ones anyway.
   """
@@ -71,7 +72,7 @@ def forward(model: keras.Model, tta: int):
       return tf.add_n(probs) / float(len(probs))  # mean probability, not mean logit
 
     devices = [d.name for d in tf.config.list_logical_devices()]
-    jit = distribute.resolve_xla("auto", devices, augmenting=False) == "on"
+    jit = xla.resolve_xla("auto", devices, augmenting=False) == "on"
     fns[tta] = tf.function(forward, jit_compile=jit)
   return fns[tta]
 
@@ -112,3 +113,26 @@ def predict_dataset(model: keras.Model, ds, tta: int = 0, *,
   if not probs:
     return np.zeros((0,), np.float32), np.zeros((0,), np.int64), []
   return np.concatenate(probs), np.concatenate(labels), names
+
+
+def check_classes(info: manifest.DatasetInfo, classes, model_dir) -> None:
+  """ValueError unless the records hold the model's classes (names and order, where the records
+  name them; a folder without a manifest only knows how many)."""
+  if len(info.classes) != len(classes) or (info.from_manifest and
+                                           list(info.classes) != list(classes)):
+    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {list(classes)} but "
+                     f"{info.records_dir} holds {list(info.classes)}; use records made with the "
+                     "same classes in the same order")
+
+
+def predict_split(model: keras.Model, info: manifest.DatasetInfo, split: str, *, image_size: int,
+                  batch_size: int, tta: int = 0, fold: int | None = None,
+                  through=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(probabilities, labels, names) of `model` on every record of `split` (with `fold=k`, "valid"
+  is fold k), decoded at `image_size`, the model's own. `through(batches)`, if given, sees every
+  batch on its way to the model (predict's Grad-CAM overlays)."""
+  ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
+                             image_size=image_size, fold=fold, with_names=True)
+  if through:
+    return predict_dataset(model, through(ds), tta)
+  return predict_dataset(model, ds, tta, info=info, split=split, fold=fold)

@@ -34,6 +34,7 @@ import tensorflow as tf
 from skinrecords import features
 from skinrecords import fileio
 from skinrecords import manifest
+from skinrecords import preprocess
 
 CLASSES = ("0", "1")  # `target`: 0 benign, 1 melanoma (id 1 is the positive class in metrics)
 MAX_FOLDS = 5  # the public notebooks' K
@@ -63,12 +64,10 @@ def folds_of(num_files: int) -> list[int]:
   return [i * k // num_files for i in range(num_files)]
 
 
-def image_format_of(data: bytes) -> str:
-  if data[:3] == b"\xff\xd8\xff":
-    return "jpeg"
-  if data[:8] == b"\x89PNG\r\n\x1a\n":
-    return "png"
-  return "any"
+def _image_format(data: bytes) -> str:
+  """"jpeg" or "png" (what the reader decodes by format), else "any" (decoded by sniffing)."""
+  fmt = preprocess.sniff_format(data)
+  return fmt if fmt in preprocess.IMAGE_FORMATS else "any"
 
 
 def _first_record(path) -> bytes:
@@ -101,7 +100,7 @@ def inspect(path: str | os.PathLike) -> manifest.RecordSchema:
     raise ValueError(f"{path}: records have no bytes feature {features.IMAGE!r} (features: "
                      f"{sorted(dtypes)}); not image TFRecords")
   image = example.features.feature[features.IMAGE].bytes_list.value[0]
-  return manifest.RecordSchema.of(dtypes, image_format_of(image))
+  return manifest.RecordSchema.of(dtypes, _image_format(image))
 
 
 def _group_schema(files: list[str]) -> manifest.RecordSchema:

@@ -3,7 +3,9 @@
 TensorFlow-free (the converter's spawned workers and `verify_records` import it). `DatasetInfo` is
 the one typed view of a records folder, in the spirit of TFDS' `dataset_info.json`: the writer
 builds the manifest with `build`, readers get `read_info` (or `pipeline.load_info`, which also
-accepts a folder of SIIM-ISIC Kaggle files without a manifest).
+accepts a folder of SIIM-ISIC Kaggle files without a manifest). Both sides meet in `info_of`:
+`read_info` is `info_of` of the file, and `info_of(folder, build(...))` is the same view before it
+is written.
 """
 
 from __future__ import annotations
@@ -56,10 +58,8 @@ class RecordSchema:
 
   @classmethod
   def ours(cls, image_format: str = "any") -> "RecordSchema":
-    """What `features.serialize_example` writes."""
-    return cls.of({features.IMAGE: "bytes", features.IMAGE_NAME: "bytes", features.TARGET: "int64",
-                   features.PATIENT_ID: "bytes", features.FOLD: "int64",
-                   features.HEIGHT: "int64", features.WIDTH: "int64"}, image_format)
+    """What `tfrecord.serialize_example` writes (`features.SCHEMA`)."""
+    return cls.of(features.dtypes(), image_format)
 
   def dtype(self, name: str) -> str | None:
     return dict(self.dtypes).get(name)
@@ -122,6 +122,11 @@ class DatasetInfo:
     return counts
 
   @property
+  def from_manifest(self) -> bool:
+    """True for a folder with our manifest.json (class names known); False for guessed info."""
+    return self.manifest is not None
+
+  @property
   def fingerprint(self) -> str | None:
     return (self.manifest or {}).get("fingerprint")
 
@@ -155,8 +160,12 @@ def exists(records_dir: str | os.PathLike) -> bool:
 
 
 def read_info(records_dir: str | os.PathLike) -> DatasetInfo:
+  return info_of(records_dir, read(records_dir))
+
+
+def info_of(records_dir: str | os.PathLike, m: dict) -> DatasetInfo:
+  """The `DatasetInfo` of a manifest dict (as `build` returns it and `read` reads it)."""
   records_dir = os.fspath(records_dir)
-  m = read(records_dir)
   classes = tuple(m["classes"])
   shards = {split: tuple(Shard(fileio.join(records_dir, s["file"]), s["num_examples"], s.get("fold", -1),
                                tuple(s["class_counts"][c] for c in classes))
@@ -215,9 +224,7 @@ def build(*, fingerprint: str, classes: list[str], plan, done: dict, image_size:
       "classes": classes,
       "image_size": image_size,
       "image_format": image_format,
-      "features": {"image": features.IMAGE, "image_name": features.IMAGE_NAME,
-                   "target": features.TARGET, "patient_id": features.PATIENT_ID,
-                   "fold": features.FOLD, "height": features.HEIGHT, "width": features.WIDTH},
+      "features": features.manifest_entry(),
       "splits": split_info,
       "inputs": {**inputs, "converted": converted, "rejected": rejected},
       "conversion": conversion,

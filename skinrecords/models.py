@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import keras
 from skinrecords import fileio
 from skinrecords import backbones as backbones_lib
 from skinrecords import batchnorm
+from skinrecords import rundir
 # The ImageNet weight files live with the backbone table; these names are part of models' API.
 from skinrecords.backbones import IMAGENET_FILES  # pylint: disable=unused-import
 from skinrecords.backbones import WeightsUnavailableError
@@ -332,3 +334,23 @@ def set_freeze(model: keras.Model, freeze: str) -> None:
     if layer.name == layer_name:
       break
     layer.trainable = False
+
+
+def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
+  """Loads MODEL_DIR/model.keras and MODEL_DIR/config.json (`rundir.check_model_dir`); checks they
+  agree. Safe mode stays on: it loads only registered classes, such as `BackbonePreprocess` here."""
+  cfg = rundir.check_model_dir(model_dir)
+  model_path = fileio.join(os.fspath(model_dir), rundir.MODEL_FILE)
+  try:
+    model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
+  except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
+    raise ValueError(f"{model_path}: could not load the Keras model "
+                     f"({type(err).__name__}: {err})") from err
+  batchnorm.fuse(model)  # a run saved before the fused layer existed predicts on it too
+  classes = cfg["classes"]
+  units = model.outputs[0].shape[-1]
+  expected = 1 if len(classes) == 2 else len(classes)
+  if units != expected:
+    raise ValueError(f"{model_path}: the model outputs {units} logit(s) but {rundir.CONFIG_FILE} "
+                     f"lists {len(classes)} classes {classes}; expected {expected}")
+  return model, cfg

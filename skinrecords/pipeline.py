@@ -31,13 +31,7 @@ class CorruptShardError(RuntimeError):
   """A shard failed its CRC while reading; the message names the file."""
 
 
-# The manifest owns these; re-exported because every reader meets them through the pipeline.
-Shard = manifest.Shard
-DatasetInfo = manifest.DatasetInfo
-RecordSchema = manifest.RecordSchema
-
-
-def load_info(records_dir: str | os.PathLike) -> DatasetInfo:
+def load_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:
   """Reads manifest.json; a folder of SIIM-ISIC Kaggle `.tfrec` files without one also works
   (`kaggle.read_info`: one counting pass, cached)."""
   records_dir = os.fspath(records_dir)  # a str: gs:// would not survive pathlib
@@ -74,7 +68,7 @@ def decode_image(encoded, image_size: int | None, stored_size: int | None = None
 _TF_DTYPES = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
 
 
-def parse_spec(schema: RecordSchema, keys) -> dict:
+def parse_spec(schema: manifest.RecordSchema, keys) -> dict:
   """A parse spec for `keys` only, each with the dtype the files store (absent keys left out)."""
   return {k: tf.io.FixedLenFeature([], _TF_DTYPES[schema.dtype(k)]) for k in keys
           if schema.dtype(k)}
@@ -91,7 +85,7 @@ def _name(ex: dict) -> tf.Tensor:
   return name if name.dtype == tf.string else tf.strings.as_string(name)
 
 
-def _decoder(schema: RecordSchema, image_size: int | None, stored_size: int | None,
+def _decoder(schema: manifest.RecordSchema, image_size: int | None, stored_size: int | None,
              with_names: bool):
   """serialized -> (image, label[, name]) in one map: only the features used are parsed (a
   Kaggle record holds 8; parsing them all cost time), and JPEG decodes without sniffing."""
@@ -114,7 +108,7 @@ def _available_memory() -> int:
     return 0
 
 
-def _check(info: DatasetInfo, split: str, fold: int | None, training: bool,
+def _check(info: manifest.DatasetInfo, split: str, fold: int | None, training: bool,
            balance: str | None, image_size: int | None) -> tuple[list[str], int]:
   """Phase 1: the shard files to read and the output size, or an error saying what to change."""
   if balance not in (None, "none", "oversample"):
@@ -182,8 +176,8 @@ def _read(files: list[str], split: str, training: bool, seed: int, cache: bool,
   return ds
 
 
-def _order(ds: tf.data.Dataset, schema: RecordSchema, num_classes: int, balance: str | None,
-           seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+def _order(ds: tf.data.Dataset, schema: manifest.RecordSchema, num_classes: int,
+           balance: str | None, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
   """Phase 3 (training): endless, shuffled serialized records; classes equal with oversample."""
   ds = ds.repeat()
   if balance != "oversample":
@@ -200,7 +194,7 @@ def _order(ds: tf.data.Dataset, schema: RecordSchema, num_classes: int, balance:
       weights=[1.0 / num_classes] * num_classes, seed=seed)
 
 
-def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "train",
+def make_dataset(records_dir: str | os.PathLike | manifest.DatasetInfo, split: str = "train",
                  batch_size: int = 64, training: bool | None = None, image_size: int | None = None,
                  fold: int | None = None, balance: str | None = None, seed: int = 0,
                  cache: bool = False, shuffle_buffer: int = 2048, with_names: bool = False,
@@ -215,7 +209,7 @@ def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "tra
   `with_names=True` adds the image names as a third element (for reports and predictions).
   Records without a label (SIIM-ISIC test files) get label NO_LABEL (-1): predict, not train.
   """
-  info = records_dir if isinstance(records_dir, DatasetInfo) else load_info(records_dir)
+  info = records_dir if isinstance(records_dir, manifest.DatasetInfo) else load_info(records_dir)
   training = (split == "train") if training is None else training
   files, size = _check(info, split, fold, training, balance, image_size)
   schema = info.schema(split)
@@ -234,7 +228,7 @@ def make_dataset(records_dir: str | os.PathLike | DatasetInfo, split: str = "tra
 
 def input_fn(records_dir, split: str = "train", global_batch_size: int = 64, **kwargs):
   """A function for `strategy.distribute_datasets_from_function`: per-replica batch, sharded."""
-  info = records_dir if isinstance(records_dir, DatasetInfo) else load_info(records_dir)
+  info = records_dir if isinstance(records_dir, manifest.DatasetInfo) else load_info(records_dir)
 
   def fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
     batch = input_context.get_per_replica_batch_size(global_batch_size)
@@ -312,7 +306,7 @@ def corrupt_shard_error(files, err: tf.errors.DataLossError, records_dir) -> Cor
                            f"--records_dir={records_dir}")
 
 
-def iterate(ds: tf.data.Dataset, info: DatasetInfo, split: str, fold: int | None = None):
+def iterate(ds: tf.data.Dataset, info: manifest.DatasetInfo, split: str, fold: int | None = None):
   """Iterates `ds`; a corrupt shard raises CorruptShardError naming the file."""
   try:
     yield from ds
@@ -323,7 +317,7 @@ def iterate(ds: tf.data.Dataset, info: DatasetInfo, split: str, fold: int | None
     raise named from err
 
 
-def patient_ids(info: DatasetInfo, split: str, fold, names) -> list[str] | None:
+def patient_ids(info: manifest.DatasetInfo, split: str, fold, names) -> list[str] | None:
   """Patient ids of `names` (in that order), read from the split's records; None when the records
   carry none (then confidence intervals resample images, not patients)."""
   by_name = {}

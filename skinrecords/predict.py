@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -31,6 +32,7 @@ from skinrecords import explain
 from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import manifest
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import rundir
@@ -200,19 +202,8 @@ def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 
   Returns rows {"image": path, "probability": P(class 1) (two classes) or [P(class k)...],
   "predicted": class name} and rejected [{"image": path, "reason": str}].
   """
-  model, cfg = rundir.load_model_dir(model_dir)
+  model, cfg = models.load_model_dir(model_dir)
   return _predict(model, cfg, paths, batch_size, threshold, tta, model_dir)
-
-
-def predict_records(model, cfg, records_dir, split: str = "test", batch_size: int = 32, *,
-                    threshold: float = 0.5, tta: int = 0, model_dir=None,
-                    explain_dir=None) -> list[dict]:
-  """Rows as `predict_files` for every record of `split` in file order, "image" = image_name.
-
-  Labels are not needed (nor read): the SIIM-ISIC test files have none."""
-  probs, names = _record_probs(model, cfg, records_dir, split, batch_size, threshold=threshold,
-                               tta=tta, model_dir=model_dir, explain_dir=explain_dir)
-  return _rows(probs, names, [str(c) for c in cfg["classes"]], threshold)
 
 
 def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta, model_dir,
@@ -220,17 +211,11 @@ def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta,
   """(probabilities, names) for every record of `split`."""
   classes = [str(c) for c in cfg["classes"]]
   info = pipeline.load_info(records_dir)
-  if info.num_classes != len(classes) or (info.manifest is not None and
-                                          list(info.classes) != classes):
-    raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE} lists classes {classes} but "
-                     f"{records_dir} holds {list(info.classes)}; use records with the same classes")
-  ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
-                             image_size=cfg["image_size"], with_names=True)
-  if explain_dir:
-    ds = _explaining(ds, model, classes, threshold, explain_dir)
-    probs, _, names = inference.predict_dataset(model, ds, tta)
-  else:
-    probs, _, names = inference.predict_dataset(model, ds, tta, info=info, split=split)
+  inference.check_classes(info, classes, model_dir)
+  through = explain_dir and functools.partial(_explaining, model=model, classes=classes,
+                                              threshold=threshold, folder=explain_dir)
+  probs, _, names = inference.predict_split(model, info, split, image_size=cfg["image_size"],
+                                            batch_size=batch_size, tta=tta, through=through)
   return probs, names
 
 

@@ -207,8 +207,9 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
   return None
 
 
-def _sniff(data: bytes) -> str | None:
-  """Source format from the signature; None for anything we do not accept."""
+def sniff_format(data: bytes) -> str | None:
+  """Image format from the signature (the one sniffer: sources, and the Kaggle reader's
+  RecordSchema); None for anything we do not accept."""
   if data[:3] == b"\xff\xd8\xff":
     return "jpeg"
   if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -252,7 +253,7 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
   Understands JPEG (SOFn), PNG (IHDR), BMP, TIFF and BigTIFF (first IFD) and WebP.
   """
   data = bytes(data)
-  fmt = _sniff(data)
+  fmt = sniff_format(data)
   return None if fmt is None else _header_size(data, fmt)
 
 
@@ -263,7 +264,7 @@ def _check(data: bytes, config: PreprocessConfig) -> tuple[str, int, int]:
   """Validates the bytes without decoding; returns (format, width, height)."""
   if len(data) == 0:
     raise RejectedImage(ZERO_BYTE)
-  fmt = _sniff(data)
+  fmt = sniff_format(data)
   if fmt is None:
     raise RejectedImage(NOT_AN_IMAGE, f"unrecognised signature {bytes(data[:8]).hex()}; "
                         f"accepted formats: {', '.join(SOURCE_FORMATS)}")

@@ -12,6 +12,9 @@ A cross-validation run (`train --fold=all`) is a folder of such runs, one per fo
     CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
 Every file is written atomically (temporary name, then rename): a kill during a save used to leave a
 0-byte best model that a rerun reported as success.
+
+TensorFlow-free: `check_model_dir` checks a finished run's files and config; loading its model.keras
+is `models.load_model_dir`, next to the custom layers a safe-mode load needs registered.
 """
 
 from __future__ import annotations
@@ -22,12 +25,7 @@ import json
 import os
 import zipfile
 
-import keras
-
-from skinrecords import augment as augment_lib
-from skinrecords import batchnorm
 from skinrecords import fileio
-from skinrecords import models  # pylint: disable=unused-import  (registers layers for load_model)
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
@@ -109,7 +107,6 @@ RESUME_MAY_CHANGE = (
 )
 # Top-level config.json values compared besides RESUME_KEYS: float16 or float32 compute.
 _RESOLVED_KEYS = ("mixed_precision",)
-_MISSING = object()  # a key an older config.json (or a partial caller) does not have: not compared
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
               "auc.png", CALIBRATION_FILE)
@@ -185,13 +182,12 @@ class RunDirError(ValueError):
 
 
 def resume_settings(config: dict) -> dict:
-  """The RESUME_KEYS and RECIPE_KEYS of a config.json dict (absent ones are not compared)."""
+  """The RESUME_KEYS and RECIPE_KEYS a config.json dict holds (an older file, or a partial
+  caller, lacks some: those are left out, and not compared)."""
   model, recipe = config.get("model") or {}, config.get("train") or {}
-  top = {k: config.get(k, _MISSING) for k in ("records_fingerprint", "image_size", "classes",
-                                               "fold")}
-  return {**top, "backbone": model.get("backbone", _MISSING),
-          "num_classes": model.get("num_classes", _MISSING),
-          **{k: recipe.get(k, _MISSING) for k in RECIPE_KEYS}}
+  found = [(k, config) for k in ("records_fingerprint", "image_size", "classes", "fold")]
+  found += [(k, model) for k in ("backbone", "num_classes")] + [(k, recipe) for k in RECIPE_KEYS]
+  return {k: where[k] for k, where in found if k in where}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -215,8 +211,8 @@ def changed_training_settings(old: dict, new: dict) -> list[tuple[str, object, o
   changed = [(k, before[k], now[k]) for k in before
              if k in now and k not in RESUME_MAY_CHANGE and before[k] != now[k]]
   changed = _augment_as_one(changed, old.get("train") or {}, new.get("train") or {})
-  if _epochs_fixed(before) and before.get("epochs", _MISSING) != now.get("epochs", _MISSING) \
-      and "epochs" in before and "epochs" in now:
+  if _epochs_fixed(before) and "epochs" in before and "epochs" in now \
+      and before["epochs"] != now["epochs"]:
     changed.append(("epochs", before["epochs"], now["epochs"]))
   for key in _RESOLVED_KEYS:
     if key in old and key in new and old[key] != new[key]:
@@ -226,12 +222,17 @@ def changed_training_settings(old: dict, new: dict) -> list[tuple[str, object, o
 
 def _augment_as_one(changed: list, old: dict, new: dict) -> list:
   """--noaugment changes six fields at once: say --augment=true (now false) instead."""
-  none = augment_lib.AugmentConfig.none().to_dict()
   was, now = old.get("augment"), new.get("augment")
-  if not (isinstance(was, dict) and isinstance(now, dict)) or (was == none) == (now == none):
+  if not (isinstance(was, dict) and isinstance(now, dict)) or _augments(was) == _augments(now):
     return changed
-  fields = set(none)
-  return [c for c in changed if c[0] not in fields] + [("augment", was != none, now != none)]
+  fields = set(was) | set(now)
+  return [c for c in changed if c[0] not in fields] + [("augment", _augments(was), _augments(now))]
+
+
+def _augments(aug: dict) -> bool:
+  """Whether an AugmentConfig dict does anything: a flip, a range or a colour change (its
+  interpolation and fill settings alone do not; augment.AugmentConfig.none() has them)."""
+  return any(v for k, v in aug.items() if not isinstance(v, str) and k != "fill_value")
 
 
 def _epochs_fixed(train: dict) -> bool:
@@ -250,7 +251,7 @@ def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
     return
   before, now = resume_settings(old), resume_settings(config)
   for key in RESUME_KEYS:
-    if _MISSING in (before[key], now[key]) or before[key] is None and key != "fold":
+    if key not in before or key not in now or before[key] is None and key != "fold":
       continue
     if before[key] != now[key] and key == "records_fingerprint":
       raise RunDirError(
@@ -288,7 +289,7 @@ def check_writable(model_dir: str | os.PathLike) -> None:
                       "choose a writable folder") from err
 
 
-def save_model(model: keras.Model, model_dir: str | os.PathLike) -> None:
+def save_model(model, model_dir: str | os.PathLike) -> None:
   """model.keras, atomically (Keras insists on the .keras suffix, so the temporary name keeps it)."""
   path = fileio.join(model_dir, MODEL_FILE)
   tmp = fileio.join(model_dir, ".tmp-" + MODEL_FILE)
@@ -339,8 +340,10 @@ DAMAGED_FIX = ("rerun the same train command into this directory: it restores mo
                "backup/ (add --restore_model when it asks), or train with --overwrite")
 
 
-def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
-  """Loads MODEL_DIR/model.keras (safe mode) and MODEL_DIR/config.json; checks they agree."""
+def check_model_dir(model_dir) -> dict:
+  """MODEL_DIR/config.json, once MODEL_DIR holds a non-empty model.keras and a config.json that
+  names at least 2 classes and an image size (FileNotFoundError or ValueError otherwise).
+  A damaged model.keras (empty or truncated zip) is a ValueError naming the repair."""
   d = os.fspath(model_dir)
   model_path, config_path = fileio.join(d, MODEL_FILE), fileio.join(d, CONFIG_FILE)
   need = f"a model directory holds {MODEL_FILE} (model.save()) and {CONFIG_FILE} from training"
@@ -360,15 +363,4 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
   size = cfg.get("image_size")
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ValueError(f"{config_path}: 'image_size' must be a positive integer, got {size!r}")
-  try:
-    model = keras.models.load_model(model_path, compile=False)  # safe_mode stays on
-  except Exception as err:  # pylint: disable=broad-except  (Keras raises many types here)
-    raise ValueError(f"{model_path}: could not load the Keras model "
-                     f"({type(err).__name__}: {err})") from err
-  batchnorm.fuse(model)  # a run saved before the fused layer existed predicts on it too
-  units = model.outputs[0].shape[-1]
-  expected = 1 if len(classes) == 2 else len(classes)
-  if units != expected:
-    raise ValueError(f"{model_path}: the model outputs {units} logit(s) but {CONFIG_FILE} "
-                     f"lists {len(classes)} classes {classes}; expected {expected}")
-  return model, cfg
+  return cfg

@@ -21,11 +21,13 @@ import tensorflow as tf
 
 from skinrecords import augment
 from skinrecords import distribute
+from skinrecords import feeding
 from skinrecords import inference
 from skinrecords import manifest
 from skinrecords import metrics
 from skinrecords import pipeline
 from skinrecords import recipes
+from skinrecords import xla
 
 
 class CompiledSteps:
@@ -37,13 +39,13 @@ class CompiledSteps:
 
   def __init__(self, strategy, model, optimizer, config, class_weights,
                xla_mode: str | None = None):
-    xla_mode = xla_mode or distribute.resolve_xla(config.xla, distribute.replica_devices(strategy),
+    xla_mode = xla_mode or xla.resolve_xla(config.xla, distribute.replica_devices(strategy),
                                                   config.augment.enabled)
     # The recipe's loss (label smoothing, focal) trains; validation scores plain cross-entropy.
     # A synchronised BatchNorm all-reduces inside the forward pass; under a nested tf.function
     # that all-reduce fails ("`merge_call` called while defining a new graph"), so the forward +
     # backward is then traced inline into train_step (and cannot be XLA-compiled).
-    inline = bool(getattr(config, "sync_batchnorm", False)) and strategy.num_replicas_in_sync > 1
+    inline = config.sync_batchnorm and strategy.num_replicas_in_sync > 1
     if inline and xla_mode == "on":
       raise ValueError(f"sync_batchnorm over {strategy.num_replicas_in_sync} replicas cannot run in "
                        "an XLA-compiled forward pass; use xla=augment or xla=off")
@@ -107,26 +109,15 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
 def _predict_forward_fn(model, loss_fn, jit: bool):
   """One replica's validation forward pass: (images, labels) -> (per-example losses, probabilities).
 
-  With `jit`, XLA compiles a pure function of the weights (`model.stateless_call`), and the replica
-  reads its own copy of the weights outside it. Compiling `model(x)` itself, which captures the
-  mirrored variables, failed under MirroredStrategy on 2 logical CPUs (TF 2.21, Keras 3.15.1):
-  "Trying to access resource block1_conv/kernel/replica_1/3 ... located in device CPU:1 from
-  device CPU:0" - although the call op carries device CPU:1 in the graph - also with a
-  GradientTape inside, with the reads done first inside the compiled function, with the batch taken
-  by `next(iterator)` inside the step, and eagerly. It ran whenever the compiled function also took
-  a tensor made on the replica's device rather than by the input pipeline (`tf.identity(images)`,
-  a constant made in the replica function, a value from `distribute_values_from_function`): the
-  train step passes such a tensor, its per-replica augmentation seed, which is why it always
-  worked. The pure function does not rest on that undocumented rule: it holds no resource, so
-  there is nothing to access from the wrong device (and it runs as fast: best of 6 interleaved
-  passes 1.36 vs 1.44 s with `tf.identity(images)`, simple_cnn 64 px, 512 images, CPU).
-  Only for xla_mode "on" (auto: GPUs/TPUs): on 2 logical CPUs the compiled pass took
-  1.4-1.9x the time of TensorFlow's kernels (simple_cnn 64 px), 3.1x at 128 px, and 7.6x for
-  resnet50 at 64 px after a 142 s compile.
+  With `jit`, XLA compiles a pure function of the weights (`model.stateless_call`) and each replica
+  reads its own copy outside it: compiling `model(x)`, which captures the mirrored variables,
+  failed under MirroredStrategy ("Trying to access resource ... located in device CPU:1 from device
+  CPU:0"; BUILD_NOTES "Validation forward pass under XLA"). Only for xla_mode "on" (auto: GPUs and
+  TPUs): on 2 logical CPUs the compiled pass took 1.4-1.9x the time of TensorFlow's kernels.
   """
 
   def scored(logits, labels):
-    # Padding examples carry label -1 (distribute.valid_input); a sparse cross-entropy rejects
+    # Padding examples carry label -1 (feeding.valid_input); a sparse cross-entropy rejects
     # negative labels, so they are scored as class 0 here and dropped after the gather.
     return loss_fn(tf.maximum(labels, 0), logits), inference.probabilities(logits)
 
@@ -158,7 +149,7 @@ def scores(probs, labels, classes) -> dict:
   return {"accuracy": m["accuracy"], "auc": math.nan if m["roc_auc"] is None else m["roc_auc"]}
 
 
-def evaluate(steps: CompiledSteps, valid: distribute.ValidInput, classes) -> dict:
+def evaluate(steps: CompiledSteps, valid: feeding.ValidInput, classes) -> dict:
   """Validation loss, accuracy and AUC over every real (unpadded) example, exactly once."""
   dist_ds, num_steps, total = valid
   losses, probs, labels = [], [], []

@@ -81,19 +81,24 @@ def _example_class():
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
-def serialize_example(*, image: bytes, image_name: str, target: int, patient_id: str = "",
-                      fold: int = -1, height: int, width: int) -> bytes:
-  """One record as serialized `tf.train.Example` bytes, the schema of `features`."""
+def serialize_example(**values) -> bytes:
+  """One record as serialized `tf.train.Example` bytes: a value for every key of
+  `features.SCHEMA` (str for "bytes" features is UTF-8 encoded; optional ones may be left out)."""
+  unknown = sorted(set(values) - {f.key for f in features.SCHEMA})
+  if unknown:
+    raise TypeError(f"serialize_example: unknown feature(s) {unknown}")
   example = _example_class()()
   feature = example.features.feature
   # Filled in the order the TensorFlow writer used; deterministic=True then sorts the map anyway.
-  for key, value in ((features.IMAGE, image), (features.IMAGE_NAME, image_name.encode("utf-8")),
-                     (features.TARGET, target), (features.PATIENT_ID, patient_id.encode("utf-8")),
-                     (features.FOLD, fold), (features.HEIGHT, height), (features.WIDTH, width)):
-    if isinstance(value, bytes):
-      feature[key].bytes_list.value.append(value)
+  for f in features.SCHEMA:
+    if f.key not in values and not f.optional:
+      raise TypeError(f"serialize_example: missing feature {f.key!r}")
+    value = values.get(f.key, f.default)
+    if f.dtype == "bytes":
+      feature[f.key].bytes_list.value.append(value.encode("utf-8") if isinstance(value, str)
+                                             else value)
     else:
-      feature[key].int64_list.value.append(int(value))
+      feature[f.key].int64_list.value.append(int(value))
   # deterministic=True fixes the order of the feature map, so shards are byte-for-byte reproducible.
   return example.SerializeToString(deterministic=True)
 

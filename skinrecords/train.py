@@ -33,6 +33,7 @@ from tensorflow.python.framework import config as tf_framework_config
 from skinrecords import augment
 from skinrecords import data_service
 from skinrecords import distribute
+from skinrecords import feeding
 from skinrecords import fileio
 from skinrecords import manifest
 from skinrecords import models
@@ -43,6 +44,7 @@ from skinrecords import rundir
 from skinrecords import run_state
 from skinrecords import selection
 from skinrecords import steps as steps_lib
+from skinrecords import xla
 
 BALANCE = ("none", "oversample", "class_weights")
 
@@ -54,7 +56,7 @@ class TrainConfig:
   model: models.ModelConfig = models.ModelConfig()
   augment: augment.AugmentConfig = augment.AugmentConfig()
   strategy: str = "auto"
-  xla: str = "auto"  # auto | on | off | augment (distribute.resolve_xla)
+  xla: str = "auto"  # auto | on | off | augment (xla.resolve_xla)
   mixed_precision: str = "auto"
   batch_size: int = 32  # global, over all replicas
   learning_rate: float = 1e-4
@@ -105,8 +107,8 @@ class TrainConfig:
       if self.cache:
         raise ValueError(f"cache=True with data_service={self.data_service!r}: each tf.data "
                          "worker would cache only the files it happened to get; drop cache")
-    if self.xla not in distribute.XLA_SETTINGS:
-      raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(distribute.XLA_SETTINGS)}")
+    if self.xla not in xla.XLA_SETTINGS:
+      raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(xla.XLA_SETTINGS)}")
     recipes.validate(self)
     self.model.validate()
     self.augment.validate()
@@ -237,7 +239,7 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
     logging.warning("%s", precision.warning)
   devices = distribute.replica_devices(strategy)
   try:
-    xla_mode = recipes.xla_mode(config, distribute.resolve_xla(config.xla, devices,
+    xla_mode = recipes.xla_mode(config, xla.resolve_xla(config.xla, devices,
                                                                config.augment.enabled),
                                 strategy.num_replicas_in_sync)
   except ValueError as err:
@@ -288,7 +290,7 @@ def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
   info = setup.info
   return {"classes": list(info.classes), "image_size": config.model.image_size,
           "records_dir": str(config.records_dir), "records_fingerprint": info.fingerprint,
-          "fold": config.fold, "preprocessing": (info.manifest or {}).get("preprocessing"),
+          "fold": config.fold, "preprocessing": info.preprocessing,
           "model": setup.model_config.to_dict(), "train": config.to_dict(),
           "seed": config.seed, "deterministic": config.deterministic,
           "replicas": strategy.num_replicas_in_sync, "workers": setup.workers,
@@ -316,9 +318,9 @@ def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
   # With a tf.data service, one job per run and resumed epoch, shared by all trainers.
   job = (f"{fileio.canonical(config.model_dir)}|{info.records_dir}|{fold}|{config.seed}|"
          f"{start}")
-  iterator = iter(distribute.train_input(strategy, info, config.batch_size, config.data_service,
+  iterator = iter(feeding.train_input(strategy, info, config.batch_size, config.data_service,
                                          job, **kwargs))
-  valid = (distribute.valid_input(strategy, info, config.batch_size, size, fold)
+  valid = (feeding.valid_input(strategy, info, config.batch_size, size, fold)
            if setup.has_valid else None)
   return iterator, valid
 

@@ -183,6 +183,7 @@ def test_same_seed_same_output_and_seed_dtypes():
   assert not np.array_equal(a[0], a[1])  # images of one batch get their own parameters
 
 
+@pytest.mark.slow
 def test_xla_compiles_and_matches_eager():
   x = _images(3, 40, 40)
   seed = tf.constant([11, 12], tf.int64)
@@ -193,6 +194,7 @@ def test_xla_compiles_and_matches_eager():
   assert 0.0 <= eager.min() and eager.max() <= 255.0
 
 
+@pytest.mark.slow
 def test_inside_tf_data_map():
   x = _images(6)
   ds = tf.data.Dataset.from_tensor_slices(x).batch(3).enumerate().map(

@@ -213,7 +213,7 @@ def test_build_model_fuses_every_backbone_batchnorm_and_saved_runs_load_both_way
   old = _run_dir(tmp_path, model, "old")
   assert "skinrecords>BatchNormalization" not in _saved_config(old)
   for d in (new, old):
-    loaded, _ = rundir.load_model_dir(d)
+    loaded, _ = models.load_model_dir(d)
     assert batchnorm.fuse(loaded) == len(layers)  # load_model_dir fused them already
     np.testing.assert_allclose(loaded(x, training=False).numpy(), want, rtol=1e-4, atol=1e-4)
   # Weight files are interchangeable: same variables in the same order.

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import run_bin
+
+# Trains models end to end, both ways.
+pytestmark = pytest.mark.slow
 
 _NUM = r"\s+(\d+\.\d+)"
 _ROWS = ("first epoch (s)", "later epochs, median (s)", "later epochs (img/s)",

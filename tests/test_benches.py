@@ -145,6 +145,7 @@ def _check_input_report(out: str, num_images: int, image_size: int) -> dict:
   return rates
 
 
+@pytest.mark.slow
 def test_bench_convert_prints_every_row_and_removes_its_folder(tmp_path):
   proc = run_bin("bench_convert", "--num_images=8", "--num_large=2", "--source_size=128x96",
                  "--large_size=384x288", "--image_size=64", "--rounds=2", f"--workdir={tmp_path}")
@@ -152,6 +153,7 @@ def test_bench_convert_prints_every_row_and_removes_its_folder(tmp_path):
   assert list(tmp_path.iterdir()) == []  # sources and records removed
 
 
+@pytest.mark.slow
 def test_bench_convert_runs_as_a_module(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -173,6 +175,7 @@ def test_bench_convert_rejects_a_large_size_too_small_for_reduced_decoding(tmp_p
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
   proc = run_bin("bench_input", "--num_images=16", "--image_size=64", "--batch_size=8",
                  "--batches=2", "--batches_slow=1", "--warmup=1", "--keep", f"--workdir={tmp_path}")
@@ -185,6 +188,7 @@ def test_bench_input_prints_every_row_and_keeps_its_folder(tmp_path):
   assert len(list((kept[0] / "images").glob("*/*.jpg"))) == 16
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_path():
   rows = bench_augment.benchmark(image_size=24, batch_size=2, iters=1)
   assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(b)", "(c)"]
@@ -250,3 +254,15 @@ def test_report_checks_on_saved_style_output_catch_a_wrong_ratio():
   for bad in (wrong_ratio, wrong_verdict, missing_row):
     with pytest.raises(AssertionError):
       _check_input_report(bad, 16, 64)
+
+
+def test_bench_speed_reports_each_check_with_a_verdict_that_matches_its_time():
+  from benchmarks import speed  # pylint: disable=g-import-not-at-top
+
+  rows = speed.measure(rounds=2, n=500, size=96)
+  assert [r["name"] for r in rows] == ["bootstrap 500 x 1000", "notebook cleanup 96 px"]
+  for r in rows:
+    assert 0 < r["best"] <= r["median"]
+    assert r["verdict"] == ("PASS" if r["best"] <= r["target"] else "MISS")
+  table = speed.report(rows).splitlines()
+  assert len(table) == 3 and all(r["name"] in line for r, line in zip(rows, table[1:]))

@@ -75,6 +75,7 @@ def _predicted(path):
     return [r["predicted"] for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_temperature_fitted_on_valid_is_stored_and_applied(over_confident, tmp_path):
   root, records, run = over_confident
   plain = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(run), bootstrap=0,
@@ -117,6 +118,7 @@ def test_temperature_fitted_on_valid_is_stored_and_applied(over_confident, tmp_p
   assert saved["ece"] == pytest.approx(m["ece"]) and saved["reliability"]
 
 
+@pytest.mark.slow
 def test_bad_calibration_file_and_unwritable_output(over_confident, tmp_path):
   root, records, run = over_confident
   bad = tiny_runs.save_run(tiny_runs.random_model(records, 32, seed=8), tmp_path / "bad", records,

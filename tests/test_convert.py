@@ -192,6 +192,7 @@ def test_csv_patients_never_cross_splits_and_folds(tmp_path):
   assert 60 <= m["splits"]["train"]["num_examples"] <= 84
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_rejected_with_reasons_and_nothing_lost(tmp_path):
   rows = _csv_dataset(tmp_path / "in", patients=6, per_patient=2)
   img_dir = tmp_path / "in" / "images"
@@ -272,6 +273,7 @@ def test_existing_output_from_other_flags_refused_unless_overwrite(tmp_path):
   assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # unrelated files survive
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(tmp_path):
   # Enough work (hair removal on 640x480 sources) that the first kill lands mid-conversion.
   rng = np.random.default_rng(4)
@@ -300,6 +302,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
   assert not list(out.glob("*.tmp")) and not state.exists()
 
 
+@pytest.mark.slow
 def test_verify_catches_a_corrupted_byte(tmp_path):
   _class_folders(tmp_path / "in", {"a": 6, "b": 6})
   m = convert.convert(_config(tmp_path / "in", tmp_path / "out")).manifest

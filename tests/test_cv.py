@@ -19,6 +19,9 @@ from conftest import bin_env, convert_folder, run_bin, start_bin
 from skinrecords import augment, cv, features, kaggle, manifest, models, pipeline, rundir, train
 from skinrecords import synthetic
 
+# Trains every fold (and kills and resumes a CV run).
+pytestmark = pytest.mark.slow
+
 FOLDS = 3
 
 
@@ -91,7 +94,7 @@ def test_every_training_example_is_predicted_once_by_the_model_that_held_it_out(
   # a plain Keras call), and the other folds' models give other numbers.
   p1 = {r["image_name"]: float(r["p_1"]) for r in rows}
   info = pipeline.load_info(cv_records)
-  fold_models = [rundir.load_model_dir(rundir.fold_dir(out, k))[0] for k in range(FOLDS)]
+  fold_models = [models.load_model_dir(rundir.fold_dir(out, k))[0] for k in range(FOLDS)]
   for k in range(FOLDS):
     images, _, names = next(iter(pipeline.make_dataset(
         info, "valid", batch_size=64, training=False, fold=k, with_names=True)))

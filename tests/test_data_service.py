@@ -29,6 +29,9 @@ import json, os, pathlib, sys, time
 import tensorflow as tf
 from skinrecords import data_service, pipeline
 
+# tf.data service dispatchers, workers and trainers in separate processes.
+pytestmark = pytest.mark.slow
+
 records, address, job_key, index, out, pause = sys.argv[1:7]
 ready = pathlib.Path(out).parent / f"ready{index}"
 fn = data_service.service_input_fn(pipeline.load_info(records), 4, address, job_key,

@@ -41,6 +41,7 @@ def _csv_probs(path):
     return {r["image_name"]: float(r["probability"]) for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_mean_of_members_at_their_own_sizes_equals_the_members_own_predictions(runs, tmp_path):
   root, records, a, b = runs
   pa, labels, names = tiny_runs.member_probs(a, records)
@@ -66,6 +67,7 @@ def test_mean_of_members_at_their_own_sizes_equals_the_members_own_predictions(r
   np.testing.assert_allclose([r["probability"] for r in rows], (pa + pb) / 2, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_rank_average_is_the_mean_of_rank_normalised_member_scores(runs, tmp_path):
   root, records, a, b = runs
   pa, labels, _ = tiny_runs.member_probs(a, records)
@@ -84,6 +86,7 @@ def test_rank_average_is_the_mean_of_rank_normalised_member_scores(runs, tmp_pat
   np.testing.assert_allclose(ensemble.combine([p1, p2], "mean"), (p1 + p2) / 2)
 
 
+@pytest.mark.slow
 def test_cv_folder_is_an_ensemble_of_its_folds_on_the_test_split_only(runs):
   root, records, _, _ = runs
   cv = root / "cv"
@@ -101,6 +104,7 @@ def test_cv_folder_is_an_ensemble_of_its_folds_on_the_test_split_only(runs):
     evaluate.evaluate(evaluate.EvalConfig(model_dir=str(cv), threshold="youden", bootstrap=0))
 
 
+@pytest.mark.slow
 def test_ensemble_refusals_through_the_command(runs, tmp_path):
   root, records, a, b = runs
   # Mixed classes across members.

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from skinrecords import augment
 from skinrecords import distribute
+from skinrecords import feeding
 from skinrecords import inference
 from skinrecords import recipes
 from skinrecords import steps as steps_lib
@@ -37,7 +38,7 @@ def _data(num_classes: int):
   rng = np.random.default_rng(num_classes)
   images = rng.integers(0, 256, (PADDED, SIZE, SIZE, 3)).astype(np.uint8)
   labels = rng.integers(0, num_classes, PADDED).astype(np.int32)
-  labels[REAL:] = -1  # distribute.valid_input's padding
+  labels[REAL:] = -1  # feeding.valid_input's padding
   return images, labels
 
 
@@ -85,7 +86,7 @@ def test_xla_validation_pass_matches_tf_kernels(strategy_name, num_classes):
   expected_probs = inference.probabilities(logits).numpy()
   expected_loss = recipes.loss_fn(num_classes)(tf.maximum(labels, 0), logits).numpy()
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(GLOBAL_BATCH)
-  valid = distribute.ValidInput(strategy.experimental_distribute_dataset(ds),
+  valid = feeding.ValidInput(strategy.experimental_distribute_dataset(ds),
                                 PADDED // GLOBAL_BATCH, REAL)
   results = {}
   for mode in ("off", "on"):

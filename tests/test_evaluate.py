@@ -212,7 +212,7 @@ def test_dihedral_order_matches_numpy():
 
 
 def test_tta8_is_the_mean_over_the_eight_transforms(data, random_dir):
-  model, _ = rundir.load_model_dir(random_dir)
+  model, _ = models.load_model_dir(random_dir)
   images = np.concatenate([b[0].numpy() for b in pipeline.make_dataset(
       data / "records", "test", training=False)])
   got, _, _ = inference.predict_dataset(model, [(images, np.zeros(len(images)))], tta=8)
@@ -226,6 +226,7 @@ def test_tta8_is_the_mean_over_the_eight_transforms(data, random_dir):
   np.testing.assert_allclose(got, each.mean(0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_labels_line_up_and_perfect_model_scores_one(data, perfect_dir, capsys):
   m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(perfect_dir), threshold="youden",
                                             batch_size=8))
@@ -252,6 +253,7 @@ def test_evaluate_labels_line_up_and_perfect_model_scores_one(data, perfect_dir,
     assert cv2.imread(str(out / name)).shape[0] > 300
 
 
+@pytest.mark.slow
 def test_constant_model_warns_collapse_and_corrupt_shard_is_named(data, constant_dir, tmp_path,
                                                                   capsys):
   m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(constant_dir)))
@@ -273,17 +275,18 @@ def test_constant_model_warns_collapse_and_corrupt_shard_is_named(data, constant
 
 def test_load_model_dir_names_missing_files(tmp_path, constant_dir):
   with pytest.raises(FileNotFoundError, match="not found"):
-    rundir.load_model_dir(tmp_path / "nope")
+    models.load_model_dir(tmp_path / "nope")
   (tmp_path / "m").mkdir()
   shutil.copy(constant_dir / "config.json", tmp_path / "m")
   with pytest.raises(FileNotFoundError, match="model.keras"):
-    rundir.load_model_dir(tmp_path / "m")
+    models.load_model_dir(tmp_path / "m")
   with pytest.raises(ValueError, match="youden"):
     evaluate.EvalConfig(model_dir="m", threshold="1.5")
   with pytest.raises(ValueError, match="tta=9"):
     evaluate.EvalConfig(model_dir="m", tta=9)
 
 
+@pytest.mark.slow
 def test_predict_matches_evaluate_and_reports_bad_files(data, random_dir):
   m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), batch_size=8))
   evaluated = {r["image_name"]: float(r["probability"])
@@ -319,6 +322,7 @@ def test_predict_pixels_equal_the_pipeline(data):
         np.testing.assert_array_equal(predict._decode(encoded, size, SIZE), image)
 
 
+@pytest.mark.slow
 def test_bins(data, perfect_dir, tmp_path):
   proc = run_bin("evaluate", f"--model_dir={perfect_dir}", "--tta=2", "--threshold=0.5",
                  f"--output_dir={tmp_path / 'ev'}")
@@ -361,8 +365,9 @@ def _copy_records(data, dest, edit=None):
   return dest
 
 
+@pytest.mark.slow
 def test_youden_threshold_is_chosen_on_valid_not_test(data, perfect_dir, tmp_path):
-  model, _ = rundir.load_model_dir(perfect_dir)
+  model, _ = models.load_model_dir(perfect_dir)
 
   def youden(split):
     ds = pipeline.make_dataset(data / "records", split, batch_size=8, training=False)
@@ -377,6 +382,7 @@ def test_youden_threshold_is_chosen_on_valid_not_test(data, perfect_dir, tmp_pat
   assert "valid" in m["threshold_source"] and "optimistic" not in m["threshold_source"]
 
 
+@pytest.mark.slow
 def test_folds_and_records_other_than_the_training_ones_are_refused(data, random_dir, tmp_path):
   # Trained without folds: any fold's "valid" was training data.
   with pytest.raises(ValueError, match="trained with no fold"):
@@ -405,6 +411,7 @@ def test_folds_and_records_other_than_the_training_ones_are_refused(data, random
                                           threshold="youden", output_dir=str(tmp_path / "d")))
 
 
+@pytest.mark.slow
 def test_moved_training_records_are_recognised_by_fingerprint(data, random_dir, tmp_path):
   moved = _copy_records(data, tmp_path / "moved")
   model_dir = tmp_path / "model"
@@ -419,6 +426,7 @@ def test_moved_training_records_are_recognised_by_fingerprint(data, random_dir, 
   assert "OPTIMISTIC" in (model_dir / "eval_valid" / "report.txt").read_text()
 
 
+@pytest.mark.slow
 def test_preprocessing_mismatch_warns_and_cis_are_written(data, random_dir, tmp_path, capsys):
   def hair(m):
     m["preprocessing"]["remove_hair"] = not m["preprocessing"]["remove_hair"]
@@ -434,6 +442,7 @@ def test_preprocessing_mismatch_warns_and_cis_are_written(data, random_dir, tmp_
   assert saved["ci_unit"] in ("image", "patient") and len(saved["sensitivity_ci"]) == 2
 
 
+@pytest.mark.slow
 def test_unwritable_output_fails_before_predicting(data, random_dir, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
@@ -445,6 +454,7 @@ def test_unwritable_output_fails_before_predicting(data, random_dir, tmp_path):
   assert "a_file" in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
 
 
+@pytest.mark.slow
 def test_galleries_hold_the_most_confident_errors_and_hits(data, random_dir, perfect_dir,
                                                            tmp_path):
   for model_dir in (random_dir, perfect_dir):
@@ -486,6 +496,7 @@ def _fold_names(records_dir: pathlib.Path, fold: int) -> dict[str, int]:
   return out
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tmp_path):
   """Records with --folds=3 -> train with fold=1 -> bin/evaluate --split=valid --fold=1: the
   metrics cover fold 1's images and no other, and Youden's threshold is chosen on fold 1."""
@@ -519,7 +530,7 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
   assert f"accuracy {'':>9} {'':>9} {m['accuracy']:>9.4f} {m['n']:>9d}" in report
   assert f"threshold: P(b) >= {m['threshold']:.6g} (Youden's J on {m['n']} valid fold 1" in report
   # The threshold of another fold differs, so taking it from the wrong fold would show above.
-  model, _ = rundir.load_model_dir(tmp_path / "m")
+  model, _ = models.load_model_dir(tmp_path / "m")
   other, other_labels, _ = inference.predict_dataset(model, pipeline.make_dataset(
       records, "valid", fold=0, training=False))
   assert abs(metrics.youden_threshold(other, other_labels) - m["threshold"]) > 1e-6

@@ -12,7 +12,6 @@ import pytest
 from conftest import convert_folder
 from skinrecords import explain
 from skinrecords import models
-from skinrecords import rundir
 from test_export import train_tiny
 
 SIZE = 48
@@ -44,9 +43,10 @@ def blob_model(tmp_path_factory):
       cv2.imwrite(str(root / "in" / cls / f"{cls}{i:03d}.png"), image[..., ::-1])
   convert_folder(root / "in", root / "records", SIZE, split=(0.8, 0.1, 0.1), min_train_shards=2)
   model_dir = train_tiny(root / "records", root / "model", SIZE, steps=60)
-  return rundir.load_model_dir(model_dir)[0]
+  return models.load_model_dir(model_dir)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", models.BACKBONES)
 def test_last_conv_block_found_for_every_backbone(backbone):
   model = models.build_model(models.ModelConfig(backbone=backbone, image_size=32, weights="none"))
@@ -57,6 +57,7 @@ def test_last_conv_block_found_for_every_backbone(backbone):
   assert heat.min() >= 0 and heat.max() <= 1
 
 
+@pytest.mark.slow
 def test_heat_concentrates_on_the_lesion(blob_model):
   images, masks = blob_images(24, seed=7, with_blob=True)
   heats, predicted, _ = explain.explain_batch(blob_model, images, ["a", "b"])
@@ -69,6 +70,7 @@ def test_heat_concentrates_on_the_lesion(blob_model):
   assert np.mean(np.array(ratios) >= 2.0) >= 0.75, np.round(ratios, 2)
 
 
+@pytest.mark.slow
 def test_overlay_is_rgb_uint8_and_shows_heat_where_it_is():
   image = np.full((40, 40, 3), 128, np.uint8)
   heat = np.zeros((4, 4), np.float32)
@@ -78,6 +80,7 @@ def test_overlay_is_rgb_uint8_and_shows_heat_where_it_is():
   assert out[2, 2, 0] > out[2, 2, 2] and out[37, 37, 2] > out[37, 37, 0]  # RGB order, not BGR
 
 
+@pytest.mark.slow
 def test_gallery_and_overlays_hold_the_examples(blob_model, tmp_path):
   images = np.concatenate([blob_images(3, 1, False)[0], blob_images(3, 2, True)[0]])
   path = explain.write_gallery(tmp_path / "examples.png", blob_model, images,
@@ -93,6 +96,7 @@ def test_gallery_and_overlays_hold_the_examples(blob_model, tmp_path):
     explain.gallery(tmp_path / "bad.png", images, None, ["only one title"])
 
 
+@pytest.mark.slow
 def test_most_confident_picks_the_right_examples():
   probs = np.array([0.9, 0.2, 0.6, 0.05, 0.4, 0.99])
   labels = np.array([0, 1, 0, 1, 1, 1])

@@ -88,6 +88,7 @@ def _test_split(records):
           np.concatenate([b[1].numpy() for b in batches]))
 
 
+@pytest.mark.slow
 def test_saved_model_on_encoded_bytes_matches_predict(data, exported):
   out, _ = exported
   paths = sorted(str(p) for p in (data / "in").rglob("*.png"))[::7]
@@ -113,12 +114,13 @@ def test_saved_model_on_encoded_bytes_matches_predict(data, exported):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tflite_float_matches_and_quantised_keeps_auc(data, exported):
   out, proc = exported
   assert "float32 TFLite: largest probability difference" in proc.stdout, proc.stdout
   assert "MB)" in proc.stdout and "preprocessing.json" in proc.stdout
   images, labels = _test_split(data / "records")
-  model, _ = rundir.load_model_dir(data / "model")
+  model, _ = models.load_model_dir(data / "model")
   keras_probs = tf.sigmoid(model(images.astype(np.float32))[:, 0]).numpy()
   float_probs = export.tflite_probabilities(
       (out / export.TFLITE_FILES["float32"]).read_bytes(), images)
@@ -133,6 +135,7 @@ def test_tflite_float_matches_and_quantised_keeps_auc(data, exported):
   assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_hair_removal_is_announced_and_recorded(data, tmp_path):
   pre = dict(pipeline.load_info(data / "records").preprocessing, remove_hair=True)
   cfg = json.loads((data / "model" / rundir.CONFIG_FILE).read_text())
@@ -150,6 +153,7 @@ def test_hair_removal_is_announced_and_recorded(data, tmp_path):
   assert not list((tmp_path / "e").glob("*.tflite"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["read_only", "is_a_file", "missing_model", "bad_format"])
 def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
   out, model = tmp_path / "out", data / "model"
@@ -173,6 +177,7 @@ def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
   assert case == "is_a_file" or not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_float_tflite_beyond_tolerance_fails_and_writes_nothing(data, tmp_path, monkeypatch):
   real = export.tflite_probabilities
   monkeypatch.setattr(export, "tflite_probabilities",

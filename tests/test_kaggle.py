@@ -76,6 +76,7 @@ def kaggle_dir(tmp_path_factory):
   return root, write_kaggle(root)
 
 
+@pytest.mark.slow
 def test_train_files_read_as_published(kaggle_dir):
   root, truth = kaggle_dir
   info = pipeline.load_info(root)
@@ -165,6 +166,7 @@ def test_corrupt_file_is_named_by_the_counting_pass(tmp_path):
     pipeline.load_info(tmp_path / "k")
 
 
+@pytest.mark.slow
 def test_train_fold_predict_and_evaluate_through_the_commands(tmp_path, kaggle_dir):
   root, truth = kaggle_dir
   model_dir = tmp_path / "run"
@@ -201,6 +203,7 @@ def test_empty_or_foreign_files_are_named(tmp_path):
     ({"output_csv": "{tmp}"}, "is a folder; give a file name"),
     ({"output_csv": "{tmp}/file.txt/p.csv"}, "a part of its folder is a file"),
 ])
+@pytest.mark.slow
 def test_predict_records_refuses_bad_arguments_before_loading(tmp_path, kaggle_dir, kwargs,
                                                              message):
   root, _ = kaggle_dir
@@ -210,6 +213,7 @@ def test_predict_records_refuses_bad_arguments_before_loading(tmp_path, kaggle_d
     predict.run(predict.PredictConfig(model_dir=str(tmp_path), records_dir=str(root), **kwargs))
 
 
+@pytest.mark.slow
 def test_predict_command_error_is_one_line(tmp_path, kaggle_dir):
   root, _ = kaggle_dir
   proc = run_bin("predict", f"--model_dir={tmp_path}", f"--records_dir={root}",
@@ -218,6 +222,7 @@ def test_predict_command_error_is_one_line(tmp_path, kaggle_dir):
   assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
 
 
+@pytest.mark.slow
 def test_train_on_test_files_only_is_one_line(tmp_path):
   write_kaggle(tmp_path / "k", train_files=0, test_files=1)
   proc = run_bin("train", f"--records_dir={tmp_path / 'k'}", f"--model_dir={tmp_path / 'm'}",

@@ -1,5 +1,11 @@
-"""The package layout's contracts: flags only in the command layer, thin bin/ shims, namespaced
-commands, benchmarks outside the library, and an import graph with nothing flowing upward."""
+"""The package layout's contracts: the one map of the layout (the docstring of
+skinrecords/__init__.py) matches the files, the import graph has no cycle and keeps each package's
+"must never import" rules, flags live only in the command layer, bin/ scripts are thin shims,
+commands are namespaced, and benchmarks stay outside the library.
+
+Written to hold both before and after tools/relayout.py moves the flat modules into the map's
+sub-packages: a module is found at skinrecords/<module>.py or skinrecords/<package>/<module>.py,
+and imports are read in either spelling."""
 
 from __future__ import annotations
 
@@ -8,63 +14,219 @@ import configparser
 import pathlib
 import re
 
+import skinrecords
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIB = REPO / "skinrecords"
-
-# The data-flow order of the library's stages; a module may import only modules at its own stage or
-# earlier. "cli" sits on top and may import anything.
-STAGES = [
-    {"fileio", "tfrecord", "features", "manifest", "splits", "labels", "patients", "dedup",
-     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty",
-     "pseudonyms", "waiting"},
-    {"records", "workers", "convert"},
-    {"pipeline", "kaggle", "serving"},
-    {"augment"},
-    {"backbones", "recipes", "models"},
-    {"metrics", "plots", "rundir", "distribute", "data_service", "calibration", "submission"},
-    {"inference", "steps", "run_state", "train", "ensemble", "selection"},
-    {"evaluate", "predict", "export", "explain", "score_folder"},
-    {"cv"},
-]
+_TF = ("tensorflow", "keras", "tf_keras")
+_TF_FREE = ("core", "data")  # packages that never import TensorFlow at module level
 
 
-def _stage(module: str) -> int:
-  for i, names in enumerate(STAGES):
-    if module in names:
-      return i
-  raise AssertionError(f"skinrecords/{module}.py has no stage in tests/test_layout.py:STAGES; add "
-                       "it where it sits in the data flow")
+def layout() -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+  """The map of skinrecords/__init__.py: {package: modules} in table order, {package: never}."""
+  assert pathlib.Path(skinrecords.__file__).parent == LIB, (
+      f"skinrecords is imported from {skinrecords.__file__}, not this checkout")
+  return skinrecords.layout()
 
 
-def _imports(path: pathlib.Path) -> set[str]:
+def _module_of() -> dict[str, str]:
+  """{module name: package} ("cli.<name>" for the commands, whose names repeat the library's)."""
+  packages, _ = layout()
+  found = {}
+  for package, modules in packages.items():
+    for module in modules:
+      key = f"cli.{module}" if package == "cli" else module
+      assert key not in found, f"{key} is listed twice in the map"
+      found[key] = package
+  return found
+
+
+def _files() -> dict[str, pathlib.Path]:
+  """{module name: file} of every module in the package, flat or in a sub-package."""
+  packages, _ = layout()
+  files = {}
+  for path in sorted(LIB.rglob("*.py")):
+    parts = path.relative_to(LIB).with_suffix("").parts
+    if parts[-1] == "__init__":
+      continue
+    assert len(parts) <= 2, f"{path}: deeper than one sub-package"
+    if len(parts) == 1:
+      key = parts[0]
+    elif parts[0] == "cli":
+      key = f"cli.{parts[1]}"
+    else:
+      assert parts[0] in packages, f"skinrecords/{parts[0]}/ is no package of the map"
+      key = parts[1]
+    assert key not in files, f"two files for {key}: {files.get(key)} and {path}"
+    files[key] = path
+  return files
+
+
+def _resolve(dotted: str, module_of: dict[str, str]) -> str | None:
+  """The module named by an import's dotted path after "skinrecords." (None: not a module)."""
+  parts = dotted.split(".") if dotted else []
+  if parts and parts[0] == "cli":
+    return f"cli.{parts[1]}" if len(parts) > 1 and f"cli.{parts[1]}" in module_of else None
+  if len(parts) > 1 and parts[0] not in module_of:  # a sub-package: core.manifest
+    parts = parts[1:]
+  return parts[0] if parts and parts[0] in module_of else None
+
+
+def imports(path: pathlib.Path, module_level: bool = False) -> set[str]:
+  """The skinrecords modules `path` imports (in any spelling), plus "absl.flags", "benchmarks"
+  and the TensorFlow family; with module_level, only what importing `path` runs (no function
+  bodies)."""
+  module_of = _module_of()
   found = set()
-  for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.ImportFrom) and node.module:
-      if node.module == "skinrecords":
-        found.update(a.name for a in node.names)
-      elif node.module.startswith("skinrecords."):
-        found.add(node.module.split(".")[1])
-      elif node.module.startswith("absl.flags") or (node.module == "absl" and any(
-          a.name == "flags" for a in node.names)):
-        found.add("absl.flags")
+
+  def add_external(name: str, names=()):
+    root = name.split(".")[0]
+    if name.startswith("absl.flags") or (name == "absl" and "flags" in names):
+      found.add("absl.flags")
+    elif root in _TF or root == "benchmarks":
+      found.add(root)
+
+  def visit(node):
+    if module_level and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      return
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      if node.module == "skinrecords" or node.module.startswith("skinrecords."):
+        rest = node.module[len("skinrecords."):] if "." in node.module else ""
+        for alias in node.names:
+          found.add(_resolve(f"{rest}.{alias.name}".lstrip("."), module_of) or
+                    _resolve(rest, module_of) or "")
+      else:
+        add_external(node.module, [a.name for a in node.names])
     elif isinstance(node, ast.Import):
-      found.update("absl.flags" if a.name.startswith("absl.flags") else
-                   a.name.split(".")[1] if a.name.startswith("skinrecords.") else ""
-                   for a in node.names)
+      for alias in node.names:
+        if alias.name.startswith("skinrecords."):
+          found.add(_resolve(alias.name[len("skinrecords."):], module_of) or "")
+        else:
+          add_external(alias.name)
+    for child in ast.iter_child_nodes(node):
+      visit(child)
+
+  visit(ast.parse(path.read_text()))
   found.discard("")
   return found
 
 
-def test_library_never_imports_flags_and_nothing_flows_upward():
-  upward = []
-  for path in sorted(LIB.glob("*.py")):
-    if path.name == "__init__.py":
-      continue
-    module, imports = path.stem, _imports(path)
-    assert "absl.flags" not in imports, f"{path.name} imports absl.flags; flags belong in cli/"
-    assert "cli" not in imports and "benchmarks" not in imports, path.name
-    upward += [f"{module} -> {m}" for m in imports if _stage(m) > _stage(module)]
-  assert not upward, f"imports against the data flow: {upward}"
+def _graph(module_level: bool = False) -> dict[str, set[str]]:
+  files = _files()
+  return {m: imports(p, module_level) & set(files) for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One cycle of `graph` as [a, b, ..., a], or None (depth-first search)."""
+  done, stack = set(), []
+
+  def dfs(node):
+    stack.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if nxt in stack:
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in done:
+        cycle = dfs(nxt)
+        if cycle:
+          return cycle
+    stack.pop()
+    done.add(node)
+    return None
+
+  for node in sorted(graph):
+    if node not in done:
+      cycle = dfs(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_find_cycle_finds_cycles():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+  assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None  # a diamond is no cycle
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"a"}}) == ["a", "a"]
+  assert find_cycle({"x": {"a"}, "a": {"b"}, "b": {"a"}}) == ["x", "a", "b", "a"][1:]
+
+
+def test_imports_are_read_in_every_spelling(tmp_path):
+  source = tmp_path / "m.py"
+  source.write_text(
+      "import tensorflow as tf\n"
+      "from skinrecords import fileio, pipeline as p\n"
+      "from skinrecords.core import manifest\n"
+      "from skinrecords.features import IMAGE\n"
+      "import skinrecords.input.augment\n"
+      "from skinrecords.cli import common\n"
+      "from absl import flags\n"
+      "def f():\n"
+      "  import keras\n"
+      "  from skinrecords import models\n")
+  assert imports(source) == {"tensorflow", "keras", "fileio", "pipeline", "manifest", "features",
+                             "augment", "cli.common", "absl.flags", "models"}
+  assert imports(source, module_level=True) == {"tensorflow", "fileio", "pipeline", "manifest",
+                                                "features", "augment", "cli.common", "absl.flags"}
+
+
+def test_the_map_lists_every_module_once():
+  files, module_of = _files(), _module_of()
+  unmapped = sorted(set(files) - set(module_of))
+  assert not unmapped, (f"{unmapped}: not in the map of the layout; add each to its package in the "
+                        "docstring of skinrecords/__init__.py (and nowhere else)")
+  gone = sorted(set(module_of) - set(files))
+  assert not gone, f"{gone}: in the map of skinrecords/__init__.py but no such file"
+  misplaced = [f"{files[m]} (map: {p}/)" for m, p in module_of.items()
+               if len(files[m].relative_to(LIB).parts) == 2 and files[m].parent.name != p]
+  assert not misplaced, f"modules outside their package of the map: {misplaced}"
+
+
+def test_the_import_graph_has_no_cycle():
+  """Every import counts, those inside functions too: a lazy import hides a cycle, not ends it."""
+  graph = _graph()
+  cycle = find_cycle(graph)
+  assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+  module_of, packages = _module_of(), {}
+  for module, deps in graph.items():
+    packages.setdefault(module_of[module], set()).update(
+        module_of[d] for d in deps if module_of[d] != module_of[module])
+  cycle = find_cycle(packages)
+  assert cycle is None, f"import cycle between packages: {' -> '.join(cycle)}"
+
+
+def test_packages_import_only_what_the_map_allows():
+  packages, never = layout()
+  order, module_of = list(packages), _module_of()
+  broken = []
+  for module, path in sorted(_files().items()):
+    package, found = module_of[module], imports(path)
+    if package != "cli":
+      broken += [f"{module} imports {x}; flags belong in cli/, benchmarks outside the library"
+                 for x in sorted(found & {"absl.flags", "benchmarks"})]
+    for dep in sorted(d for d in found if d in module_of):
+      target = module_of[dep]
+      if target == "cli" and package != "cli":
+        broken.append(f"{module} ({package}/) imports the command layer {dep}")
+      elif package != "cli" and order.index(target) > order.index(package):
+        broken.append(f"{module} ({package}/) imports {dep} ({target}/), a package below it")
+      elif target in never.get(package, ()):
+        broken.append(f"{module} ({package}/) imports {dep} ({target}/): never")
+  assert not broken, "\n".join(broken)
+
+
+def test_core_and_write_side_import_no_tensorflow_at_module_level():
+  """Nothing that importing a core/ or data/ module runs imports TensorFlow or Keras."""
+  graph, module_of, files = _graph(module_level=True), _module_of(), _files()
+  heavy = []
+  for module in sorted(m for m in files if module_of[m] in _TF_FREE):
+    seen, todo = set(), [module]
+    while todo:
+      m = todo.pop()
+      if m not in seen:
+        seen.add(m)
+        tf = set(_TF) & imports(files[m], module_level=True)
+        heavy += [f"{module}: {m} imports {', '.join(sorted(tf))} at module level"] if tf else []
+        todo += graph[m]
+  assert not heavy, "\n".join(heavy)
 
 
 def test_bin_scripts_are_shims_into_importable_modules():
@@ -151,6 +313,7 @@ _DIRECT_FILE_ACCESS = {
     "labels": "reads the labels CSV that lives with the local input images",
     "synthetic": "writes synthetic input images for make_records (local by design)",
     "backbones": "the ~/.keras weights cache (local by design)",
+    "distribute": "reads /proc/cpuinfo for the CPU's native low-precision flags",
     "score_folder": "export copies it next to the SavedModel, where it runs without skinrecords "
                     "(TensorFlow and the standard library only) on a local folder of photos",
 }
@@ -187,10 +350,11 @@ def _direct_file_access(path: pathlib.Path) -> set[str]:
 def test_only_fileio_touches_user_paths_directly():
   offenders, stale = [], []
   for path in sorted(LIB.rglob("*.py")):
-    module = path.relative_to(LIB).with_suffix("").as_posix()
+    module = path.stem if path.stem != "__init__" else path.relative_to(LIB).as_posix()
+    module = f"cli.{module}" if path.parent.name == "cli" else module
     found = _direct_file_access(path)
     if found and module not in _DIRECT_FILE_ACCESS:
-      offenders.append(f"skinrecords/{module}.py: {', '.join(sorted(found))}")
+      offenders.append(f"{path.relative_to(REPO)}: {', '.join(sorted(found))}")
     elif not found and module in _DIRECT_FILE_ACCESS:
       stale.append(module)
   assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "

@@ -61,6 +61,7 @@ def _first_weighted(backbone: keras.Model) -> keras.layers.Layer:
   return next(layer for layer in backbone.layers if layer.trainable_weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", models.BACKBONES)
 def test_one_training_step_changes_weights(built, backbone):
   model = built(backbone)
@@ -215,6 +216,7 @@ def test_unknown_freeze_layer_names_valid_choices():
   assert "18 layers" in msg
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_keeps_moving_stats_until_unfrozen(built):
   model = built("resnet50")  # The notebook's fine-tuning set-up: conv4 onwards trainable.
   bb = model.get_layer("resnet50")
@@ -269,6 +271,7 @@ def test_save_and_load_keras_in_safe_mode(built, backbone, tmp_path):
   assert not loaded.get_layer(index=2).trainable and loaded.get_layer("logits").trainable
 
 
+@pytest.mark.slow
 def test_weights_from_whole_model_and_backbone_files(tmp_path):
   config = models.ModelConfig(backbone="simple_cnn", image_size=SIZE)
   source = models.build_model(config)
@@ -421,6 +424,7 @@ def smallest():
 _FAMILY = {f.module: f for f in backbones.FAMILIES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", backbones.FAMILIES, ids=lambda f: f.module)
 def test_smallest_member_of_each_family_trains_at_its_minimum_size(smallest, family):
   """One step at the family's smallest input (32 px; Inception 75, Xception 71), without weights,
@@ -447,6 +451,7 @@ def test_smallest_member_of_each_family_trains_at_its_minimum_size(smallest, fam
 # EfficientNet top_activation, MobileNetV3 a numbered activation);
 # the five original backbones are covered in tests/test_explain.py. ConvNeXt, NASNet and
 # InceptionResNetV2 were checked by hand (10 s each here).
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["resnet_v2", "efficientnet", "mobilenet_v3"])
 def test_gradcam_explains_other_families(smallest, module):
   family = _FAMILY[module]

@@ -24,8 +24,12 @@ import pytest
 from conftest import BIN, bin_env, run_bin, synthetic_records
 from skinrecords import data_service
 from skinrecords import distribute
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import train
+
+# Real worker processes on loopback: the slowest file of the suite (216 s on 2 busy cores).
+pytestmark = pytest.mark.slow
 
 # Augmentation stays on (the default): multi-worker training must run the per-replica XLA warp.
 TRAIN_FLAGS = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16",
@@ -124,9 +128,8 @@ def _evaluate_alone(model_dir, info) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   from skinrecords import inference  # pylint: disable=g-import-not-at-top
-  from skinrecords import rundir  # pylint: disable=g-import-not-at-top
 
-  model, _ = rundir.load_model_dir(model_dir)
+  model, _ = models.load_model_dir(model_dir)
   ds = pipeline.make_dataset(info, "valid", 8, training=False, with_names=True)
   probs, labels, names = inference.predict_dataset(model, ds, info=info, split="valid")
   p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)

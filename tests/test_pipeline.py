@@ -52,6 +52,7 @@ def test_evaluation_yields_every_record_once_with_its_label(records_dir):
     assert _collect(ds)[2] == names
 
 
+@pytest.mark.slow
 def test_training_batches_are_full_shuffled_and_repeat(records_dir):
   info = pipeline.load_info(records_dir)
   n = info.num_examples("train")
@@ -78,6 +79,7 @@ def test_oversample_gives_balanced_classes(records_dir):
   assert weights[1] == pytest.approx(2 * weights[0] * 1.5, rel=0.05)  # 3:1 imbalance, n/(k*n_c)
 
 
+@pytest.mark.slow
 def test_folds_are_disjoint_and_cover_train(records_dir):
   info = pipeline.load_info(records_dir)
   all_train = set(_collect(pipeline.make_dataset(info, "train", training=False,
@@ -111,6 +113,7 @@ def test_multi_worker_sharding_is_disjoint_and_complete(records_dir, pipelines):
   assert len(flat) == len(set(flat)) == info.num_examples("train")
 
 
+@pytest.mark.slow
 def test_training_input_fn_per_replica_batch(records_dir):
   fn = pipeline.input_fn(records_dir, "train", global_batch_size=8)
   ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,

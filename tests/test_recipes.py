@@ -201,6 +201,7 @@ def small_records(tmp_path_factory):
   return synthetic_records(tmp_path_factory.mktemp("recipes"), 200, (64, 48), (96, 72), 32)
 
 
+@pytest.mark.slow
 def test_early_stopping_and_the_recipe_in_config_json(small_records, tmp_path):
   """learning_rate=0 never improves on epoch 1, so patience 2 stops after epoch 3 of 10; config.json
   records the recipe; rerunning the same command trains nothing."""
@@ -225,6 +226,7 @@ def test_early_stopping_and_the_recipe_in_config_json(small_records, tmp_path):
   assert "stopped early after 3 epochs; nothing to train" in again, again
 
 
+@pytest.mark.slow
 def test_bad_recipe_flags_are_one_line_usage_errors(small_records, tmp_path):
   """One error caught with the flags (in flag terms), one by train() once the run's length is
   known; the rest of the checks are the library's, tested above and in test_models.py."""
@@ -249,6 +251,7 @@ def test_sync_batchnorm_over_replicas_keeps_xla_off_the_forward_pass():
     recipes.xla_mode(_config(sync_batchnorm=True, xla="on"), "on", replicas=2)
 
 
+@pytest.mark.slow
 def test_three_classes_train_with_focal_loss_and_label_smoothing(tmp_path):
   """The multi-class path through the compiled step (one-hot targets, categorical focal loss, XLA
   augmentation, 2 replicas): grey levels 40/128/215 are learnt within 6 short epochs."""

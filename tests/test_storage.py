@@ -25,6 +25,7 @@ from skinrecords import convert
 from skinrecords import distribute
 from skinrecords import export
 from skinrecords import fileio
+from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import preprocess
@@ -237,7 +238,7 @@ def test_run_directory_files_on_a_remote_folder():
   rows = [{k: 1 for k in rundir.HISTORY_FIELDS}, {k: 2 for k in rundir.HISTORY_FIELDS}]
   rundir.write_history(d, rows)
   assert [r["epoch"] for r in rundir.read_history(d, upto=1)] == ["1"]
-  loaded, cfg = rundir.load_model_dir(d)
+  loaded, cfg = models.load_model_dir(d)
   x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
   np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)
   assert cfg["classes"] == ["a", "b"]
@@ -249,6 +250,7 @@ def test_run_directory_files_on_a_remote_folder():
   assert fileio.listdir(d) == ["fold_1"]
 
 
+@pytest.mark.slow
 def test_export_saved_model_to_a_remote_folder(tmp_path):
   model_dir = _ram("exportrun")
   model = _tiny_model()
@@ -305,6 +307,7 @@ def test_make_records_command_with_an_unknown_file_system(images):
   assert "nosuchfs://b/records" in proc.stderr and "tensorflow-io" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cross_validation_evaluate_and_predict_on_remote_folders(images):
   """Issue 12's end-to-end run with ram:// everywhere: records, a CV run (fold run directories,
   backups, logs, oof.csv), a resumed fold, the ensemble's evaluation (with its ISIC truth CSV)

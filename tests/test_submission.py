@@ -73,6 +73,7 @@ def run(tmp_path_factory):
                                            root / "run", records, 32)
 
 
+@pytest.mark.slow
 def test_official_isic_scorer_agrees_with_metrics_json(run, tmp_path):
   scoring = pytest.importorskip(
       "isic_challenge_scoring", reason="the official scorer is the test extra "
@@ -105,6 +106,7 @@ def test_official_isic_scorer_agrees_with_metrics_json(run, tmp_path):
   assert ap.overall != pytest.approx(m["pr_auc"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_official_scorer_on_a_three_class_ensemble(tmp_path):
   """ISIC 2019-style multi-class: the scorer's macro AUC and AP are our roc_auc and pr_auc."""
   scoring = pytest.importorskip(
@@ -130,6 +132,7 @@ def test_official_scorer_on_a_three_class_ensemble(tmp_path):
   assert 0.0 < m["roc_auc"] < 1.0 and len(m["members"]) == 2
 
 
+@pytest.mark.slow
 def test_submission_errors(run, tmp_path):
   _, records, model_dir = run
   out = str(tmp_path / "p.csv")

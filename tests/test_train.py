@@ -26,6 +26,7 @@ from skinrecords import rundir
 from skinrecords import selection
 from skinrecords import steps as steps_lib
 from skinrecords import train
+from skinrecords import xla
 
 NO_AUGMENT = augment.AugmentConfig.none()
 
@@ -52,6 +53,7 @@ def _weights_after_steps(strategy, init, images, labels, xla="on", steps=3):
   return [w.numpy() for w in model.weights], losses
 
 
+@pytest.mark.slow
 def test_two_replicas_with_xla_match_one_replica():
   assert len(tf.config.list_logical_devices("CPU")) == 2, "conftest sets up 2 logical CPUs"
   rng = np.random.default_rng(0)
@@ -69,6 +71,7 @@ def test_two_replicas_with_xla_match_one_replica():
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_simple_cnn_learns_the_synthetic_abcd_task(abcd_records, tmp_path):
   config = train.TrainConfig(
       records_dir=str(abcd_records), model_dir=str(tmp_path / "m"),
@@ -137,6 +140,7 @@ def test_ties_on_validation_auc_go_to_the_later_epoch_with_lower_loss():
     assert int(state.best_epoch.numpy()) == expect, (has_valid, auc)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_path):
   model_dir = tmp_path / "run"
   flags = [f"--records_dir={abcd_records}", f"--model_dir={model_dir}", "--backbone=simple_cnn",
@@ -176,6 +180,7 @@ def test_killed_training_resumes_and_runs_the_planned_epochs(abcd_records, tmp_p
   assert f"holds epoch {summary['best_epoch']} of 3" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
   proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path}",
                  "--fold=3", "--weights=none", check=False)
@@ -185,6 +190,7 @@ def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
   assert proc.returncode != 0 and "nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_imagenet_weights_offline_fail_fast_with_the_file_to_place(abcd_records, tmp_path):
   start = time.time()
   proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path / 'm'}",
@@ -196,6 +202,7 @@ def test_imagenet_weights_offline_fail_fast_with_the_file_to_place(abcd_records,
   assert time.time() - start < 120
 
 
+@pytest.mark.slow
 def test_corrupt_training_shard_is_named(abcd_records, tmp_path):
   records = tmp_path / "records"
   shutil.copytree(abcd_records, records)
@@ -212,18 +219,19 @@ def test_corrupt_training_shard_is_named(abcd_records, tmp_path):
 
 def test_xla_auto_resolves_by_device():
   cpu, gpus = ["/job:localhost/replica:0/task:0/device:CPU:0"], ["/device:GPU:0", "/device:GPU:1"]
-  assert distribute.resolve_xla("auto", cpu) == "augment"
-  assert distribute.resolve_xla("auto", cpu, augmenting=False) == "off"
-  assert distribute.resolve_xla("auto", gpus) == "on"
-  assert distribute.resolve_xla("auto", ["/job:worker/replica:0/task:1/device:TPU:0"]) == "on"
+  assert xla.resolve_xla("auto", cpu) == "augment"
+  assert xla.resolve_xla("auto", cpu, augmenting=False) == "off"
+  assert xla.resolve_xla("auto", gpus) == "on"
+  assert xla.resolve_xla("auto", ["/job:worker/replica:0/task:1/device:TPU:0"]) == "on"
   for setting in ("on", "off", "augment"):
-    assert distribute.resolve_xla(setting, gpus) == setting
+    assert xla.resolve_xla(setting, gpus) == setting
   with pytest.raises(ValueError, match="xla='yes'"):
-    distribute.resolve_xla("yes", cpu)
+    xla.resolve_xla("yes", cpu)
   with pytest.raises(ValueError, match="xla='yes'"):
     train.TrainConfig(records_dir="r", model_dir="m", xla="yes").validate()
 
 
+@pytest.mark.slow
 def test_every_xla_mode_takes_the_same_augmented_step():
   """off, augment and on compute the same step: the warp is bit-identical with and without XLA,
   so only float rounding in the convolutions may differ."""
@@ -262,6 +270,7 @@ def _tiny(records, model_dir, **kwargs):
       batch_size=16, steps_per_epoch=3, learning_rate=2e-3, **kwargs)
 
 
+@pytest.mark.slow
 def test_deterministic_runs_end_with_bit_identical_weights(abcd_records, tmp_path):
   """Two mirrored (2 logical CPUs) runs, augmentation on: same seed, same digest; another seed
   (or the default non-deterministic input order) is the control that the digest can differ."""
@@ -282,6 +291,7 @@ def fold_records(tmp_path_factory):
                            folds=3, min_train_shards=3, split=(0.8, 0.0, 0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balance,fold", [("oversample", 1), ("class_weights", 0)])
 def test_training_on_a_fold_with_balancing(fold_records, tmp_path, balance, fold):
   info = pipeline.load_info(fold_records)
@@ -297,6 +307,7 @@ def test_training_on_a_fold_with_balancing(fold_records, tmp_path, balance, fold
   assert len(rows) == 2 and all(np.isfinite(float(r["val_loss"])) for r in rows)
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_the_epoch_is_chosen_by_training_loss(fold_records, tmp_path,
                                                                           caplog):
   with caplog.at_level("WARNING"):
@@ -308,6 +319,7 @@ def test_without_a_validation_split_the_epoch_is_chosen_by_training_loss(fold_re
   assert summary["best_metrics"]["val_auc"] is None
 
 
+@pytest.mark.slow
 def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
   out = tmp_path / "m"
   train.train(_tiny(abcd_records, out, epochs=2, strategy="one_device"))
@@ -327,7 +339,7 @@ def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
   # 0-byte model (a kill mid-save before saves were atomic): loading says so.
   (out / "model.keras").write_bytes(b"")
   with pytest.raises(ValueError, match="empty"):
-    rundir.load_model_dir(out)
+    models.load_model_dir(out)
   over = dataclasses.replace(_tiny(abcd_records, out, epochs=1, strategy="one_device"),
                              model=models.ModelConfig(backbone="simple_cnn", weights="none",
                                                       image_size=40), overwrite=True)
@@ -335,6 +347,7 @@ def test_a_run_dir_resumes_only_the_same_run(abcd_records, tmp_path):
   assert json.loads((out / "config.json").read_text())["image_size"] == 40
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(abcd_records, tmp_path):
   garbage = tmp_path / "garbage.weights.h5"
   garbage.write_bytes(b"not an h5 file" * 10)
@@ -360,6 +373,7 @@ def test_user_errors_are_one_line(abcd_records, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("train: ") and "missing" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_epochs(abcd_records, tmp_path):
   err = tmp_path / "stderr.txt"
   with open(err, "w") as f:

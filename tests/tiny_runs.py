@@ -62,7 +62,7 @@ def save_run(model, out: pathlib.Path, records: pathlib.Path, size: int, fold=No
 
 def member_probs(run_dir, records, split="test", fold=None, tta=0) -> tuple:
   """A member's own probabilities, labels and names, computed here without evaluate/ensemble."""
-  model, cfg = rundir.load_model_dir(run_dir)
+  model, cfg = models.load_model_dir(run_dir)
   probs, labels, names = [], [], []
   for images, y, n in pipeline.make_dataset(records, split, training=False, with_names=True,
                                             image_size=cfg["image_size"], fold=fold):

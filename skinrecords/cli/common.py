@@ -2,90 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.machinery
-import logging
 import os
 import re
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
+
+from skinrecords import tflog
 
 
 VERBOSE_ENV = "SKINRECORDS_VERBOSE"
 
 
-@contextlib.contextmanager
-def _stderr_held_back():
-  """Sends file descriptor 2 to a temporary file; replays it only if the block raises."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    try:
-      yield
-    except BaseException:
-      os.dup2(saved, 2)
-      held.seek(0)
-      sys.stderr.write(held.read().decode(errors="replace"))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-  """Runs the first `import tensorflow` with stderr held back.
-
-  TF 2.21 prints `oneDNN custom operations are on`, `Could not find cuda drivers` and, on some
-  CPU-only hosts, `E0000 ... failed call to cuInit (303)` from C++ *before* absl::InitializeLog,
-  so TF_CPP_MIN_LOG_LEVEL=3 does not hide them (checked here); every CPU run looked like an error.
-  Installed as an import hook rather than importing TensorFlow up front, so that flag errors still
-  come back in well under a second.
-  """
-
-  def find_spec(self, name, path=None, target=None):
-    if name != "tensorflow":
-      return None
-    sys.meta_path.remove(self)
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or spec.loader is None:
-      return spec
-    real = spec.loader.exec_module
-
-    def exec_module(module):
-      with _stderr_held_back():
-        real(module)
-    spec.loader.exec_module = exec_module
-    return spec
-
-
-class _OnlyOurInfo(logging.Filter):
-  """Passes warnings and errors from anywhere, INFO lines only from skinrecords itself.
-
-  Keras and TensorFlow log INFO lines of their own through the same root logger, e.g. Keras 3.15's
-  `functional_saver.py ... Sharding callback duration: 29 microseconds` on every checkpoint save.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f"{os.sep}skinrecords{os.sep}" in record.pathname
-
-
 def _quiet_tensorflow() -> None:
   """Quiet by default; --verbosity >= 1 or SKINRECORDS_VERBOSE=1 brings every line back."""
-  verbose = (flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1) or os.environ.get(
-      VERBOSE_ENV, "") not in ("", "0")
-  if verbose:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
-    return
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  absl_logging.get_absl_handler().addFilter(_OnlyOurInfo())
-  if "tensorflow" not in sys.modules:
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+  tflog.quiet(verbose=(flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1) or
+              os.environ.get(VERBOSE_ENV, "") not in ("", "0"))
 
 
 def _adopt_flags_for_help(module: str) -> None:

@@ -19,6 +19,9 @@ declare -A TESTS=(
   [pipeline]='"tests/test_pipeline.py"'
 )
 [[ -n ${TESTS[$module]:-} ]] || { echo "no test list for $module: add it to TESTS in $0" >&2; exit 2; }
+# The module's file, flat or in its sub-package (tools/relayout.py).
+source=$(cd "$repo" && ls skinrecords/$module.py skinrecords/*/$module.py 2>/dev/null | head -n 1)
+[[ -n $source ]] || { echo "no skinrecords module $module" >&2; exit 2; }
 work=${MUT_ROOT:-/tmp/skinrecords-mutation}/$module
 rm -rf "$work" && mkdir -p "$work"
 # Tracked and untracked-but-not-ignored files: the working tree as it is, without build outputs.
@@ -26,7 +29,7 @@ rm -rf "$work" && mkdir -p "$work"
 cat > "$work/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["skinrecords"]
-only_mutate = ["skinrecords/$module.py"]
+only_mutate = ["$source"]
 pytest_add_cli_args_test_selection = [${TESTS[$module]}]
 pytest_add_cli_args = ["-x", "-q"]
 process_isolation = "$isolation"
