@@ -387,8 +387,10 @@ def test_worker_built_shards_match_the_tensorflow_writer(tmp_path):
     with pytest.raises(ValueError, match="preprocessing settings"):
       convert.convert(dataclasses.replace(again, preprocess=preprocess.PreprocessConfig(
           image_size=SIZE + 8)), pool=pool)
-  for path in (tmp_path / "out").iterdir():
-    assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+  for path in (tmp_path / "out").rglob("*"):  # shards, manifest, idx/*.idx, TFDS metadata
+    if path.is_file():
+      twin = tmp_path / "again" / path.relative_to(tmp_path / "out")
+      assert twin.read_bytes() == path.read_bytes(), path.name
 
 
 def test_record_pool_keeps_task_order_across_chunks_and_the_tail(tmp_path):
