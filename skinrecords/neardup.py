@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import cv2
 import numpy as np
@@ -34,13 +35,27 @@ HASH_NAME = "dct-sign-12x12 of a 32x32 grey thumbnail (143 bits), 11 windows, fl
 _K = 12
 BITS = _K * _K - 1  # the DC (mean brightness) is left out: a colour or exposure shift moves it
 # Copies of the generator's cases were <= 10 bits away (re-compressed q60: 3, rescaled 0.5x: 8,
-# cropped 10 %: 10, flipped: 10), different lesions >= 15 bits: 12 sits between.
-DEFAULT_MAX_DISTANCE = 12
+# cropped 10 %: 10, flipped: 10), different lesions >= 15 bits (80 lesions); on 42 small (200-320
+# px) ones two different lesions came 10 and 12 bits apart: 10 is the default.
+DEFAULT_MAX_DISTANCE = 10
 _THUMB = 64  # windows are cut from a 64x64 thumbnail, each resized to 32x32 for its DCT
 _WINDOW_FRACTIONS = (0.9, 0.95)
-# Bands for candidate search: 9 bands of 16 bits cover the 143 bits; two hashes <= 8 bits apart
-# share at least one band exactly (pigeonhole), and most at 9-12 do (measured recall in BUILD_NOTES).
-_BAND_BITS = 16
+# Bands for candidate search: the 143 bits, in a fixed shuffle, cut into bands of b bits; two
+# hashes whose bits differ in fewer places than there are bands share a band exactly (pigeonhole).
+# b grows with the number of images so that a bucket holds ~1 unrelated entry whatever N: with
+# 13-bit bands 3,000 random hashes already gave 480 k candidate pairs (60 s). So up to ~750 images
+# the search is exact to 10 bits (11 bands of 13), at 0.5 M it has 6 bands of 23 bits (exact to 5
+# bits, probabilistic beyond; recall measured in BUILD_NOTES). The shuffle spreads every band over
+# all frequencies: the lowest frequencies' signs are nearly the same in every dermoscopy image (a
+# dark central blob), and bands made of them alone would put most images in one bucket.
+_MIN_BAND_BITS, _MAX_BAND_BITS = 13, 28
+_SHUFFLE = np.random.default_rng(143).permutation(BITS)
+
+
+def band_bits(n: int) -> int:
+  return int(min(_MAX_BAND_BITS, max(_MIN_BAND_BITS, math.ceil(math.log2(max(11 * n, 2))))))
+
+
 MODES = ("group", "report", "off")
 
 
@@ -89,42 +104,39 @@ def image_hashes(data: bytes, max_pixels: int = preprocess.PreprocessConfig.max_
 
 def distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
   """Bits between a's whole image (any flip) and b's closest window, or the other way round."""
-  return min(min(((a[0] ^ m) ^ w).bit_count() for m in _FLIP_MASKS for w in b),
-             min(((b[0] ^ m) ^ w).bit_count() for m in _FLIP_MASKS for w in a))
+  return min(map(int.bit_count, [a[0] ^ m ^ w for m in _FLIP_MASKS for w in b]
+                 + [b[0] ^ m ^ w for m in _FLIP_MASKS for w in a]))
 
 
-def _bands(h: int) -> list[tuple[int, int]]:
-  return [(i, (h >> (i * _BAND_BITS)) & 0xFFFF) for i in range(-(-BITS // _BAND_BITS))]
+def _bands(h: int, width: int) -> list[tuple[int, bytes]]:
+  bits = np.unpackbits(np.frombuffer(h.to_bytes(18, "big"), np.uint8))[-BITS:][_SHUFFLE]
+  count = BITS // width
+  return [(i, band.tobytes()) for i, band in enumerate(bits[:count * width].reshape(count, width))]
 
 
 def find_pairs(hashes: list[tuple[int, ...] | None], max_distance: int = DEFAULT_MAX_DISTANCE
                ) -> list[tuple[int, int, int]]:
   """(i, j, distance) with i < j for every pair within `max_distance`; None entries are skipped.
 
-  No all-pairs scan: every window hash of every image goes into 9 band tables (16 bits each);
+  No all-pairs scan: every window hash of every image goes into band tables (`band_bits`);
   each image's whole-image hash, in its four flips, is looked up band by band, and only the images
   sharing a band are compared. A crop is found from its whole hash against the original's window.
   """
-  tables: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+  width = band_bits(sum(h is not None for h in hashes))
+  tables: dict[tuple[int, bytes], set[int]] = collections.defaultdict(set)
   for i, h in enumerate(hashes):
     if h is not None:
       for w in set(h):
-        for key in _bands(w):
-          tables[key].append(i)
-  found: dict[tuple[int, int], int] = {}
+        for key in _bands(w, width):
+          tables[key].add(i)
+  candidates: set[tuple[int, int]] = set()  # each pair once, whichever side's lookup found it
   for i, h in enumerate(hashes):
-    if h is None:
-      continue
-    candidates = set()
-    for m in _FLIP_MASKS:
-      for key in _bands(h[0] ^ m):
-        candidates.update(tables.get(key, ()))
-    for j in candidates:
-      if j != i and (min(i, j), max(i, j)) not in found:
-        d = distance(h, hashes[j])
-        if d <= max_distance:
-          found[(min(i, j), max(i, j))] = d
-  return sorted((i, j, d) for (i, j), d in found.items())
+    if h is not None:
+      for m in _FLIP_MASKS:
+        for key in _bands(h[0] ^ m, width):
+          candidates.update((min(i, j), max(i, j)) for j in tables.get(key, ()) if j != i)
+  found = ((i, j, distance(hashes[i], hashes[j])) for i, j in candidates)
+  return sorted(pair for pair in found if pair[2] <= max_distance)
 
 
 @dataclasses.dataclass
