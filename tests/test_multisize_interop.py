@@ -199,3 +199,35 @@ def test_hash_is_flip_invariant_and_tells_lesions_apart():
   h = neardup.image_hashes(synthetic.encode_jpeg(img))
   assert neardup.distance(h, neardup.image_hashes(synthetic.encode_jpeg(img[::-1, ::-1]))) <= 6
   assert neardup.distance(h, neardup.image_hashes(synthetic.encode_jpeg(other))) > 10
+
+
+@pytest.mark.slow
+def test_several_sizes_killed_mid_run_resume_to_identical_output(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from conftest import start_bin  # pylint: disable=g-import-not-at-top
+  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+
+  synthetic.write_dataset(tmp_path / "in", synthetic.SyntheticConfig(
+      num_images=120, min_size=(640, 480), max_size=(800, 600)), progress=False)
+  flags = [f"--input_dir={tmp_path / 'in'}", "--image_size=48,64", "--remove_hair",
+           "--workers=1", "--noprogress", "--min_train_shards=16",
+           "--classes=NotMelanoma,Melanoma"]
+  run_bin("make_records", *flags, f"--output_dir={tmp_path / 'ref'}")
+  out = tmp_path / "out"
+  proc = start_bin("make_records", *flags, f"--output_dir={out}")
+  deadline = time.time() + 180
+  state = out / "64" / convert.STATE_DIR
+  while time.time() < deadline and len(list(state.glob("train-*.json"))) < 3:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "records_set.json").exists(), "the run finished before it could be killed"
+  proc = run_bin("make_records", *flags, f"--output_dir={out}")
+  assert "shards reused" in proc.stdout
+  for ref in (tmp_path / "ref").rglob("*"):
+    if ref.is_file():
+      assert (out / ref.relative_to(tmp_path / "ref")).read_bytes() == ref.read_bytes(), ref
+  assert not list(out.rglob("*.tmp")) and not state.exists()
+  assert run_bin("verify_records", f"--records_dir={out}", "--noprogress").returncode == 0

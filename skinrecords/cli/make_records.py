@@ -74,7 +74,7 @@ _NEAR = flags.DEFINE_enum("near_duplicates", "group", ["group", "report", "off"]
                           "in one split and fold (merged with patient groups), 'report' only lists "
                           "them in manifest.json, 'off' skips the hashing. Either way pairs with "
                           "different labels are reported as label conflicts.")
-_NEAR_DISTANCE = flags.DEFINE_integer("near_duplicate_distance", 12, "Largest hash distance (bits of "
+_NEAR_DISTANCE = flags.DEFINE_integer("near_duplicate_distance", 10, "Largest hash distance (bits of "
                                       "143) still called a near-duplicate; measured copies were "
                                       "<= 10 bits apart, different lesions >= 15.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Preprocessing processes; 0 means all cores.")
