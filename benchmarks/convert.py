@@ -63,7 +63,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "A: interleaved rounds (ceiling and 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic images.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder in which a fresh bench_convert-* folder is "
                                "made for sources and outputs (default: the system temp folder).")
-_PARTS = flags.DEFINE_list("parts", ["A", "B", "C"], "Which parts to run (A, B, C).")
+_PARTS = flags.DEFINE_list("parts", ["A", "B"], "Which parts to run: A, B and/or C (several "
+                           "sizes in one pass, issue 25; e.g. --parts=C).")
 _NUM_MULTI = flags.DEFINE_integer("num_multi", 24, "C: number of large sources.")
 _MULTI_SOURCE_SIZE = flags.DEFINE_string("multi_source_size", "2000x1500", "C: source size.")
 _MULTI_SIZES = flags.DEFINE_list("multi_sizes", ["256", "384", "512"], "C: output sizes.")

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import queue
 
+from skinrecords import fileio
 from skinrecords import preprocess
 from skinrecords import tfrecord
 
@@ -62,8 +63,7 @@ def _preprocess_sizes(task: Task):
   """
   path, image_name, target, patient_id, fold = task
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fileio.read_bytes(path)
   except OSError as err:
     return None, preprocess.describe_rejection(
         preprocess.RejectedImage(preprocess.UNREADABLE, err.strerror or str(err)))
@@ -87,8 +87,7 @@ def _hash_file(path: str):
   from skinrecords import neardup  # pylint: disable=g-import-not-at-top
 
   try:
-    with open(path, "rb") as f:
-      return neardup.image_hashes(f.read(), _WORKER_CONFIG.max_pixels)
+    return neardup.image_hashes(fileio.read_bytes(path), _WORKER_CONFIG.max_pixels)
   except Exception:  # pylint: disable=broad-except  (rejected with its reason when converted)
     return None
 

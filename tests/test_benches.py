@@ -250,3 +250,15 @@ def test_report_checks_on_saved_style_output_catch_a_wrong_ratio():
   for bad in (wrong_ratio, wrong_verdict, missing_row):
     with pytest.raises(AssertionError):
       _check_input_report(bad, 16, 64)
+
+
+def test_bench_convert_part_c_compares_one_pass_with_one_run_per_size(tmp_path):
+  proc = run_bin("bench_convert", "--parts=C", "--num_multi=4", "--multi_source_size=200x150",
+                 "--multi_sizes=32,48", "--rounds=1", f"--workdir={tmp_path}")
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("C: 4 sources 200x150 -> 32,48, 1 worker, load average before:")
+  row = lines[2].split()
+  assert row[0] == "1" and float(row[3].rstrip("x")) == pytest.approx(
+      float(row[2]) / float(row[1]), abs=0.1)  # from the unrounded times
+  assert lines[-1].startswith(("PASS", "MISS")) and "one pass >= 2.0x" in lines[-1]
+  assert not list(tmp_path.iterdir())  # its folder is removed

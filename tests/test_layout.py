@@ -15,7 +15,8 @@ LIB = REPO / "skinrecords"
 # earlier. "cli" sits on top and may import anything.
 STAGES = [
     {"fileio", "tfrecord", "features", "manifest", "splits", "labels", "patients", "dedup",
-     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty"},
+     "sources", "synthetic_structures", "synthetic", "hair", "preprocess", "uncertainty",
+     "neardup", "interop"},
     {"records", "workers", "convert"},
     {"pipeline", "kaggle"},
     {"augment"},
@@ -129,6 +130,8 @@ def test_flags_and_library_configs_share_their_defaults():
         checked += 1
         if (module, field.name) == ("make_records", "split"):
           flag = splits.parse_fractions(flag)
+        if (module, field.name) == ("make_records", "image_size"):
+          flag = int(flag)  # --image_size also takes several sizes, "256,384,512"
         if isinstance(lib, tuple) and flag is not None:
           flag = tuple(flag)
         if flag != lib and not (flag is None and lib in ((), None)):
