@@ -126,16 +126,18 @@ def test_duplicates_keep_first_across_classes_and_splits(tmp_path):
   _write(root / "train" / "nev" / "zero2.jpg", b"")  # Zero-byte files are not duplicates.
   _write(root / "train" / "nev" / "d.jpg", b"\xff\xd8same-nevus")
   _write(root / "test" / "nev" / "e.jpg", b"\xff\xd8same-nevus")
+  _write(root / "train" / "mel" / "m.jpg", b"\xff\xd8mel-only")  # 'mel' keeps one image
   listing = _check(sources.list_sources(str(root)))
   # One label across the copies: the first by relpath is kept, the others are duplicates.
   assert listing.duplicates == [sources.Duplicate("train/nev/d.jpg", "test/nev/e.jpg")]
   assert [i.relpath for i in listing.items] == [
-      "test/nev/e.jpg", "train/nev/a.jpg", "train/nev/zero1.jpg", "train/nev/zero2.jpg"]
+      "test/nev/e.jpg", "train/mel/m.jpg", "train/nev/a.jpg", "train/nev/zero1.jpg",
+      "train/nev/zero2.jpg"]
   # Two labels ('mel' and 'nev') on the same bytes: every copy is a label conflict.
   conflicts = {r.path for r in listing.rejected if r.reason.startswith(sources.LABEL_CONFLICT)}
   assert conflicts == {"test/mel/c.jpg", "train/mel/z.jpg", "train/nev/b.jpg"}
   kept_all = _check(sources.list_sources(str(root), deduplicate=False))
-  assert len(kept_all.items) == 8 and kept_all.duplicates == []
+  assert len(kept_all.items) == 9 and kept_all.duplicates == []
 
 
 def test_symlinks_in_folders(tmp_path):
