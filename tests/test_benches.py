@@ -258,7 +258,8 @@ def test_bench_convert_part_c_compares_one_pass_with_one_run_per_size(tmp_path):
   lines = proc.stdout.splitlines()
   assert lines[0].startswith("C: 4 sources 200x150 -> 32,48, 1 worker, load average before:")
   row = lines[2].split()
-  assert row[0] == "1" and float(row[3].rstrip("x")) == pytest.approx(
-      float(row[2]) / float(row[1]), abs=0.1)  # from the unrounded times
+  ratio = float(row[3].rstrip("x"))  # from the unrounded times (the printed ones are tiny here)
+  assert row[0] == "1" and float(row[1]) > 0 and float(row[2]) > 0 and ratio > 0
+  assert f"(median of rounds): {ratio:.2f}x" in lines[-1]
   assert lines[-1].startswith(("PASS", "MISS")) and "one pass >= 2.0x" in lines[-1]
   assert not list(tmp_path.iterdir())  # its folder is removed
