@@ -15,6 +15,11 @@ B: --num_large sources of --large_size (4000x3000), made like camera JPEGs (A's 
    fine noise: ~3 MB each at q95, real ones are 2-5 MB), preprocessed on one core with
    `preprocess.preprocess_file` and `reduced_decode` True vs False. Target: reduced >= 2x full.
 
+C (issue 25): --num_multi sources of --multi_source_size (2000x1500) converted to every size of
+   --multi_sizes (256,384,512) in one pass (`image_sizes`: one decode per image) against one run
+   per size, 1 worker each, near-duplicates off in both (the hash pass costs the same either
+   way), --rounds interleaved rounds. Target: one pass >= 2x faster than the separate runs.
+
 Rates are images per wall second (`time.perf_counter`); warm-up work is never timed.
 
 Example:
@@ -58,6 +63,11 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "A: interleaved rounds (ceiling and 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic images.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder in which a fresh bench_convert-* folder is "
                                "made for sources and outputs (default: the system temp folder).")
+_PARTS = flags.DEFINE_list("parts", ["A", "B"], "Which parts to run: A, B and/or C (several "
+                           "sizes in one pass, issue 25; e.g. --parts=C).")
+_NUM_MULTI = flags.DEFINE_integer("num_multi", 24, "C: number of large sources.")
+_MULTI_SOURCE_SIZE = flags.DEFINE_string("multi_source_size", "2000x1500", "C: source size.")
+_MULTI_SIZES = flags.DEFINE_list("multi_sizes", ["256", "384", "512"], "C: output sizes.")
 _KEEP = flags.DEFINE_boolean("keep", False, "Keep the bench_convert-* folder instead of removing "
                              "it at the end.")
 
@@ -65,6 +75,7 @@ _PER_WORKER_TARGET = 25.0  # img/s per worker
 _CEILING_TARGET = 0.9  # N workers / 1 worker >= 0.9 x (N processes / 1 process of the OpenCV job)
 _COORDINATOR_TARGET_MS = 1.0  # coordinator CPU per 512^2 image: >= 16 workers at ~60 img/s each
 _REDUCED_TARGET = 2.0  # reduced decode >= 2x full decode
+_MULTI_TARGET = 2.0  # one pass for three sizes >= 2x three runs
 _PROJECTED_WORKERS = (8, 16, 32, 64)
 _CLASSES = ("Melanoma", "NotMelanoma")
 
@@ -349,6 +360,54 @@ def run_benchmark(num: int, size, num_large: int, large_size, noise: float, imag
   return "\n".join(lines)
 
 
+def _bench_c(root: pathlib.Path, num: int, size, sizes: list[int], rounds: int) -> list[str]:
+  """One several-size pass against one run per size, interleaved; returns the report lines."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.workers import RecordPool  # pylint: disable=g-import-not-at-top
+
+  src = root / "multi_sources"
+  for i in range(num):
+    cls = _CLASSES[i % 2]
+    (src / cls).mkdir(parents=True, exist_ok=True)
+    img = synthetic.make_image(np.random.default_rng([7, i]), i % 2 == 0, *size)
+    (src / cls / f"{synthetic.image_name(i)}.jpg").write_bytes(synthetic.encode_jpeg(img))
+  sizes = sorted(sizes)
+
+  def run(image_sizes: tuple[int, ...]) -> float:
+    pre = preprocess.PreprocessConfig(image_size=max(image_sizes))
+    config = convert.ConvertConfig(input_dir=str(src), output_dir=str(root / "multi_out"),
+                                   workers=1, progress=False, preprocess=pre,
+                                   image_sizes=image_sizes if len(image_sizes) > 1 else (),
+                                   near_duplicates="off")
+    shutil.rmtree(root / "multi_out", ignore_errors=True)
+    with RecordPool(1, pre, sizes=image_sizes if len(image_sizes) > 1 else None) as pool:
+      start = time.perf_counter()
+      convert.convert(config, pool=pool)
+      return time.perf_counter() - start
+
+  run(tuple(sizes))  # warm-up: imports, page cache
+  lines = [f"C: {num} sources {size[0]}x{size[1]} -> {','.join(map(str, sizes))}, 1 worker, "
+           f"load average before: {os.getloadavg()[0]:.1f}",
+           f"{'round':6s} {'one pass s':>10s} {'separate s':>10s} {'speed-up':>9s}"]
+  ratios = []
+  for r in range(rounds):
+    order = [True, False] if r % 2 == 0 else [False, True]
+    times = {}
+    for multi in order:
+      times[multi] = run(tuple(sizes)) if multi else sum(run((s,)) for s in sizes)
+    ratios.append(times[False] / times[True])
+    lines.append(f"{r + 1:<6d} {times[True]:10.2f} {times[False]:10.2f} {ratios[-1]:8.2f}x")
+  median = statistics.median(ratios)
+  lines.append(f"load average after: {os.getloadavg()[0]:.1f}")
+  lines.append(_verdict(median >= _MULTI_TARGET, f"C one pass >= {_MULTI_TARGET:.1f}x the "
+                        f"separate runs (median of rounds): {median:.2f}x"))
+  return lines
+
+
 def _size(flag) -> tuple[int, int]:
   from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -378,6 +437,11 @@ def main(argv):
     raise app.UsageError(f"--large_size={_LARGE_SIZE.value}: the shorter side must be >= 2 x "
                          f"--image_size={_IMAGE_SIZE.value}, or reduced decoding never applies")
   with bench_common.work_folder("bench_convert-", _WORKDIR.value, _KEEP.value) as root:
+    if "C" in _PARTS.value:
+      print("\n".join(_bench_c(root, _NUM_MULTI.value, _size(_MULTI_SOURCE_SIZE),
+                                [int(s) for s in _MULTI_SIZES.value], _ROUNDS.value)), flush=True)
+    if not {"A", "B"} & set(_PARTS.value):
+      return
     print(run_benchmark(_NUM_IMAGES.value, size, _NUM_LARGE.value, large_size, _LARGE_NOISE.value,
                         _IMAGE_SIZE.value, _REMOVE_HAIR.value, _WORKERS.value, _ROUNDS.value,
                         _SEED.value, root), flush=True)

@@ -24,7 +24,9 @@ import skinrecords
 from skinrecords import dedup
 from skinrecords import features
 from skinrecords import fileio
+from skinrecords import interop
 from skinrecords import manifest
+from skinrecords import neardup
 from skinrecords import preprocess
 from skinrecords import pseudonyms
 from skinrecords import records
@@ -34,6 +36,8 @@ from skinrecords import workers
 
 STATE_DIR = ".make_records_state"
 PLAN = "plan.json"
+HASHES = "near_duplicate_hashes.json"  # in the state folder: a resumed run does not hash again
+SET_FILE = "records_set.json"  # several --image_size values: OUT/<size>/ each, this file in OUT
 
 # A 512^2 JPEG at quality 95 of dermoscopy-like content is ~60 KB (measured on the synthetic data and
 # in FIELD_NOTES): 0.08 bytes per pixel-channel. PNG is ~6x larger. Only used to pick shard counts.
@@ -67,6 +71,26 @@ class ConvertConfig:
   # (skinrecords.pseudonyms); its path and secret stay out of the output.
   pseudonymize_patients: str | None = None
   pseudonymize_names: bool = False
+  # Several output sizes in one pass (one records folder each, output_dir/<size>/); empty: one
+  # size, preprocess.image_size, written to output_dir itself. With sizes, preprocess.image_size
+  # must be the largest (decoding is planned for it).
+  image_sizes: tuple[int, ...] = ()
+  near_duplicates: str = "group"  # neardup.MODES
+  near_duplicate_distance: int = neardup.DEFAULT_MAX_DISTANCE
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    return tuple(sorted(set(self.image_sizes))) or (self.preprocess.image_size,)
+
+  @property
+  def multi_size(self) -> bool:
+    return len(self.sizes) > 1
+
+  def size_dirs(self) -> list[str]:
+    """The records folder of each size, in `sizes` order."""
+    if not self.multi_size:
+      return [self.output_dir]
+    return [fileio.join(self.output_dir, str(size)) for size in self.sizes]
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would be accepted."""
@@ -87,9 +111,19 @@ class ConvertConfig:
     if self.pseudonymize_names and not self.pseudonymize_patients:
       raise ValueError("pseudonymize_names needs pseudonymize_patients=SALT_FILE (the key)")
     self.preprocess.validate()
-    if self.preprocess.image_size < MIN_TRAIN_IMAGE_SIZE:
-      raise ValueError(f"image_size={self.preprocess.image_size}: training needs at least "
-                       f"{MIN_TRAIN_IMAGE_SIZE} px; use image_size >= {MIN_TRAIN_IMAGE_SIZE}")
+    for size in self.sizes:
+      if size < MIN_TRAIN_IMAGE_SIZE:
+        raise ValueError(f"image_size={size}: training needs at least "
+                         f"{MIN_TRAIN_IMAGE_SIZE} px; use image_size >= {MIN_TRAIN_IMAGE_SIZE}")
+    if self.multi_size and self.preprocess.image_size != self.sizes[-1]:
+      raise ValueError(f"image_size={self.preprocess.image_size}: with image_sizes "
+                       f"{list(self.sizes)} it must be the largest, {self.sizes[-1]}")
+    if self.near_duplicates not in neardup.MODES:
+      raise ValueError(f"near_duplicates={self.near_duplicates!r}: use one of "
+                       f"{', '.join(neardup.MODES)}")
+    if not 0 <= self.near_duplicate_distance < neardup.BITS // 4:
+      raise ValueError(f"near_duplicate_distance={self.near_duplicate_distance}: use 0 to "
+                       f"{neardup.BITS // 4 - 1} bits (default {neardup.DEFAULT_MAX_DISTANCE})")
 
   def plan_dict(self) -> dict:
     """Settings that change the output bytes (not where it goes or how fast it is made)."""
@@ -102,6 +136,7 @@ class ConvertConfig:
     d["preprocess"] = self.preprocess.to_dict()
     d["classes"] = list(self.classes) if self.classes else None
     d["split"] = list(self.split)
+    d["image_sizes"] = list(self.sizes)
     return d
 
 
@@ -111,9 +146,10 @@ class OutputExistsError(RuntimeError):
 
 @dataclasses.dataclass
 class Result:
-  manifest: dict
+  manifest: dict  # with several sizes: the smallest size's (splits and inputs are the same)
   output_dir: str
   resumed_shards: int
+  folders: dict[int, str] = dataclasses.field(default_factory=dict)  # size -> records folder
 
   @property
   def rejected(self) -> list[dict]:
@@ -262,7 +298,8 @@ def _take_lock(out: str) -> str | None:
 
 def _written_by_converter(name: str) -> bool:
   base = name[:-4] if name.endswith(".tmp") else name
-  return base == manifest.FILE or base == STATE_DIR or features.parse_shard_name(base) is not None
+  return (base in (manifest.FILE, STATE_DIR, interop.INDEX_DIR, *interop.TFDS_FILES)
+          or features.parse_shard_name(base) is not None)
 
 
 def _prepare_output(out: str, fingerprint: str, overwrite: bool) -> bool:
@@ -288,30 +325,43 @@ def _prepare_output(out: str, fingerprint: str, overwrite: bool) -> bool:
         target = fileio.join(out, name)
         fileio.rmtree(target) if fileio.isdir(target) else fileio.remove(target)
   fileio.makedirs(fileio.join(out, STATE_DIR))
+  fileio.makedirs(fileio.join(out, interop.INDEX_DIR))
   fileio.write_json_atomic(state, {"fingerprint": fingerprint})
   return False
 
 
 
-def _write_shards(out: str, todo, results, items, labels, num_classes, bar) -> dict:
-  """Appends the workers' records shard by shard in plan order; returns {shard name: summary}."""
-  done = {}
+def _write_shards(outs: list[str], todo, results, items, labels, num_classes, bar) -> list[dict]:
+  """Appends the workers' records shard by shard in plan order, the same shard in every size's
+  folder (`outs`); returns one {shard name: summary} per folder. `results` yield (a list of
+  records, one per folder, or None, reason)."""
+  done = [{} for _ in outs]
   for name, _, fold, members in todo:
     rejected = []
-    with records.ShardWriter(fileio.join(out, name), num_classes) as writer:
+    writers = [records.ShardWriter(fileio.join(out, name), num_classes) for out in outs]
+    lengths = [[] for _ in outs]
+    try:
       for i in members:
-        record, reason = next(results)
+        recs, reason = next(results)
         bar.update(1)
-        if record is None:
+        if recs is None:
           rejected.append({"path": items[i].relpath, "reason": reason})
-        else:
+          continue
+        for writer, record, kept in zip(writers, recs, lengths):
           writer.write_record(record, labels[i])
-      summary = writer.close()
-      summary.update(rejected=rejected, fold=fold)
-      # State first, then the shard: a shard under its final name always has its state file.
-      fileio.write_json_atomic(fileio.join(out, STATE_DIR, name + ".json"), summary)
-      writer.commit()
-    done[name] = summary
+          kept.append(len(record))
+      for k, (out, writer) in enumerate(zip(outs, writers)):
+        summary = writer.close()
+        summary.update(rejected=rejected, fold=fold)
+        # Index and state first, then the shard: a shard under its final name has both.
+        interop.write_index(out, name, lengths[k])
+        fileio.write_json_atomic(fileio.join(out, STATE_DIR, name + ".json"), summary)
+        done[k][name] = summary
+      for writer in writers:
+        writer.commit()
+    finally:
+      for writer in writers:
+        writer.__exit__(None, None, None)
   return done
 
 
@@ -343,76 +393,102 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
   """Runs the whole conversion; see the module docstring. Returns the manifest written.
 
   `pool`: workers already started (`workers.RecordPool`) to use instead of starting
-  `config.workers` new ones; their preprocessing settings must be `config.preprocess`.
+  `config.workers` new ones; their preprocessing settings must be `config.preprocess` (and, with
+  several sizes, their `sizes` these sizes).
   """
-  import tqdm  # pylint: disable=g-import-not-at-top
-
   config.validate()
   warnings = check_output_dir(config)
-  if pool is not None and pool.config != config.preprocess:
+  sizes = config.sizes if config.multi_size else None
+  if pool is not None and (pool.config != config.preprocess or pool.sizes != sizes):
     raise ValueError("convert: the RecordPool was started for other preprocessing settings "
-                     "than config.preprocess; start one with config.preprocess")
+                     "than config.preprocess (or other sizes); start one with those")
   listing = sources.list_sources(
       config.input_dir, labels_csv=config.labels_csv, image_column=config.image_column,
       label_column=config.label_column, patient_column=config.patient_column,
       patients_csv=config.patients_csv, classes=list(config.classes) if config.classes else None,
       exclude=None if fileio.is_remote(config.output_dir) else config.output_dir)
   key = _pseudonymize(config, listing)
-  items, classes = listing.items, list(listing.classes)
-  labels = [classes.index(it.label) for it in items]
-  grouped = any(it.patient_id for it in items)
-  plan = _assign(config, listing, labels, grouped)
-  for name in _untrained_classes(classes, labels, plan):
-    warnings.append(f"class {name!r} has no image in the train split: train refuses these "
-                    "records (a model would never learn it); add training images of it")
-
-  out = config.output_dir  # a str: it may be gs://, which pathlib would mangle
   fingerprint = _fingerprint(config, listing)
-  lock = _take_lock(out)
+  lock = _take_lock(config.output_dir)
   try:
-    return _convert_locked(config, listing, classes, labels, plan, grouped, warnings,
-                           fingerprint, pool)
+    return _convert_locked(config, listing, key, fingerprint, warnings, pool)
   finally:
     if lock:
       fileio.remove(lock)
 
 
-def _convert_locked(config, listing, classes, labels, plan, grouped, warnings, fingerprint,
-                    pool) -> Result:
-  """convert()'s writing half, with the output folder's lock held."""
+def _convert_locked(config: ConvertConfig, listing: sources.Listing, key: bytes | None,
+                    fingerprint: str, warnings: list[str], pool) -> Result:
+  """convert()'s writing half, with the output folder's lock held: near-duplicates, the plan,
+  the shards of every size, then the manifests."""
   import tqdm  # pylint: disable=g-import-not-at-top
 
-  out, items = config.output_dir, listing.items
-  if _prepare_output(out, fingerprint, config.overwrite):
-    return Result(manifest.read(out), str(out), resumed_shards=len(plan))
-  state_dir = fileio.join(out, STATE_DIR)
-
-  done = _finished(out, plan)
-  todo = [p for p in plan if p[0] not in done]
-  tasks = [(items[i].path, items[i].image_name, labels[i], items[i].patient_id, fold)
-           for _, _, fold, members in todo for i in members]
-  bar = tqdm.tqdm(total=sum(len(p[3]) for p in plan), initial=sum(
-      len(p[3]) for p in plan if p[0] in done), unit="img", desc="convert", smoothing=0.1,
-                  disable=not config.progress)
-  own = pool is None and bool(tasks)
-  if own:
-    pool = workers.RecordPool(config.workers or os.cpu_count() or 1, config.preprocess)
+  items, classes = listing.items, list(listing.classes)
+  labels = [classes.index(it.label) for it in items]
+  outs = config.size_dirs()
+  if all([_prepare_output(out, fingerprint, config.overwrite) for out in outs]):
+    m = manifest.read(outs[0])
+    return Result(m, str(config.output_dir), resumed_shards=sum(
+        len(info["shards"]) for info in m["splits"].values()), folders=dict(zip(config.sizes, outs)))
+  own, bar = pool is None, None
   try:
-    done.update(_write_shards(out, todo, pool.imap(tasks) if tasks else iter(()), items, labels,
-                              len(classes), bar))
+    near = _near_duplicates(config, listing, lambda: pool or _start_pool(config), outs[0])
+    if own and near is not None and near.pool is not None:
+      pool = near.pool
+    keys = ([it.patient_id for it in items] if near is None or config.near_duplicates != "group"
+            else neardup.merged_groups([it.patient_id for it in items], near.pairs))
+    grouped = any(it.patient_id for it in items)
+    plan = _assign(config, listing, labels, keys if any(keys) else None)
+    for name in _untrained_classes(classes, labels, plan):
+      warnings.append(f"class {name!r} has no image in the train split: train refuses these "
+                      "records (a model would never learn it); add training images of it")
+    done_all = _finished(outs, plan)
+    todo = [p for p in plan if p[0] not in done_all[0]]
+    tasks = [(items[i].path, items[i].image_name, labels[i], items[i].patient_id, fold)
+             for _, _, fold, members in todo for i in members]
+    bar = tqdm.tqdm(total=sum(len(p[3]) for p in plan), initial=sum(
+        len(p[3]) for p in plan if p[0] in done_all[0]), unit="img", desc="convert",
+                    smoothing=0.1, disable=not config.progress)
+    if tasks and pool is None:
+      pool = _start_pool(config)
+    results = iter(())
+    if tasks:
+      results = pool.imap(tasks) if config.multi_size else (
+          (None if rec is None else [rec], reason) for rec, reason in pool.imap(tasks))
+    for done, new in zip(done_all, _write_shards(outs, todo, results, items, labels,
+                                                 len(classes), bar)):
+      done.update(new)
   finally:
-    if own:
+    if own and pool is not None:
       pool.close()
-  bar.close()
+    if bar is not None:
+      bar.close()
+  written = _write_manifests(config, listing, key, plan, done_all, fingerprint, grouped,
+                             warnings, near, keys)
+  return Result(written, str(config.output_dir), resumed_shards=len(plan) - len(todo),
+                folders=dict(zip(config.sizes, outs)))
 
-  written = _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings)
-  if key is not None:
-    written["inputs"]["pseudonymized"] = pseudonyms.manifest_entry(config.pseudonymize_names)
-    if config.pseudonymize_names:
-      pseudonyms.scrub_paths(written["inputs"], key)
-  manifest.write(out, written)
-  fileio.rmtree(state_dir)
-  return Result(written, str(out), resumed_shards=len(plan) - len(todo))
+
+def _write_manifests(config, listing, key, plan, done_all, fingerprint, grouped, warnings, near,
+                     keys) -> dict:
+  """Each size folder's manifest (and TFDS metadata), the set file; the first size's manifest."""
+  written = {}
+  for size, out, done in zip(config.sizes, config.size_dirs(), done_all):
+    m = _manifest(config, listing, list(listing.classes), plan, done, fingerprint, grouped,
+                  warnings, size, near, keys)
+    if key is not None:
+      m["inputs"]["pseudonymized"] = pseudonyms.manifest_entry(config.pseudonymize_names)
+      if config.pseudonymize_names:
+        pseudonyms.scrub_paths(m["inputs"], key)
+    interop.write_tfds_metadata(out, m, dict(manifest.RecordSchema.ours().dtypes))
+    manifest.write(out, m)
+    fileio.rmtree(fileio.join(out, STATE_DIR))
+    written[size] = m
+  if config.multi_size:
+    fileio.write_json_atomic(fileio.join(config.output_dir, SET_FILE), {
+        "fingerprint": fingerprint, "sizes": list(config.sizes),
+        "folders": [str(size) for size in config.sizes]})
+  return written[config.sizes[0]]
 
 
 def _pseudonymize(config: ConvertConfig, listing: sources.Listing) -> bytes | None:
@@ -427,38 +503,88 @@ def _pseudonymize(config: ConvertConfig, listing: sources.Listing) -> bytes | No
   return key
 
 
-def _assign(config: ConvertConfig, listing: sources.Listing, labels: list[int], grouped: bool):
-  """Splits (given by a pre-split layout, else drawn), train folds, then the shard plan."""
+def _start_pool(config: ConvertConfig) -> workers.RecordPool:
+  return workers.RecordPool(config.workers or os.cpu_count() or 1, config.preprocess,
+                            sizes=config.sizes if config.multi_size else None)
+
+
+@dataclasses.dataclass
+class _Near:
+  pairs: list[tuple[int, int, int]]
+  groups: list[list[int]]
+  pool: workers.RecordPool | None  # started to hash, kept for the conversion
+
+
+def _near_duplicates(config: ConvertConfig, listing: sources.Listing, get_pool, out: str
+                     ) -> _Near | None:
+  """Near-duplicate pairs and groups of the listed items (None when --near_duplicates=off).
+
+  Hashes are computed by the workers and kept in the state folder by content sha256, so a resumed
+  run does not decode every image again.
+  """
+  if config.near_duplicates == "off":
+    return None
+  cache_path = fileio.join(out, STATE_DIR, HASHES)
+  try:
+    cache = json.loads(fileio.read_text(cache_path))
+  except (OSError, ValueError):
+    cache = {}
+  sha = listing.sha256
+  missing = [it for it in listing.items if sha[it.relpath] not in cache]
+  pool = None
+  if missing:
+    pool = get_pool()
+    import tqdm  # pylint: disable=g-import-not-at-top
+
+    for it, h in zip(missing, tqdm.tqdm(pool.hashes([it.path for it in missing]),
+                                        total=len(missing), unit="img", desc="near-duplicates",
+                                        disable=not config.progress)):
+      cache[sha[it.relpath]] = None if h is None else [format(w, "x") for w in h]
+    fileio.write_json_atomic(cache_path, cache)
+  hashes = [None if cache[sha[it.relpath]] is None else
+            tuple(int(w, 16) for w in cache[sha[it.relpath]]) for it in listing.items]
+  pairs = neardup.find_pairs(hashes, config.near_duplicate_distance)
+  return _Near(pairs, neardup.connected(len(hashes), pairs), pool)
+
+
+def _assign(config: ConvertConfig, listing: sources.Listing, labels: list[int],
+            groups: list[str] | None):
+  """Splits (given by a pre-split layout, else drawn), train folds, then the shard plan.
+
+  `groups`: per item, the key that keeps items together (patients merged with near-duplicate
+  groups; "" alone); None: no grouping."""
   items = listing.items
   if listing.layout == "presplit":
     assigned = [("valid" if it.split == "val" else it.split) for it in items]
   else:
-    assigned = splits.assign_splits(labels, [it.patient_id for it in items] if grouped else None,
-                                    config.split, config.seed)
+    assigned = splits.assign_splits(labels, groups, config.split, config.seed)
   split_items = {s: [i for i, a in enumerate(assigned) if a == s] for s in manifest.SPLITS}
   folds = [-1] * len(items)
   if config.folds:
     train = split_items["train"]
     train_folds = splits.assign_folds([labels[i] for i in train],
-                                      [items[i].patient_id for i in train] if grouped else None,
+                                      [groups[i] for i in train] if groups else None,
                                       config.folds, config.seed)
     for i, f in zip(train, train_folds):
       folds[i] = f
   return _plan_shards(split_items, folds, config)
 
 
-def _finished(out: str, plan) -> dict:
-  """{shard name: its state} of the shards an interrupted run of the same plan completed."""
-  done = {}
-  present = set(fileio.listdir(out))  # one listing, not two requests a shard on a remote output
-  states = set(fileio.listdir(fileio.join(out, STATE_DIR)))
-  for name, *_ in plan:
-    if name in present and name + ".json" in states:
-      done[name] = json.loads(fileio.read_text(fileio.join(out, STATE_DIR, name + ".json")))
-  return done
+def _finished(outs: list[str], plan) -> list[dict]:
+  """Per folder, {shard name: its state} of the shards an interrupted run of the same plan
+  completed in every folder (a shard missing from one size's folder is written again in all)."""
+  found = []
+  for out in outs:
+    present = set(fileio.listdir(out))  # one listing, not two requests a shard on a remote output
+    states = set(fileio.listdir(fileio.join(out, STATE_DIR)))
+    found.append({name for name, *_ in plan if name in present and name + ".json" in states})
+  common = set.intersection(*found) if found else set()
+  return [{name: json.loads(fileio.read_text(fileio.join(out, STATE_DIR, name + ".json")))
+           for name, *_ in plan if name in common} for out in outs]
 
 
-def _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings) -> dict:
+def _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnings, size, near,
+              keys) -> dict:
   inputs = {"input_dir": config.input_dir, "labels_csv": config.labels_csv,
             "patients_csv": config.patients_csv, "layout": listing.layout,
             "grouped_by_patient": grouped, "patient_warning": patient_warning(listing),
@@ -466,11 +592,50 @@ def _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnin
             "warnings": warnings + listing.warnings, "found": listing.found,
             "rejected": [dataclasses.asdict(r) for r in listing.rejected],
             "duplicates": [dataclasses.asdict(d) for d in listing.duplicates]}
-  return manifest.build(fingerprint=fingerprint, classes=classes, plan=plan, done=done,
-                        image_size=config.preprocess.image_size,
-                        image_format=config.preprocess.image_format, folds=config.folds,
-                        inputs=inputs, conversion=config.plan_dict(),
-                        preprocessing=config.preprocess.to_dict(), versions=_versions())
+  inputs["near_duplicates"] = _near_manifest(config, listing, plan, near)
+  if inputs["near_duplicates"]["straddling"]:
+    how = ("the given splits of this pre-split layout (kept as given)"
+           if listing.layout == "presplit" else "splits (--near_duplicates=report)")
+    inputs["warnings"].append(
+        f"{len(inputs['near_duplicates']['straddling'])} near-duplicate groups lie across {how}: "
+        "scores on those images are optimistic")
+  pre = dataclasses.replace(config.preprocess, image_size=size)
+  m = manifest.build(fingerprint=fingerprint, classes=classes, plan=plan, done=done,
+                     image_size=size, image_format=config.preprocess.image_format,
+                     folds=config.folds, inputs=inputs, conversion=config.plan_dict(),
+                     preprocessing=pre.to_dict(), versions=_versions())
+  m["index_files"] = {"format": interop.INDEX_FORMAT, "folder": interop.INDEX_DIR}
+  if config.multi_size:
+    m["records_set"] = {"sizes": list(config.sizes), "folders": [f"../{s}" for s in config.sizes],
+                        "decoded_for": config.sizes[-1]}
+  return m
+
+
+def _near_manifest(config, listing, plan, near) -> dict:
+  """The manifest's near-duplicate section: pairs with distance, groups with where they went,
+  and pairs whose labels differ (label conflicts)."""
+  items = listing.items
+  info = {"mode": config.near_duplicates, "hash": neardup.HASH_NAME,
+          "max_distance": config.near_duplicate_distance, "pairs": [], "groups": [],
+          "conflicts": [], "straddling": []}
+  if near is None:
+    return info
+  where = {i: (split, fold) for _, split, fold, members in plan for i in members}
+  for i, j, d in near.pairs:
+    pair = {"path": items[i].relpath, "near": items[j].relpath, "distance": d}
+    info["pairs"].append(pair)
+    if items[i].label != items[j].label:
+      info["conflicts"].append({**pair, "labels": [items[i].label, items[j].label]})
+  for group in near.groups:
+    placed = sorted({where[i] for i in group}, key=str)
+    entry = {"paths": [items[i].relpath for i in group],
+             "image_names": [items[i].image_name for i in group],
+             "splits": [f"{s}" if f < 0 else f"{s}/fold{f}" for s, f in placed]}
+    info["groups"].append(entry)
+    if len(placed) > 1:
+      info["straddling"].append(entry["paths"])
+  info["kept_together"] = (config.near_duplicates == "group" and listing.layout != "presplit")
+  return info
 
 
 def summary(result: Result, max_listed: int = 10) -> str:
@@ -491,6 +656,10 @@ def summary(result: Result, max_listed: int = 10) -> str:
     lines.append(f"  {split:5s} {info['num_examples']:7d}  ({counts}) in {len(info['shards'])} shards")
   notes = inputs.get("warnings", []) + [inputs.get("patient_warning")]
   lines += [f"  WARNING: {note}" for note in notes if note]
+  lines += _near_summary(inputs.get("near_duplicates"), max_listed)
+  if len(result.folders) > 1:
+    lines.append(f"  one records folder per size, same splits, folds and shard contents: "
+                 + ", ".join(f"{size}: {folder}" for size, folder in result.folders.items()))
   for kind, entries, key in (("rejected", inputs["rejected"], "reason"),
                              ("duplicate", inputs["duplicates"], "duplicate_of")):
     for e in entries[:max_listed]:
@@ -508,3 +677,20 @@ def _untrained_classes(classes: list[str], labels: list[int], plan) -> list[str]
   """Classes without an image in the train split (a pre-split layout's empty train/Melanoma)."""
   trained = {labels[i] for _, split, _, members in plan if split == "train" for i in members}
   return [c for k, c in enumerate(classes) if trained and k not in trained]
+
+
+def _near_summary(near: dict | None, max_listed: int) -> list[str]:
+  if not near or near["mode"] == "off":
+    return []
+  kept = ("kept in one split and fold" if near.get("kept_together") else
+          "listed only (--near_duplicates=report)" if near["mode"] == "report" else
+          "kept as the given splits have them")
+  lines = [f"  near-duplicates: {len(near['pairs'])} pairs in {len(near['groups'])} groups "
+           f"(within {near['max_distance']} bits), {kept}"]
+  for c in near["conflicts"][:max_listed]:
+    lines.append(f"  WARNING: label conflict: near-duplicates {c['path']} ('{c['labels'][0]}') and "
+                 f"{c['near']} ('{c['labels'][1]}'), {c['distance']} bits apart; check the labels")
+  if len(near["conflicts"]) > max_listed:
+    lines.append(f"  ... {len(near['conflicts']) - max_listed} more near-duplicate label "
+                 "conflicts (see manifest.json)")
+  return lines

@@ -46,6 +46,22 @@ def duplicates(items: list, hashes: dict[str, str]) -> dict[str, str]:
   return dropped
 
 
+def label_conflicts(items: list, dropped: dict[str, str]) -> dict[str, list]:
+  """Sets of byte-identical copies filed under more than one label: {kept relpath: [items]}.
+
+  Identical bytes under two classes mean one of the labels is wrong and nothing says which, the
+  same situation as a CSV that lists one image twice with different labels: both are refused
+  (`sources` rejects every copy with a "label conflict" reason), never silently resolved by
+  keeping whichever copy sorts first.
+  """
+  by_relpath = {item.relpath: item for item in items}
+  sets: dict[str, list] = {}
+  for copy, first in dropped.items():
+    sets.setdefault(first, [by_relpath[first]]).append(by_relpath[copy])
+  return {first: members for first, members in sets.items()
+          if len({m.label for m in members}) > 1}
+
+
 def content_hashes(listing) -> dict[str, str]:
   """sha256 of every item's file (streamed), reusing those de-duplication computed.
 

@@ -115,6 +115,7 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
   total = sum(s["num_examples"] for _, s in shard_entries)
   bar = tqdm.tqdm(total=total, unit="img", desc="verify", disable=not progress)
   spec = features.feature_spec()
+  placed: dict[str, set[str]] = {}  # image_name -> the splits (and folds) its records are in
   for split, entry in shard_entries:
     path = fileio.join(records_dir, entry["file"])
     report.shards += 1
@@ -133,6 +134,9 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
         except tf.errors.InvalidArgumentError as err:
           report.problems.append(f"{path}: record {index}: not a valid Example ({err.message})")
           continue
+        name = ex[features.IMAGE_NAME].numpy().decode("utf-8", "replace")
+        fold = int(ex[features.FOLD])
+        placed.setdefault(name, set()).add(split if fold < 0 else f"{split}/fold{fold}")
         target = int(ex[features.TARGET])
         if not 0 <= target < num_classes:
           report.problems.append(f"{path}: record {index}: target {target} outside 0..{num_classes-1}")
@@ -148,5 +152,49 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
       report.problems.append(
           f"{path}: {count} records readable, manifest says {entry['num_examples']}")
     report.examples += count
+    if "index_files" in m and fileio.exists(path):
+      from skinrecords import interop  # pylint: disable=g-import-not-at-top
+
+      problem = interop.check_index(records_dir, entry["file"])
+      if problem:
+        report.problems.append(problem)
   bar.close()
+  report.problems += _near_duplicate_problems(m, placed)
   return report
+
+
+def _near_duplicate_problems(m: dict, placed: dict[str, set[str]]) -> list[str]:
+  """Re-checks from the records themselves that no near-duplicate group straddles splits/folds."""
+  near = m.get("inputs", {}).get("near_duplicates") or {}
+  if not near.get("kept_together"):
+    return []
+  problems = []
+  for group in near.get("groups", []):
+    where = set().union(*(placed.get(name, set()) for name in group["image_names"]))
+    if len(where) > 1:
+      problems.append(f"near-duplicate group {', '.join(group['paths'])} lies across "
+                      f"{', '.join(sorted(where))} (manifest.json says they were kept together)")
+  return problems
+
+
+def verify_set(records_dir: str | os.PathLike, progress: bool = True) -> list[VerifyReport]:
+  """Verifies every size folder of a several-size output (records_set.json) and that they hold
+  the same images in the same splits, folds and shards; the last report carries those checks."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  records_dir = os.fspath(records_dir)
+  listing = json.loads(fileio.read_text(fileio.join(records_dir, "records_set.json")))
+  reports = [verify(fileio.join(records_dir, folder), progress) for folder in listing["folders"]]
+  manifests = [manifest.read(fileio.join(records_dir, f)) for f in listing["folders"]]
+  same = VerifyReport(records_dir)
+  keys = ("rejected", "duplicates", "near_duplicates", "found", "converted")
+  for folder, m in zip(listing["folders"][1:], manifests[1:]):
+    shards = lambda x: {s: [(e["file"], e["num_examples"], e.get("fold", -1), e["class_counts"])
+                            for e in info["shards"]] for s, info in x["splits"].items()}
+    if shards(m) != shards(manifests[0]):
+      same.problems.append(f"{folder}: splits, folds or shard contents differ from "
+                           f"{listing['folders'][0]}")
+    for key in keys:
+      if m["inputs"].get(key) != manifests[0]["inputs"].get(key):
+        same.problems.append(f"{folder}: inputs.{key} differs from {listing['folders'][0]}")
+  return reports + [same]

@@ -471,6 +471,23 @@ def _labelled(scan: _Scan, class_list: list[str], deduplicate: bool, hashes: dic
   duplicates = list(scan.duplicates)
   if deduplicate:
     dropped = dedup.duplicates(items, hashes)
-    items = [item for item in items if item.relpath not in dropped]
-    duplicates += [Duplicate(path, first) for path, first in dropped.items()]
+    conflicted = _identical_conflicts(scan, dedup.label_conflicts(items, dropped))
+    items = [item for item in items if item.relpath not in dropped
+             and item.relpath not in conflicted]
+    duplicates += [Duplicate(path, first) for path, first in dropped.items()
+                   if path not in conflicted]
   return items, duplicates
+
+
+def _identical_conflicts(scan: _Scan, conflicts: dict[str, list[SourceItem]]) -> set[str]:
+  """Rejects every copy of identical bytes filed under two labels; returns their relpaths.
+
+  Treated as a CSV conflict is: which label is right is unknowable, so no copy is kept."""
+  rejected = set()
+  for members in conflicts.values():
+    listed = ", ".join(f"'{m.label}' ({m.relpath})" for m in members)
+    for member in members:
+      scan.rejected.append(Rejection(member.relpath, f"{LABEL_CONFLICT}: identical bytes filed "
+                                     f"as {listed}; keep one copy under the right label"))
+      rejected.add(member.relpath)
+  return rejected

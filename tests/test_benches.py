@@ -266,3 +266,16 @@ def test_bench_speed_reports_each_check_with_a_verdict_that_matches_its_time():
     assert r["verdict"] == ("PASS" if r["best"] <= r["target"] else "MISS")
   table = speed.report(rows).splitlines()
   assert len(table) == 3 and all(r["name"] in line for r, line in zip(rows, table[1:]))
+
+
+def test_bench_convert_part_c_compares_one_pass_with_one_run_per_size(tmp_path):
+  proc = run_bin("bench_convert", "--parts=C", "--num_multi=4", "--multi_source_size=200x150",
+                 "--multi_sizes=32,48", "--rounds=1", f"--workdir={tmp_path}")
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("C: 4 sources 200x150 -> 32,48, 1 worker, load average before:")
+  row = lines[2].split()
+  ratio = float(row[3].rstrip("x"))  # from the unrounded times (the printed ones are tiny here)
+  assert row[0] == "1" and float(row[1]) > 0 and float(row[2]) > 0 and ratio > 0
+  assert f"(median of rounds): {ratio:.2f}x" in lines[-1]
+  assert lines[-1].startswith(("PASS", "MISS")) and "one pass >= 2.0x" in lines[-1]
+  assert not list(tmp_path.iterdir())  # its folder is removed

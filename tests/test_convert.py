@@ -204,10 +204,10 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_lost(tmp_path):
   png = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
   png[16:24] = (100000).to_bytes(4, "big") * 2
   (img_dir / "bomb.png").write_bytes(bytes(png))
-  (img_dir / "copy.jpg").write_bytes(good)
+  (img_dir / "copy.jpg").write_bytes(good)  # labelled 1 as ISIC_0000 is: a plain duplicate
   _write(tmp_path / "outside.jpg", np.random.default_rng(9))
   _write(img_dir / "odd.jpg", np.random.default_rng(10))
-  bad = [("empty", 0), ("text", 1), ("trunc", 0), ("bomb.png", 1), ("copy", 0), ("missing", 1),
+  bad = [("empty", 0), ("text", 1), ("trunc", 0), ("bomb.png", 1), ("copy", 1), ("missing", 1),
          ("../outside.jpg", 0), (str(tmp_path / "outside.jpg"), 1), ("odd", "unknown")]
   rows += [{"image_name": n, "patient_id": "X", "target": t} for n, t in bad]
   _write_csv(tmp_path / "labels.csv", rows)
@@ -237,14 +237,24 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_lost(tmp_path):
   run_bin("make_records", *flags, f"--output_dir={tmp_path / 'out2'}")
 
 
-def test_duplicates_across_classes_kept_once(tmp_path):
+def test_identical_bytes_under_two_classes_are_a_label_conflict(tmp_path):
+  """Same bytes, same class: a duplicate (one kept). Same bytes, two classes: which label is right
+  is unknowable, so every copy is rejected as a label conflict, as a CSV listing one image under
+  two labels is (issue 21: it used to be dropped silently as a "duplicate" of the first copy)."""
   _class_folders(tmp_path / "in", {"a": 5, "b": 5})
   data = (tmp_path / "in" / "a" / "a_0000.jpg").read_bytes()
   (tmp_path / "in" / "b" / "zz_copy.jpg").write_bytes(data)
+  (tmp_path / "in" / "b" / "b_0000.jpg").write_bytes(
+      (tmp_path / "in" / "b" / "b_0001.jpg").read_bytes())  # same class: a plain duplicate
   m = convert.convert(_config(tmp_path / "in", tmp_path / "out", split=(0.6, 0.4, 0.0))).manifest
   _invariant(m)
-  assert m["inputs"]["found"] == 11 and m["inputs"]["converted"] == 10
-  assert m["inputs"]["duplicates"] == [{"path": "b/zz_copy.jpg", "duplicate_of": "a/a_0000.jpg"}]
+  assert m["inputs"]["found"] == 11 and m["inputs"]["converted"] == 8
+  assert m["inputs"]["duplicates"] == [{"path": "b/b_0001.jpg", "duplicate_of": "b/b_0000.jpg"}]
+  conflicts = {r["path"]: r["reason"] for r in m["inputs"]["rejected"]}
+  assert set(conflicts) == {"a/a_0000.jpg", "b/zz_copy.jpg"}
+  for reason in conflicts.values():
+    assert reason.startswith("label conflict: identical bytes filed as 'a' (a/a_0000.jpg), "
+                             "'b' (b/zz_copy.jpg)")
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -380,8 +390,10 @@ def test_worker_built_shards_match_the_tensorflow_writer(tmp_path):
     with pytest.raises(ValueError, match="preprocessing settings"):
       convert.convert(dataclasses.replace(again, preprocess=preprocess.PreprocessConfig(
           image_size=SIZE + 8)), pool=pool)
-  for path in (tmp_path / "out").iterdir():
-    assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+  for path in (tmp_path / "out").rglob("*"):  # shards, manifest, idx/*.idx, TFDS metadata
+    if path.is_file():
+      twin = tmp_path / "again" / path.relative_to(tmp_path / "out")
+      assert twin.read_bytes() == path.read_bytes(), path.name
 
 
 def test_record_pool_keeps_task_order_across_chunks_and_the_tail(tmp_path):

@@ -292,6 +292,8 @@ def test_flags_and_library_configs_share_their_defaults():
         checked += 1
         if (module, field.name) == ("make_records", "split"):
           flag = splits.parse_fractions(flag)
+        if (module, field.name) == ("make_records", "image_size"):
+          flag = int(flag)  # --image_size also takes several sizes, "256,384,512"
         if isinstance(lib, tuple) and flag is not None:
           flag = tuple(flag)
         if flag != lib and not (flag is None and lib in ((), None)):

@@ -124,14 +124,20 @@ def test_duplicates_keep_first_across_classes_and_splits(tmp_path):
   _write(root / "train" / "nev" / "a.jpg", other)
   _write(root / "train" / "nev" / "zero1.jpg", b"")
   _write(root / "train" / "nev" / "zero2.jpg", b"")  # Zero-byte files are not duplicates.
+  _write(root / "train" / "nev" / "d.jpg", b"\xff\xd8same-nevus")
+  _write(root / "test" / "nev" / "e.jpg", b"\xff\xd8same-nevus")
+  _write(root / "train" / "mel" / "m.jpg", b"\xff\xd8mel-only")  # 'mel' keeps one image
   listing = _check(sources.list_sources(str(root)))
-  assert listing.duplicates == [
-      sources.Duplicate("train/mel/z.jpg", "test/mel/c.jpg"),
-      sources.Duplicate("train/nev/b.jpg", "test/mel/c.jpg")]
+  # One label across the copies: the first by relpath is kept, the others are duplicates.
+  assert listing.duplicates == [sources.Duplicate("train/nev/d.jpg", "test/nev/e.jpg")]
   assert [i.relpath for i in listing.items] == [
-      "test/mel/c.jpg", "train/nev/a.jpg", "train/nev/zero1.jpg", "train/nev/zero2.jpg"]
+      "test/nev/e.jpg", "train/mel/m.jpg", "train/nev/a.jpg", "train/nev/zero1.jpg",
+      "train/nev/zero2.jpg"]
+  # Two labels ('mel' and 'nev') on the same bytes: every copy is a label conflict.
+  conflicts = {r.path for r in listing.rejected if r.reason.startswith(sources.LABEL_CONFLICT)}
+  assert conflicts == {"test/mel/c.jpg", "train/mel/z.jpg", "train/nev/b.jpg"}
   kept_all = _check(sources.list_sources(str(root), deduplicate=False))
-  assert len(kept_all.items) == 6 and kept_all.duplicates == []
+  assert len(kept_all.items) == 9 and kept_all.duplicates == []
 
 
 def test_symlinks_in_folders(tmp_path):
@@ -288,13 +294,13 @@ def test_listing_is_deterministic(tmp_path):
     root = tmp_path / f"run{run}"
     for name in order:
       _write(root / name, name.encode())
-    _write(root / "nev" / "copy.jpg", b"mel/img_03.jpg")
+    _write(root / "mel" / "copy.jpg", b"mel/img_03.jpg")
     _write(root / "bcc" / "x.gif")
     listings.append(_check(sources.list_sources(str(root))))
   strip = lambda listing: ([(i.relpath, i.label) for i in listing.items], listing.rejected,
                            listing.duplicates, listing.classes, listing.found)
   assert strip(listings[0]) == strip(listings[1])
-  assert listings[0].duplicates == [sources.Duplicate("nev/copy.jpg", "mel/img_03.jpg")]
+  assert listings[0].duplicates == [sources.Duplicate("mel/img_03.jpg", "mel/copy.jpg")]
 
 
 def test_patients_csv_for_presplit_reports_leaks_missing_and_unused_rows(tmp_path):

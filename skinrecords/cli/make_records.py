@@ -48,8 +48,12 @@ _FOLDS = flags.DEFINE_integer("folds", 0, "If >= 2, assign a stratified (patient
                               "every training example; each train shard holds one fold.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for splits, folds and shard order; same seed and "
                              "inputs give byte-identical output.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Output side in pixels: shorter side resized "
-                                   "to this, then centre-cropped to a square.")
+_IMAGE_SIZE = flags.DEFINE_string("image_size", "512", "Output side in pixels: shorter side resized "
+                                  "to this, then centre-cropped to a square. Several sizes, e.g. "
+                                  "256,384,512, are made in one pass (each image decoded once, for "
+                                  "the largest) into OUTPUT/256/, OUTPUT/384/, OUTPUT/512/: each a "
+                                  "complete records folder, all with the same splits, folds and "
+                                  "shard contents.")
 _FORMAT = flags.DEFINE_enum("image_format", "jpeg", ["jpeg", "png"], "Encoding of stored images.")
 _QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality 1-100 (jpeg only).")
 _REMOVE_HAIR = flags.DEFINE_boolean("remove_hair", False, "DullRazor-style hair removal "
@@ -64,6 +68,15 @@ _SHARD_MB = flags.DEFINE_float("shard_size_mb", 100.0, "Target shard size in MB 
 _MIN_TRAIN_SHARDS = flags.DEFINE_integer("min_train_shards", 16, "At least this many train shards "
                                          "when there are enough images, so that many workers can "
                                          "each read their own files.")
+_NEAR = flags.DEFINE_enum("near_duplicates", "group", ["group", "report", "off"], "Near-duplicate "
+                          "inputs (re-compressed, rescaled, cropped <= 10 %, flipped or colour-"
+                          "shifted copies, found by a perceptual hash): 'group' keeps each group "
+                          "in one split and fold (merged with patient groups), 'report' only lists "
+                          "them in manifest.json, 'off' skips the hashing. Either way pairs with "
+                          "different labels are reported as label conflicts.")
+_NEAR_DISTANCE = flags.DEFINE_integer("near_duplicate_distance", 10, "Largest hash distance (bits of "
+                                      "143) still called a near-duplicate; measured copies were "
+                                      "<= 10 bits apart, different lesions >= 15.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Preprocessing processes; 0 means all cores.")
 _STRICT = flags.DEFINE_boolean("strict", False, "Exit non-zero if any input was rejected (the "
                                "output is still written).")
@@ -86,7 +99,8 @@ flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
                "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels",
-               "pseudonymize_patients", "pseudonymize_names")
+               "pseudonymize_patients", "pseudonymize_names", "near_duplicates",
+               "near_duplicate_distance")
 
 
 def _config():
@@ -96,13 +110,10 @@ def _config():
     split = splits.parse_fractions(_SPLIT.value)
   except ValueError as err:
     raise app.UsageError(f"--split={_SPLIT.value}: {err}") from err
-  if _IMAGE_SIZE.value < convert.MIN_TRAIN_IMAGE_SIZE:  # Before preprocess's wider [8, 8192].
-    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: training needs at least "
-                         f"{convert.MIN_TRAIN_IMAGE_SIZE} px; use --image_size >= "
-                         f"{convert.MIN_TRAIN_IMAGE_SIZE}")
+  sizes = _sizes(convert.MIN_TRAIN_IMAGE_SIZE)
   try:
     pre = preprocess.PreprocessConfig(
-        image_size=_IMAGE_SIZE.value, image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
+        image_size=max(sizes), image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
         remove_hair=_REMOVE_HAIR.value, notebook_cleanup=_CLEANUP.value,
         reduced_decode=_REDUCED.value, max_pixels=_MAX_PIXELS.value)
   except ValueError as err:
@@ -116,7 +127,8 @@ def _config():
       seed=_SEED.value, shard_size_mb=_SHARD_MB.value, min_train_shards=_MIN_TRAIN_SHARDS.value,
       workers=_WORKERS.value, strict=_STRICT.value, overwrite=_OVERWRITE.value,
       progress=_PROGRESS.value, preprocess=pre, pseudonymize_patients=_PSEUDONYMIZE.value,
-      pseudonymize_names=_PSEUDONYMIZE_NAMES.value)
+      pseudonymize_names=_PSEUDONYMIZE_NAMES.value, image_sizes=sizes if len(sizes) > 1 else (),
+      near_duplicates=_NEAR.value, near_duplicate_distance=_NEAR_DISTANCE.value)
   try:
     config.validate()
   except ValueError as err:
@@ -133,6 +145,19 @@ def _say_pseudonymized(written: dict, config) -> None:
              if entry.get("image_name") else "")
     print(f"  {pseudonyms.describe(entry)}; the key stays in {config.pseudonymize_patients} "
           f"(keep it private and outside the records){where}")
+
+
+def _sizes(minimum: int) -> tuple[int, ...]:
+  """--image_size: one size or several, comma-separated."""
+  try:
+    sizes = tuple(sorted({int(p) for p in _IMAGE_SIZE.value.split(",") if p.strip()}))
+  except ValueError as err:
+    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: expected a size in pixels or several "
+                         "separated by commas, e.g. 512 or 256,384,512") from err
+  if not sizes or sizes[0] < minimum:  # Before preprocess's wider [8, 8192].
+    raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: training needs at least {minimum} "
+                         f"px; use --image_size >= {minimum}")
+  return sizes
 
 
 def main(argv):

@@ -1,5 +1,9 @@
 """Reads every shard listed in manifest.json and checks sha256, record counts, labels and decoding.
 
+Also checks each shard's DALI index file (idx/*.idx) against the shard's framing, and that no
+near-duplicate group kept together lies across splits. Given the folder of a several-size output
+(records_set.json), verifies every size and that they hold the same splits, folds and shards.
+
 Exits 0 when everything matches; otherwise prints one line per problem (file, record, what) and exits 1.
 """
 
@@ -21,19 +25,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from skinrecords import records  # pylint: disable=g-import-not-at-top
 
+  several = fileio.exists(fileio.join(_RECORDS_DIR.value, "records_set.json"))
   try:
-    report = records.verify(_RECORDS_DIR.value, progress=_PROGRESS.value)
+    reports = (records.verify_set(_RECORDS_DIR.value, progress=_PROGRESS.value) if several
+               else [records.verify(_RECORDS_DIR.value, progress=_PROGRESS.value)])
   except (FileNotFoundError, ValueError) as err:
     print(f"verify_records: {err}", file=sys.stderr)
     return 2
   except OSError as err:  # a remote folder that cannot be read (permissions, network)
     print(f"verify_records: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
-  for problem in report.problems:
-    print(f"verify_records: {problem}", file=sys.stderr)
-  status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
-  print(f"{report.records_dir}: {report.shards} shards, {report.examples} records: {status}")
-  return 0 if report.ok else 1
+  for report in reports:
+    for problem in report.problems:
+      print(f"verify_records: {problem}", file=sys.stderr)
+    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+    if several and report is reports[-1]:
+      print(f"{report.records_dir}: the sizes hold the same splits, folds and shards: {status}")
+    else:
+      print(f"{report.records_dir}: {report.shards} shards, {report.examples} records "
+            f"(index files checked): {status}")
+  return 0 if all(r.ok for r in reports) else 1
 
 
 def run():
