@@ -53,7 +53,8 @@ class ExportConfig:
   format: str = "all"  # "saved_model" | "tflite" | "all"
   records_dir: str | None = None  # images for the TFLite check; default: config.json's records
   max_examples: int = 256  # TFLite check on at most this many images of the valid (or test) split
-  threshold: float = 0.5  # two classes: predicted class 1 when P(class 1) >= threshold
+  # Two classes: predicted class 1 when P(class 1) >= threshold; None: the run's threshold.json.
+  threshold: float | None = None
   version: int = 1  # TF Serving version folder: OUTPUT_DIR/<version>/
 
   def __post_init__(self):
@@ -66,7 +67,8 @@ class ExportConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"ExportConfig.{name}={v!r}: expected an integer >= 1")
-    if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
+    if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or
+                                       not 0.0 < self.threshold < 1.0):
       raise ValueError(f"ExportConfig.threshold={self.threshold!r}: expected a float strictly "
                        "between 0 and 1")
 
@@ -292,7 +294,16 @@ def export(config: ExportConfig) -> ExportReport:
   out = fileio.check_writable_dir(config.output_dir)
   records = _check_records(config, cfg)
   classes = [str(c) for c in cfg["classes"]]
+  stored = rundir.read_threshold(config.model_dir) if config.threshold is None else None
+  if config.threshold is not None:
+    threshold, source = config.threshold, "fixed (--threshold)"
+  elif stored and stored.split != "none":
+    threshold, source = stored.value, stored.describe(config.model_dir)
+  else:
+    threshold, source = 0.5, "0.5 by default: the run stored no threshold chosen on validation"
+  config = dataclasses.replace(config, threshold=threshold)
   settings, warn = preprocessing_settings(cfg, config.threshold)
+  settings["threshold_source"] = source if len(classes) == 2 else None
   report = ExportReport(output_dir=out, warnings=warn)
   # Built locally: in a hidden folder inside a local output (renamed into place, atomically), in
   # a temporary folder for a remote one (uploaded at the end, only when every check passed).

@@ -126,14 +126,14 @@ def test_ties_on_validation_auc_go_to_the_later_epoch_with_lower_loss():
   rows = [dict(loss=0.6, val_auc=0.98, val_loss=0.65), dict(loss=0.5, val_auc=1.0, val_loss=0.60),
           dict(loss=0.4, val_auc=1.0, val_loss=0.10), dict(loss=0.3, val_auc=1.0, val_loss=0.20),
           dict(loss=0.2, val_auc=0.99, val_loss=0.05)]
-  won = [selection.update_best(state, r, e, True, e == 0) for e, r in enumerate(rows)]
+  won = [selection.update_best(state, r, e, True, e == 0, "val_auc") for e, r in enumerate(rows)]
   assert won == [True, True, True, False, False] and int(state.best_epoch.numpy()) == 3
   for has_valid, auc, expect in ((True, float("nan"), 2), (False, 1.0, 3)):
     state.best.assign(-np.inf), state.best_tiebreak.assign(-np.inf)
     rows = [dict(loss=0.5, val_auc=auc, val_loss=0.4), dict(loss=0.4, val_auc=auc, val_loss=0.3),
             dict(loss=0.3, val_auc=auc, val_loss=0.35)]
     for e, r in enumerate(rows):
-      selection.update_best(state, r, e, has_valid, e == 0)
+      selection.update_best(state, r, e, has_valid, e == 0, "val_auc")
     assert int(state.best_epoch.numpy()) == expect, (has_valid, auc)
 
 
