@@ -33,6 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where records and predictions g
 _KEEP = flags.DEFINE_boolean("keep", False, "Keep the work folder.")
 _CONTINUE = flags.DEFINE_string("continue_in", None, "A kept work folder: train only the seeds "
                                 "it lacks, then print the tables.")
+_DETERMINISM_ROUNDS = flags.DEFINE_integer("determinism_rounds", 0, "Instead: time the README "
+                                           "job with op determinism off and on, this many "
+                                           "interleaved rounds.")
 _REPLAY_ONLY = flags.DEFINE_string("replay_only", None, "A kept work folder: replay its saved "
                                    "predictions, train nothing.")
 
@@ -152,17 +155,41 @@ def main(argv):
 
 
 def _all(root: pathlib.Path, sets: dict) -> None:
-  if True:  # pylint: disable=using-constant-test
-    for title, (name, fraction) in sets.items():
-      records = _records(root, name, fraction)
-      runs = []
-      for seed in range(_SEEDS.value):
-        path = root / name / f"seed_{seed}.npz"
-        if not path.exists():
-          _save(path, _train_recording(records, root / name / "model", seed))
-        runs.append(_load(path))
-        print(f"{title}: seed {seed} done", flush=True)
-      print(table(title, runs), flush=True)
+  for title, (name, fraction) in sets.items():
+    records = _records(root, name, fraction)
+    if _DETERMINISM_ROUNDS.value:
+      print(determinism_cost(records, root / "timing", _DETERMINISM_ROUNDS.value), flush=True)
+      return
+    runs = []
+    for seed in range(_SEEDS.value):
+      path = root / name / f"seed_{seed}.npz"
+      if not path.exists():
+        _save(path, _train_recording(records, root / name / "model", seed))
+      runs.append(_load(path))
+      print(f"{title}: seed {seed} done", flush=True)
+    print(table(title, runs), flush=True)
+
+
+def determinism_cost(records: pathlib.Path, model_dir: pathlib.Path, rounds: int) -> str:
+  """Wall time of the README job (3 epochs) with op determinism off and on, interleaved."""
+  # pylint: disable=g-import-not-at-top
+  import time
+  from skinrecords import models, train
+
+  times = {"off": [], "on": []}
+  for r in range(rounds):
+    for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+      config = train.TrainConfig(
+          records_dir=str(records), model_dir=str(model_dir), seed=r, epochs=3,
+          learning_rate=2e-3, progress=False, overwrite=True, deterministic=mode,
+          model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=64))
+      t0 = time.perf_counter()
+      train.train(config)
+      times[mode].append(time.perf_counter() - t0)
+  off, on = sorted(times["off"]), sorted(times["on"])
+  return (f"README job, 3 epochs, {rounds} interleaved rounds, load average "
+          f"{os.getloadavg()[0]:.2f}: deterministic off {off} s, on {on} s; median on/off "
+          f"{on[len(on) // 2] / off[len(off) // 2]:.3f}")
 
 
 def run():
