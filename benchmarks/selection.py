@@ -143,7 +143,8 @@ def main(argv):
           f"{_FRACTION.value:.0%} melanoma": ("imbalanced", _FRACTION.value)}
   if _REPLAY_ONLY.value:
     for title, (name, _) in sets.items():
-      runs = [_load(p) for p in sorted((pathlib.Path(_REPLAY_ONLY.value) / name).glob("seed_*.npz"))]
+      folder = pathlib.Path(_REPLAY_ONLY.value) / name
+      runs = [_load(p) for p in sorted(folder.glob("seed_*.npz"))]
       if runs:
         print(table(title, runs))
     return

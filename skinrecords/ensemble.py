@@ -143,6 +143,11 @@ def stored_threshold(model_dir: str, members) -> tuple[float, str, bool]:
            ("" if single else " (a list of runs has no shared validation split)"))
     return (thresholds.FALLBACK, f"fixed {thresholds.FALLBACK} by default ({why}); pass "
             "--threshold to choose one", True)
+  if stored.split == "fixed":  # --threshold_rule=fixed:T: chosen by no split
+    return (calibration.map_threshold(cal, stored.value) if single else stored.value,
+            f"fixed {stored.value:g} ({stored.source}, "
+            f"{fileio.join(where, rundir.THRESHOLD_FILE)})",
+            False)
   if single and cal:
     return (calibration.map_threshold(cal, stored.value),
             f"{stored.describe(where)}, mapped through the {cal['method']} calibration", False)

@@ -407,13 +407,16 @@ def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> run
   from skinrecords import inference  # pylint: disable=g-import-not-at-top
 
   rule, fold = config.threshold_rule, config.fold
+  kind, arg = thresholds.parse_rule(rule)
   if setup.info.num_classes != 2:
     stored = rundir.StoredThreshold(thresholds.FALLBACK, rule, "more than two classes: argmax, "
                                     "no threshold", "none", 0, fold)
-  elif not setup.has_valid and thresholds.parse_rule(rule)[0] != "fixed":
+  elif kind == "fixed":
+    stored = rundir.StoredThreshold(arg, rule, f"--threshold_rule={rule}", "fixed", 0, fold)
+  elif not setup.has_valid:
     logging.warning("no validation split: the decision threshold stays at %s (nothing but test "
-                    "data could choose another); pass a fixed one with --threshold", 
-                    thresholds.FALLBACK)
+                    "data could choose another); pass one to evaluate and predict with "
+                    "--threshold, or train with --threshold_rule=fixed:T", thresholds.FALLBACK)
     stored = rundir.StoredThreshold(thresholds.FALLBACK, rule, f"{thresholds.FALLBACK} by "
                                     "default: the run had no validation split to choose it on",
                                     "none", 0, fold)

@@ -177,7 +177,8 @@ def test_platt_moves_the_boundary_a_temperature_cannot():
   a, b = calibration.fit_platt(shifted, labels)
   by_platt = calibration.apply_platt(shifted, a, b)
   assert a == pytest.approx(1.0, abs=0.15) and b == pytest.approx(-3.0, abs=0.35)
-  acc = lambda p: float(((p >= 0.5) == labels).mean())  # pylint: disable=unnecessary-lambda-assignment
+  def acc(p):
+    return float(((p >= 0.5) == labels).mean())
   assert acc(by_t) == acc(shifted) < acc(by_platt) - 0.1
   ece = calibration.expected_calibration_error
   assert ece(by_platt, labels) < 0.5 * ece(by_t, labels)

@@ -223,7 +223,9 @@ def _config():
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _RECIPE_FLAGS + ("fold", "oof_tta", "select_by", "threshold_rule", "deterministic"))) from err
+                                             _RECIPE_FLAGS + ("fold", "oof_tta", "select_by",
+                                                              "threshold_rule", "deterministic")
+                                             )) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
