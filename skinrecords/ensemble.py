@@ -150,7 +150,8 @@ def stored_threshold(model_dir: str, members) -> tuple[float, str, bool]:
             False)
   if single and cal:
     return (calibration.map_threshold(cal, stored.value),
-            f"{stored.describe(where)}, mapped through the {cal['method']} calibration", False)
+            f"{stored.value:.4g} before calibration ({stored.describe(where)}), mapped through "
+            f"the {cal['method']} calibration", False)
   if cal or any(m.calibration for m in members):
     return stored.value, (stored.describe(where) + "; chosen on uncalibrated out-of-fold "
                           "predictions, applied to calibrated members"), False

@@ -190,8 +190,8 @@ class StoredThreshold:
   model_sha256: str | None = None  # the model.keras it was chosen for (None for a CV folder)
 
   def describe(self, where: str | os.PathLike = "") -> str:
-    at = f", {fileio.join(where, THRESHOLD_FILE)}" if where else ""
-    return f"{self.value:.4g} ({self.source}{at})"
+    """Where it came from (the value itself is printed beside it by the caller)."""
+    return self.source + (f", {fileio.join(where, THRESHOLD_FILE)}" if where else "")
 
 
 def write_threshold(model_dir: str | os.PathLike, threshold: StoredThreshold) -> None:

@@ -432,5 +432,5 @@ def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> run
   stored = dataclasses.replace(stored, model_sha256=fileio.sha256_file(
       fileio.join(model_dir, rundir.MODEL_FILE)))
   rundir.write_threshold(model_dir, stored)
-  logging.info("decision threshold %s", stored.describe(model_dir))
+  logging.info("decision threshold %.4g: %s", stored.value, stored.describe(model_dir))
   return stored

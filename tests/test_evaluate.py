@@ -559,7 +559,7 @@ def test_the_stored_validation_threshold_is_applied_and_named(data, random_dir, 
                                                  records_dir=str(data / "records")))
   assert [r["predicted"] == "b" for r in rows] == [r["probability"] >= t for r in rows]
   err = run_bin("predict", f"--model_dir={run}", f"--records_dir={data / 'records'}").stderr
-  assert f"decision threshold {t:.4g}: {t:.4g} (Youden's J" in err, err
+  assert f"decision threshold {t:.4g}: Youden's J on 15" in err, err
   proc = run_bin("predict", f"--model_dir={run}", f"--records_dir={data / 'records'}",
                  "--threshold=high", check=False)
   assert proc.returncode != 0 and "--threshold=high: expected 'stored' or a float" in proc.stderr

@@ -53,7 +53,7 @@ def test_threshold_file_round_trip_and_refusals(tmp_path):
                              120, None, "abc")
   rundir.write_threshold(tmp_path, t)
   assert rundir.read_threshold(tmp_path) == t
-  assert "0.63 (Youden's J on 120" in t.describe(tmp_path)
+  assert t.describe(tmp_path).startswith("Youden's J on 120 validation predictions, ")
   assert rundir.read_threshold(tmp_path / "none") is None
   (tmp_path / rundir.THRESHOLD_FILE).write_text('{"value": 1.5, "rule": "youden", "source": "x", '
                                                 '"split": "valid", "n": 1}')

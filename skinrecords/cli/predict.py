@@ -92,7 +92,8 @@ def main(argv):
   _describe_members(config)
   applied = getattr(predict.run, "last_threshold", None)
   if applied:
-    line = f"decision threshold {applied[0]:.4g}: {applied[1]}"
+    line = f"decision threshold {applied[0]:.4g}: {applied[1]}".replace(
+        f": fixed {applied[0]:g}", ": fixed")
     bar = "!" * 100
     print(f"{bar}\nWARNING: {line}\n{bar}" if applied[2] else line, file=sys.stderr)
   for r in rejected:
