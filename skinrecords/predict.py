@@ -46,9 +46,9 @@ class PredictConfig:
   input_dir: str | None = None  # every image under it, recursively (hidden files skipped)
   output_csv: str | None = None
   batch_size: int = 32
-  # Two classes: predicted class 1 when P(class 1) >= threshold. None: the run's stored threshold
-  # (threshold.json, chosen on validation by training; 0.5, said loudly, when it has none).
-  threshold: float | None = None
+  # Two classes: predicted class 1 when P(class 1) >= threshold. "stored" (or None): the run's
+  # threshold.json, chosen on validation by training; 0.5, said loudly, when it has none.
+  threshold: float | str | None = "stored"
   tta: int = 0  # as EvalConfig.tta
   records_dir: str | None = None  # instead of images: every record of `split` in this folder
   split: str = "test"
@@ -72,8 +72,8 @@ class PredictConfig:
     if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
         self.batch_size < 1:
       raise ValueError(f"PredictConfig.batch_size={self.batch_size!r}: expected an integer >= 1")
-    if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or
-                                       not 0.0 < self.threshold < 1.0):
+    if self.threshold not in (None, "stored") and (not isinstance(self.threshold, (int, float))
+                                                   or not 0.0 < self.threshold < 1.0):
       raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected None (the run's "
                        "stored threshold) or a float strictly between 0 and 1")
     inference.check_tta(self.tta, "PredictConfig.tta")
@@ -279,7 +279,7 @@ def _member_probs(config: PredictConfig, member, paths):
 
 def resolve_threshold(config: PredictConfig, members) -> tuple[float, str, bool]:
   """(threshold, where it came from, whether it is the 0.5 fallback) for these members."""
-  if config.threshold is not None:
+  if config.threshold not in (None, "stored"):
     return float(config.threshold), f"fixed {config.threshold:g} (--threshold)", False
   return ensemble.stored_threshold(config.model_dir, members)
 

@@ -104,10 +104,10 @@ def main(argv):
 
 
 def _threshold():
-  """--threshold as None (stored) or a float; a usage error for anything else."""
+  """--threshold as "stored" or a float; a usage error for anything else."""
   text = _THRESHOLD.value.strip().lower()
   if text == "stored":
-    return None
+    return "stored"
   try:
     value = float(text)
   except ValueError:
