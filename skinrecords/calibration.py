@@ -128,3 +128,50 @@ def fit_temperature(probs, labels) -> float:
                                     options={"xatol": 1e-6})
   t = 1.0 / float(result.x)
   return t if math.isfinite(t) else 1.0
+
+
+# Platt scaling (Platt 1999): P = sigmoid(a * logit(p) + b), slope a and intercept b fitted by the
+# NLL on the validation split. Unlike a temperature (b = 0), the intercept moves the 0.5 boundary:
+# it can fix a model whose well-ranked scores all sit on one side of 0.5 (issue 21). Two classes
+# only; a > 0 keeps the ranking (AUCs unchanged), so a threshold maps through it monotonically.
+PLATT_SLOPE_RANGE = (1.0 / T_RANGE[1], 1.0 / T_RANGE[0])  # a is 1/T when b = 0: the same bounds
+
+
+def fit_platt(probs, labels) -> tuple[float, float]:
+  """(slope a, intercept b) minimising the NLL of `labels` under apply_platt(probs, a, b); the
+  slope is kept in PLATT_SLOPE_RANGE (a tiny validation split can otherwise push it to 0 or +inf).
+  The NLL is convex in (a, b), so L-BFGS-B from (1, 0) finds the minimum."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+
+  labels = np.asarray(labels, np.int64)
+  z = to_logits(probs)
+  if z.ndim != 1:
+    raise ValueError("Platt scaling is for two-class models (one logit); use temperature")
+  if len(labels) == 0 or len(set(labels.tolist())) < 2:
+    raise ValueError("Platt scaling needs validation labels of both classes")
+  result = optimize.minimize(lambda ab: _nll_of_logits(ab[0] * z + ab[1], labels),
+                             x0=np.array([1.0, 0.0]), method="L-BFGS-B",
+                             bounds=[PLATT_SLOPE_RANGE, (-50.0, 50.0)])
+  a, b = (float(v) for v in result.x)
+  return a, b
+
+
+def apply_platt(probs, slope: float, intercept: float) -> np.ndarray:
+  """sigmoid(slope * logit(p) + intercept), float64."""
+  z = to_logits(probs)
+  return 1.0 / (1.0 + np.exp(-(float(slope) * z + float(intercept))))
+
+
+def apply(cal: dict | None, probs) -> np.ndarray:
+  """A calibration.json dict (temperature or platt) applied to probabilities; None: unchanged."""
+  if not cal:
+    return probs
+  if cal.get("method") == "platt":
+    return apply_platt(probs, cal["slope"], cal["intercept"])
+  return apply_temperature(probs, cal["temperature"])
+
+
+def map_threshold(cal: dict | None, threshold: float) -> float:
+  """The threshold on calibrated probabilities that decides as `threshold` did on the raw ones
+  (both calibrations are increasing maps of P(class 1))."""
+  return float(apply(cal, np.array([threshold]))[0]) if cal else float(threshold)

@@ -44,10 +44,11 @@ from skinrecords import pipeline
 from skinrecords import plots
 from skinrecords import rundir
 from skinrecords import tflog
+from skinrecords import thresholds
 from skinrecords import train
 
 CV_ROC_FILE = "cv_roc.png"
-_CV_FILES = (rundir.OOF_FILE, rundir.CV_METRICS_FILE, CV_ROC_FILE)
+_CV_FILES = (rundir.OOF_FILE, rundir.CV_METRICS_FILE, CV_ROC_FILE, rundir.THRESHOLD_FILE)
 
 
 def fold_ids(info: manifest.DatasetInfo) -> list[int]:
@@ -59,6 +60,26 @@ def fold_ids(info: manifest.DatasetInfo) -> list[int]:
                      "make_records --folds=K (K >= 2), or SIIM-ISIC Kaggle files (>= 2 train "
                      "files)")
   return folds
+
+
+def cv_config(config: train.TrainConfig) -> train.TrainConfig:
+  """The CV's settings with select_by=auto resolved to "last": a fold whose own validation images
+  (its out-of-fold images) chose its epoch makes the pooled out-of-fold AUC optimistic by
+  construction (with early stopping, more so); the last epoch of the schedule was chosen by no
+  split. A validation rule is still allowed on request, and the estimate is then flagged."""
+  if config.select_by != "auto":
+    return config
+  return dataclasses.replace(config, select_by="last")
+
+
+def estimate_note(select_by: str) -> tuple[bool, str]:
+  """(honest, what the out-of-fold estimate is) for the folds' selection rule."""
+  if select_by == "last":
+    return True, ("each fold model is its last epoch (select_by=last): no out-of-fold image "
+                  "chose it, so the pooled out-of-fold metrics are an honest estimate")
+  return False, (f"OPTIMISTIC: each fold's epoch was chosen by select_by={select_by} on the very "
+                 "images it then predicts out of fold; train with --select_by=last (the "
+                 "default for --fold=all) for an honest estimate")
 
 
 def fold_config(config: train.TrainConfig, fold: int) -> train.TrainConfig:
@@ -176,21 +197,46 @@ def format_cv(m: dict) -> str:
   ci_text = (f"  (95 % CI {ci[0]:.4f}-{ci[1]:.4f}, {m['bootstrap']['unit']}-level bootstrap)"
              if ci and None not in ci[:2] else "")
   lines.append(f"  pooled out-of-fold ROC AUC {num(m['oof_roc_auc'])}{ci_text}")
+  if m.get("estimate"):
+    lines.append(f"  {m['estimate']}")
+  if m.get("threshold"):
+    lines.append(f"  ensemble threshold {m['threshold']['value']:.4g}: {m['threshold']['source']}"
+                 f" ({rundir.THRESHOLD_FILE})")
   return "\n".join(lines)
 
 
 def write_outputs(model_dir, predictions: list[dict], classes: list[str],
-                  bootstrap: int = 1000, tta: int = 0) -> dict:
-  """oof.csv, cv_metrics.json and cv_roc.png in `model_dir`, each atomically."""
+                  bootstrap: int = 1000, tta: int = 0, select_by: str = "last",
+                  threshold_rule: str = thresholds.DEFAULT_RULE) -> dict:
+  """oof.csv, cv_metrics.json, cv_roc.png and threshold.json in `model_dir`, each atomically."""
   m = cv_metrics(predictions, classes, bootstrap)
   m["oof_tta"] = tta
+  m["honest"], m["estimate"] = estimate_note(select_by)
+  m["select_by"] = select_by
+  if len(classes) == 2:
+    m["threshold"] = _oof_threshold(model_dir, predictions, threshold_rule)
   fileio.write_text_atomic(fileio.join(model_dir, rundir.OOF_FILE), oof_csv(predictions, classes))
   probs, labels, _ = _pooled(predictions)
   plots.cv_roc(fileio.join(model_dir, CV_ROC_FILE),
                [(p["fold"], p["probs"], p["labels"]) for p in predictions], probs, labels, classes)
-  m["files"] = {name: fileio.join(model_dir, name) for name in _CV_FILES}
+  m["files"] = {name: fileio.join(model_dir, name) for name in _CV_FILES
+                if name != rundir.THRESHOLD_FILE or len(classes) == 2}
   rundir.write_cv_metrics(model_dir, m)
   return m
+
+
+def _oof_threshold(model_dir, predictions: list[dict], rule: str) -> dict:
+  """threshold.json for the fold models' ensemble: chosen on the pooled out-of-fold predictions,
+  the only labelled predictions of these models that no test image is part of. The ensemble's
+  mean is smoother than any one fold's scores, so it is an estimate, flagged as such."""
+  probs, labels, _ = _pooled(predictions)
+  value, source = thresholds.choose(rule, probs, labels)
+  stored = rundir.StoredThreshold(
+      value, rule, source.replace("validation predictions", "out-of-fold predictions of the fold "
+                                  "models (each fold's own model; applied to their ensemble)"),
+      "oof", int(len(labels)))
+  rundir.write_threshold(model_dir, stored)
+  return dataclasses.asdict(stored)
 
 
 def run_cv(config: train.TrainConfig, strategy=None, **kwargs) -> dict:
@@ -210,6 +256,8 @@ def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | N
            oof_tta: int = 0, bootstrap: int = 1000,
            echo: Callable[[str], None] = logging.info) -> dict:
   inference.check_tta(oof_tta, "oof_tta")
+  config = cv_config(config)
+  config.validate()
   info = pipeline.load_info(config.records_dir)
   fold_ids(info)  # before anything long
   strategy = strategy or distribute.make_strategy(config.strategy)
@@ -231,7 +279,7 @@ def _run_cv(config: train.TrainConfig, strategy=None, *, oof_batch_size: int | N
                                   oof_batch_size or config.batch_size, oof_tta)
                      for k in fold_ids(info)]
       result.update(write_outputs(config.model_dir, predictions, list(info.classes), bootstrap,
-                                  oof_tta), chief=True)
+                                  oof_tta, config.select_by, config.threshold_rule), chief=True)
     except Exception as err:  # pylint: disable=broad-except  (re-raised after the barrier)
       error = err
   if distribute.num_workers(strategy) > 1:

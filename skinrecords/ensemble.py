@@ -34,6 +34,7 @@ from skinrecords import fileio
 from skinrecords import inference
 from skinrecords import models
 from skinrecords import rundir
+from skinrecords import thresholds
 
 METHODS = ("mean", "rank")
 
@@ -59,9 +60,7 @@ class Member:
     return (self.cfg.get("model") or {}).get("backbone")
 
   def calibrated(self, probs) -> np.ndarray:
-    if not self.calibration:
-      return probs
-    return calibration.apply_temperature(probs, self.calibration["temperature"])
+    return calibration.apply(self.calibration, probs)
 
 
 def _expand(entry: str) -> list[str]:
@@ -125,6 +124,38 @@ def load_members(model_dir: str, use_stored_calibration: bool = True) -> list[Me
                        f"{first.classes}, {m.model_dir} has {m.classes}; combine runs trained "
                        "on the same classes in the same order")
   return members
+
+
+def stored_threshold(model_dir: str, members) -> tuple[float, str, bool]:
+  """(threshold on the probabilities the members report, where it came from, whether it is the
+  0.5 fallback): MODEL_DIR's threshold.json, chosen on validation (a run) or on the out-of-fold
+  predictions (a CV folder), mapped through the member's calibration when there is one."""
+  single, cal = len(members) == 1, members[0].calibration
+  where = members[0].model_dir if single else model_dir
+  stored = (rundir.read_threshold(where) if single or (
+      "," not in str(model_dir) and rundir.holds_cv_run(model_dir)) else None)
+  if stored and single and stored.model_sha256 and stored.model_sha256 != fileio.sha256_file(
+      fileio.join(where, rundir.MODEL_FILE)):
+    stored = None  # a model.keras retrained since (e.g. by hand): the threshold is not its own
+  if stored is None or stored.split == "none":
+    why = (stored.source if stored else
+           f"{where} has no {rundir.THRESHOLD_FILE} chosen without test data" +
+           ("" if single else " (a list of runs has no shared validation split)"))
+    return (thresholds.FALLBACK, f"fixed {thresholds.FALLBACK} by default ({why}); pass "
+            "--threshold to choose one", True)
+  if stored.split == "fixed":  # --threshold_rule=fixed:T: chosen by no split
+    return (calibration.map_threshold(cal, stored.value) if single else stored.value,
+            f"fixed {stored.value:g} ({stored.source}, "
+            f"{fileio.join(where, rundir.THRESHOLD_FILE)})",
+            False)
+  if single and cal:
+    return (calibration.map_threshold(cal, stored.value),
+            f"{stored.value:.4g} before calibration ({stored.describe(where)}), mapped through "
+            f"the {cal['method']} calibration", False)
+  if cal or any(m.calibration for m in members):
+    return stored.value, (stored.describe(where) + "; chosen on uncalibrated out-of-fold "
+                          "predictions, applied to calibrated members"), False
+  return stored.value, stored.describe(where), False
 
 
 def default_output_dir(model_dir: str, split: str) -> str:
@@ -210,14 +241,42 @@ def fit_temperature(member: Member, probs, labels, where: dict) -> dict:
   return cal
 
 
+def fit_platt(member: Member, probs, labels, where: dict) -> dict:
+  """Fits Platt scaling (slope, intercept) on the member's validation predictions; writes
+  calibration.json; returns it."""
+  a, b = calibration.fit_platt(probs, labels)
+  cal = {"method": "platt", "slope": a, "intercept": b, "fitted_on": dict(where, n=len(labels)),
+         "model_sha256": fileio.sha256_file(fileio.join(member.model_dir, rundir.MODEL_FILE)),
+         "nll_before": calibration.nll(probs, labels),
+         "nll_after": calibration.nll(calibration.apply_platt(probs, a, b), labels),
+         "ece_before": calibration.expected_calibration_error(probs, labels),
+         "ece_after": calibration.expected_calibration_error(
+             calibration.apply_platt(probs, a, b), labels)}
+  rundir.write_calibration(member.model_dir, cal)
+  member.calibration = cal
+  return cal
+
+
+def _describe(cal: dict | None) -> str | None:
+  if not cal:
+    return None
+  if cal.get("method") == "platt":
+    return f"Platt slope {cal['slope']:.3f} intercept {cal['intercept']:+.3f}"
+  return f"temperature {cal['temperature']:.3f}"
+
+
 def calibration_summary(members: list[Member], probs, raw, labels, method: str) -> dict:
   """ece/brier/nll of what is reported, the temperatures used, and the scores without them."""
   temps = [(m.calibration or {}).get("temperature") for m in members]
-  out = {"calibration": {"method": "temperature" if any(temps) else None,
-                         "temperatures": dict(zip([m.model_dir for m in members], temps))}}
-  if any(temps):
-    out["calibration"]["note"] = ("temperature " + ", ".join(
-        f"{t:.3f}" for t in temps if t) + " (fitted on the validation split)")
+  methods = sorted({m.calibration["method"] for m in members if m.calibration})
+  out = {"calibration": {"method": "+".join(methods) or None,
+                         "temperatures": dict(zip([m.model_dir for m in members], temps)),
+                         "platt": {m.model_dir: [m.calibration["slope"], m.calibration["intercept"]]
+                                   for m in members if (m.calibration or {}).get("method") ==
+                                   "platt"}}}
+  if methods:
+    out["calibration"]["note"] = (", ".join(d for d in map(_describe, (
+        m.calibration for m in members)) if d) + " (fitted on the validation split)")
     out["calibration"]["warnings"] = [f"{m.model_dir}: {m.calibration['warning']}"
                                       for m in members if (m.calibration or {}).get("warning")]
   if method == "rank" and len(members) > 1:
@@ -226,7 +285,7 @@ def calibration_summary(members: list[Member], probs, raw, labels, method: str) 
     return out
   out.update(calibration.calibration_metrics(probs, labels))
   out["reliability"] = calibration.reliability_bins(probs, labels)
-  if any(temps):
+  if methods:
     out["uncalibrated"] = calibration.calibration_metrics(
         combine(raw, method), labels)
   return out

@@ -40,10 +40,11 @@ from skinrecords import plots
 from skinrecords import rundir
 from skinrecords import submission
 
-_THRESHOLD_CHOICES = "a float strictly between 0 and 1, or 'youden'"
-# stored: apply MODEL_DIR/calibration.json when there is one; temperature: fit it now on the
-# validation split (and store it); none: ignore a stored one.
-CALIBRATE_CHOICES = ("stored", "temperature", "none")
+_THRESHOLD_CHOICES = ("'stored' (the run's threshold.json), a float strictly between 0 and 1, "
+                      "or 'youden'")
+# stored: apply MODEL_DIR/calibration.json when there is one; temperature / platt: fit it now on
+# the validation split (and store it); none: ignore a stored one.
+CALIBRATE_CHOICES = ("stored", "temperature", "platt", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,9 @@ class EvalConfig:
   split: str = "test"
   fold: int | None = None  # default: config.json's fold (used for split "train"/"valid")
   batch_size: int = 64
-  threshold: str = "0.5"  # a float in (0, 1), or "youden" (chosen on the validation split)
+  # "stored": the threshold training chose on validation (threshold.json; 0.5, said loudly, when
+  # the run has none); a float in (0, 1); or "youden" (chosen now on the validation split).
+  threshold: str = "stored"
   tta: int = 0  # 0: off; n in 1..8: mean probability over the first n transforms of DIHEDRAL
   output_dir: str | None = None  # default: MODEL_DIR/eval_<split>
   # train/valid splits of records other than the model's training records: refused unless True
@@ -100,9 +103,9 @@ class EvalConfig:
 
 
 def parse_threshold(text: str | float) -> float | str:
-  """"youden" or a float in (0, 1); ValueError otherwise."""
-  if isinstance(text, str) and text.strip().lower() == "youden":
-    return "youden"
+  """"stored", "youden" or a float in (0, 1); ValueError otherwise."""
+  if isinstance(text, str) and text.strip().lower() in ("youden", "stored"):
+    return text.strip().lower()
   try:
     value = float(text)
   except (TypeError, ValueError) as err:
@@ -156,13 +159,19 @@ def _preprocessing_warnings(cfg: dict, info: manifest.DatasetInfo) -> list[str]:
           f"({diffs}); its scores here may not reflect its real accuracy"]
 
 
-def _threshold(config, cfg, run, fold, classes):
-  """(threshold, where it came from) — a fixed value, or Youden's J on the validation split."""
+def _threshold(config, cfg, run, fold, classes, members=None):
+  """(threshold, where it came from) — stored, a fixed value, or Youden's J on validation."""
   threshold = config.threshold_value
   if len(classes) != 2:
     return None, None
+  if threshold == "stored":
+    value, source, fallback = ensemble.stored_threshold(config.model_dir, members)
+    if fallback:
+      bar = "!" * 100
+      print(f"{bar}\nWARNING: decision threshold {source}\n{bar}", file=sys.stderr, flush=True)
+    return value, source
   if threshold != "youden":
-    return threshold, "fixed"
+    return threshold, f"fixed {threshold:g} (--threshold)"
   valid_probs, valid_labels = run("valid")[:2]
   where = f"valid{f' fold {fold}' if fold is not None else ''}"
   return (metrics.youden_threshold(valid_probs, valid_labels),
@@ -250,22 +259,25 @@ def _check_outputs(config: EvalConfig, classes) -> tuple[str, list[str]]:
 
 
 def _fit_calibration(config, members, info, folds, sames) -> None:
-  """--calibrate=temperature: each member's T on its own validation split (for CV folds, the fold
-  it held out: honest for that member), stored in its MODEL_DIR."""
+  """--calibrate=temperature|platt: each member's calibration on its own validation split (for CV
+  folds, the fold it held out: honest for that member), stored in its MODEL_DIR."""
   for m, fold, same in zip(members, folds, sames):
     rundir.check_writable(m.model_dir)
     if "valid" not in info.shards and fold is None:
-      raise ValueError(f"calibrate=temperature fits on a validation split, and "
+      raise ValueError(f"calibrate={config.calibrate} fits on a validation split, and "
                        f"{info.records_dir} has none for {m.model_dir} (no valid split, no "
                        "fold); calibrate=none, or records with a validation split")
     _check_leakage(dataclasses.replace(config, model_dir=m.model_dir, split="valid"), m.cfg, info,
                    fold, False, same)
+  fit = ensemble.fit_platt if config.calibrate == "platt" else ensemble.fit_temperature
+  if config.calibrate == "platt" and len(members[0].classes) != 2:
+    raise ValueError("calibrate=platt fits a slope and an intercept to one logit (two classes); "
+                     "use calibrate=temperature for more classes")
   for m, fold in zip(members, folds):
     probs, labels, _ = ensemble.predict_member(m, info, "valid", fold, config.batch_size,
                                                config.tta)
-    ensemble.fit_temperature(m, probs, labels, {"records_dir": str(info.records_dir),
-                                                "split": "valid", "fold": fold,
-                                                "tta": config.tta})
+    fit(m, probs, labels, {"records_dir": str(info.records_dir), "split": "valid", "fold": fold,
+                           "tta": config.tta})
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -274,11 +286,18 @@ def evaluate(config: EvalConfig) -> dict:
   members, info, records_dir, folds, sames = _inputs(config)
   classes, fold = members[0].classes, folds[0]
   out, columns = _check_outputs(config, classes)
-  if config.calibrate == "temperature":
+  if config.calibrate in ("temperature", "platt"):
     _fit_calibration(config, members, info, folds, sames)
 
   # Predictions (each member at its own image size), the threshold and the metrics.
+  cache = {}
+
   def run(split):
+    if split not in cache:
+      cache[split] = predict(split)
+    return cache[split]
+
+  def predict(split):
     preds = [ensemble.predict_member(m, info, split, f if split in ("train", "valid") else None,
                                      config.batch_size, config.tta)
              for m, f in zip(members, folds)]
@@ -289,12 +308,14 @@ def evaluate(config: EvalConfig) -> dict:
             member_probs, raw)
 
   probs, labels, names, member_probs, raw = run(config.split)
-  threshold, source = _threshold(config, members[0].cfg, run, fold, classes)
+  threshold, source = _threshold(config, members[0].cfg, run, fold, classes, members)
   split_fold = fold if config.split in ("train", "valid") else None
   groups = pipeline.patient_ids(info, config.split, split_fold, names) if config.bootstrap else None
   m = metrics.compute_metrics(probs, labels, classes, threshold, groups=groups,
                               bootstrap=config.bootstrap)
   m.update(ensemble.calibration_summary(members, probs, raw, labels, config.ensemble))
+  if len(classes) == 2:
+    _validation_operating_points(config, m, run, members, info, folds, sames, probs, labels)
   if len(members) > 1:
     m["ensemble"] = {"method": config.ensemble, "members": [x.model_dir for x in members]}
     m["members"] = ensemble.member_rows(members, [dict(
@@ -314,6 +335,37 @@ def evaluate(config: EvalConfig) -> dict:
   return m
 
 
+def _validation_operating_points(config, m, run, members, info, folds, sames, probs,
+                                 labels) -> None:
+  """The operating points with thresholds chosen on the validation split and applied to the split
+  evaluated; the split's own (optimistic) choice only where no validation split can be used."""
+  why = None
+  if config.split == "valid":
+    why = "the split evaluated"
+  elif "valid" not in info.shards and folds[0] is None:
+    why = "there is no validation split"
+  elif config.ensemble == "rank" and len(members) > 1:
+    why = "rank scores are relative to the split they rank"
+  else:
+    try:
+      ensemble.check_leakage(members, config.split, True, folds, sames)
+      for x, f, same in zip(members, folds, sames):
+        _check_leakage(dataclasses.replace(config, model_dir=x.model_dir), x.cfg, info, f, True,
+                       same)
+    except ValueError:
+      why = "no validation split is free of every member's training data"
+  if why:
+    m["operating_points_source"] = (f"thresholds chosen on the {config.split} split itself, as "
+                                    f"{why}: OPTIMISTIC for it")
+    return
+  valid_probs, valid_labels = run("valid")[:2]
+  m["operating_points_chosen_on_split"] = m["operating_points"]
+  m["operating_points"] = metrics.transferred_operating_points(valid_probs, valid_labels, probs,
+                                                               labels)
+  m["operating_points_source"] = (f"thresholds chosen on {len(valid_labels)} validation "
+                                  f"predictions, rates measured on {config.split}")
+
+
 def _annotate(config, m, members, info, records_dir, sames, split_fold, source, out) -> None:
   """Where the numbers come from: records, split, threshold, optimism, preprocessing; `sames`
   says per member whether these are its training records."""
@@ -326,12 +378,16 @@ def _annotate(config, m, members, info, records_dir, sames, split_fold, source, 
     warnings.append(f"{records_dir} are not the training records of {', '.join(others)}: its "
                     "split here may hold images (or patients) those runs trained on; make sure "
                     "the two record sets share none, or evaluate on their own records")
+  chosen = bool(source) and not source.startswith("fixed")
   if config.split == "valid" and same:
     m["optimistic"] = ("this validation split chose the saved epoch" +
-                       (" and the threshold" if source and source != "fixed" else "") +
+                       (" and the threshold" if chosen else "") +
                        ": its scores are optimistic; report the test split")
-    if source and source != "fixed":
+    if chosen:
       source += ", the split evaluated here (optimistic)"
+  if config.split == "train" and same:
+    m["optimistic"] = ("the model was trained on these images: its scores here measure fit, not "
+                       "accuracy on new lesions; report the test split")
   m.update(model_dir=str(config.model_dir), records_dir=str(records_dir),
            training_records=same, split=config.split, fold=split_fold, tta=config.tta,
            threshold_source=source, output_dir=str(out), warnings=list(dict.fromkeys(warnings)))
@@ -371,6 +427,8 @@ def report_text(m: dict) -> str:
     notes.append(f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}")
   if m.get("threshold_source"):
     notes.append(f"threshold: {m['threshold_source']}")
+  if m.get("operating_points_source"):
+    notes.append(f"operating points: {m['operating_points_source']}")
   if m.get("ece") is not None:
     notes.append(f"calibration: ECE {m['ece']:.4f} ({m['ece_bins']} bins, top label), Brier "
                  f"{m['brier']:.4f}, NLL {m['nll']:.4f}" +
@@ -378,7 +436,7 @@ def report_text(m: dict) -> str:
                   else ""))
     if m.get("uncalibrated"):
       u = m["uncalibrated"]
-      notes.append(f"  without temperature: ECE {u['ece']:.4f}, Brier {u['brier']:.4f}, NLL "
+      notes.append(f"  without calibration: ECE {u['ece']:.4f}, Brier {u['brier']:.4f}, NLL "
                    f"{u['nll']:.4f}")
   if m.get("members"):
     notes.append("members and ensemble on the same split and threshold:\n" +

@@ -68,7 +68,8 @@ class ExportConfig:
   format: str = "all"  # "saved_model" | "tflite" | "all"
   records_dir: str | None = None  # images for the TFLite check; default: config.json's records
   max_examples: int = 256  # TFLite check on at most this many images of the valid (or test) split
-  threshold: float = 0.5  # two classes: predicted class 1 when P(class 1) >= threshold
+  # Two classes: predicted class 1 when P(class 1) >= threshold; None: the run's threshold.json.
+  threshold: float | None = None
   version: int = 1  # TF Serving version folder: OUTPUT_DIR/<version>/
   ensemble: str = "mean"  # several members: only "mean" can be served (RANK_REFUSED)
   member_outputs: bool = False  # also return each member's probability (member_probabilities)
@@ -87,7 +88,8 @@ class ExportConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"ExportConfig.{name}={v!r}: expected an integer >= 1")
-    if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
+    if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or
+                                       not 0.0 < self.threshold < 1.0):
       raise ValueError(f"ExportConfig.threshold={self.threshold!r}: expected a float strictly "
                        "between 0 and 1")
 
@@ -497,6 +499,19 @@ def _smoke_script() -> str:
   return fileio.read_text(os.path.join(os.path.dirname(__file__), SMOKE_SCRIPT))
 
 
+def _resolve_threshold(config: ExportConfig) -> tuple[ExportConfig, str]:
+  """The decision threshold built into the export, and where it came from: --threshold, else the
+  run's (or CV folder's) threshold.json chosen on validation, else 0.5, said so."""
+  if config.threshold is not None:
+    return config, "fixed (--threshold)"
+  stored = rundir.read_threshold(config.model_dir)
+  if stored and stored.split != "none":
+    threshold, source = stored.value, stored.describe(config.model_dir)
+  else:
+    threshold, source = 0.5, "0.5 by default: the run stored no threshold chosen on validation"
+  return dataclasses.replace(config, threshold=threshold), source
+
+
 def export(config: ExportConfig) -> ExportReport:
   """bin/export: writes what `config.format` asks for into config.output_dir.
 
@@ -512,6 +527,7 @@ def export(config: ExportConfig) -> ExportReport:
   members = load_members(config)
   cfg = members[0].cfg
   out = fileio.check_writable_dir(config.output_dir)
+  config, threshold_source = _resolve_threshold(config)
   identity = model_identity(members, config)
   stale = check_no_mix(out, identity, config.overwrite)
   records = _check_records(config, cfg)
@@ -520,6 +536,7 @@ def export(config: ExportConfig) -> ExportReport:
   for m in members[1:]:  # every member's client-side steps are announced, not just the first's
     warn += [w for w in preprocessing_settings(m.cfg, config.threshold)[1] if w not in warn]
   settings["model"] = identity
+  settings["threshold_source"] = threshold_source if len(classes) == 2 else None
   report = ExportReport(output_dir=out, warnings=warn)
   # Built locally: in a hidden folder inside a local output (renamed into place, atomically), in
   # a temporary folder for a remote one (uploaded at the end, only when every check passed).

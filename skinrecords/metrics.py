@@ -280,11 +280,16 @@ def _operating_point_lines(m: dict) -> list[str]:
     return []
   lines = [f"ISIC partial AUC above 80% sensitivity (auc_sens_80): {m['auc_sens_80']:.4f} "
            "(chance 0.18, perfect 1)",
-           "operating points (each reached by a real threshold, no interpolation):",
-           f"  {'constraint':<21} {'sensitivity':>11} {'specificity':>11} {'threshold':>11}"]
+           "operating points (each reached by a real threshold, no interpolation"
+           + (f"; {m['operating_points_source']}" if m.get("operating_points_source") else "")
+           + "):",
+           f"  {'constraint':<30} {'sensitivity':>11} {'specificity':>11} {'threshold':>11}"]
+
+  def rate(x):
+    return f"{'-':>11}" if x is None else f"{x:>11.4f}"
   for p in m["operating_points"]:
     t = "none" if p["threshold"] is None else f"{p['threshold']:.6g}"
-    lines.append(f"  {p['constraint']:<21} {p['sensitivity']:>11.4f} {p['specificity']:>11.4f} "
+    lines.append(f"  {p['constraint']:<30} {rate(p['sensitivity'])} {rate(p['specificity'])} "
                  f"{t:>11}")
   return lines
 
@@ -333,3 +338,22 @@ def format_folds(summary: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------- evaluate
+
+
+def transferred_operating_points(valid_probs, valid_labels, probs, labels) -> list[dict]:
+  """The clinical operating points with their thresholds chosen on (valid_probs, valid_labels) and
+  their sensitivity and specificity measured on (probs, labels): what a user who fixed the
+  threshold before seeing the test images gets. Chosen on the split reported, they are optimistic
+  by construction (each picks the best of every threshold for the images it is scored on)."""
+  probs, labels = np.asarray(probs, np.float64).reshape(-1), np.asarray(labels).reshape(-1)
+  pos, neg = labels == 1, labels == 0
+  out = []
+  for p in operating_points(valid_probs, valid_labels)["operating_points"]:
+    t = math.inf if p["threshold"] is None else p["threshold"]
+    predicted = probs >= t
+    out.append({"constraint": p["constraint"] + " on valid",
+                "sensitivity": float(predicted[pos].mean()) if pos.any() else None,
+                "specificity": float(1 - predicted[neg].mean()) if neg.any() else None,
+                "threshold": p["threshold"], "valid_sensitivity": p["sensitivity"],
+                "valid_specificity": p["specificity"]})
+  return out

@@ -48,7 +48,9 @@ class PredictConfig:
   input_dir: str | None = None  # every image under it, recursively (hidden files skipped)
   output_csv: str | None = None
   batch_size: int = 32
-  threshold: float = 0.5  # two classes: predicted class 1 when P(class 1) >= threshold
+  # Two classes: predicted class 1 when P(class 1) >= threshold. "stored" (or None): the run's
+  # threshold.json, chosen on validation by training; 0.5, said loudly, when it has none.
+  threshold: float | str | None = "stored"
   tta: int = 0  # as EvalConfig.tta
   records_dir: str | None = None  # instead of images: every record of `split` in this folder
   split: str = "test"
@@ -72,9 +74,10 @@ class PredictConfig:
     if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
         self.batch_size < 1:
       raise ValueError(f"PredictConfig.batch_size={self.batch_size!r}: expected an integer >= 1")
-    if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
-      raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected a float strictly "
-                       "between 0 and 1")
+    if self.threshold not in (None, "stored") and (not isinstance(self.threshold, (int, float))
+                                                   or not 0.0 < self.threshold < 1.0):
+      raise ValueError(f"PredictConfig.threshold={self.threshold!r}: expected None (the run's "
+                       "stored threshold) or a float strictly between 0 and 1")
     inference.check_tta(self.tta, "PredictConfig.tta")
     if self.ensemble not in ensemble.METHODS:
       raise ValueError(f"PredictConfig.ensemble={self.ensemble!r}: expected one of "
@@ -273,10 +276,17 @@ def _member_probs(config: PredictConfig, member, paths):
   return member.calibrated(probs), names, rejected
 
 
+def resolve_threshold(config: PredictConfig, members) -> tuple[float, str, bool]:
+  """(threshold, where it came from, whether it is the 0.5 fallback) for these members."""
+  if config.threshold not in (None, "stored"):
+    return float(config.threshold), f"fixed {config.threshold:g} (--threshold)", False
+  return ensemble.stored_threshold(config.model_dir, members)
+
+
 def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   """bin/predict: lists the images, predicts them (with every member), writes the CSV when asked.
 
-  Returns (rows, rejected, classes).
+  Returns (rows, rejected, classes); `config` with the threshold applied is `run.last_threshold`.
   """
   config.validate()
   if config.output_csv:
@@ -291,6 +301,9 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   members = ensemble.load_members(config.model_dir)
   classes = members[0].classes
   columns = _check_outputs(config, classes, len(members))
+  threshold, source, fallback = resolve_threshold(config, members)
+  run.last_threshold = (threshold, source, fallback) if len(classes) == 2 else None
+  config = dataclasses.replace(config, threshold=threshold)
   results = [_member_probs(config, m, paths) for m in members]
   ensemble.check_aligned([r[1] for r in results], [m.model_dir for m in members])
   probs = ensemble.combine([r[0] for r in results], config.ensemble)

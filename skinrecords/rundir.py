@@ -6,10 +6,13 @@
     MODEL_DIR/summary.json   which epoch was saved as best, and with what validation metrics
     MODEL_DIR/backup/        the checkpoint a restarted run resumes from
     MODEL_DIR/logs/          TensorBoard
-    MODEL_DIR/calibration.json  optional: the temperature `evaluate --calibrate=temperature` fitted
+    MODEL_DIR/calibration.json  optional: the temperature or Platt scaling `evaluate --calibrate`
+                             fitted
+    MODEL_DIR/threshold.json the two-class decision threshold chosen on validation (StoredThreshold)
 A cross-validation run (`train --fold=all`) is a folder of such runs, one per fold:
     CV_DIR/fold_0/ ... fold_{K-1}/   each a run directory as above, trained with --fold=k
     CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
+    CV_DIR/threshold.json    the ensemble's threshold, chosen on the out-of-fold predictions
 Every file is written atomically (temporary name, then rename): a kill during a save used to leave a
 0-byte best model that a rerun reported as success.
 
@@ -20,7 +23,9 @@ is `models.load_model_dir`, next to the custom layers a safe-mode load needs reg
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import math
 import json
 import os
 import zipfile
@@ -34,6 +39,7 @@ SUMMARY_FILE = "summary.json"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
 CALIBRATION_FILE = "calibration.json"
+THRESHOLD_FILE = "threshold.json"
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "auc", "val_loss", "val_accuracy",
                   "val_auc", "images_per_sec", "seconds")
 
@@ -109,7 +115,7 @@ RESUME_MAY_CHANGE = (
 _RESOLVED_KEYS = ("mixed_precision",)
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
-              "auc.png", CALIBRATION_FILE)
+              "auc.png", CALIBRATION_FILE, THRESHOLD_FILE)
 
 
 FOLD_PREFIX = "fold_"
@@ -157,24 +163,74 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
       planned, int) and done >= planned)
 
 
+CALIBRATION_METHODS = ("temperature", "platt")
+
+
 def write_calibration(model_dir: str | os.PathLike, calibration: dict) -> None:
-  """calibration.json: {"method": "temperature", "temperature": T, ...where it was fitted}."""
+  """calibration.json: {"method": "temperature", "temperature": T, ...} or {"method": "platt",
+  "slope": a, "intercept": b, ...}, with where it was fitted."""
   _write_json(model_dir, CALIBRATION_FILE, calibration)
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def read_calibration(model_dir: str | os.PathLike) -> dict | None:
   """calibration.json as a dict, or None when the run has none; ValueError when it is unusable."""
   path = fileio.join(model_dir, CALIBRATION_FILE)
-  cal = _read_json(model_dir, CALIBRATION_FILE,
-                   "; delete it or refit with --calibrate=temperature")
+  fix = "; delete it or refit with --calibrate=temperature or --calibrate=platt"
+  cal = _read_json(model_dir, CALIBRATION_FILE, fix)
   if cal is None:
     return None
-  t = cal.get("temperature") if isinstance(cal, dict) else None
-  if not isinstance(cal, dict) or cal.get("method") != "temperature" or isinstance(t, bool) or \
-      not isinstance(t, (int, float)) or not t > 0:
-    raise ValueError(f"{path}: expected {{\"method\": \"temperature\", \"temperature\": T > 0}}, "
-                     f"got {cal!r}; delete it or refit with --calibrate=temperature")
-  return cal
+  method = cal.get("method") if isinstance(cal, dict) else None
+  if method == "temperature" and _finite(cal.get("temperature")) and cal["temperature"] > 0:
+    return cal
+  # A slope <= 0 would reverse the ranking: no validation fit should give one (ensemble refuses).
+  if method == "platt" and _finite(cal.get("slope")) and cal["slope"] > 0 and \
+      _finite(cal.get("intercept")):
+    return cal
+  raise ValueError(f"{path}: expected {{\"method\": \"temperature\", \"temperature\": T > 0}} "
+                   f"or {{\"method\": \"platt\", \"slope\": a > 0, \"intercept\": b}}, got "
+                   f"{cal!r}{fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredThreshold:
+  """threshold.json: the two-class decision threshold on P(class 1) a run (or a CV folder) chose
+  without test data, and how. evaluate, predict and export apply it unless told otherwise."""
+  value: float
+  rule: str  # thresholds.parse_rule syntax: youden | sensitivity:S | fixed:T
+  source: str  # human: "Youden's J on 120 validation predictions"
+  split: str  # "valid" (a run) or "oof" (a CV folder: the fold models' out-of-fold predictions)
+  n: int  # predictions it was chosen on (0 for a fixed rule)
+  fold: int | None = None
+  model_sha256: str | None = None  # the model.keras it was chosen for (None for a CV folder)
+
+  def describe(self, where: str | os.PathLike = "") -> str:
+    """Where it came from (the value itself is printed beside it by the caller)."""
+    return self.source + (f", {fileio.join(where, THRESHOLD_FILE)}" if where else "")
+
+
+def write_threshold(model_dir: str | os.PathLike, threshold: StoredThreshold) -> None:
+  _write_json(model_dir, THRESHOLD_FILE, dataclasses.asdict(threshold))
+
+
+def read_threshold(model_dir: str | os.PathLike) -> StoredThreshold | None:
+  """threshold.json, None when absent; ValueError (one line, with the fix) when unusable."""
+  path = fileio.join(model_dir, THRESHOLD_FILE)
+  raw = _read_json(model_dir, THRESHOLD_FILE, "; delete it, or train again")
+  if raw is None:
+    return None
+  fields = {f.name for f in dataclasses.fields(StoredThreshold)}
+  try:
+    t = StoredThreshold(**{k: v for k, v in raw.items() if k in fields})
+  except TypeError as err:
+    raise ValueError(f"{path}: {err}; delete it, or train again") from err
+  if not (_finite(t.value) and 0.0 < t.value < 1.0):
+    raise ValueError(f"{path}: value={t.value!r} is not a threshold in (0, 1); delete it, or "
+                     "train again")
+  return t
 
 
 class RunDirError(ValueError):

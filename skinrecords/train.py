@@ -44,9 +44,11 @@ from skinrecords import rundir
 from skinrecords import run_state
 from skinrecords import selection
 from skinrecords import steps as steps_lib
+from skinrecords import thresholds
 from skinrecords import xla
 
 BALANCE = ("none", "oversample", "class_weights")
+DETERMINISTIC = ("auto", "on", "off", True, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,15 @@ class TrainConfig:
   progress: bool = True
   data_service: str = ""  # grpc://host:port of a tf.data service dispatcher for the train input
   # Op determinism (tf.config.experimental.enable_op_determinism) for bit-identical runs from one
-  # seed; it also forces tf.data's interleave and map into order (measured cost: BUILD_NOTES).
-  deterministic: bool = False
+  # seed; it also forces tf.data's interleave and map into order. True/"on", False/"off", or
+  # "auto": on without a GPU, where it cost <= 5 % (BUILD_NOTES, "Deterministic training"); off on
+  # GPUs, where deterministic cuDNN/XLA kernels can be much slower and some ops have none.
+  deterministic: bool | str = "auto"
+  # Which epoch model.keras keeps: selection.RULES, or "auto" (selection.DEFAULT; cv.run_cv
+  # makes it "last" for its folds, so that no fold's validation images choose its epoch).
+  select_by: str = "auto"
+  # The two-class decision threshold chosen on validation after training (thresholds.py).
+  threshold_rule: str = "youden"
   overwrite: bool = False  # start afresh in a model_dir holding another run, instead of refusing
   # The recipe (recipes.py); the defaults are the recipe from before these fields existed.
   optimizer: str = "adam"  # adam | adamw
@@ -109,6 +118,14 @@ class TrainConfig:
                          "worker would cache only the files it happened to get; drop cache")
     if self.xla not in xla.XLA_SETTINGS:
       raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(xla.XLA_SETTINGS)}")
+    if self.select_by != "auto":
+      selection.check_rule(self.select_by)
+    if self.select_by == "last" and self.early_stopping_patience:
+      raise ValueError("early_stopping_patience stops on a validation score, select_by=last keeps "
+                       "the last epoch whatever it scores; drop one of them")
+    if self.deterministic not in DETERMINISTIC:
+      raise ValueError(f"deterministic={self.deterministic!r}; choose one of auto, on, off")
+    thresholds.parse_rule(self.threshold_rule)
     recipes.validate(self)
     self.model.validate()
     self.augment.validate()
@@ -182,18 +199,33 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
                                "oof.csv); train a single run into another --model_dir")
   out = distribute.ChiefOutputDir(config.model_dir, chief, tag=distribute.task_name(strategy))
   was_deterministic = tf_framework_config.is_op_determinism_enabled()
+  deterministic = resolve_deterministic(config.deterministic)
+  config = dataclasses.replace(config, deterministic=deterministic,
+                               select_by=resolve_select_by(config.select_by))
   try:
     # Initialisation always comes from the seed. It used to come from Keras' global generator,
     # i.e. from whatever ran earlier in the process (other tests, other folds in a notebook).
     keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
+    if deterministic:
       tf.config.experimental.enable_op_determinism()
     return _train(config, strategy, out)
   finally:
     out.cleanup()
-    if config.deterministic and not was_deterministic:
+    if deterministic and not was_deterministic:
       # Process-wide: leave a notebook (or the test process) as it was.
       tf_framework_config.disable_op_determinism()
+
+
+def resolve_deterministic(setting: bool | str) -> bool:
+  """deterministic=auto|on|off (or a bool) -> whether op determinism is on for this run."""
+  if setting in ("auto",):
+    # CPU: measured at <= 5 % (BUILD_NOTES). GPU: left off, its cost is per model and kernel.
+    return not tf.config.list_physical_devices("GPU")
+  return setting in (True, "on")
+
+
+def resolve_select_by(rule: str) -> str:
+  return selection.DEFAULT if rule == "auto" else rule
 
 
 def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
@@ -221,6 +253,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   result = _summary(config, state, history, setup, start)
   result.update(final_weights_sha256=digest, chief=out.chief)
   if out.chief:
+    result["threshold"] = dataclasses.asdict(_choose_threshold(config, setup, out.dir))
     rundir.write_summary(out.dir, result)
   # Measured with 2 workers on one host: destroying the training iterator blocked 0-10 s in a
   # tf.data thread join on one worker or the other. Destroy it here, then wait for every worker,
@@ -349,7 +382,8 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: run_state.State, o
     _check_finite(row, epoch, config)
     row["phase"] = phase
     history.append(row)
-    improved = selection.update_best(state, row, epoch, valid is not None, first=epoch == start)
+    improved = selection.update_best(state, row, epoch, valid is not None, first=epoch == start,
+                                     rule=config.select_by)
     _save_epoch(config, state, out, history, improved, (manager, writer), setup, start)
     logging.info("epoch %d/%d %s%s", epoch + 1, config.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
@@ -385,11 +419,12 @@ def _summary(config: TrainConfig, state: run_state.State, history: list, setup: 
   best_epoch = int(state.best_epoch.numpy())
   row = next((r for r in history if int(r["epoch"]) == best_epoch), None)
   best = {k: _number(row[k]) for k in _METRICS} if row else {}
-  criterion = (selection.criterion({k: float(row[k]) for k in _METRICS}, setup.has_valid)[0] if row
-               else None)
+  criterion = (selection.criterion({"epoch": best_epoch, **{k: float(row[k]) for k in _METRICS}},
+                                   setup.has_valid, config.select_by)[0] if row else None)
   return {"model_dir": str(config.model_dir), "model_file": rundir.MODEL_FILE,
           "best_epoch": best_epoch or None, "best_metrics": best, "selected_by": criterion,
-          "selection_rule": selection.SELECTION.get(criterion), "epochs_done": len(history),
+          "selection_rule": selection.SELECTION.get(criterion), "select_by": config.select_by,
+          "epochs_done": len(history),
           "epochs_planned": config.epochs, "epochs_this_run": max(0, len(history) - start),
           "stopped_early": (len(history) < config.epochs
                             and recipes.should_stop(config, len(history), best_epoch)),
@@ -463,3 +498,38 @@ def _repair_model(config: TrainConfig, state: run_state.State, out, history: lis
   logging.warning("%s was damaged (%s); restored epoch %d from %s/ (%s)", path, problem, start,
                   rundir.BACKUP_DIR, "the best epoch" if best == start else
                   f"the best epoch {best} was lost; --restore_model")
+
+
+def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> rundir.StoredThreshold:
+  """threshold.json: the saved model's validation predictions under config.threshold_rule; 0.5,
+  said loudly, without a validation split (nothing else can choose it without test data)."""
+  from skinrecords import inference  # pylint: disable=g-import-not-at-top
+
+  rule, fold = config.threshold_rule, config.fold
+  kind, arg = thresholds.parse_rule(rule)
+  if setup.info.num_classes != 2:
+    stored = rundir.StoredThreshold(thresholds.FALLBACK, rule, "more than two classes: argmax, "
+                                    "no threshold", "none", 0, fold)
+  elif kind == "fixed":
+    stored = rundir.StoredThreshold(arg, rule, f"--threshold_rule={rule}", "fixed", 0, fold)
+  elif not setup.has_valid:
+    logging.warning("no validation split: the decision threshold stays at %s (nothing but test "
+                    "data could choose another); pass one to evaluate and predict with "
+                    "--threshold, or train with --threshold_rule=fixed:T", thresholds.FALLBACK)
+    stored = rundir.StoredThreshold(thresholds.FALLBACK, rule, f"{thresholds.FALLBACK} by "
+                                    "default: the run had no validation split to choose it on",
+                                    "none", 0, fold)
+  else:
+    model, cfg = models.load_model_dir(model_dir)
+    ds = pipeline.make_dataset(setup.info, "valid", batch_size=config.batch_size, training=False,
+                               image_size=cfg["image_size"], fold=fold)
+    probs, labels, _ = inference.predict_dataset(model, ds, 0, info=setup.info, split="valid",
+                                                 fold=fold)
+    value, source = thresholds.choose(rule, probs, labels)
+    where = f" (fold {fold})" if fold is not None else ""
+    stored = rundir.StoredThreshold(value, rule, source + where, "valid", int(len(labels)), fold)
+  stored = dataclasses.replace(stored, model_sha256=fileio.sha256_file(
+      fileio.join(model_dir, rundir.MODEL_FILE)))
+  rundir.write_threshold(model_dir, stored)
+  logging.info("decision threshold %.4g: %s", stored.value, stored.describe(model_dir))
+  return stored

@@ -100,7 +100,7 @@ def test_temperature_fitted_on_valid_is_stored_and_applied(over_confident, tmp_p
   assert _predicted(tmp_path / "cal" / "predictions.csv") == _predicted(
       tmp_path / "plain" / "predictions.csv")
   assert (tmp_path / "cal" / "calibration.png").stat().st_size > 1000
-  assert "without temperature" in (tmp_path / "cal" / "report.txt").read_text()
+  assert "without calibration" in (tmp_path / "cal" / "report.txt").read_text()
   # Stored: a later evaluate and predict apply it; calibrate=none ignores it.
   again = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(run), bootstrap=0,
                                                 output_dir=str(tmp_path / "again")))
@@ -164,3 +164,38 @@ def test_a_temperature_at_the_end_of_its_range_is_not_applied(tmp_path):
   assert cal["temperature"] == 1.0 and "left uncalibrated" in cal["warning"]
   assert rundir.read_calibration(tmp_path)["temperature"] == 1.0
   np.testing.assert_allclose(member.calibrated(probs), probs)
+
+
+def test_platt_moves_the_boundary_a_temperature_cannot():
+  """Issue 21: a model whose well-ranked scores all sit above 0.5 (logits shifted by +3): a
+  temperature keeps every sign (accuracy at 0.5 unchanged), Platt's intercept moves them back."""
+  rng = np.random.default_rng(1)
+  n = 2000
+  z = rng.normal(0, 2.0, n)
+  labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+  shifted = 1 / (1 + np.exp(-(z + 3.0)))
+  t = calibration.fit_temperature(shifted, labels)
+  by_t = calibration.apply_temperature(shifted, t)
+  a, b = calibration.fit_platt(shifted, labels)
+  by_platt = calibration.apply_platt(shifted, a, b)
+  assert a == pytest.approx(1.0, abs=0.15) and b == pytest.approx(-3.0, abs=0.35)
+  def acc(p):
+    return float(((p >= 0.5) == labels).mean())
+  assert acc(by_t) == acc(shifted) < acc(by_platt) - 0.1
+  ece = calibration.expected_calibration_error
+  assert ece(by_platt, labels) < 0.5 * ece(by_t, labels)
+  assert skm.roc_auc_score(labels, by_platt) == pytest.approx(skm.roc_auc_score(labels, shifted))
+  # A threshold maps through it: the same decisions on raw and calibrated probabilities.
+  cal = {"method": "platt", "slope": a, "intercept": b}
+  t_raw = 0.7
+  assert ((shifted >= t_raw) == (by_platt >= calibration.map_threshold(cal, t_raw))).mean() > 0.999
+  with pytest.raises(ValueError, match="both classes"):
+    calibration.fit_platt(shifted[:5], np.zeros(5, int))
+
+
+def test_a_stored_platt_calibration_is_read_back_and_a_bad_one_refused(tmp_path):
+  rundir.write_calibration(tmp_path, {"method": "platt", "slope": 0.8, "intercept": -1.2})
+  assert rundir.read_calibration(tmp_path)["intercept"] == -1.2
+  rundir.write_calibration(tmp_path, {"method": "platt", "slope": -0.8, "intercept": 0.0})
+  with pytest.raises(ValueError, match="slope.*> 0"):
+    rundir.read_calibration(tmp_path)

@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 import tensorflow as tf
 
 from conftest import bin_env, convert_folder, run_bin, start_bin
-from skinrecords import augment, cv, features, kaggle, manifest, models, pipeline, rundir, train
+from skinrecords import augment, cv, features, kaggle, manifest, metrics, models, pipeline, rundir, train
 from skinrecords import synthetic
 
 # Trains every fold (and kills and resumes a CV run).
@@ -289,3 +289,25 @@ def test_resume_with_another_recipe_is_refused_naming_the_setting(tmp_path):
   # Older config.json files without the recipe keys still resume.
   rundir.write_config(tmp_path, dict(run, train={}))
   rundir.check_resumable(tmp_path, dict(run, train=dict(run["train"], loss="focal")))
+
+
+@pytest.mark.slow
+def test_the_out_of_fold_estimate_is_honest_by_default_and_flagged_when_not(cv_records, tmp_path):
+  """Issue 21: by default no fold's validation images (its out-of-fold images) choose its epoch
+  (select_by=last); a validation rule is allowed on request and the estimate is flagged. The
+  ensemble's threshold is chosen on the pooled out-of-fold predictions, never on test."""
+  out = tmp_path / "cv"
+  m = cv.run_cv(_config(cv_records, out, epochs=2), bootstrap=0, echo=lambda line: None)
+  for k in range(FOLDS):
+    summary = rundir.read_summary(rundir.fold_dir(out, k))
+    assert summary["select_by"] == "last" and summary["best_epoch"] == 2
+  assert m["honest"] is True and "honest estimate" in cv.format_cv(m)
+  stored = rundir.read_threshold(out)
+  rows = _read_oof(out)
+  y = np.array([int(r["target"]) for r in rows])
+  p = np.array([float(r["p_1"]) for r in rows])
+  assert stored.split == "oof" and stored.n == len(rows) and "out-of-fold" in stored.source
+  assert stored.value == pytest.approx(metrics.youden_threshold(p, y), abs=1e-6)
+  flagged = cv.run_cv(_config(cv_records, tmp_path / "cv2", epochs=2, select_by="val_loss"),
+                      bootstrap=0, echo=lambda line: None)
+  assert flagged["honest"] is False and "OPTIMISTIC" in cv.format_cv(flagged)

@@ -535,3 +535,70 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
       records, "valid", fold=0, training=False))
   assert abs(metrics.youden_threshold(other, other_labels) - m["threshold"]) > 1e-6
   assert f">= {m['threshold']:.6g}" in proc.stdout
+
+
+def test_the_stored_validation_threshold_is_applied_and_named(data, random_dir, tmp_path, capsys):
+  """Issue 21: evaluate and predict apply the threshold training chose on validation
+  (threshold.json) unless told otherwise, and say where it came from; without one, 0.5 loudly."""
+  from skinrecords import fileio  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  shutil.copytree(random_dir, run)
+
+  def ev(name, **kw):
+    return evaluate.evaluate(evaluate.EvalConfig(model_dir=str(run), bootstrap=0,
+                                                 output_dir=str(tmp_path / name), **kw))
+  m = ev("none")
+  assert m["threshold"] == 0.5 and f"no {rundir.THRESHOLD_FILE}" in m["threshold_source"]
+  assert "WARNING: decision threshold fixed 0.5 by default" in capsys.readouterr().err
+  tiny_probs = _member(run, data)
+  probs = tiny_probs[0]
+  t = float(np.quantile(probs, 0.3))  # far from 0.5: changes decisions
+  rundir.write_threshold(run, rundir.StoredThreshold(
+      t, "youden", "Youden's J on 15 validation predictions", "valid", 15, None,
+      fileio.sha256_file(run / rundir.MODEL_FILE)))
+  m = ev("stored")
+  assert m["threshold"] == pytest.approx(t)
+  assert "Youden's J on 15 validation" in m["threshold_source"]
+  report = (tmp_path / "stored" / "report.txt").read_text()
+  assert rundir.THRESHOLD_FILE in report and "optimistic" not in m["threshold_source"].lower()
+  rows = _read_csv(tmp_path / "stored" / "predictions.csv")
+  assert [r["predicted"] == "b" for r in rows] == [float(r["probability"]) >= t for r in rows]
+  assert sum(r["predicted"] == "b" for r in rows) != sum(p >= 0.5 for p in tiny_probs[0])
+  assert ev("given", threshold="0.5")["threshold_source"] == "fixed 0.5 (--threshold)"
+  # predict applies the same one, and says so.
+  rows, _, _ = predict.run(predict.PredictConfig(model_dir=str(run),
+                                                 records_dir=str(data / "records")))
+  assert [r["predicted"] == "b" for r in rows] == [r["probability"] >= t for r in rows]
+  err = run_bin("predict", f"--model_dir={run}", f"--records_dir={data / 'records'}").stderr
+  assert f"decision threshold {t:.4g}: Youden's J on 15" in err, err
+  proc = run_bin("predict", f"--model_dir={run}", f"--records_dir={data / 'records'}",
+                 "--threshold=high", check=False)
+  assert proc.returncode != 0 and "--threshold=high: expected 'stored' or a float" in proc.stderr
+  # A retrained model.keras does not inherit it.
+  rundir.write_threshold(run, rundir.StoredThreshold(t, "youden", "x", "valid", 15, None, "0" * 64))
+  assert ev("stale")["threshold"] == 0.5
+
+
+def _member(run, data):
+  model, _ = models.load_model_dir(run)
+  ds = pipeline.make_dataset(data / "records", "test", batch_size=8, training=False)
+  return inference.predict_dataset(model, ds)
+
+
+def test_operating_points_come_from_valid_and_train_is_flagged_optimistic(data, random_dir,
+                                                                         tmp_path):
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), bootstrap=0,
+                                            threshold="0.5", output_dir=str(tmp_path / "t")))
+  assert "chosen on" in m["operating_points_source"] and "validation" in \
+      m["operating_points_source"]
+  assert all(p["constraint"].endswith("on valid") for p in m["operating_points"])
+  # The thresholds are valid's, the rates are test's: recomputed here from the test predictions.
+  probs, labels, _ = _member(random_dir, data)
+  for p in m["operating_points"]:
+    t = np.inf if p["threshold"] is None else p["threshold"]
+    assert p["sensitivity"] == pytest.approx((probs[labels == 1] >= t).mean())
+  assert "operating points: thresholds chosen on" in (tmp_path / "t" / "report.txt").read_text()
+  m = evaluate.evaluate(evaluate.EvalConfig(model_dir=str(random_dir), bootstrap=0, split="train",
+                                            threshold="0.5", output_dir=str(tmp_path / "tr")))
+  assert "trained on these images" in m["optimistic"]
+  assert "OPTIMISTIC" in (tmp_path / "tr" / "report.txt").read_text()

@@ -31,9 +31,9 @@ def _fresh():
   return state
 
 
-def _run(rows, has_valid=True):
+def _run(rows, has_valid=True, rule="val_auc"):
   state = _fresh()
-  won = [selection.update_best(state, r, e, has_valid, e == 0) for e, r in enumerate(rows)]
+  won = [selection.update_best(state, r, e, has_valid, e == 0, rule) for e, r in enumerate(rows)]
   return won, state
 
 
@@ -55,10 +55,12 @@ def test_an_equal_auc_with_equal_loss_does_not_replace_the_earlier_epoch():
 
 def test_criterion_by_what_the_run_has():
   row = dict(loss=0.25, val_auc=0.75, val_loss=0.5)
-  assert selection.criterion(row, True) == ("val_auc", 0.75, -0.5)
+  assert selection.criterion(row, True, "val_auc") == ("val_auc", 0.75, -0.5)
+  assert selection.criterion(row, True) == ("val_loss", -0.5, 0.0)  # the default rule
   assert selection.criterion(row, False) == ("loss", -0.25, 0.0)
-  assert selection.criterion(dict(row, val_auc=NAN), True) == ("val_loss", -0.5, 0.0)
-  assert set(selection.SELECTION) == {"val_auc", "val_loss", "loss"}
+  assert selection.criterion(dict(row, val_auc=NAN), True, "val_auc") == (
+      "val_loss_fallback", -0.5, 0.0)
+  assert set(selection.SELECTION) == set(selection.RULES) | {"val_loss_fallback", "loss"}
 
 
 @pytest.mark.parametrize("has_valid,auc,expect", [(True, NAN, 2), (False, 1.0, 3)])
@@ -86,9 +88,38 @@ def test_the_undefined_auc_warning_is_logged_once_on_the_first_epoch(caplog):
     _run(rows)
   warned = [r.getMessage() for r in caplog.records if "AUC is undefined" in r.getMessage()]
   assert warned == ["validation AUC is undefined: the best epoch is chosen by "
-                    + selection.SELECTION["val_loss"]]
+                    + selection.SELECTION["val_loss_fallback"]]
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     _run([dict(loss=0.5, val_auc=0.7, val_loss=0.4)])
     _run([dict(loss=0.5, val_auc=NAN, val_loss=0.4)], has_valid=False)
   assert not caplog.records
+
+
+# Issue 21's run: epoch 1 reached validation AUC 1.000 with every score on one side of 0.5
+# (val_loss 0.57, test accuracy 0.50); epoch 6 had AUC 0.9997 and val_loss 0.145.
+_SATURATED = [dict(epoch=1, loss=0.69, val_auc=1.0, val_loss=0.57),
+              dict(epoch=2, loss=0.5, val_auc=0.9994, val_loss=0.40),
+              dict(epoch=3, loss=0.4, val_auc=0.9997, val_loss=0.145),
+              dict(epoch=4, loss=0.3, val_auc=0.9980, val_loss=0.20)]
+
+
+@pytest.mark.parametrize("rule,kept", [("val_auc", 1), ("val_loss", 3), ("val_auc_loss", 3),
+                                       ("last", 4)])
+def test_a_saturated_auc_does_not_keep_a_shifted_epoch_by_default(rule, kept):
+  assert selection.replay(_SATURATED, True, rule) == kept
+  assert selection.DEFAULT != "val_auc"
+  assert selection.replay(_SATURATED) == 3
+
+
+def test_val_auc_loss_prefers_a_clearly_higher_auc_over_a_lower_loss():
+  rows = [dict(epoch=1, loss=0.5, val_auc=0.90, val_loss=0.30),
+          dict(epoch=2, loss=0.4, val_auc=0.95, val_loss=0.35),  # +0.05 AUC: wins despite loss
+          dict(epoch=3, loss=0.3, val_auc=0.947, val_loss=0.32),  # within 0.005, lower loss: wins
+          dict(epoch=4, loss=0.2, val_auc=0.93, val_loss=0.10)]  # 0.017 below: loses
+  assert _run(rows, rule="val_auc_loss")[0] == [True, True, True, False]
+
+
+def test_an_unknown_rule_is_refused_by_name():
+  with pytest.raises(ValueError, match="select_by='auc'.*val_loss"):
+    selection.check_rule("auc")

@@ -102,10 +102,15 @@ def test_simple_cnn_learns_the_synthetic_abcd_task(abcd_records, tmp_path):
     total += len(labels)
   assert total == info.num_examples("test")
   assert correct / total >= 0.85, (correct / total, result)
-  # model.keras is the epoch summary.json names, chosen by validation AUC, ties to lower loss.
+  # model.keras is the epoch summary.json names, chosen by the lowest validation loss (issue 21).
   summary = json.loads((out / "summary.json").read_text())
-  best = max(rows, key=lambda r: (float(r["val_auc"]), -float(r["val_loss"])))
-  assert summary["best_epoch"] == int(best["epoch"]) and summary["selected_by"] == "val_auc"
+  best = min(rows, key=lambda r: float(r["val_loss"]))
+  assert summary["best_epoch"] == int(best["epoch"]) and summary["selected_by"] == "val_loss"
+  assert saved["train"]["select_by"] == "val_loss" and saved["train"]["threshold_rule"] == "youden"
+  # The threshold was chosen on the saved model's validation predictions (Youden), and stored.
+  stored = rundir.read_threshold(out)
+  assert stored.split == "valid" and stored.n == info.num_examples("valid")
+  assert "Youden" in stored.source and summary["threshold"]["value"] == stored.value
   assert saved["records_fingerprint"] == info.fingerprint and saved["fold"] is None
   val_loss = _val_loss(model, info)
   assert val_loss == pytest.approx(float(best["val_loss"]), rel=1e-3, abs=1e-4)
@@ -129,14 +134,14 @@ def test_ties_on_validation_auc_go_to_the_later_epoch_with_lower_loss():
   rows = [dict(loss=0.6, val_auc=0.98, val_loss=0.65), dict(loss=0.5, val_auc=1.0, val_loss=0.60),
           dict(loss=0.4, val_auc=1.0, val_loss=0.10), dict(loss=0.3, val_auc=1.0, val_loss=0.20),
           dict(loss=0.2, val_auc=0.99, val_loss=0.05)]
-  won = [selection.update_best(state, r, e, True, e == 0) for e, r in enumerate(rows)]
+  won = [selection.update_best(state, r, e, True, e == 0, "val_auc") for e, r in enumerate(rows)]
   assert won == [True, True, True, False, False] and int(state.best_epoch.numpy()) == 3
   for has_valid, auc, expect in ((True, float("nan"), 2), (False, 1.0, 3)):
     state.best.assign(-np.inf), state.best_tiebreak.assign(-np.inf)
     rows = [dict(loss=0.5, val_auc=auc, val_loss=0.4), dict(loss=0.4, val_auc=auc, val_loss=0.3),
             dict(loss=0.3, val_auc=auc, val_loss=0.35)]
     for e, r in enumerate(rows):
-      selection.update_best(state, r, e, has_valid, e == 0)
+      selection.update_best(state, r, e, has_valid, e == 0, "val_auc")
     assert int(state.best_epoch.numpy()) == expect, (has_valid, auc)
 
 
@@ -188,6 +193,13 @@ def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
   proc = run_bin("train", f"--records_dir={tmp_path / 'nope'}", f"--model_dir={tmp_path}",
                  check=False)
   assert proc.returncode != 0 and "nope" in proc.stderr
+  proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path}",
+                 "--threshold_rule=sensitivity:90", "--weights=none", check=False)
+  assert proc.returncode != 0 and "--threshold_rule='sensitivity:90'" in proc.stderr
+  assert "youden, sensitivity:S" in proc.stderr and "Traceback" not in proc.stderr
+  proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path}",
+                 "--select_by=last", "--early_stopping_patience=2", "--weights=none", check=False)
+  assert proc.returncode != 0 and "--select_by=last" in proc.stderr
 
 
 @pytest.mark.slow
@@ -272,14 +284,16 @@ def _tiny(records, model_dir, **kwargs):
 
 @pytest.mark.slow
 def test_deterministic_runs_end_with_bit_identical_weights(abcd_records, tmp_path):
-  """Two mirrored (2 logical CPUs) runs, augmentation on: same seed, same digest; another seed
-  (or the default non-deterministic input order) is the control that the digest can differ."""
+  """Two mirrored (2 logical CPUs) runs, augmentation on, with the DEFAULT settings (issue 21:
+  deterministic=auto is on without a GPU): same seed, same digest; another seed is the control
+  that the digest can differ."""
   digests = [train.train(_tiny(abcd_records, tmp_path / f"m{i}", epochs=2, strategy="mirrored",
-                               deterministic=True, seed=seed))["final_weights_sha256"]
+                               seed=seed))["final_weights_sha256"]
              for i, seed in enumerate((7, 7, 8))]
   assert digests[0] == digests[1] and digests[2] != digests[0]
   saved = json.loads((tmp_path / "m0" / "config.json").read_text())
   assert saved["deterministic"] is True and saved["seed"] == 7
+  assert saved["train"]["deterministic"] is True
   from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
   assert not tf_config.is_op_determinism_enabled()  # switched back off for the rest of the process
 
@@ -300,7 +314,8 @@ def test_training_on_a_fold_with_balancing(fold_records, tmp_path, balance, fold
   saved = json.loads((tmp_path / "m" / "config.json").read_text())
   assert saved["fold"] == fold and saved["records_fingerprint"] == info.fingerprint
   assert saved["train"]["balance"] == balance
-  assert result["selected_by"] == "val_auc" and result["best_epoch"] in (1, 2)
+  assert result["selected_by"] == "val_loss" and result["best_epoch"] in (1, 2)
+  assert rundir.read_threshold(tmp_path / "m").source.endswith(f"(fold {fold})")
   assert result["best_metrics"]["val_auc"] is not None
   with open(tmp_path / "m" / "history.csv") as f:
     rows = list(csv.DictReader(f))
@@ -317,6 +332,8 @@ def test_without_a_validation_split_the_epoch_is_chosen_by_training_loss(fold_re
   assert summary["selected_by"] == result["selected_by"] == "loss"
   assert "training loss" in summary["selection_rule"]
   assert summary["best_metrics"]["val_auc"] is None
+  stored = rundir.read_threshold(tmp_path / "m")  # nothing but test data could choose one
+  assert stored.value == 0.5 and stored.split == "none" and "no validation split" in stored.source
 
 
 @pytest.mark.slow

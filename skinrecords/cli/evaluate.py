@@ -30,10 +30,13 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split t
                            "a fold, train/valid are the training folds / the held-out fold.")
 _FOLD = flags.DEFINE_integer("fold", None, "Cross-validation fold for --split=train/valid and the "
                              "Youden threshold (default: the fold in MODEL_DIR/config.json).")
-_THRESHOLD = flags.DEFINE_string("threshold", "0.5", "Two-class decision threshold on P(class 1): "
-                                 "a float strictly between 0 and 1, or 'youden' (maximise "
-                                 "TPR - FPR on the validation split, then apply it to --split). "
-                                 "Ignored for more than two classes (argmax).")
+_THRESHOLD = flags.DEFINE_string("threshold", "stored", "Two-class decision threshold on P(class "
+                                 "1): stored (the one training chose on the validation split, "
+                                 "MODEL_DIR/threshold.json, or for a cross-validation folder on "
+                                 "its out-of-fold predictions; 0.5 with a warning when there is "
+                                 "none), a float strictly between 0 and 1, or 'youden' (maximise "
+                                 "TPR - FPR on the validation split now, then apply it to "
+                                 "--split). Ignored for more than two classes (argmax).")
 _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 to average the "
                             "probabilities over the first n of identity, flip left-right, flip "
                             "up-down, rot90, rot180, rot270, transpose, transverse.",
@@ -49,11 +52,13 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for th
 _ENSEMBLE = flags.DEFINE_enum("ensemble", "mean", ["mean", "rank"], "How ensemble members "
                                "combine: mean probability, or mean of per-member rank-normalised "
                                "scores (not probabilities: no ECE/Brier, no Youden threshold).")
-_CALIBRATE = flags.DEFINE_enum("calibrate", "stored", ["stored", "temperature", "none"],
+_CALIBRATE = flags.DEFINE_enum("calibrate", "stored", ["stored", "temperature", "platt", "none"],
                                "stored: apply MODEL_DIR/calibration.json when present; "
                                "temperature: fit a temperature per member on its validation "
-                               "split, store it there (bin/predict then applies it); none: "
-                               "ignore a stored one.")
+                               "split, store it there (bin/predict then applies it); platt: fit "
+                               "a slope and an intercept on the logit instead (two classes; it "
+                               "can also move a shifted decision boundary); none: ignore a "
+                               "stored one.")
 _ISIC_TRUTH_CSV = flags.DEFINE_string("isic_truth_csv", None, "Also write the ISIC Challenge "
                                       "ground-truth CSV of --split (image, one-hot class "
                                       "columns) here, to score bin/predict --format=isic with "

@@ -35,8 +35,11 @@ _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Records whose valid (or
                                    "records from config.json.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 256, "Check TFLite on at most this many "
                                      "images.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two classes: the exported predicted_class is "
-                                "1 when P(class 1) >= threshold (as bin/predict --threshold).")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Two classes: the exported predicted_class is "
+                                "1 when P(class 1) >= threshold (as bin/predict --threshold). "
+                                "Default: the threshold training chose on the validation split "
+                                "(MODEL_DIR/threshold.json; 0.5 when there is none); written to "
+                                "preprocessing.json with its source.")
 _VERSION = flags.DEFINE_integer("version", 1, "TensorFlow Serving version folder: "
                                 "OUTPUT_DIR/VERSION/ (replaced if present).")
 _ENSEMBLE = flags.DEFINE_enum("ensemble", "mean", ["mean", "rank"],

@@ -40,9 +40,11 @@ _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Score the records of --
                                    "instead of image files.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "With --records_dir: "
                            "the split to score.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Two-class decision threshold on P(class 1), "
-                                "strictly between 0 and 1 (e.g. the one bin/evaluate "
-                                "--threshold=youden reported).")
+_THRESHOLD = flags.DEFINE_string("threshold", "stored", "Two-class decision threshold on P(class "
+                                 "1): stored (the one training chose on the validation split, "
+                                 "MODEL_DIR/threshold.json; for a cross-validation folder the one "
+                                 "chosen on its out-of-fold predictions; 0.5, with a warning, "
+                                 "when there is none), or a float strictly between 0 and 1.")
 _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentation: 0 off, or n in 1..8 dihedral "
                             "transforms averaged (as bin/evaluate --tta).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
@@ -68,10 +70,12 @@ def main(argv):
                          "or --records_dir=FOLDER")
   from skinrecords import fileio, pipeline, predict  # pylint: disable=g-import-not-at-top
 
+  threshold = _threshold()
+
   config = cli_common.make_config(
       predict.PredictConfig,
       model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
-      output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+      output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=threshold,
       tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
       explain_dir=_EXPLAIN_DIR.value, ensemble=_ENSEMBLE.value, format=_FORMAT.value,
       isic_columns=_ISIC_COLUMNS.value)
@@ -86,6 +90,12 @@ def main(argv):
   if rows:
     print(predict.format_table(rows, classes))
   _describe_members(config)
+  applied = getattr(predict.run, "last_threshold", None)
+  if applied:
+    line = f"decision threshold {applied[0]:.4g}: {applied[1]}".replace(
+        f": fixed {applied[0]:g}", ": fixed")
+    bar = "!" * 100
+    print(f"{bar}\nWARNING: {line}\n{bar}" if applied[2] else line, file=sys.stderr)
   for r in rejected:
     print(f"predict: rejected {r['image']}: {r['reason']}", file=sys.stderr)
   print(f"{len(rows)} predicted, {len(rejected)} rejected"
@@ -93,17 +103,36 @@ def main(argv):
   return 0 if rows else 1
 
 
+def _threshold():
+  """--threshold as "stored" or a float; a usage error for anything else."""
+  text = _THRESHOLD.value.strip().lower()
+  if text == "stored":
+    return "stored"
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not 0.0 < value < 1.0:
+    raise app.UsageError(f"--threshold={_THRESHOLD.value}: expected 'stored' or a float strictly "
+                         "between 0 and 1, e.g. --threshold=0.3")
+  return value
+
+
 def _describe_members(config) -> None:
   """Says on stderr which runs were combined and which calibration was applied."""
   from skinrecords import ensemble, rundir  # pylint: disable=g-import-not-at-top
 
   dirs = ensemble.member_dirs(config.model_dir)
-  temps = {d: (rundir.read_calibration(d) or {}).get("temperature") for d in dirs}
+  cals = {d: rundir.read_calibration(d) for d in dirs}
   if len(dirs) > 1:
     print(f"ensemble: {config.ensemble} of {len(dirs)} runs: {', '.join(dirs)}", file=sys.stderr)
-  for d, t in temps.items():
-    if t:
-      print(f"{d}: temperature {t:.3f} applied ({rundir.CALIBRATION_FILE})", file=sys.stderr)
+  for d, cal in cals.items():
+    if cal and cal["method"] == "platt":
+      print(f"{d}: Platt scaling (slope {cal['slope']:.3f}, intercept {cal['intercept']:+.3f}) "
+            f"applied ({rundir.CALIBRATION_FILE})", file=sys.stderr)
+    elif cal:
+      print(f"{d}: temperature {cal['temperature']:.3f} applied ({rundir.CALIBRATION_FILE})",
+            file=sys.stderr)
 
 
 def run():

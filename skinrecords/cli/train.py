@@ -105,9 +105,23 @@ _OOF_TTA = flags.DEFINE_integer("oof_tta", 0, "With --fold=all: test-time augmen
 _BALANCE = flags.DEFINE_enum("balance", "none", ["none", "oversample", "class_weights"],
                              "Class imbalance: class-balanced sampling, or loss weights n/(k*n_c).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, input order and augmentation.")
-_DETERMINISTIC = flags.DEFINE_boolean(
-    "deterministic", False, "Bit-identical runs from one --seed: TensorFlow op determinism, "
-    "tf.data in order. Slower (BUILD_NOTES, 'Deterministic training').")
+_DETERMINISTIC = flags.DEFINE_enum(
+    "deterministic", "auto", ["auto", "on", "off"], "Bit-identical runs from one --seed: "
+    "TensorFlow op determinism, tf.data in order. auto: on without a GPU (it cost <= 5 %% on the "
+    "CPU), off on GPUs (deterministic GPU kernels can cost much more; pass on to have it there "
+    "too). BUILD_NOTES, 'Deterministic training'.")
+_SELECT_BY = flags.DEFINE_enum(
+    "select_by", "auto", ["auto", "val_loss", "val_auc_loss", "val_auc", "last"],
+    "Which epoch model.keras keeps (early stopping counts from it). val_loss: the lowest "
+    "validation loss; val_auc_loss: the lowest validation loss among epochs within 0.005 "
+    "validation AUC of the kept one; val_auc: the highest validation AUC (a saturated AUC can keep "
+    "an epoch whose scores all sit on one side of 0.5); last: the last epoch. auto: val_loss, and "
+    "last for the folds of --fold=all (so the out-of-fold estimate is honest).")
+_THRESHOLD_RULE = flags.DEFINE_string(
+    "threshold_rule", "youden", "Two classes: how the decision threshold stored in "
+    "MODEL_DIR/threshold.json is chosen on the validation split after training, for evaluate, "
+    "predict and export: youden (max sensitivity + specificity), sensitivity:0.9 (the best "
+    "specificity with sensitivity >= 0.9), or fixed:0.5. Without a validation split: 0.5.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Start afresh in a --model_dir that holds "
                                   "another run (its model, history, backup and logs are deleted) "
                                   "instead of refusing; without it a matching run is resumed.")
@@ -214,6 +228,7 @@ def _config():
       cache=_CACHE.value,
       progress=_PROGRESS.value, data_service=_DATA_SERVICE.value,
       deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value,
+      select_by=_SELECT_BY.value, threshold_rule=_THRESHOLD_RULE.value,
       optimizer=_OPTIMIZER.value, weight_decay=_WEIGHT_DECAY.value,
       lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value, lr_floor=_LR_FLOOR.value,
       loss=_LOSS.value, label_smoothing=_LABEL_SMOOTHING.value, focal_gamma=_FOCAL_GAMMA.value,
@@ -223,13 +238,16 @@ def _config():
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
     if fold == "all":
+      config = cv.cv_config(config)
+      config.validate()
       cv.fold_ids(info)
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _RECIPE_FLAGS + ("fold", "oof_tta", "seed",
-                                                              "learning_rate",
-                                                              "fine_tune_learning_rate"))) from err
+                                             _RECIPE_FLAGS + (
+                                                 "fold", "oof_tta", "seed", "learning_rate",
+                                                 "fine_tune_learning_rate", "select_by",
+                                                 "threshold_rule", "deterministic"))) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -279,12 +297,18 @@ def _final_line(result: dict) -> str:
   m, epoch = result["best_metrics"], result["best_epoch"]
   shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("val_auc", "val_loss", "val_accuracy", "loss")
                     if m.get(k) is not None)
-  by = {"val_auc": "validation AUC", "val_loss": "validation loss (AUC undefined)",
+  by = {"val_auc": "validation AUC", "val_loss": "validation loss",
+        "val_auc_loss": "validation loss among the epochs within 0.005 of the best validation AUC",
+        "val_loss_fallback": "validation loss (AUC undefined)", "last": "last epoch",
         "loss": "training loss (no validation split)"}.get(result["selected_by"], "-")
   stop = (f"; stopped early after epoch {result['epochs_done']} (--early_stopping_patience)"
           if result.get("stopped_early") else "")
+  t = result.get("threshold") or {}
+  threshold = (f"\ndecision threshold {t['value']:.4g}: {t['source']} (threshold.json; evaluate "
+               "and predict use it)" if t.get("split") != "none" else
+               f"\ndecision threshold: {t.get('source')}") if t else ""
   return (f"model.keras holds epoch {epoch} of {result['epochs_done']} (best by {by}){stop}: "
-          f"{shown}\n"
+          f"{shown}{threshold}\n"
           f"run files in {result['model_dir']}: config.json, history.csv, summary.json, "
           "accuracy/loss/auc.png, logs/")
 
