@@ -533,3 +533,16 @@ def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> run
   rundir.write_threshold(model_dir, stored)
   logging.info("decision threshold %.4g: %s", stored.value, stored.describe(model_dir))
   return stored
+
+
+def resource_error(err: Exception, config: TrainConfig) -> str | None:
+  """One line for a full disk while saving the backup (ResourceExhaustedError [Op:SaveV2]; a full
+  disk in model.save is an OSError) or for memory too small for the batch; None for others."""
+  if not isinstance(err, tf.errors.ResourceExhaustedError):
+    return None
+  text = pipeline.clean_message(getattr(err, "message", str(err))).splitlines()[0][:300]
+  if "SaveV2" in str(err) or "space" in str(err).lower():
+    return (f"the disk of --model_dir={config.model_dir} is full ({text}); free space and rerun "
+            "the same command: it resumes from the last complete backup")
+  return (f"out of memory ({text}); lower --batch_size or --image_size="
+          f"{config.model.image_size}")

@@ -21,6 +21,9 @@ import pytest
 from conftest import BIN, bin_env, run_bin, synthetic_records
 from skinrecords import pipeline
 
+# tf.data service dispatchers, workers and trainers in separate processes.
+pytestmark = pytest.mark.slow
+
 # One trainer: reads the train split through the service as pipeline `index` of 2, writes the
 # image names it received, in order. With a `pause` file it stops after its first batch until
 # that file is removed (the test restarts the dispatcher meanwhile).
@@ -28,9 +31,6 @@ TRAINER = r"""
 import json, os, pathlib, sys, time
 import tensorflow as tf
 from skinrecords import data_service, pipeline
-
-# tf.data service dispatchers, workers and trainers in separate processes.
-pytestmark = pytest.mark.slow
 
 records, address, job_key, index, out, pause = sys.argv[1:7]
 ready = pathlib.Path(out).parent / f"ready{index}"

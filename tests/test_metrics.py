@@ -282,12 +282,12 @@ specificity at the threshold: 1.0000  95% CI [{specificity_ci}]
 (95% CI: percentile bootstrap, 50 resamples of 7 patients, seed 0)
 ISIC partial AUC above 80% sensitivity (auc_sens_80): 0.9500 (chance 0.18, perfect 1)
 operating points (each reached by a real threshold, no interpolation):
-  constraint            sensitivity specificity   threshold
-  specificity >= 0.80        0.8000      1.0000         0.6
-  specificity >= 0.90        0.8000      1.0000         0.6
-  specificity >= 0.95        0.8000      1.0000         0.6
-  sensitivity >= 0.90        1.0000      0.7500         0.4
-  sensitivity >= 0.95        1.0000      0.7500         0.4
+  constraint                     sensitivity specificity   threshold
+  specificity >= 0.80                 0.8000      1.0000         0.6
+  specificity >= 0.90                 0.8000      1.0000         0.6
+  specificity >= 0.95                 0.8000      1.0000         0.6
+  sensitivity >= 0.90                 1.0000      0.7500         0.4
+  sensitivity >= 0.95                 1.0000      0.7500         0.4
 threshold: P(Melanoma) >= 0.5 (fixed)
 confusion matrix (rows: true class, columns: predicted class, order NotMelanoma, Melanoma):
         4       0

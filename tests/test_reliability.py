@@ -109,8 +109,8 @@ def _set_backup_best_epoch(run: pathlib.Path, records, best: int) -> None:
                              epochs=2, model=models.ModelConfig(backbone="simple_cnn",
                                                                 weights="none", image_size=32))
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-  setup = train._resolve(config, strategy)  # pylint: disable=protected-access
-  state = train._build_state(config, strategy, setup)  # pylint: disable=protected-access
+  setup = train._resolve(config, strategy)
+  state = train._build_state(config, strategy, setup)
   assert run_state.restore(str(run), strategy, state, 1) == 2
   state.best_epoch.assign(best)
   tf.train.CheckpointManager(state.checkpoint, str(run / "backup"), max_to_keep=1).save()
@@ -261,15 +261,14 @@ def test_a_folder_of_garbage_tfrec_files_is_one_line(tmp_path):
 
 
 def test_a_full_disk_or_memory_in_train_is_one_line():
-  from skinrecords.cli import train as cli_train  # pylint: disable=g-import-not-at-top
   config = train.TrainConfig(records_dir="r", model_dir="/runs/m")
   disk = tf.errors.ResourceExhaustedError(None, None, "{{function_node x}} /runs/m/backup/ckpt; "
                                           "No space left on device [Op:SaveV2]")
-  assert cli_train._resource_error(disk, config).startswith(  # pylint: disable=protected-access
+  assert train.resource_error(disk, config).startswith(
       "the disk of --model_dir=/runs/m is full (/runs/m/backup/ckpt; No space left on device)")
   oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-  assert "lower --batch_size" in cli_train._resource_error(oom, config)  # pylint: disable=protected-access
-  assert cli_train._resource_error(ValueError("x"), config) is None  # pylint: disable=protected-access
+  assert "lower --batch_size" in train.resource_error(oom, config)
+  assert train.resource_error(ValueError("x"), config) is None
 
 
 # --- item 11: clearer messages -------------------------------------------------------------------
@@ -376,8 +375,8 @@ def test_make_records_does_not_import_tensorflow(tmp_path):
 
 def test_a_diverged_epoch_stops_the_run_in_one_line():
   config = train.TrainConfig(records_dir="r", model_dir="m", learning_rate=0.9)
-  train._check_finite({"loss": 0.7}, 0, config)  # pylint: disable=protected-access
+  train._check_finite({"loss": 0.7}, 0, config)
   for loss in (float("nan"), float("inf")):
     with pytest.raises(train.TrainError, match="training diverged in epoch 3 .*at learning_rate="
                                                "0.9: lower --learning_rate"):
-      train._check_finite({"loss": loss}, 2, config)  # pylint: disable=protected-access
+      train._check_finite({"loss": loss}, 2, config)

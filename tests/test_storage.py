@@ -142,6 +142,9 @@ def _same_files(a: str, b: str) -> None:
   names = fileio.listdir(a)
   assert names == fileio.listdir(b)
   for name in names:
+    if fileio.isdir(fileio.join(a, name)):  # idx/: the shards' index files
+      _same_files(fileio.join(a, name), fileio.join(b, name))
+      continue
     assert fileio.read_bytes(fileio.join(a, name)) == fileio.read_bytes(fileio.join(b, name)), name
 
 
@@ -179,7 +182,7 @@ class _InterruptedPool:
   """A one-process RecordPool that stops the run after `limit` images (a kill, in-process)."""
 
   def __init__(self, config, limit):
-    self.config, self.limit = config, limit
+    self.config, self.limit, self.sizes = config, limit, None
     self._pool = workers.RecordPool(1, config)
 
   def imap(self, tasks):
@@ -187,6 +190,12 @@ class _InterruptedPool:
       if i == self.limit:
         raise KeyboardInterrupt("killed")
       yield result
+
+  def hashes(self, paths):
+    return self._pool.hashes(paths)
+
+  def close(self):
+    self._pool.close()
 
 
 def test_interrupted_remote_conversion_resumes_to_identical_output(images, local_records):

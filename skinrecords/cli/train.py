@@ -333,22 +333,6 @@ def _cross_validate(config, strategy) -> int:
   os._exit(0)  # pylint: disable=protected-access
 
 
-def _resource_error(err: Exception, config) -> str | None:
-  """One line for a full disk while saving the backup (ResourceExhaustedError [Op:SaveV2]; a full
-  disk in model.save is an OSError) or for memory too small for the batch; None for others."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
-
-  if not isinstance(err, tf.errors.ResourceExhaustedError):
-    return None
-  text = pipeline.clean_message(getattr(err, "message", str(err))).splitlines()[0][:300]
-  if "SaveV2" in str(err) or "space" in str(err).lower():
-    return (f"the disk of --model_dir={config.model_dir} is full ({text}); free space and rerun "
-            "the same command: it resumes from the last complete backup")
-  return (f"out of memory ({text}); lower --batch_size or --image_size="
-          f"{config.model.image_size}")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -398,7 +382,7 @@ def main(argv):
     print(f"train: {fileio.describe_error(err)}", file=sys.stderr)
     return 2
   except Exception as err:  # pylint: disable=broad-except  (TensorFlow's errors, sorted below)
-    line = _resource_error(err, config)
+    line = train.resource_error(err, config)
     if line is None:
       raise
     print(f"train: {line}", file=sys.stderr)
