@@ -537,6 +537,7 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
   assert f">= {m['threshold']:.6g}" in proc.stdout
 
 
+@pytest.mark.slow  # trains a run through bin/train (~30 s)
 def test_the_stored_validation_threshold_is_applied_and_named(data, random_dir, tmp_path, capsys):
   """Issue 21: evaluate and predict apply the threshold training chose on validation
   (threshold.json) unless told otherwise, and say where it came from; without one, 0.5 loudly."""

@@ -231,6 +231,7 @@ def raw(data):
   return data / "raw", _raw_files(data / "raw", pconfig)
 
 
+@pytest.mark.slow  # exports a trained run (~30 s)
 def test_raw_photos_are_served_as_predict_scores_them(data, exported, raw):
   folder, orientations = raw
   out, proc = exported
@@ -337,6 +338,7 @@ def test_cv_folder_exports_as_one_mean_model_equal_to_predict(data, cv_folder, r
   assert [m["temperature"] for m in settings["model"]["members"]] == [None, 1.7]
 
 
+@pytest.mark.slow  # trains a CV folder
 @pytest.mark.parametrize("case", ["rank", "tflite_sizes"])
 def test_ensembles_that_cannot_be_served_are_refused_in_one_line(cv_folder, tmp_path, case):
   args = ["--ensemble=rank", "--format=saved_model"] if case == "rank" else []
