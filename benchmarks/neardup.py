@@ -153,7 +153,7 @@ def run_benchmark(num: int, distances: list[int], seed: int) -> str:
 
 
 def _find_pairs_python(hashes, max_distance):
-  """neardup.find_pairs as first landed (pure Python); tests/test_neardup_search.py holds the same."""
+  """neardup.find_pairs as first landed (pure Python); tests/test_neardup_search.py has it too."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from skinrecords import neardup  # pylint: disable=g-import-not-at-top
@@ -164,7 +164,7 @@ def _find_pairs_python(hashes, max_distance):
     bits = np.unpackbits(np.frombuffer(h.to_bytes(18, "big"), np.uint8))[-neardup.BITS:]
     bits = bits[neardup._SHUFFLE]  # pylint: disable=protected-access
     count = neardup.BITS // width
-    return [(i, band.tobytes()) for i, band in enumerate(bits[:count * width].reshape(count, width))]
+    return list(enumerate(band.tobytes() for band in bits[:count * width].reshape(count, width)))
 
   tables = collections.defaultdict(set)
   for i, h in enumerate(hashes):
@@ -192,7 +192,8 @@ def _random_hashes(n: int, seed: int):
   planted = []
   for j in range(10, n, 10):
     i = int(rng.integers(0, j))
-    whole = hashes[i][int(rng.integers(11))] ^ neardup._FLIP_MASKS[int(rng.integers(4))]  # pylint: disable=protected-access
+    flip = neardup._FLIP_MASKS[int(rng.integers(4))]  # pylint: disable=protected-access
+    whole = hashes[i][int(rng.integers(11))] ^ flip
     for bit in rng.choice(neardup.BITS, int(rng.integers(0, 11)), replace=False):
       whole ^= 1 << int(bit)
     hashes[j] = (whole,) + hashes[j][1:]

@@ -155,7 +155,7 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 
 def _unique(x: np.ndarray) -> np.ndarray:
-  """Sorted unique values; np.unique's hash path was 10x slower on these uint64 codes (NumPy 2.4)."""
+  """Sorted unique values: np.unique's hash path (NumPy 2.4) took 1.5 s of a 4 s search at 20 k."""
   x = np.sort(x)
   return x[np.concatenate(([True], x[1:] != x[:-1]))] if len(x) else x
 
@@ -207,7 +207,8 @@ def _distances(flipped: np.ndarray, words: np.ndarray, i: np.ndarray, j: np.ndar
     d = _min_bits(flipped, words, a[maybe], b[maybe], 3).astype(np.int64)
     near.append(lo + maybe[d <= max_distance])
     dist.append(d[d <= max_distance])
-  return np.concatenate(near or [np.zeros(0, np.int64)]), np.concatenate(dist or [np.zeros(0, np.int64)])
+  empty = [np.zeros(0, np.int64)]
+  return np.concatenate(near or empty), np.concatenate(dist or empty)
 
 
 def find_pairs(hashes: list[tuple[int, ...] | None], max_distance: int = DEFAULT_MAX_DISTANCE

@@ -19,7 +19,7 @@ def reference_find_pairs(hashes, max_distance=neardup.DEFAULT_MAX_DISTANCE):
     bits = np.unpackbits(np.frombuffer(h.to_bytes(18, "big"), np.uint8))[-neardup.BITS:]
     bits = bits[neardup._SHUFFLE]  # pylint: disable=protected-access
     count = neardup.BITS // width
-    return [(i, band.tobytes()) for i, band in enumerate(bits[:count * width].reshape(count, width))]
+    return list(enumerate(band.tobytes() for band in bits[:count * width].reshape(count, width)))
 
   tables = collections.defaultdict(set)
   for i, h in enumerate(hashes):
