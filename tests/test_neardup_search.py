@@ -4,10 +4,14 @@ reference: same pairs, same distances, same order, on random hashes with planted
 
 import collections
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO
+from conftest import bin_env
 from skinrecords import neardup
 
 
@@ -103,3 +107,19 @@ def test_a_huge_bucket_is_capped_reported_and_still_one_group(caplog):
   assert len(pairs) < n_blank * (n_blank - 1) // 2  # not every pair of the bucket
   assert all(d == 0 and j < n_blank for _, j, d in pairs)
   assert neardup.connected(len(hashes), pairs) == [list(range(n_blank))]
+
+
+def test_search_benchmark_runs_and_agrees():
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.neardup", "--search_only",
+                         "--search_sizes=400", "--rounds=1"], capture_output=True, text=True,
+                        env=bin_env(), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  header, row = proc.stdout.strip().splitlines()
+  assert header.split()[:3] == ["inputs", "python", "s"]
+  fields = row.split()
+  assert fields[0] == "400" and fields[6] == "True" and float(fields[5]) > 0.5
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.neardup", "--search_only",
+                        "--search_sizes=lots"], capture_output=True, text=True,
+                       env=bin_env(), cwd=REPO, timeout=300, check=False)
+  assert bad.returncode != 0 and "expected integers" in bad.stderr
+  assert "Traceback" not in bad.stderr
