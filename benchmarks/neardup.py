@@ -9,12 +9,20 @@ vertically, colour-shifted (+20 R, -10 G, -15 B) and gamma 0.8. Every image goes
 different lesions (same synthetic patient or not). Also compared: a 64-bit difference hash (dHash)
 of the whole image, the usual choice, on the same cases (all pairs, best case: flips tried).
 
-Example:
+With --search_only, the search alone instead: --search_sizes random hash tuples (11 windows), 10 %
+of them planted copies of an earlier one (a flip of its whole hash or of a crop window, 0-10 bits
+changed), searched by `neardup.find_pairs` (NumPy) and by the first, pure-Python band search (kept
+here as the baseline; run up to --python_max inputs, it took 50 s for 20 k at load 16), in
+interleaved rounds; also `neardup.connected` on the pairs. Recall: planted copies found.
+
+Examples:
   python -m benchmarks.neardup --num_lesions=200
+  python -m benchmarks.neardup --search_only --search_sizes=20000,100000,500000
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 
@@ -26,6 +34,12 @@ from skinrecords.cli import common as cli_common
 _NUM = flags.DEFINE_integer("num_lesions", 200, "Synthetic lesions (originals).")
 _DISTANCES = flags.DEFINE_list("distances", ["6", "8", "10", "12"], "Thresholds to report.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic lesions.")
+_SEARCH_ONLY = flags.DEFINE_boolean("search_only", False, "Time the search alone (random hashes).")
+_SEARCH_SIZES = flags.DEFINE_list("search_sizes", ["20000", "100000", "500000"],
+                                  "--search_only: numbers of inputs.")
+_PYTHON_MAX = flags.DEFINE_integer("python_max", 20000,
+                                   "--search_only: largest size the pure-Python baseline runs at.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "--search_only: interleaved rounds per size.")
 _MIN_SIZE = (400, 300)
 _MAX_SIZE = (1024, 768)
 
@@ -138,9 +152,97 @@ def run_benchmark(num: int, distances: list[int], seed: int) -> str:
   return "\n".join(lines)
 
 
+def _find_pairs_python(hashes, max_distance):
+  """neardup.find_pairs as first landed (pure Python); tests/test_neardup_search.py has it too."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+
+  width = neardup.band_bits(sum(h is not None for h in hashes))
+
+  def bands(h):
+    bits = np.unpackbits(np.frombuffer(h.to_bytes(18, "big"), np.uint8))[-neardup.BITS:]
+    bits = bits[neardup._SHUFFLE]  # pylint: disable=protected-access
+    count = neardup.BITS // width
+    return list(enumerate(band.tobytes() for band in bits[:count * width].reshape(count, width)))
+
+  tables = collections.defaultdict(set)
+  for i, h in enumerate(hashes):
+    for w in set(h):
+      for key in bands(w):
+        tables[key].add(i)
+  candidates = set()
+  for i, h in enumerate(hashes):
+    for m in neardup._FLIP_MASKS:  # pylint: disable=protected-access
+      for key in bands(h[0] ^ m):
+        candidates.update((min(i, j), max(i, j)) for j in tables.get(key, ()) if j != i)
+  found = ((i, j, neardup.distance(hashes[i], hashes[j])) for i, j in candidates)
+  return sorted(pair for pair in found if pair[2] <= max_distance)
+
+
+def _random_hashes(n: int, seed: int):
+  """n hash tuples, every 10th a copy of an earlier one; returns (hashes, planted (i, j) pairs)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  raw = np.frombuffer(rng.bytes(18 * 11 * n), np.uint8).reshape(n, 11, 18)
+  hashes = [tuple(int.from_bytes(w.tobytes(), "big") >> 1 for w in row) for row in raw]
+  planted = []
+  for j in range(10, n, 10):
+    i = int(rng.integers(0, j))
+    flip = neardup._FLIP_MASKS[int(rng.integers(4))]  # pylint: disable=protected-access
+    whole = hashes[i][int(rng.integers(11))] ^ flip
+    for bit in rng.choice(neardup.BITS, int(rng.integers(0, 11)), replace=False):
+      whole ^= 1 << int(bit)
+    hashes[j] = (whole,) + hashes[j][1:]
+    planted.append((i, j))
+  return hashes, planted
+
+
+def run_search_benchmark(sizes: list[int], python_max: int, rounds: int, seed: int) -> str:
+  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+
+  lines = [f"{'inputs':>8s} {'python s':>9s} {'numpy s':>8s} {'ratio':>7s} {'pairs':>7s} "
+           f"{'recall':>7s} {'same':>5s} {'connected s':>11s}"]
+  for n in sizes:
+    hashes, planted = _random_hashes(n, seed)
+    runs = {"python": [], "numpy": []}
+    order = ["python", "numpy"] if n <= python_max else ["numpy"]
+    results = {}
+    for r in range(rounds):
+      for name in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating first
+        search = _find_pairs_python if name == "python" else neardup.find_pairs
+        start = time.perf_counter()
+        results[name] = search(hashes, neardup.DEFAULT_MAX_DISTANCE)
+        runs[name].append(time.perf_counter() - start)
+    pairs = results["numpy"]
+    start = time.perf_counter()
+    neardup.connected(n, pairs)
+    connected_s = time.perf_counter() - start
+    found = {(i, j) for i, j, _ in pairs}
+    recall = sum((min(p), max(p)) in found for p in planted) / len(planted)
+    py = min(runs["python"]) if runs["python"] else float("nan")
+    npy = min(runs["numpy"])
+    same = str(results["python"] == pairs) if "python" in results else "-"
+    lines.append(f"{n:8d} {py:9.2f} {npy:8.2f} {py / npy:6.1f}x {len(pairs):7d} {recall:7.3f} "
+                 f"{same:>5s} {connected_s:11.2f}")
+  return "\n".join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _SEARCH_ONLY.value:
+    try:
+      sizes = [int(n) for n in _SEARCH_SIZES.value]
+    except ValueError as err:
+      raise app.UsageError(f"--search_sizes={_SEARCH_SIZES.value}: expected integers") from err
+    if min(sizes) < 20 or _ROUNDS.value < 1:
+      raise app.UsageError("--search_sizes must be >= 20 and --rounds >= 1")
+    print(run_search_benchmark(sizes, _PYTHON_MAX.value, _ROUNDS.value, _SEED.value), flush=True)
+    return
   if _NUM.value < 8:
     raise app.UsageError(f"--num_lesions={_NUM.value}: must be >= 8")
   try:
