@@ -658,7 +658,7 @@ def summary(result: Result, max_listed: int = 10) -> str:
   lines += [f"  WARNING: {note}" for note in notes if note]
   lines += _near_summary(inputs.get("near_duplicates"), max_listed)
   if len(result.folders) > 1:
-    lines.append(f"  one records folder per size, same splits, folds and shard contents: "
+    lines.append("  one records folder per size, same splits, folds and shard contents: "
                  + ", ".join(f"{size}: {folder}" for size, folder in result.folders.items()))
   for kind, entries, key in (("rejected", inputs["rejected"], "reason"),
                              ("duplicate", inputs["duplicates"], "duplicate_of")):

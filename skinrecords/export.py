@@ -17,12 +17,10 @@ preprocessing.json holds the exact settings, and hair removal or clean-up is ann
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import warnings
 
@@ -34,11 +32,11 @@ import tensorflow as tf
 from skinrecords import ensemble
 from skinrecords import fileio
 from skinrecords import inference
-from skinrecords import models
 from skinrecords import pipeline
 from skinrecords import preprocess
 from skinrecords import rundir
 from skinrecords import serving
+from skinrecords import tflog
 
 FORMATS = ("saved_model", "tflite", "all")
 TFLITE_FILES = {"float32": "model_float32.tflite", "dynamic_range": "model_dynamic_range.tflite"}
@@ -279,29 +277,11 @@ def convert_tflite(saved_model_dir, quantize: bool) -> bytes:
 _XNNPACK_INFO = "Created TensorFlow Lite XNNPACK delegate"
 
 
-@contextlib.contextmanager
-def _without_xnnpack_info():
-  """Holds file descriptor 2 back and replays it without TFLite's `INFO: Created TensorFlow Lite
-  XNNPACK delegate for CPU.` line, which its C++ runtime prints on every interpreter (whatever
-  TF_CPP_MIN_LOG_LEVEL says) and which read like a problem in export's output."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      held.seek(0)
-      kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-              if _XNNPACK_INFO not in line]
-      sys.stderr.write("".join(kept))
-
-
 def tflite_probabilities(model_bytes: bytes, images: np.ndarray, batch_size: int = 32):
   """Runs a TFLite model from this module on uint8 [N, S, S, 3]; returns probabilities."""
-  with warnings.catch_warnings(), _without_xnnpack_info():
+  # TFLite's C++ runtime prints `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.` on every
+  # interpreter, whatever TF_CPP_MIN_LOG_LEVEL says; it read like a problem in export's output.
+  with warnings.catch_warnings(), tflog.stderr_held_back(replay=True, drop=_XNNPACK_INFO):
     # tf.lite.Interpreter warns it moves to ai_edge_litert; it still works in TF 2.21.
     warnings.simplefilter("ignore")
     runner = tf.lite.Interpreter(model_content=model_bytes).get_signature_runner("serving_uint8")

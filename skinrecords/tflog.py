@@ -17,22 +17,28 @@ from absl import logging as absl_logging
 
 
 @contextlib.contextmanager
-def _stderr_held_back():
-  """Sends file descriptor 2 to a temporary file; replays it only if the block raises."""
+def stderr_held_back(replay: bool = False, drop: str = ""):
+  """Sends file descriptor 2 (C++ writes there too, past Python's sys.stderr) to a temporary file.
+
+  What was held is replayed when the block raises, or always with `replay`, without the lines that
+  contain `drop` (export drops TFLite's XNNPACK INFO line this way)."""
   sys.stderr.flush()
   saved = os.dup(2)
+  failed = False
   with tempfile.TemporaryFile() as held:
     os.dup2(held.fileno(), 2)
     try:
       yield
     except BaseException:
-      os.dup2(saved, 2)
-      held.seek(0)
-      sys.stderr.write(held.read().decode(errors="replace"))
+      failed = True
       raise
     finally:
       os.dup2(saved, 2)
       os.close(saved)
+      if failed or replay:
+        held.seek(0)
+        lines = held.read().decode(errors="replace").splitlines(keepends=True)
+        sys.stderr.write("".join(line for line in lines if not drop or drop not in line))
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
@@ -55,7 +61,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     real = spec.loader.exec_module
 
     def exec_module(module):
-      with _stderr_held_back():
+      with stderr_held_back():
         real(module)
     spec.loader.exec_module = exec_module
     return spec

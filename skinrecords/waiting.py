@@ -10,7 +10,6 @@ progress lines, a timeout and a prompt exit on Ctrl-C/SIGTERM. Pure Python: no T
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import sys
 import time
