@@ -318,16 +318,16 @@ def _build_state(config: TrainConfig, strategy, setup: _Setup) -> run_state.Stat
                            setup.mixed)
 
 
-def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
+def _run_config(config: TrainConfig, strategy, setup: _Setup) -> rundir.RunConfig:
   """config.json: what evaluate and predict need, and what a resume must match (rundir)."""
   info = setup.info
-  return {"classes": list(info.classes), "image_size": config.model.image_size,
-          "records_dir": str(config.records_dir), "records_fingerprint": info.fingerprint,
-          "fold": config.fold, "preprocessing": info.preprocessing,
-          "model": setup.model_config.to_dict(), "train": config.to_dict(),
-          "seed": config.seed, "deterministic": config.deterministic,
-          "replicas": strategy.num_replicas_in_sync, "workers": setup.workers,
-          "mixed_precision": setup.precision, "xla": setup.xla_mode}
+  return rundir.RunConfig(
+      classes=list(info.classes), image_size=config.model.image_size,
+      records_dir=str(config.records_dir), records_fingerprint=info.fingerprint,
+      fold=config.fold, preprocessing=info.preprocessing,
+      model=setup.model_config.to_dict(), train=config.to_dict(), seed=config.seed,
+      deterministic=config.deterministic, replicas=strategy.num_replicas_in_sync,
+      workers=setup.workers, mixed_precision=setup.precision, xla=setup.xla_mode)
 
 
 def _already_done(config: TrainConfig, start: int, state: run_state.State, history, setup,
