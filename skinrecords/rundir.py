@@ -128,7 +128,7 @@ class RunConfig:
     extra = {k: v for k, v in raw.items() if k not in names and k != "version"}
     return cls(**known, version=RUN_CONFIG_VERSION, extra=extra)
 
-  def check(self, where: str = CONFIG_FILE) -> None:
+  def validate(self, where: str = CONFIG_FILE) -> None:
     """ValueError unless it names at least 2 classes and an image size (what every reader needs)."""
     if not isinstance(self.classes, list) or len(self.classes) < 2:
       raise ValueError(f"{where}: 'classes' must list at least 2 class names in id order, "
@@ -179,11 +179,10 @@ def read_summary(model_dir: str | os.PathLike) -> dict | None:
 # changed would continue one model under another's description (a changed --image_size resumed
 # silently and model.keras no longer matched config.json).
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
-# The recipe (config.json's "train"): resuming under another loss silently mixed two losses in one
-# history, and another optimizer or schedule failed deep in the restore ("Received incompatible
-# tensor with shape ()"). Kept for callers; check_resumable compares every "train" field now.
-RECIPE_KEYS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
-               "label_smoothing", "focal_gamma", "sync_batchnorm")
+# The recipe (recipes.RecipeConfig, flat in config.json's "train") is compared with every other
+# "train" field by changed_training_settings: resuming under another loss silently mixed two
+# losses in one history, and another optimizer or schedule failed deep in the restore ("Received
+# incompatible tensor with shape ()").
 # The fields of config.json's "train" (train.TrainConfig, model.* and augment.* flattened) that MAY
 # differ on resume; every other one is refused by name (issue 27: --learning_rate=0.05
 # --balance=oversample --noaugment resumed a 1e-4 run silently and rewrote config.json, so the saved
@@ -327,11 +326,11 @@ class RunDirError(ValueError):
 
 
 def resume_settings(config: dict) -> dict:
-  """The RESUME_KEYS and RECIPE_KEYS a config.json dict holds (an older file, or a partial
-  caller, lacks some: those are left out, and not compared)."""
-  model, recipe = config.get("model") or {}, config.get("train") or {}
+  """The RESUME_KEYS a config.json dict holds (an older file, or a partial caller, lacks some:
+  those are left out, and not compared)."""
+  model = config.get("model") or {}
   found = [(k, config) for k in ("records_fingerprint", "image_size", "classes", "fold")]
-  found += [(k, model) for k in ("backbone", "num_classes")] + [(k, recipe) for k in RECIPE_KEYS]
+  found += [(k, model) for k in ("backbone", "num_classes")]
   return {k: where[k] for k, where in found if k in where}
 
 
@@ -507,5 +506,5 @@ def check_model_dir(model_dir) -> dict:
   if problem:
     raise ValueError(f"{model_path} is damaged: {problem}; {DAMAGED_FIX}")
   run = read_run_config(d)
-  run.check(config_path)
+  run.validate(config_path)
   return run.to_dict()

@@ -48,7 +48,7 @@ def test_unset_fields_are_not_written_but_fold_is():
 def test_an_old_config_json_loads_and_resumes(tmp_path):
   (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(_OLD))
   run = rundir.read_run_config(tmp_path)
-  run.check()
+  run.validate()
   assert run.version == rundir.RUN_CONFIG_VERSION and run.train["loss"] == "bce"
   # The same run, described as the current code describes it, resumes; another loss does not.
   rundir.check_resumable(tmp_path, rundir.RunConfig.from_dict(_OLD))
@@ -63,4 +63,4 @@ def test_a_newer_or_broken_config_json_is_one_line(tmp_path):
   with pytest.raises(rundir.RunDirError, match="upgrade skinrecords; use another --model_dir"):
     rundir.check_resumable(tmp_path, _OLD)
   with pytest.raises(ValueError, match="'classes' must list at least 2"):
-    rundir.RunConfig.from_dict({"image_size": 32}).check()
+    rundir.RunConfig.from_dict({"image_size": 32}).validate()
