@@ -102,7 +102,7 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
       classes=list(info.classes), image_size=config.model.image_size,
       records_dir=str(config.records_dir), records_fingerprint=info.fingerprint, fold=config.fold,
       model={"backbone": config.model.backbone, "num_classes": info.num_classes},
-      train=config.to_dict()))
+      train=train.resolved(config).to_dict()))
   return summary if summary.get("epochs_done") == config.epochs else None
 
 

@@ -202,9 +202,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
                                "oof.csv); train a single run into another --model_dir")
   out = distribute.ChiefOutputDir(config.model_dir, chief, tag=distribute.task_name(strategy))
   was_deterministic = tf_framework_config.is_op_determinism_enabled()
-  deterministic = resolve_deterministic(config.deterministic)
-  config = dataclasses.replace(config, deterministic=deterministic,
-                               select_by=resolve_select_by(config.select_by))
+  config = resolved(config)
+  deterministic = config.deterministic
   try:
     # Initialisation always comes from the seed. It used to come from Keras' global generator,
     # i.e. from whatever ran earlier in the process (other tests, other folds in a notebook).
@@ -217,6 +216,13 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
     if deterministic and not was_deterministic:
       # Process-wide: leave a notebook (or the test process) as it was.
       tf_framework_config.disable_op_determinism()
+
+
+def resolved(config: TrainConfig) -> TrainConfig:
+  """`config` with its "auto" settings decided, as config.json's "train" records them (cv compares
+  a finished fold's file with this: an unresolved deterministic="auto" refused every rerun)."""
+  return dataclasses.replace(config, deterministic=resolve_deterministic(config.deterministic),
+                             select_by=resolve_select_by(config.select_by))
 
 
 def resolve_deterministic(setting: bool | str) -> bool:

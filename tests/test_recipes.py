@@ -274,3 +274,14 @@ def test_three_classes_train_with_focal_loss_and_label_smoothing(tmp_path):
   assert result["best_metrics"]["val_auc"] >= 0.95, (result["best_metrics"], history)
   assert history[-1] < history[0], history
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["num_classes"] == 3
+
+
+def test_the_recipe_is_nested_in_the_config_and_flat_in_config_json():
+  """TrainConfig.recipe is a RecipeConfig; config.json's "train" keeps its fields flat, as runs of
+  the release before wrote them, so a resume compares them field by field as it did."""
+  config = _config(loss="focal", focal_gamma=1.5, early_stopping_patience=3)
+  assert config.recipe == recipes.RecipeConfig(loss="focal", focal_gamma=1.5,
+                                               early_stopping_patience=3)
+  saved = config.to_dict()
+  assert "recipe" not in saved and {k: saved[k] for k in recipes.FIELDS} == config.recipe.to_dict()
+  assert recipes.RecipeConfig.from_dict(saved) == config.recipe
