@@ -20,6 +20,7 @@ Example:
 
 import dataclasses
 import os
+import re
 import sys
 
 from absl import app
@@ -287,8 +288,8 @@ def _config():
       cv.fold_ids(info)
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
-    raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _recipe_flags() + _NAMED_IN_ERRORS)) from err
+    message = re.sub(r"\b(Model|Augment)Config\.", "--", str(err))  # their fields are flags
+    raise app.UsageError(cli_common.as_flags(message, _recipe_flags() + _NAMED_IN_ERRORS)) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
