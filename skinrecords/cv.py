@@ -96,12 +96,13 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
   summary = rundir.read_summary(d)
   if summary is None or not fileio.isfile(fileio.join(d, rundir.MODEL_FILE)):
     return None  # not started, killed before its first epoch, or a save cut short
-  # The keys rundir.resume_settings compares, in config.json's shape (train._run_config).
-  rundir.check_resumable(d, {
-      "records_fingerprint": info.fingerprint, "image_size": config.model.image_size,
-      "classes": list(info.classes), "fold": config.fold,
-      "model": {"backbone": config.model.backbone, "num_classes": info.num_classes},
-      "train": config.to_dict()})
+  # What rundir.check_resumable compares (train._run_config sets the rest: the resolved precision
+  # and XLA mode, unknown here, are left out and so not compared).
+  rundir.check_resumable(d, rundir.RunConfig(
+      classes=list(info.classes), image_size=config.model.image_size,
+      records_dir=str(config.records_dir), records_fingerprint=info.fingerprint, fold=config.fold,
+      model={"backbone": config.model.backbone, "num_classes": info.num_classes},
+      train=train.resolved(config).to_dict()))
   return summary if summary.get("epochs_done") == config.epochs else None
 
 

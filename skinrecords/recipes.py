@@ -1,13 +1,13 @@
 """Training recipes: optimizer, learning-rate schedule, loss, synchronised BatchNorm, early stop.
 
-Every function reads a train.TrainConfig's recipe fields (optimizer, weight_decay, lr_schedule,
-warmup_steps, lr_floor, loss, label_smoothing, focal_gamma, sync_batchnorm,
-early_stopping_patience); the defaults reproduce the recipe the project had before they existed:
+`RecipeConfig` owns the recipe's fields (train.TrainConfig.recipe); every function here reads a
+TrainConfig's `.recipe`. The defaults reproduce the recipe the project had before they existed:
 Adam, a constant learning rate, plain cross-entropy, per-replica BatchNorm, all epochs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -22,41 +22,69 @@ LOSSES = ("bce", "focal")
 _NO_DECAY = ("bias", "gamma", "beta")
 
 
-def validate(config) -> None:
-  """ValueError naming the field, its value and what is accepted, for the recipe fields."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"optimizer={config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-  if not config.weight_decay >= 0:
-    raise ValueError(f"weight_decay={config.weight_decay} must be >= 0 (decoupled decay per "
-                     "step, times the learning rate)")
-  if config.optimizer == "adamw" and config.weight_decay == 0:
-    raise ValueError("optimizer=adamw with weight_decay=0 is plain Adam; pass a weight_decay "
-                     "(e.g. 0.05) or use optimizer=adam")
-  if config.optimizer == "adam" and config.weight_decay > 0:
-    raise ValueError(f"weight_decay={config.weight_decay} needs optimizer=adamw")
-  if config.lr_schedule not in LR_SCHEDULES:
-    raise ValueError(f"lr_schedule={config.lr_schedule!r}; choose one of "
-                     f"{', '.join(LR_SCHEDULES)}")
-  if config.warmup_steps < 0:
-    raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0 (0: no warm-up)")
-  if not 0 <= config.lr_floor < 1:
-    raise ValueError(f"lr_floor={config.lr_floor} must be in [0, 1): a fraction of the learning "
-                     "rate, where the cosine schedule ends")
-  if config.lr_floor and config.lr_schedule != "cosine":
-    raise ValueError(f"lr_floor={config.lr_floor} applies to lr_schedule=cosine only")
-  if config.loss not in LOSSES:
-    raise ValueError(f"loss={config.loss!r}; choose one of {', '.join(LOSSES)}")
-  if not 0 <= config.label_smoothing < 1:
-    raise ValueError(f"label_smoothing={config.label_smoothing} must be in [0, 1) (0: hard "
-                     "targets; 0.1 is usual)")
-  if not config.focal_gamma >= 0:
-    raise ValueError(f"focal_gamma={config.focal_gamma} must be >= 0 (0: cross-entropy; 2 is "
-                     "usual)")
-  if config.focal_gamma != 2.0 and config.loss != "focal":  # 2.0: the default
-    raise ValueError(f"focal_gamma={config.focal_gamma} applies to loss=focal only")
-  if config.early_stopping_patience < 0:
-    raise ValueError(f"early_stopping_patience={config.early_stopping_patience} must be >= 0 "
-                     "(0: train every epoch)")
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+  """How the model is optimised: the fields a resume compares one by one (rundir), and the flags
+  of the same names (cli/train.py). Not here: learning rates and epochs (TrainConfig: the schedule
+  of phases), select_by and threshold_rule (what is kept and decided after training)."""
+  optimizer: str = "adam"  # adam | adamw
+  weight_decay: float = 0.0  # adamw only (decoupled, biases and norm parameters excluded)
+  lr_schedule: str = "constant"  # constant | cosine, per training phase
+  warmup_steps: int = 0  # linear learning-rate warm-up at the start of each phase
+  lr_floor: float = 0.0  # cosine ends at learning_rate * lr_floor
+  loss: str = "bce"  # bce (binary or categorical cross-entropy) | focal
+  label_smoothing: float = 0.0
+  focal_gamma: float = 2.0
+  sync_batchnorm: bool = False  # BatchNorm statistics over all replicas and workers
+  early_stopping_patience: int = 0  # stop this many epochs after the best one; 0: never
+
+  def validate(self) -> None:
+    """ValueError naming the field, its value and what is accepted (see train.TrainConfig for why
+    configs validate in .validate(), not __post_init__)."""
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer={self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if not self.weight_decay >= 0:
+      raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (decoupled decay per "
+                       "step, times the learning rate)")
+    if self.optimizer == "adamw" and self.weight_decay == 0:
+      raise ValueError("optimizer=adamw with weight_decay=0 is plain Adam; pass a weight_decay "
+                       "(e.g. 0.05) or use optimizer=adam")
+    if self.optimizer == "adam" and self.weight_decay > 0:
+      raise ValueError(f"weight_decay={self.weight_decay} needs optimizer=adamw")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of "
+                       f"{', '.join(LR_SCHEDULES)}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (0: no warm-up)")
+    if not 0 <= self.lr_floor < 1:
+      raise ValueError(f"lr_floor={self.lr_floor} must be in [0, 1): a fraction of the learning "
+                       "rate, where the cosine schedule ends")
+    if self.lr_floor and self.lr_schedule != "cosine":
+      raise ValueError(f"lr_floor={self.lr_floor} applies to lr_schedule=cosine only")
+    if self.loss not in LOSSES:
+      raise ValueError(f"loss={self.loss!r}; choose one of {', '.join(LOSSES)}")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1) (0: hard "
+                       "targets; 0.1 is usual)")
+    if not self.focal_gamma >= 0:
+      raise ValueError(f"focal_gamma={self.focal_gamma} must be >= 0 (0: cross-entropy; 2 is "
+                       "usual)")
+    if self.focal_gamma != 2.0 and self.loss != "focal":  # 2.0: the default
+      raise ValueError(f"focal_gamma={self.focal_gamma} applies to loss=focal only")
+    if self.early_stopping_patience < 0:
+      raise ValueError(f"early_stopping_patience={self.early_stopping_patience} must be >= 0 "
+                       "(0: train every epoch)")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> RecipeConfig:
+    """The recipe's fields out of a dict holding them (config.json's "train" keeps them flat)."""
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RecipeConfig))
 
 
 def check_warmup_fits(config, phase_steps: dict) -> None:
@@ -67,8 +95,8 @@ def check_warmup_fits(config, phase_steps: dict) -> None:
     phase_steps: {phase name: optimizer steps in it}; phases with 0 steps are skipped.
   """
   for phase, steps in phase_steps.items():
-    if steps and config.warmup_steps >= steps:
-      raise ValueError(f"warmup_steps={config.warmup_steps} is not shorter than the {phase} "
+    if steps and config.recipe.warmup_steps >= steps:
+      raise ValueError(f"warmup_steps={config.recipe.warmup_steps} is not shorter than the {phase} "
                        f"phase ({steps} steps: epochs x steps_per_epoch); lower --warmup_steps "
                        "or train longer")
 
@@ -106,17 +134,17 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def learning_rate(config, peak: float, total_steps: int):
   """A float for the default recipe (constant, no warm-up), else a WarmupSchedule."""
-  if config.lr_schedule == "constant" and not config.warmup_steps:
+  if config.recipe.lr_schedule == "constant" and not config.recipe.warmup_steps:
     return peak
-  return WarmupSchedule(peak, total_steps, config.warmup_steps, config.lr_schedule,
-                        config.lr_floor)
+  return WarmupSchedule(peak, total_steps, config.recipe.warmup_steps, config.recipe.lr_schedule,
+                        config.recipe.lr_floor)
 
 
 def make_optimizer(config, peak: float, total_steps: int, mixed: bool):
   """Adam or AdamW for one training phase of `total_steps` optimizer steps."""
   lr = learning_rate(config, peak, total_steps)
-  if config.optimizer == "adamw":
-    opt = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+  if config.recipe.optimizer == "adamw":
+    opt = keras.optimizers.AdamW(lr, weight_decay=config.recipe.weight_decay)
     opt.exclude_from_weight_decay(var_names=list(_NO_DECAY))
   else:
     opt = keras.optimizers.Adam(lr)
@@ -135,11 +163,11 @@ def loss_fn(num_classes: int, config=None):
   alpha weighting (alpha=1 in the categorical one, whose default 0.25 would just scale the loss
   by 1/4 and so the learning rate): class balance is --balance's job.
   """
-  smoothing = config.label_smoothing if config else 0.0
-  focal = config is not None and config.loss == "focal"
+  smoothing = config.recipe.label_smoothing if config else 0.0
+  focal = config is not None and config.recipe.loss == "focal"
   if num_classes == 2:
     if focal:
-      fn = keras.losses.BinaryFocalCrossentropy(gamma=config.focal_gamma, from_logits=True,
+      fn = keras.losses.BinaryFocalCrossentropy(gamma=config.recipe.focal_gamma, from_logits=True,
                                                 label_smoothing=smoothing, reduction=None)
     else:
       fn = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing,
@@ -151,7 +179,7 @@ def loss_fn(num_classes: int, config=None):
     scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     return lambda labels, logits: scce(labels, tf.cast(logits, tf.float32))
   if focal:
-    fn = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=config.focal_gamma,
+    fn = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=config.recipe.focal_gamma,
                                                    from_logits=True, label_smoothing=smoothing,
                                                    reduction=None)
   else:
@@ -182,7 +210,7 @@ def xla_mode(config, resolved: str, replicas: int) -> str:
   """The XLA mode with synchronised BatchNorm over several replicas: its all-reduce cannot sit in
   an XLA-compiled (nested) forward pass, so "on" becomes "augment" (the augmentation, the part
   that needs XLA, stays compiled); an explicit xla=on is refused instead of silently changed."""
-  if not (config.sync_batchnorm and replicas > 1 and resolved == "on"):
+  if not (config.recipe.sync_batchnorm and replicas > 1 and resolved == "on"):
     return resolved
   if config.xla == "on":
     raise ValueError(f"sync_batchnorm over {replicas} replicas cannot run in an XLA-compiled "
@@ -197,6 +225,6 @@ def should_stop(config, epochs_done: int, best_epoch: int) -> bool:
   saving agree. Never during the head-only warm-up (`warmup_epochs`): the backbone has not
   started training yet.
   """
-  patience = config.early_stopping_patience
+  patience = config.recipe.early_stopping_patience
   return bool(patience and epochs_done > config.warmup_epochs and best_epoch
               and epochs_done - best_epoch >= patience)

@@ -43,7 +43,7 @@ def phase_steps(config, steps_per_epoch: int) -> dict:
 
 def build(model: keras.Model, config, freeze: str, steps_per_epoch: int, mixed: bool) -> State:
   """Optimizers and counters for `model` (a train.TrainConfig's recipe); call in strategy.scope()."""
-  if config.sync_batchnorm:
+  if config.recipe.sync_batchnorm:
     logging.info("synchronised BatchNorm: %d layers, trained on Keras' unfused code (the fused "
                  "kernel cannot all-reduce its moments; inference stays fused)",
                  recipes.synchronize_batchnorm(model, True))

@@ -59,8 +59,89 @@ def _read_json(model_dir: str | os.PathLike, name: str, fix: str = "") -> dict |
     raise ValueError(f"{path}: not valid JSON ({err}){fix}") from err
 
 
-def write_config(model_dir: str | os.PathLike, config: dict) -> None:
-  _write_json(model_dir, CONFIG_FILE, config)
+# config.json's format. 1: the files written before this field existed (no "version" key; they
+# load as version 1, unchanged). 2: the same keys and values, plus "version". Bump it when a key
+# changes meaning, and teach RunConfig.from_dict to read the older shape.
+RUN_CONFIG_VERSION = 2
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """config.json: what evaluate, predict, export and ensemble need from a run, and what a resume
+  must match (check_resumable). The one owner of its keys: train writes it, cv rebuilds it for a
+  finished fold's check, every reader goes through from_dict (directly or via check_model_dir).
+
+  "model" and "train" stay the JSON of models.ModelConfig and train.TrainConfig (their to_dict):
+  this module is TensorFlow-free, and the resume check compares "train" field by field.
+  A field left None is not written (cv's check has no resolved precision to compare; a test's
+  hand-made run has no seed); train sets every one, so its files keep every key.
+  """
+  classes: list
+  image_size: int
+  records_dir: str | None = None
+  records_fingerprint: str | None = None
+  fold: int | None = None  # written even when None: a run made without folds is not a fold run
+  preprocessing: dict | None = None
+  model: dict = dataclasses.field(default_factory=dict)
+  train: dict = dataclasses.field(default_factory=dict)
+  seed: int | None = None
+  deterministic: bool | str | None = None
+  replicas: int | None = None
+  workers: int | None = None
+  mixed_precision: str | None = None  # the resolved policy ("float32", "mixed_float16", ...)
+  xla: str | None = None  # the resolved mode
+  version: int = RUN_CONFIG_VERSION
+  # Keys this version does not know (a newer minor writer, a user's note): kept, written back.
+  extra: dict = dataclasses.field(default_factory=dict)
+
+  _ALWAYS = ("classes", "image_size", "records_dir", "records_fingerprint", "fold",
+             "preprocessing", "model", "train")
+
+  def to_dict(self) -> dict:
+    d = {"version": self.version}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.name not in ("version", "extra") and (value is not None or f.name in self._ALWAYS):
+        d[f.name] = value
+    d.update((k, v) for k, v in self.extra.items() if k not in d)
+    return d
+
+  @classmethod
+  def from_dict(cls, raw: dict, where: str = CONFIG_FILE) -> "RunConfig":
+    """A config.json dict of any version so far (no "version": 1); ValueError (one line, naming
+    `where` and the fix) for a newer version or a file that is not a run's config."""
+    if not isinstance(raw, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+      raise ValueError(f"{where}: 'version' must be a positive integer, got {version!r}")
+    if version > RUN_CONFIG_VERSION:
+      raise ValueError(f"{where} has version {version}, this skinrecords reads up to "
+                       f"{RUN_CONFIG_VERSION}; upgrade skinrecords")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "version"}
+    known = {k: v for k, v in raw.items() if k in names}
+    known.setdefault("classes", None)
+    known.setdefault("image_size", None)
+    for key in ("model", "train"):
+      if known.get(key) is None:
+        known[key] = {}
+    extra = {k: v for k, v in raw.items() if k not in names and k != "version"}
+    return cls(**known, version=RUN_CONFIG_VERSION, extra=extra)
+
+  def validate(self, where: str = CONFIG_FILE) -> None:
+    """ValueError unless it names at least 2 classes and an image size (what every reader needs)."""
+    if not isinstance(self.classes, list) or len(self.classes) < 2:
+      raise ValueError(f"{where}: 'classes' must list at least 2 class names in id order, "
+                       f"got {self.classes!r}")
+    size = self.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f"{where}: 'image_size' must be a positive integer, got {size!r}")
+
+
+def write_config(model_dir: str | os.PathLike, config: RunConfig | dict) -> None:
+  """config.json, always through RunConfig (a dict is a test's or an old caller's hand-made one)."""
+  run = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+  _write_json(model_dir, CONFIG_FILE, run.to_dict())
 
 
 def write_summary(model_dir: str | os.PathLike, summary: dict) -> None:
@@ -72,8 +153,16 @@ def write_cv_metrics(model_dir: str | os.PathLike, cv_metrics: dict) -> None:
 
 
 def read_config(model_dir: str | os.PathLike) -> dict | None:
-  """config.json as a dict, or None when the run has not written one yet."""
-  return _read_json(model_dir, CONFIG_FILE)
+  """config.json as a dict (RunConfig.to_dict's shape, whatever version wrote it), or None when the
+  run has not written one yet."""
+  run = read_run_config(model_dir)
+  return None if run is None else run.to_dict()
+
+
+def read_run_config(model_dir: str | os.PathLike) -> RunConfig | None:
+  """config.json as a RunConfig, or None when the run has not written one yet."""
+  raw = _read_json(model_dir, CONFIG_FILE)
+  return None if raw is None else RunConfig.from_dict(raw, fileio.join(model_dir, CONFIG_FILE))
 
 
 def read_summary(model_dir: str | os.PathLike) -> dict | None:
@@ -90,11 +179,10 @@ def read_summary(model_dir: str | os.PathLike) -> dict | None:
 # changed would continue one model under another's description (a changed --image_size resumed
 # silently and model.keras no longer matched config.json).
 RESUME_KEYS = ("records_fingerprint", "backbone", "image_size", "classes", "num_classes", "fold")
-# The recipe (config.json's "train"): resuming under another loss silently mixed two losses in one
-# history, and another optimizer or schedule failed deep in the restore ("Received incompatible
-# tensor with shape ()"). Kept for callers; check_resumable compares every "train" field now.
-RECIPE_KEYS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
-               "label_smoothing", "focal_gamma", "sync_batchnorm")
+# The recipe (recipes.RecipeConfig, flat in config.json's "train") is compared with every other
+# "train" field by changed_training_settings: resuming under another loss silently mixed two
+# losses in one history, and another optimizer or schedule failed deep in the restore ("Received
+# incompatible tensor with shape ()").
 # The fields of config.json's "train" (train.TrainConfig, model.* and augment.* flattened) that MAY
 # differ on resume; every other one is refused by name (issue 27: --learning_rate=0.05
 # --balance=oversample --noaugment resumed a 1e-4 run silently and rewrote config.json, so the saved
@@ -238,11 +326,11 @@ class RunDirError(ValueError):
 
 
 def resume_settings(config: dict) -> dict:
-  """The RESUME_KEYS and RECIPE_KEYS a config.json dict holds (an older file, or a partial
-  caller, lacks some: those are left out, and not compared)."""
-  model, recipe = config.get("model") or {}, config.get("train") or {}
+  """The RESUME_KEYS a config.json dict holds (an older file, or a partial caller, lacks some:
+  those are left out, and not compared)."""
+  model = config.get("model") or {}
   found = [(k, config) for k in ("records_fingerprint", "image_size", "classes", "fold")]
-  found += [(k, model) for k in ("backbone", "num_classes")] + [(k, recipe) for k in RECIPE_KEYS]
+  found += [(k, model) for k in ("backbone", "num_classes")]
   return {k: where[k] for k, where in found if k in where}
 
 
@@ -300,11 +388,17 @@ def _as_flag(value) -> str:
   return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_resumable(model_dir: str | os.PathLike, config: dict) -> None:
+def check_resumable(model_dir: str | os.PathLike, config: RunConfig | dict) -> None:
   """Raises RunDirError naming the setting(s) in which MODEL_DIR's run differs from `config`."""
-  old = read_config(model_dir)
+  old = _read_json(model_dir, CONFIG_FILE)
   if old is None:
     return
+  try:  # the version check; the keys are compared as the file has them (a key it lacks is not)
+    RunConfig.from_dict(old, fileio.join(model_dir, CONFIG_FILE))
+  except ValueError as err:  # a newer version, or not a run's config
+    raise RunDirError(f"{err}; use another --model_dir, or --overwrite") from err
+  if isinstance(config, RunConfig):
+    config = config.to_dict()
   before, now = resume_settings(old), resume_settings(config)
   for key in RESUME_KEYS:
     if key not in before or key not in now or before[key] is None and key != "fold":
@@ -411,12 +505,6 @@ def check_model_dir(model_dir) -> dict:
   problem = model_file_problem(model_path)
   if problem:
     raise ValueError(f"{model_path} is damaged: {problem}; {DAMAGED_FIX}")
-  cfg = read_config(d)
-  classes = cfg.get("classes") if isinstance(cfg, dict) else None
-  if not isinstance(classes, list) or len(classes) < 2:
-    raise ValueError(f"{config_path}: 'classes' must list at least 2 class names in id order, "
-                     f"got {classes!r}")
-  size = cfg.get("image_size")
-  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-    raise ValueError(f"{config_path}: 'image_size' must be a positive integer, got {size!r}")
-  return cfg
+  run = read_run_config(d)
+  run.validate(config_path)
+  return run.to_dict()

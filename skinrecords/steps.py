@@ -45,7 +45,7 @@ class CompiledSteps:
     # A synchronised BatchNorm all-reduces inside the forward pass; under a nested tf.function
     # that all-reduce fails ("`merge_call` called while defining a new graph"), so the forward +
     # backward is then traced inline into train_step (and cannot be XLA-compiled).
-    inline = config.sync_batchnorm and strategy.num_replicas_in_sync > 1
+    inline = config.recipe.sync_batchnorm and strategy.num_replicas_in_sync > 1
     if inline and xla_mode == "on":
       raise ValueError(f"sync_batchnorm over {strategy.num_replicas_in_sync} replicas cannot run in "
                        "an XLA-compiled forward pass; use xla=augment or xla=off")

@@ -83,21 +83,21 @@ class TrainConfig:
   # The two-class decision threshold chosen on validation after training (thresholds.py).
   threshold_rule: str = "youden"
   overwrite: bool = False  # start afresh in a model_dir holding another run, instead of refusing
-  # The recipe (recipes.py); the defaults are the recipe from before these fields existed.
-  optimizer: str = "adam"  # adam | adamw
-  weight_decay: float = 0.0  # adamw only (decoupled, biases and norm parameters excluded)
-  lr_schedule: str = "constant"  # constant | cosine, per training phase
-  warmup_steps: int = 0  # linear learning-rate warm-up at the start of each phase
-  lr_floor: float = 0.0  # cosine ends at learning_rate * lr_floor
-  loss: str = "bce"  # bce (binary or categorical cross-entropy) | focal
-  label_smoothing: float = 0.0
-  focal_gamma: float = 2.0
-  sync_batchnorm: bool = False  # BatchNorm statistics over all replicas and workers
-  early_stopping_patience: int = 0  # stop this many epochs after the best one; 0: never
+  # The recipe (optimizer, schedule, loss, sync BatchNorm, early stopping): recipes.RecipeConfig.
+  recipe: recipes.RecipeConfig = recipes.RecipeConfig()
   # A model.keras found damaged on resume, whose best epoch backup/ no longer holds, is replaced by
   # backup/'s epoch (summary.json then names that epoch); without it such a resume is refused.
   restore_model: bool = False
 
+  # How configs validate (TrainConfig, models.ModelConfig, augment.AugmentConfig,
+  # recipes.RecipeConfig, rundir.RunConfig): a .validate() method raising a one-line ValueError
+  # naming the field, called by whoever runs the config (train.train, cv.run_cv, the CLI), never in
+  # __post_init__. The CLI assembles the whole config first and turns the first ValueError into one
+  # UsageError line (cli/train.py); cv derives each fold's config with dataclasses.replace and
+  # validates the result once; and a config rebuilt from an older config.json must load, to be
+  # compared and shown, even where today's rules are stricter. (EvalConfig, PredictConfig,
+  # ExportConfig and PreprocessConfig still also call .validate() from __post_init__: their
+  # entry points must call it first before that goes.)
   def validate(self) -> None:
     if self.balance not in BALANCE:
       raise ValueError(f"balance={self.balance!r}; choose one of {', '.join(BALANCE)}")
@@ -120,19 +120,22 @@ class TrainConfig:
       raise ValueError(f"xla={self.xla!r}; choose one of {', '.join(xla.XLA_SETTINGS)}")
     if self.select_by != "auto":
       selection.check_rule(self.select_by)
-    if self.select_by == "last" and self.early_stopping_patience:
+    if self.select_by == "last" and self.recipe.early_stopping_patience:
       raise ValueError("early_stopping_patience stops on a validation score, select_by=last keeps "
                        "the last epoch whatever it scores; drop one of them")
     if self.deterministic not in DETERMINISTIC:
       raise ValueError(f"deterministic={self.deterministic!r}; choose one of auto, on, off")
     thresholds.parse_rule(self.threshold_rule)
-    recipes.validate(self)
+    self.recipe.validate()
     self.model.validate()
     self.augment.validate()
 
   def to_dict(self) -> dict:
+    """config.json's "train": model and augment nested, the recipe's fields flat (as before
+    RecipeConfig existed, so that older runs resume: rundir compares "train" field by field)."""
     d = dataclasses.asdict(self)
     d["model"], d["augment"] = self.model.to_dict(), self.augment.to_dict()
+    d.update(d.pop("recipe"))
     return d
 
 
@@ -199,9 +202,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
                                "oof.csv); train a single run into another --model_dir")
   out = distribute.ChiefOutputDir(config.model_dir, chief, tag=distribute.task_name(strategy))
   was_deterministic = tf_framework_config.is_op_determinism_enabled()
-  deterministic = resolve_deterministic(config.deterministic)
-  config = dataclasses.replace(config, deterministic=deterministic,
-                               select_by=resolve_select_by(config.select_by))
+  config = resolved(config)
+  deterministic = config.deterministic
   try:
     # Initialisation always comes from the seed. It used to come from Keras' global generator,
     # i.e. from whatever ran earlier in the process (other tests, other folds in a notebook).
@@ -214,6 +216,13 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
     if deterministic and not was_deterministic:
       # Process-wide: leave a notebook (or the test process) as it was.
       tf_framework_config.disable_op_determinism()
+
+
+def resolved(config: TrainConfig) -> TrainConfig:
+  """`config` with its "auto" settings decided, as config.json's "train" records them (cv compares
+  a finished fold's file with this: an unresolved deterministic="auto" refused every rerun)."""
+  return dataclasses.replace(config, deterministic=resolve_deterministic(config.deterministic),
+                             select_by=resolve_select_by(config.select_by))
 
 
 def resolve_deterministic(setting: bool | str) -> bool:
@@ -318,16 +327,16 @@ def _build_state(config: TrainConfig, strategy, setup: _Setup) -> run_state.Stat
                            setup.mixed)
 
 
-def _run_config(config: TrainConfig, strategy, setup: _Setup) -> dict:
+def _run_config(config: TrainConfig, strategy, setup: _Setup) -> rundir.RunConfig:
   """config.json: what evaluate and predict need, and what a resume must match (rundir)."""
   info = setup.info
-  return {"classes": list(info.classes), "image_size": config.model.image_size,
-          "records_dir": str(config.records_dir), "records_fingerprint": info.fingerprint,
-          "fold": config.fold, "preprocessing": info.preprocessing,
-          "model": setup.model_config.to_dict(), "train": config.to_dict(),
-          "seed": config.seed, "deterministic": config.deterministic,
-          "replicas": strategy.num_replicas_in_sync, "workers": setup.workers,
-          "mixed_precision": setup.precision, "xla": setup.xla_mode}
+  return rundir.RunConfig(
+      classes=list(info.classes), image_size=config.model.image_size,
+      records_dir=str(config.records_dir), records_fingerprint=info.fingerprint,
+      fold=config.fold, preprocessing=info.preprocessing,
+      model=setup.model_config.to_dict(), train=config.to_dict(), seed=config.seed,
+      deterministic=config.deterministic, replicas=strategy.num_replicas_in_sync,
+      workers=setup.workers, mixed_precision=setup.precision, xla=setup.xla_mode)
 
 
 def _already_done(config: TrainConfig, start: int, state: run_state.State, history, setup,
@@ -369,7 +378,7 @@ def _fit(config: TrainConfig, strategy, setup: _Setup, state: run_state.State, o
   for epoch in range(start, config.epochs):
     if recipes.should_stop(config, epoch, int(state.best_epoch.numpy())):
       logging.info("early stopping after epoch %d: no better epoch than %d in %d epochs", epoch,
-                   int(state.best_epoch.numpy()), config.early_stopping_patience)
+                   int(state.best_epoch.numpy()), config.recipe.early_stopping_patience)
       break
     new_phase = "warmup" if epoch < config.warmup_epochs else "train"
     if new_phase != phase:

@@ -51,10 +51,10 @@ def _save(model, root: pathlib.Path, name: str) -> pathlib.Path:
   out = root / name
   out.mkdir()
   model.save(out / rundir.MODEL_FILE)
-  (out / rundir.CONFIG_FILE).write_text(json.dumps({
-      "classes": manifest["classes"], "image_size": SIZE, "records_dir": str(records),
-      "fold": None, "preprocessing": manifest["preprocessing"],
-      "model": models.ModelConfig(backbone="simple_cnn", image_size=SIZE).to_dict(), "train": {}}))
+  rundir.write_config(out, rundir.RunConfig(
+      classes=manifest["classes"], image_size=SIZE, records_dir=str(records), fold=None,
+      preprocessing=manifest["preprocessing"],
+      model=models.ModelConfig(backbone="simple_cnn", image_size=SIZE).to_dict()))
   return out
 
 

@@ -21,9 +21,11 @@ from skinrecords import steps as steps_lib
 from skinrecords import train
 
 
-def _config(**recipe) -> train.TrainConfig:
+def _config(**fields) -> train.TrainConfig:
+  """A TrainConfig; the recipe's fields (recipes.FIELDS) go into its RecipeConfig."""
+  recipe = recipes.RecipeConfig(**{k: fields.pop(k) for k in recipes.FIELDS if k in fields})
   return train.TrainConfig(records_dir="r", model_dir="m", augment=augment.AugmentConfig.none(),
-                           **recipe)
+                           recipe=recipe, **fields)
 
 
 def _log_softmax(z):
@@ -263,11 +265,23 @@ def test_three_classes_train_with_focal_loss_and_label_smoothing(tmp_path):
       model=models.ModelConfig(backbone="simple_cnn", weights="none", image_size=32),
       augment=augment.AugmentConfig(rotation_range=0.0, shear_range=0.0, width_shift_range=0.0,
                                     height_shift_range=0.0),  # flips only: still XLA-compiled
-      batch_size=8, learning_rate=3e-3, epochs=6, loss="focal", label_smoothing=0.1,
-      lr_schedule="cosine", warmup_steps=2, progress=False))
+      batch_size=8, learning_rate=3e-3, epochs=6, progress=False,
+      recipe=recipes.RecipeConfig(loss="focal", label_smoothing=0.1, lr_schedule="cosine",
+                                  warmup_steps=2)))
   history = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "history.csv"))]
   # The smoothed focal loss has a floor above 0, so only its direction is checked; validation AUC
   # (on the true labels) is what says the classes were learnt.
   assert result["best_metrics"]["val_auc"] >= 0.95, (result["best_metrics"], history)
   assert history[-1] < history[0], history
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["num_classes"] == 3
+
+
+def test_the_recipe_is_nested_in_the_config_and_flat_in_config_json():
+  """TrainConfig.recipe is a RecipeConfig; config.json's "train" keeps its fields flat, as runs of
+  the release before wrote them, so a resume compares them field by field as it did."""
+  config = _config(loss="focal", focal_gamma=1.5, early_stopping_patience=3)
+  assert config.recipe == recipes.RecipeConfig(loss="focal", focal_gamma=1.5,
+                                               early_stopping_patience=3)
+  saved = config.to_dict()
+  assert "recipe" not in saved and {k: saved[k] for k in recipes.FIELDS} == config.recipe.to_dict()
+  assert recipes.RecipeConfig.from_dict(saved) == config.recipe

@@ -51,11 +51,11 @@ def save_run(model, out: pathlib.Path, records: pathlib.Path, size: int, fold=No
   manifest = json.loads((records / "manifest.json").read_text())
   out.mkdir(parents=True)
   model.save(out / rundir.MODEL_FILE)
-  rundir.write_config(out, {
-      "classes": classes or manifest["classes"], "image_size": size,
-      "records_dir": str(records), "records_fingerprint": manifest["fingerprint"], "fold": fold,
-      "preprocessing": manifest["preprocessing"],
-      "model": models.ModelConfig(backbone="simple_cnn", image_size=size).to_dict(), "train": {}})
+  rundir.write_config(out, rundir.RunConfig(
+      classes=classes or manifest["classes"], image_size=size, records_dir=str(records),
+      records_fingerprint=manifest["fingerprint"], fold=fold,
+      preprocessing=manifest["preprocessing"],
+      model=models.ModelConfig(backbone="simple_cnn", image_size=size).to_dict()))
   rundir.write_summary(out, {"epochs_done": 1, "epochs_planned": 1, "fold": fold})
   return out
 

@@ -18,7 +18,9 @@ Example:
   train ... --strategy=multi_worker --worker_hosts=10.0.0.1:12345,10.0.0.2:12345 --task_index=0
 """
 
+import dataclasses
 import os
+import re
 import sys
 
 from absl import app
@@ -169,6 +171,8 @@ _ZOOM = flags.DEFINE_float("zoom_range", 0.0, "Zoom factor drawn in [1-z, 1+z] p
 _INTERP = flags.DEFINE_enum("interpolation", "bilinear", ["bilinear", "nearest"], "Resampling.")
 _FILL = flags.DEFINE_enum("fill_mode", "nearest", ["nearest", "reflect", "constant"],
                           "How pixels from outside the image are filled.")
+_FILL_VALUE = flags.DEFINE_float("fill_value", 0.0, "With --fill_mode=constant: the value "
+                                 "(0..255) of pixels from outside the image.")
 _BRIGHT = flags.DEFINE_float("brightness", 0.0, "Max brightness delta in 0..255 units (0: off).")
 _CONTRAST = flags.DEFINE_float("contrast", 0.0, "Contrast factor in [1-c, 1+c] (0: off).")
 _SAT = flags.DEFINE_float("saturation", 0.0, "Saturation factor in [1-s, 1+s] (0: off).")
@@ -176,8 +180,71 @@ _HUE = flags.DEFINE_float("hue", 0.0, "Max hue delta as a fraction of the circle
 
 flags.mark_flags_as_required(["records_dir", "model_dir"])
 _MAX_IMAGE_SIZE = 8192  # make_records' largest --image_size (preprocess)
-_RECIPE_FLAGS = ("optimizer", "weight_decay", "lr_schedule", "warmup_steps", "lr_floor", "loss",
-                 "label_smoothing", "focal_gamma", "early_stopping_patience")
+# The fields of the train configs (train.TrainConfig and the ModelConfig, AugmentConfig and
+# RecipeConfig it holds) NOT set from the flag of their name, and why. Every other field must have
+# a flag of its name with its default: _from_flags refuses to build a config otherwise, and
+# config_flag_problems() (tests/test_layout.py) checks the defaults, so a field added to a config
+# cannot be forgotten here (AugmentConfig.fill_value was: --fill_value exists since issue 22).
+_NOT_FLAGS = {
+    "model": "a nested config (ModelConfig, from its own fields' flags)",
+    "augment": "a nested config (AugmentConfig; --noaugment makes it AugmentConfig.none())",
+    "recipe": "a nested config (RecipeConfig, from its own fields' flags)",
+    "image_size": "--image_size=0 means the records' size",
+    "num_classes": "the records' number of classes",
+    "fold": "--fold also takes 'all' (cross-validation)",
+}
+_FLAGS = {holder.name: holder for holder in list(globals().values())
+          if isinstance(holder, flags.FlagHolder)}
+
+
+def _train_configs() -> tuple:
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords import augment, models, recipes, train
+  return train.TrainConfig, models.ModelConfig, augment.AugmentConfig, recipes.RecipeConfig
+
+
+def _from_flags(cls, **given):
+  """`cls` with each field from the flag of its name, `given` (the _NOT_FLAGS fields) excepted."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name in given:
+      values[field.name] = given.pop(field.name)
+    elif field.name in _FLAGS and field.name not in _NOT_FLAGS:
+      values[field.name] = _FLAGS[field.name].value
+    else:
+      raise AssertionError(f"{cls.__name__}.{field.name} has no --{field.name} flag in "
+                           "cli/train.py: define one, or list it in _NOT_FLAGS with the reason")
+  if given:
+    raise AssertionError(f"{cls.__name__} has no fields {sorted(given)}")
+  return cls(**values)
+
+
+def config_flag_problems() -> list[str]:
+  """Every train config field without a flag of its name and default (or a _NOT_FLAGS reason)."""
+  problems = []
+  for cls in _train_configs():
+    for field in dataclasses.fields(cls):
+      if field.name in _NOT_FLAGS:
+        continue
+      if field.name not in _FLAGS:
+        problems.append(f"{cls.__name__}.{field.name}: no --{field.name} flag")
+      elif (field.default is not dataclasses.MISSING and
+            _FLAGS[field.name].default != field.default):
+        problems.append(f"{cls.__name__}.{field.name}={field.default!r} but --{field.name}="
+                        f"{_FLAGS[field.name].default!r}")
+  return problems
+
+
+def _recipe_flags() -> tuple:
+  """The recipe's fields, named as --flags in its error messages."""
+  from skinrecords import recipes  # pylint: disable=g-import-not-at-top
+  return recipes.FIELDS
+
+
+# Other field names the config's one-line errors show as --flags (not all: "augment", "cache" or
+# "epochs" also occur as words in those lines).
+_NAMED_IN_ERRORS = ("fold", "oof_tta", "seed", "learning_rate", "fine_tune_learning_rate",
+                    "select_by", "threshold_rule", "deterministic")
 
 
 def _fold():
@@ -196,7 +263,7 @@ def _fold():
 
 def _config():
   # pylint: disable-next=g-import-not-at-top
-  from skinrecords import augment, cv, inference, models, pipeline, train
+  from skinrecords import augment, cv, inference, models, pipeline, recipes, train
 
   fold = _fold()
   try:
@@ -207,33 +274,11 @@ def _config():
   if not size:
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value} does not record an image size: "
                          "pass --image_size")
-  if _AUGMENT.value:
-    aug = augment.AugmentConfig(
-        horizontal_flip=_HFLIP.value, vertical_flip=_VFLIP.value, rotation_range=_ROTATION.value,
-        shear_range=_SHEAR.value, width_shift_range=_WSHIFT.value,
-        height_shift_range=_HSHIFT.value, zoom_range=_ZOOM.value,
-        interpolation=_INTERP.value, fill_mode=_FILL.value, brightness=_BRIGHT.value,
-        contrast=_CONTRAST.value, saturation=_SAT.value, hue=_HUE.value)
-  else:
-    aug = augment.AugmentConfig.none()
-  config = train.TrainConfig(
-      records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value,
-      model=models.ModelConfig(backbone=_BACKBONE.value, image_size=size, weights=_WEIGHTS.value,
-                               dropout=_DROPOUT.value, freeze=_FREEZE.value,
-                               num_classes=max(info.num_classes, 2)),
-      augment=aug, strategy=_STRATEGY.value, xla=_XLA.value, mixed_precision=_MIXED.value,
-      batch_size=_BATCH.value, learning_rate=_LR.value, fine_tune_learning_rate=_FT_LR.value,
-      warmup_epochs=_WARMUP.value, epochs=_EPOCHS.value, steps_per_epoch=_STEPS.value,
-      fold=None if fold == "all" else fold, balance=_BALANCE.value, seed=_SEED.value,
-      cache=_CACHE.value,
-      progress=_PROGRESS.value, data_service=_DATA_SERVICE.value,
-      deterministic=_DETERMINISTIC.value, overwrite=_OVERWRITE.value,
-      select_by=_SELECT_BY.value, threshold_rule=_THRESHOLD_RULE.value,
-      optimizer=_OPTIMIZER.value, weight_decay=_WEIGHT_DECAY.value,
-      lr_schedule=_LR_SCHEDULE.value, warmup_steps=_WARMUP_STEPS.value, lr_floor=_LR_FLOOR.value,
-      loss=_LOSS.value, label_smoothing=_LABEL_SMOOTHING.value, focal_gamma=_FOCAL_GAMMA.value,
-      sync_batchnorm=_SYNC_BN.value, early_stopping_patience=_PATIENCE.value,
-      restore_model=_RESTORE_MODEL.value)
+  aug = _from_flags(augment.AugmentConfig) if _AUGMENT.value else augment.AugmentConfig.none()
+  config = _from_flags(
+      train.TrainConfig, fold=None if fold == "all" else fold, augment=aug,
+      model=_from_flags(models.ModelConfig, image_size=size, num_classes=max(info.num_classes, 2)),
+      recipe=_from_flags(recipes.RecipeConfig))
   try:
     config.validate()
     info.select("train", config.fold)  # a folder of test files only has no "train" split
@@ -243,11 +288,8 @@ def _config():
       cv.fold_ids(info)
       inference.check_tta(_OOF_TTA.value, "--oof_tta")
   except ValueError as err:
-    raise app.UsageError(cli_common.as_flags(str(err).replace("ModelConfig.", "--"),
-                                             _RECIPE_FLAGS + (
-                                                 "fold", "oof_tta", "seed", "learning_rate",
-                                                 "fine_tune_learning_rate", "select_by",
-                                                 "threshold_rule", "deterministic"))) from err
+    message = re.sub(r"\b(Model|Augment)Config\.", "--", str(err))  # their fields are flags
+    raise app.UsageError(cli_common.as_flags(message, _recipe_flags() + _NAMED_IN_ERRORS)) from err
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
@@ -375,7 +417,7 @@ def main(argv):
     result = train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError) as err:
-    print(f"train: {cli_common.as_flags(str(err), _RECIPE_FLAGS + ('freeze',))}",
+    print(f"train: {cli_common.as_flags(str(err), _recipe_flags() + ('freeze',))}",
           file=sys.stderr)
     return 2
   except OSError as err:  # a missing file, or a remote path that cannot be read (network, scheme)
