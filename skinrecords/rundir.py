@@ -196,6 +196,9 @@ RESUME_MAY_CHANGE = (
     "model_dir", "overwrite", "progress",  # where, and how it is shown
     "cache", "data_service",  # where the same input comes from
     "strategy", "xla",  # which devices, and how fast (a preempted run may resume on others)
+    # Op determinism orders floating-point reductions; it does not change what an epoch trains.
+    # Runs from before issue 21 stored False, which `auto` now resolves to True on a CPU.
+    "deterministic",
     "mixed_precision",  # the flag ("auto"); config.json's resolved top-level value is compared
     "restore_model",  # a repair of model.keras from backup/, asked for once
 )
@@ -418,8 +421,8 @@ def check_resumable(model_dir: str | os.PathLike, config: RunConfig | dict) -> N
     raise RunDirError(
         f"{model_dir} holds a run trained with other settings: {shown}; resume with the run's "
         "settings (only --epochs, --early_stopping_patience, --records_dir, --cache, "
-        "--data_service, --strategy, --xla, --progress may change), use another --model_dir, or "
-        "--overwrite to start afresh there")
+        "--data_service, --strategy, --xla, --deterministic, --progress may change), use another "
+        "--model_dir, or --overwrite to start afresh there")
 
 
 def clear(model_dir: str | os.PathLike) -> None:
