@@ -64,3 +64,16 @@ def test_a_newer_or_broken_config_json_is_one_line(tmp_path):
     rundir.check_resumable(tmp_path, _OLD)
   with pytest.raises(ValueError, match="'classes' must list at least 2"):
     rundir.RunConfig.from_dict({"image_size": 32}).validate()
+
+
+def test_op_determinism_may_change_on_resume_but_a_recipe_setting_may_not(tmp_path):
+  # Runs from before issue 21 stored deterministic=False; `auto` now resolves to True on a CPU.
+  old = json.loads(json.dumps(_OLD))
+  old["train"]["deterministic"] = False
+  rundir.write_config(tmp_path, rundir.RunConfig.from_dict(old))
+  now = json.loads(json.dumps(old))
+  now["train"]["deterministic"] = True
+  rundir.check_resumable(tmp_path, now)  # no error
+  now["train"]["learning_rate"] = 0.05
+  with pytest.raises(rundir.RunDirError, match=r"--learning_rate=0\.001 \(now 0\.05\)"):
+    rundir.check_resumable(tmp_path, now)
