@@ -155,7 +155,7 @@ def test_two_workers_train_in_step_on_disjoint_shards(records, tmp_path):
   # Only the chief writes, and the non-chief's temporary copies are gone.
   assert {p.name for p in model_dir.iterdir()} == {
       "model.keras", "config.json", "history.csv", "summary.json", "accuracy.png", "loss.png",
-      "auc.png", "logs", "backup"}
+      "auc.png", "logs", "backup", "threshold.json"}
   assert _leftovers(tmp_path, 1) == [] and _leftovers(tmp_path, 0) == []
   saved = json.loads((model_dir / "config.json").read_text())
   assert saved["workers"] == 2 and saved["replicas"] == 2

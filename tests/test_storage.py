@@ -271,7 +271,8 @@ def test_export_saved_model_to_a_remote_folder(tmp_path):
     report = export.export(export.ExportConfig(model_dir=model_dir, output_dir=out,
                                                format="saved_model"))
   assert report.saved_model == fileio.join(out, "1")
-  assert fileio.listdir(out) == ["1", export.PREPROCESSING_FILE]  # no staging left
+  # No staging left.
+  assert fileio.listdir(out) == ["1", export.PREPROCESSING_FILE, export.SMOKE_SCRIPT]
   assert "saved_model.pb" in fileio.walk_files(report.saved_model)
   assert report.sizes[report.saved_model] > 0
   served = tf.saved_model.load(report.saved_model).signatures["serving_uint8"]
