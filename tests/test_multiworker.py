@@ -174,7 +174,10 @@ def test_two_workers_train_in_step_on_disjoint_shards(records, tmp_path):
   assert _digest(logs[0]) == _digest(logs[1])
   rows = _history(model_dir)
   assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-  assert float(rows[-1]["loss"]) < float(rows[0]["loss"]), rows
+  # Learning shows first in the ranking: 45 steps of simple_cnn sit on the loss plateau near ln 2
+  # (the README job leaves it after ~60 steps), and with deterministic runs by default a plateau
+  # that happened to end 7e-6 above its start failed a loss comparison every time.
+  assert float(rows[-1]["auc"]) > float(rows[0]["auc"]) + 0.05, rows
   # Validation: each worker scored its uneven share padded to full batches, yet the chief's
   # figures for the saved epoch are those of one process scoring every example exactly once.
   best = json.loads((model_dir / "summary.json").read_text())["best_epoch"]
