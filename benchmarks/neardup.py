@@ -152,12 +152,15 @@ def run_benchmark(num: int, distances: list[int], seed: int) -> str:
   return "\n".join(lines)
 
 
-def _find_pairs_python(hashes, max_distance):
-  """neardup.find_pairs as first landed (pure Python); tests/test_neardup_search.py has it too."""
+def find_pairs_python(hashes, max_distance=None):
+  """neardup.find_pairs as first landed (pure Python, sets and dicts): the baseline here and the
+  reference of tests/test_neardup_search.py."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from skinrecords import neardup  # pylint: disable=g-import-not-at-top
 
+  if max_distance is None:
+    max_distance = neardup.DEFAULT_MAX_DISTANCE
   width = neardup.band_bits(sum(h is not None for h in hashes))
 
   def bands(h):
@@ -168,14 +171,16 @@ def _find_pairs_python(hashes, max_distance):
 
   tables = collections.defaultdict(set)
   for i, h in enumerate(hashes):
-    for w in set(h):
-      for key in bands(w):
-        tables[key].add(i)
+    if h is not None:
+      for w in set(h):
+        for key in bands(w):
+          tables[key].add(i)
   candidates = set()
   for i, h in enumerate(hashes):
-    for m in neardup._FLIP_MASKS:  # pylint: disable=protected-access
-      for key in bands(h[0] ^ m):
-        candidates.update((min(i, j), max(i, j)) for j in tables.get(key, ()) if j != i)
+    if h is not None:
+      for m in neardup._FLIP_MASKS:  # pylint: disable=protected-access
+        for key in bands(h[0] ^ m):
+          candidates.update((min(i, j), max(i, j)) for j in tables.get(key, ()) if j != i)
   found = ((i, j, neardup.distance(hashes[i], hashes[j])) for i, j in candidates)
   return sorted(pair for pair in found if pair[2] <= max_distance)
 
@@ -213,7 +218,7 @@ def run_search_benchmark(sizes: list[int], python_max: int, rounds: int, seed: i
     results = {}
     for r in range(rounds):
       for name in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating first
-        search = _find_pairs_python if name == "python" else neardup.find_pairs
+        search = find_pairs_python if name == "python" else neardup.find_pairs
         start = time.perf_counter()
         results[name] = search(hashes, neardup.DEFAULT_MAX_DISTANCE)
         runs[name].append(time.perf_counter() - start)

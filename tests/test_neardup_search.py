@@ -1,8 +1,8 @@
-"""The NumPy band search (`neardup.find_pairs`) against the first, pure-Python one, kept here as the
-reference: same pairs, same distances, same order, on random hashes with planted near-duplicates
-(flipped, cropped = matching one of the original's windows, a few bits changed)."""
+"""The NumPy band search (`neardup.find_pairs`) against the first, pure-Python one, kept in
+benchmarks/neardup.py as the reference: same pairs, same distances, same order, on random hashes
+with planted near-duplicates (flipped, cropped = matching one of the original's windows, a few
+bits changed)."""
 
-import collections
 import logging
 import subprocess
 import sys
@@ -11,34 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from benchmarks.neardup import find_pairs_python as reference_find_pairs
 from conftest import bin_env
 from skinrecords import neardup
-
-
-def reference_find_pairs(hashes, max_distance=neardup.DEFAULT_MAX_DISTANCE):
-  """neardup.find_pairs as first landed (pure Python, sets and dicts), verbatim but for names."""
-  width = neardup.band_bits(sum(h is not None for h in hashes))
-
-  def bands(h):
-    bits = np.unpackbits(np.frombuffer(h.to_bytes(18, "big"), np.uint8))[-neardup.BITS:]
-    bits = bits[neardup._SHUFFLE]  # pylint: disable=protected-access
-    count = neardup.BITS // width
-    return list(enumerate(band.tobytes() for band in bits[:count * width].reshape(count, width)))
-
-  tables = collections.defaultdict(set)
-  for i, h in enumerate(hashes):
-    if h is not None:
-      for w in set(h):
-        for key in bands(w):
-          tables[key].add(i)
-  candidates = set()
-  for i, h in enumerate(hashes):
-    if h is not None:
-      for m in neardup._FLIP_MASKS:  # pylint: disable=protected-access
-        for key in bands(h[0] ^ m):
-          candidates.update((min(i, j), max(i, j)) for j in tables.get(key, ()) if j != i)
-  found = ((i, j, neardup.distance(hashes[i], hashes[j])) for i, j in candidates)
-  return sorted(pair for pair in found if pair[2] <= max_distance)
 
 
 def planted(n, seed):
