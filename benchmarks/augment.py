@@ -4,7 +4,7 @@ Paths, all on the same random batch and in the same process so their ratios are 
   (a) keras.layers RandomFlip + RandomRotation + RandomTranslation + RandomShear, float32, in
       a tf.function (these layers cannot be XLA-compiled: ImageProjectiveTransformV3 has no
       XLA kernel);
-  (b) skinrecords.augment.augment_batch under tf.function(jit_compile=True), float32 and uint8
+  (b) skinrecords.input.augment.augment_batch under tf.function(jit_compile=True), float32 and uint8
       input;
   (c) augment_batch in a plain tf.function without XLA.
 Compilation and the first call are not timed. Prints images per wall second and per CPU second
@@ -50,7 +50,7 @@ def benchmark(image_size: int = 512, batch_size: int = 32, iters: int = 3,
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import augment  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import augment  # pylint: disable=g-import-not-at-top
 
   config = config or augment.AugmentConfig()
   config.validate()
@@ -100,7 +100,7 @@ def main(argv):
   # Must be set before TensorFlow creates its CPU allocator, i.e. before it is imported.
   os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true" if _BFC.value else "false"
 
-  from skinrecords import augment  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import augment  # pylint: disable=g-import-not-at-top
 
   config = augment.AugmentConfig(interpolation=_INTERPOLATION.value)
   rows = benchmark(_IMAGE_SIZE.value, _BATCH_SIZE.value, _ITERS.value, config)

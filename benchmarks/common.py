@@ -35,11 +35,11 @@ def notebook_model(backbone: str, size: int, learning_rate: float):
   """The notebook's model in tf_keras: inputs already scaled to 0..1 by the generator."""
   import tf_keras  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import models  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import models  # pylint: disable=g-import-not-at-top
 
   layers = tf_keras.layers
   inputs = tf_keras.Input((size, size, 3))
-  if backbone == "simple_cnn":  # skinrecords.models' simple_cnn, layer for layer
+  if backbone == "simple_cnn":  # skinrecords.model.models' simple_cnn, layer for layer
     x = inputs
     for filters in (32, 64, 128, 128):
       x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)

@@ -90,7 +90,7 @@ def _make_sources(root: pathlib.Path, num: int, size, num_large: int, large_size
   import cv2  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   for cls in _CLASSES:
     (root / "sources" / cls).mkdir(parents=True)
@@ -120,7 +120,7 @@ def _make_sources(root: pathlib.Path, num: int, size, num_large: int, large_size
 
 def _whole_run(src: pathlib.Path, out: pathlib.Path, pool, pconfig) -> tuple[float, float, float]:
   """(wall seconds, parent CPU seconds, MB of shards) for one `convert.convert` into a fresh `out`."""
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
 
   shutil.rmtree(out, ignore_errors=True)
   config = convert.ConvertConfig(input_dir=str(src), output_dir=str(out), workers=pool.workers,
@@ -146,7 +146,7 @@ def _init_ceiling(ready) -> None:
 
 def _ceiling_job(args) -> tuple[int, float, float]:
   """(pid, start, end): `reps` x `preprocess_bytes(data)`; perf_counter is system-wide on Linux."""
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
 
   data, pconfig, reps = args
   start = time.perf_counter()
@@ -217,7 +217,7 @@ def _warm_copy(root: pathlib.Path, paths: list[str]) -> pathlib.Path:
 
 def _bench_a(root: pathlib.Path, paths: list[str], workers: int, pconfig, rounds: int):
   """The interleaved rounds of ceiling and conversions; returns [_Round]."""
-  from skinrecords.workers import RecordPool  # pylint: disable=g-import-not-at-top
+  from skinrecords.data.workers import RecordPool  # pylint: disable=g-import-not-at-top
 
   reps = max(2, len(paths) // (2 * workers))  # about as long as one conversion pass
   data = pathlib.Path(paths[0]).read_bytes()
@@ -251,7 +251,7 @@ def _bench_b(paths: list[str], pconfig, repeats: int) -> dict:
   """{reduced_decode: (wall seconds, CPU seconds)} for one core, fastest of `repeats` passes."""
   import cv2  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
 
   cv2.setNumThreads(1)  # one core, as in a converter worker
   configs = {r: dataclasses.replace(pconfig, reduced_decode=r) for r in (True, False)}
@@ -310,7 +310,7 @@ def run_benchmark(num: int, size, num_large: int, large_size, noise: float, imag
                   remove_hair: bool, workers: int, rounds: int, seed: int,
                   root: pathlib.Path) -> str:
   """Generates the sources under `root`, times A and B, returns the printed report."""
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
 
   pconfig = preprocess.PreprocessConfig(image_size=image_size, remove_hair=remove_hair)
   start = time.perf_counter()
@@ -364,10 +364,10 @@ def _bench_c(root: pathlib.Path, num: int, size, sizes: list[int], rounds: int) 
   """One several-size pass against one run per size, interleaved; returns the report lines."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
-  from skinrecords.workers import RecordPool  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data.workers import RecordPool  # pylint: disable=g-import-not-at-top
 
   src = root / "multi_sources"
   for i in range(num):
@@ -409,7 +409,7 @@ def _bench_c(root: pathlib.Path, num: int, size, sizes: list[int], rounds: int) 
 
 
 def _size(flag) -> tuple[int, int]:
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   try:
     size = synthetic.parse_size(flag.value)

@@ -4,8 +4,8 @@
 train/<class>/ and test/<class>/ folders; both ways read exactly these files:
   notebook: tf_keras ImageDataGenerator(rescale=1/255, rotation_range=60, width/height_shift_range
             =0.3, shear_range=0.3, both flips, fill_mode="nearest").flow_from_directory(train)
-            into a tf_keras model (the same layers as skinrecords.models: backbone, global average
-            pooling, dropout, one sigmoid unit) trained by `model.fit` (binary cross-entropy, Adam);
+            into a tf_keras model (the same layers as skinrecords.model.models: backbone, global
+            average pooling, dropout, one sigmoid unit) trained by `model.fit` (binary cross-entropy, Adam);
             the test folder is predicted with `model.predict` on an un-augmented generator;
   ours:     `convert.convert` of the same folders into records (timed once), `train.train` (tf.data
             pipeline, the same augmentations inside the compiled step, xla=auto) and
@@ -66,7 +66,7 @@ def _prepare(root: pathlib.Path, num: int, size: int, test_fraction: float, seed
   """Writes root/images/{train,test}/<class>/*.jpg; returns (images, counts per split)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   flat, images = root / "synthetic", root / "images"
   workers = max(1, min(os.cpu_count() or 1, num // 64))  # a spawn pool costs ~1 s to start
@@ -89,8 +89,8 @@ def _prepare(root: pathlib.Path, num: int, size: int, test_fraction: float, seed
 
 def _convert(images: pathlib.Path, records: pathlib.Path, size: int, seed: int) -> float:
   """Ours, once for every backbone: the pre-split folders into records; returns seconds."""
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   result = convert.convert(convert.ConvertConfig(
@@ -158,11 +158,11 @@ def _our_way(backbone: str, records: pathlib.Path, model_dir: pathlib.Path, opts
   import keras  # pylint: disable=g-import-not-at-top
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import inference  # pylint: disable=g-import-not-at-top
-  from skinrecords import models  # pylint: disable=g-import-not-at-top
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
-  from skinrecords import rundir  # pylint: disable=g-import-not-at-top
-  from skinrecords import train  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import rundir  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import inference  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import models  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import train  # pylint: disable=g-import-not-at-top
 
   config = train.TrainConfig(
       records_dir=str(records), model_dir=str(model_dir),
@@ -226,7 +226,7 @@ def run_benchmark(root: pathlib.Path, opts: dict) -> None:
   if counts["train"] < opts["batch"]:
     raise app.UsageError(f"--batch_size={opts['batch']} exceeds the {counts['train']} training "
                          "images: raise --num_images or lower --batch_size")
-  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
 
   records = root / "records"
   convert_s = _convert(images, records, opts["size"], opts["seed"])
@@ -261,8 +261,8 @@ def _check_flags() -> dict:
   if _LR.value <= 0:
     raise app.UsageError(f"--learning_rate={_LR.value}: must be > 0")
   # Only now TensorFlow (~4 s): the number checks above answer at once.
-  from skinrecords import models  # pylint: disable=g-import-not-at-top
-  from skinrecords import xla  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import models  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import xla  # pylint: disable=g-import-not-at-top
 
   bad = [b for b in _BACKBONES.value if b not in models.BACKBONES]
   if bad or not _BACKBONES.value:

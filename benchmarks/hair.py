@@ -1,6 +1,6 @@
 """Hair removal scored against ground truth: the Kaggle-kernel mask, skinrecords' and the notebook's.
 
-On a fixed synthetic set drawn at each output size (`skinrecords.synthetic` with its exact hair
+On a fixed synthetic set drawn at each output size (`skinrecords.data.synthetic` with its exact hair
 coverage, hair-free twin and dot/globule/streak positions; every image JPEG q95 round-tripped as
 the converter would read it) prints, per method:
   recall of hair-core pixels (coverage >= 0.5), for thin dark (< 3 px at 512), thick dark and
@@ -22,9 +22,9 @@ import time
 import cv2
 import numpy as np
 
-from skinrecords import hair
-from skinrecords import synthetic
-from skinrecords import synthetic_structures
+from skinrecords.data import hair
+from skinrecords.data import synthetic
+from skinrecords.data import synthetic_structures
 
 # name -> (mask function, full removal function)
 METHODS = {

@@ -93,7 +93,8 @@ def _time(next_batch, warmup: int, batches: int) -> tuple[float, float]:
 
 
 def _keras_chain(config, seed: int):
-  """Keras 3 layers with AugmentConfig's ranges (as skinrecords.augment.benchmark builds them)."""
+  """Keras 3 layers with AugmentConfig's ranges (as skinrecords.input.augment.benchmark builds
+  them)."""
   import keras  # pylint: disable=g-import-not-at-top
 
   same = dict(fill_mode=config.fill_mode, interpolation=config.interpolation)
@@ -139,8 +140,8 @@ def _path_3_4(records: pathlib.Path, batch: int, seed: int, warmup: int, batches
               config=None):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import augment  # pylint: disable=g-import-not-at-top
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import augment  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
 
   it = iter(pipeline.make_dataset(str(records), "train", batch_size=batch, training=True,
                                   seed=seed))
@@ -175,7 +176,7 @@ def _path_5(blobs: list[bytes], batch: int, warmup: int, batches: int):
 def _augment_alone(blobs, batch, seed, warmup, batches, batches_slow, config):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import augment  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import augment  # pylint: disable=g-import-not-at-top
 
   images = next(iter(_decode_limit_dataset(blobs, batch)))  # one real uint8 batch
   chain = _keras_chain(config, seed)
@@ -197,8 +198,8 @@ def _augment_alone(blobs, batch, seed, warmup, batches, batches_slow, config):
 def _stored_jpegs(records: pathlib.Path) -> list[bytes]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import features  # pylint: disable=g-import-not-at-top
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import features  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
 
   spec = {features.IMAGE: features.feature_spec()[features.IMAGE]}
   files = [s.path for s in pipeline.load_info(records).select("train")]
@@ -210,9 +211,9 @@ def _stored_jpegs(records: pathlib.Path) -> list[bytes]:
 def _prepare(root: pathlib.Path, num: int, size: int, seed: int) -> tuple[pathlib.Path,
                                                                           pathlib.Path]:
   """Writes the class folders and converts them (all to "train"); returns both folders."""
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   src, records = root / "images", root / "records"
   workers = max(1, min(os.cpu_count() or 1, num // 64))  # a spawn pool costs ~1 s to start
@@ -251,7 +252,7 @@ def run_benchmark(num: int, size: int, batch: int, batches: int, batches_slow: i
                   seed: int, root: pathlib.Path, rounds: int = 3,
                   reader_only: bool = False) -> str:
   """Prepares the data under `root`, times every path, returns the printed report."""
-  from skinrecords import augment  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import augment  # pylint: disable=g-import-not-at-top
 
   config = augment.AugmentConfig()
   start = time.perf_counter()

@@ -79,8 +79,8 @@ def _dhash(data: bytes):
 def run_benchmark(num: int, distances: list[int], seed: int) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import neardup  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   originals, kinds, data = [], [], []
@@ -157,7 +157,7 @@ def find_pairs_python(hashes, max_distance=None):
   reference of tests/test_neardup_search.py."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import neardup  # pylint: disable=g-import-not-at-top
 
   if max_distance is None:
     max_distance = neardup.DEFAULT_MAX_DISTANCE
@@ -189,7 +189,7 @@ def _random_hashes(n: int, seed: int):
   """n hash tuples, every 10th a copy of an earlier one; returns (hashes, planted (i, j) pairs)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import neardup  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
   raw = np.frombuffer(rng.bytes(18 * 11 * n), np.uint8).reshape(n, 11, 18)
@@ -207,7 +207,7 @@ def _random_hashes(n: int, seed: int):
 
 
 def run_search_benchmark(sizes: list[int], python_max: int, rounds: int, seed: int) -> str:
-  from skinrecords import neardup  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import neardup  # pylint: disable=g-import-not-at-top
 
   lines = [f"{'inputs':>8s} {'python s':>9s} {'numpy s':>8s} {'ratio':>7s} {'pairs':>7s} "
            f"{'recall':>7s} {'same':>5s} {'connected s':>11s}"]

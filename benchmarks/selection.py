@@ -58,7 +58,9 @@ def _train_recording(records: pathlib.Path, model_dir: pathlib.Path, seed: int) 
   """One README run; every epoch's row and valid/test predictions (selection.update_best hooked)."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from skinrecords import inference, models, pipeline, selection, train
+  from skinrecords.input import pipeline
+  from skinrecords.model import inference, models
+  from skinrecords.training import selection, train
 
   info = pipeline.load_info(str(records))
   sets = {s: pipeline.make_dataset(info, s, batch_size=64, training=False, image_size=64)
@@ -98,7 +100,8 @@ def _rates(probs, labels, threshold):
 def replay(run: dict) -> dict:
   """{(rule, threshold kind): (test accuracy, sensitivity, specificity, kept epoch)}."""
   # pylint: disable=g-import-not-at-top
-  from skinrecords import selection, thresholds
+  from skinrecords.evaluation import thresholds
+  from skinrecords.training import selection
 
   out = {}
   for rule in selection.RULES:
@@ -175,7 +178,8 @@ def determinism_cost(records: pathlib.Path, model_dir: pathlib.Path, rounds: int
   """Wall time of the README job (3 epochs) with op determinism off and on, interleaved."""
   # pylint: disable=g-import-not-at-top
   import time
-  from skinrecords import models, train
+  from skinrecords.model import models
+  from skinrecords.training import train
 
   times = {"off": [], "on": []}
   for r in range(rounds):

@@ -10,7 +10,7 @@ import zlib
 import cv2
 import numpy as np
 
-from skinrecords import synthetic
+from skinrecords.data import synthetic
 
 
 def photo(width: int, height: int, index: int = 0, melanoma: bool = True) -> np.ndarray:

@@ -26,7 +26,7 @@ _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/serving_parity", "Photos and t
 def write_photos(folder: str, pconfig) -> dict:
   """name -> (bytes, what it is); the cases of issue 26."""
   from benchmarks import serving_files as sf  # pylint: disable=g-import-not-at-top
-  from skinrecords import preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import preprocess  # pylint: disable=g-import-not-at-top
 
   def photo(w, h, i):  # both classes, so the model's answers are not all one end of [0, 1]
     return sf.photo(w, h, i, melanoma=i % 2 == 0)
@@ -60,9 +60,9 @@ def write_photos(folder: str, pconfig) -> dict:
 
 def _stretched(members, data_list):
   """The previous serving graph: decode, resize the whole photo to the square, no EXIF."""
-  from skinrecords import ensemble  # pylint: disable=g-import-not-at-top
-  from skinrecords import inference  # pylint: disable=g-import-not-at-top
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import ensemble  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import inference  # pylint: disable=g-import-not-at-top
 
   per = []
   for m in members:
@@ -73,9 +73,9 @@ def _stretched(members, data_list):
 
 def main(argv):
   del argv
-  from skinrecords import ensemble  # pylint: disable=g-import-not-at-top
-  from skinrecords import export  # pylint: disable=g-import-not-at-top
-  from skinrecords import predict  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import ensemble  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import predict  # pylint: disable=g-import-not-at-top
+  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   work = _WORK_DIR.value

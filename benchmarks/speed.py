@@ -20,8 +20,8 @@ import time
 import cv2
 import numpy as np
 
-from skinrecords import preprocess
-from skinrecords import uncertainty
+from skinrecords.data import preprocess
+from skinrecords.evaluation import uncertainty
 
 # check -> target seconds (best of rounds), at the default sizes (n=10,000, 512 px)
 TARGETS = {"bootstrap": 3.0, "notebook cleanup": 0.2}

@@ -6,8 +6,8 @@ exactly the step bin/train runs — on a fixed in-memory uint8 batch, so input r
 it runs unchanged (mirrored over all GPUs with --strategy=auto).
 
 With `--batchnorm=keras,fused,tf_keras` it compares BatchNormalization instead (issue 23): the same
-backbone with Keras 3's unfused BN, with skinrecords.batchnorm's fused one, and built by tf_keras
-(the notebook's Keras, fused BN; `pip install -e '.[bench]'`), each trained by one plain
+backbone with Keras 3's unfused BN, with skinrecords.model.batchnorm's fused one, and built by
+tf_keras (the notebook's Keras, fused BN; `pip install -e '.[bench]'`), each trained by one plain
 `tf.function` step (forward, loss, backward, Adam) on a fixed float batch, so only the model
 differs. It prints CPU seconds per step (all threads of this process: what other work on a shared
 machine disturbs least) and wall seconds, medians over interleaved rounds, and ratios to Keras' BN.
@@ -58,8 +58,9 @@ def _build(strategy, backbone, mode, mixed):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import batchnorm, models, train
-  from skinrecords import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import batchnorm, models
+  from skinrecords.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import train
 
   keras.mixed_precision.set_global_policy(mixed)
   size, batch = _SIZE.value, _BATCH.value
@@ -120,8 +121,8 @@ def main(argv):
   if bn == ["tf_keras"]:
     raise app.UsageError("--batchnorm=tf_keras alone: the XLA table times skinrecords' own step; "
                          "give --batchnorm=keras,fused,tf_keras for the BatchNorm table")
-  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
-  from skinrecords import xla  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import xla  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
 
   bad = [x for x in _XLA.value if x not in xla.XLA_SETTINGS]
   if bad:
@@ -158,7 +159,7 @@ def _bn_model(variant: str, backbone: str, mixed: str):
   layers built by tf_keras (as bin/bench_e2e's notebook way)."""
   import keras  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import batchnorm, models  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import batchnorm, models  # pylint: disable=g-import-not-at-top
 
   if variant == "tf_keras":
     import tf_keras  # pylint: disable=g-import-not-at-top

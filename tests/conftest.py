@@ -59,7 +59,7 @@ def run_bin(name, *args, check=True, env=None, timeout=600):
 
 def convert_folder(input_dir, output_dir, image_size, **kwargs):
   """Runs the converter in-process (1 worker, no progress bar); returns the output folder."""
-  from skinrecords import convert, preprocess  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert, preprocess  # pylint: disable=g-import-not-at-top
 
   kwargs.setdefault("workers", 1)
   convert.convert(convert.ConvertConfig(
@@ -70,7 +70,7 @@ def convert_folder(input_dir, output_dir, image_size, **kwargs):
 
 def synthetic_records(root, num_images, min_size, max_size, image_size, **kwargs):
   """Synthetic ABCD lesions (NotMelanoma = id 0, Melanoma = id 1) converted to records."""
-  from skinrecords import synthetic  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import synthetic  # pylint: disable=g-import-not-at-top
 
   synthetic.write_dataset(root / "images", synthetic.SyntheticConfig(
       num_images=num_images, seed=0, min_size=min_size, max_size=max_size), progress=False)

@@ -1,4 +1,5 @@
-"""Tests for skinrecords.augment: exact geometry, fill modes, randomness, XLA, tf.data and Keras."""
+"""Tests for skinrecords.input.augment: exact geometry, fill modes, randomness, XLA, tf.data and
+Keras."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import scipy.ndimage
 import tensorflow as tf
 from conftest import run_bin
 
-from skinrecords import augment
+from skinrecords.input import augment
 
 OFF = augment.AugmentConfig.none()
 FULL = augment.AugmentConfig(zoom_range=0.2, shear_range=10.0, brightness=30.0, contrast=0.3,

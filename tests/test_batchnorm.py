@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from skinrecords import batchnorm
-from skinrecords import distribute
-from skinrecords import models
-from skinrecords import rundir
+from skinrecords.core import rundir
+from skinrecords.model import batchnorm
+from skinrecords.model import models
+from skinrecords.training import distribute
 
 CHANNELS = 5
 

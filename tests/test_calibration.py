@@ -11,12 +11,12 @@ import pytest
 from sklearn import metrics as skm
 
 from conftest import run_bin
-from skinrecords import calibration
-from skinrecords import ensemble
-from skinrecords import evaluate
-from skinrecords import fileio
-from skinrecords import predict
-from skinrecords import rundir
+from skinrecords.core import fileio
+from skinrecords.core import rundir
+from skinrecords.evaluation import calibration
+from skinrecords.evaluation import ensemble
+from skinrecords.evaluation import evaluate
+from skinrecords.evaluation import predict
 import tiny_runs
 
 

@@ -15,13 +15,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_bin, start_bin
-from skinrecords import convert
-from skinrecords import features
-from skinrecords import fileio
-from skinrecords import manifest
-from skinrecords import preprocess
-from skinrecords import records
-from skinrecords.workers import RecordPool
+from skinrecords.core import features
+from skinrecords.core import fileio
+from skinrecords.core import manifest
+from skinrecords.data import convert
+from skinrecords.data import preprocess
+from skinrecords.data import records
+from skinrecords.data.workers import RecordPool
 
 SIZE = 32
 
@@ -499,7 +499,7 @@ def test_ungrouped_split_is_said_loudly(tmp_path):
 
 
 def test_make_records_refuses_bad_sizes_and_outputs_before_work(tmp_path):
-  from skinrecords import models  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import models  # pylint: disable=g-import-not-at-top
 
   assert convert.MIN_TRAIN_IMAGE_SIZE == models._MIN_IMAGE_SIZE  # pylint: disable=protected-access
   _class_folders(tmp_path / "in", {"a": 3, "b": 3})

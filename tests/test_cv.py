@@ -1,4 +1,5 @@
-"""Cross-validation (`train --fold=all`, skinrecords.cv): fold runs, out-of-fold files, resume."""
+"""Cross-validation (`train --fold=all`, skinrecords.training.cv): fold runs, out-of-fold files,
+resume."""
 
 import csv
 import dataclasses
@@ -16,8 +17,12 @@ from sklearn import metrics as skm
 import tensorflow as tf
 
 from conftest import bin_env, convert_folder, run_bin, start_bin
-from skinrecords import augment, cv, features, kaggle, manifest, metrics, models, pipeline, rundir, train
-from skinrecords import synthetic
+from skinrecords.core import features, manifest, rundir
+from skinrecords.data import synthetic
+from skinrecords.evaluation import metrics
+from skinrecords.input import augment, kaggle, pipeline
+from skinrecords.model import models
+from skinrecords.training import cv, train
 
 # Trains every fold (and kills and resumes a CV run).
 pytestmark = pytest.mark.slow

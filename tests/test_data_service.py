@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import BIN, bin_env, run_bin, synthetic_records
-from skinrecords import pipeline
+from skinrecords.input import pipeline
 
 # tf.data service dispatchers, workers and trainers in separate processes.
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 TRAINER = r"""
 import json, os, pathlib, sys, time
 import tensorflow as tf
-from skinrecords import data_service, pipeline
+from skinrecords.input import data_service, pipeline
 
 records, address, job_key, index, out, pause = sys.argv[1:7]
 ready = pathlib.Path(out).parent / f"ready{index}"

@@ -14,10 +14,10 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from conftest import run_bin
-from skinrecords import ensemble
-from skinrecords import evaluate
-from skinrecords import predict
-from skinrecords import rundir
+from skinrecords.core import rundir
+from skinrecords.evaluation import ensemble
+from skinrecords.evaluation import evaluate
+from skinrecords.evaluation import predict
 import tiny_runs
 
 

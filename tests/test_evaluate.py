@@ -20,15 +20,15 @@ from sklearn import metrics as skm
 import tensorflow as tf
 
 from conftest import convert_folder, run_bin, write_dark_bright
-from skinrecords import evaluate
-from skinrecords import inference
-from skinrecords import metrics
-from skinrecords import models
-from skinrecords import pipeline
-from skinrecords import predict
-from skinrecords import preprocess
-from skinrecords import rundir
-from skinrecords import train
+from skinrecords.core import rundir
+from skinrecords.data import preprocess
+from skinrecords.evaluation import evaluate
+from skinrecords.evaluation import metrics
+from skinrecords.evaluation import predict
+from skinrecords.input import pipeline
+from skinrecords.model import inference
+from skinrecords.model import models
+from skinrecords.training import train
 
 SIZE = 32
 
@@ -541,7 +541,7 @@ def test_evaluate_with_a_fold_scores_exactly_that_fold_with_its_own_threshold(tm
 def test_the_stored_validation_threshold_is_applied_and_named(data, random_dir, tmp_path, capsys):
   """Issue 21: evaluate and predict apply the threshold training chose on validation
   (threshold.json) unless told otherwise, and say where it came from; without one, 0.5 loudly."""
-  from skinrecords import fileio  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import fileio  # pylint: disable=g-import-not-at-top
   run = tmp_path / "run"
   shutil.copytree(random_dir, run)
 

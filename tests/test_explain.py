@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import convert_folder
-from skinrecords import explain
-from skinrecords import models
+from skinrecords.evaluation import explain
+from skinrecords.model import models
 from test_export import train_tiny
 
 SIZE = 48

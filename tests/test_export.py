@@ -19,13 +19,13 @@ import tensorflow as tf
 
 from conftest import bin_env, convert_folder, run_bin, write_dark_bright
 from benchmarks import serving_files
-from skinrecords import export
-from skinrecords import fileio
-from skinrecords import models
-from skinrecords import pipeline
-from skinrecords import predict
-from skinrecords import preprocess
-from skinrecords import rundir
+from skinrecords.core import fileio
+from skinrecords.core import rundir
+from skinrecords.data import preprocess
+from skinrecords.evaluation import predict
+from skinrecords.input import pipeline
+from skinrecords.model import models
+from skinrecords.serving.serving import export
 
 SIZE = 32
 
@@ -380,7 +380,7 @@ def test_two_models_never_mix_in_one_folder(data, cv_folder, tmp_path):
 def test_in_graph_temperature_is_calibrations_to_float32_rounding():
   """float32 (TFLite has no float64 Log1p), saturated probabilities included: the clip at
   1 - 1e-7 moves to the logit."""
-  from skinrecords import calibration  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import calibration  # pylint: disable=g-import-not-at-top
   z = np.concatenate([np.linspace(-30, 30, 2001), [16.0, 16.1, 16.2, 17.0]]).astype(np.float32)
   p = tf.sigmoid(z).numpy()
   k = tf.nn.softmax(np.random.default_rng(0).normal(0, 8, (500, 4)).astype(np.float32)).numpy()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import tensorflow as tf
 
-from skinrecords import features
-from skinrecords import manifest
-from skinrecords import tfrecord
+from skinrecords.core import features
+from skinrecords.core import manifest
+from skinrecords.core import tfrecord
 
 
 def _values(**overrides):

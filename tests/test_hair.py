@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from skinrecords import hair
-from skinrecords import synthetic
+from skinrecords.data import hair
+from skinrecords.data import synthetic
 
 SKIN, LESION = (205, 150, 130), (130, 90, 70)
 

@@ -17,10 +17,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_bin
-from skinrecords import evaluate
-from skinrecords import kaggle
-from skinrecords import pipeline
-from skinrecords import predict
+from skinrecords.evaluation import evaluate
+from skinrecords.evaluation import predict
+from skinrecords.input import kaggle
+from skinrecords.input import pipeline
 
 SIZE = 32
 _INT64 = ("patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis")

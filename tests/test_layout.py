@@ -155,7 +155,7 @@ def test_imports_are_read_in_every_spelling(tmp_path):
       "import tensorflow as tf\n"
       "from skinrecords import fileio, pipeline as p\n"
       "from skinrecords.core import manifest\n"
-      "from skinrecords.features import IMAGE\n"
+      "from skinrecords.core.features import IMAGE\n"
       "import skinrecords.input.augment\n"
       "from skinrecords.cli import common\n"
       "from absl import flags\n"
@@ -274,7 +274,9 @@ def test_flags_and_library_configs_share_their_defaults():
   """One source of defaults: a flag named like a config field has that field's default."""
   import dataclasses  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import convert, evaluate, export, predict, preprocess, splits  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import evaluate, predict  # pylint: disable=g-import-not-at-top
+  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
   # train's flags are checked against its configs by cli/train.py itself (the test below).
   pairs = [("evaluate", [evaluate.EvalConfig]), ("predict", [predict.PredictConfig]),
            ("export", [export.ExportConfig]),
@@ -377,5 +379,5 @@ def test_only_fileio_touches_user_paths_directly():
     elif not found and module in _DIRECT_FILE_ACCESS:
       stale.append(module)
   assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "
-                         f"skinrecords.fileio): {offenders}")
+                         f"skinrecords.core.fileio): {offenders}")
   assert not stale, f"no direct file access left in {stale}: remove them from _DIRECT_FILE_ACCESS"

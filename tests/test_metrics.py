@@ -1,4 +1,5 @@
-"""Tests for skinrecords.metrics and .uncertainty: CIs, operating points, ISIC pAUC, folds."""
+"""Tests for skinrecords.evaluation.metrics and .uncertainty: CIs, operating points, ISIC pAUC,
+folds."""
 # pylint: disable=protected-access
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from skinrecords import metrics
-from skinrecords import uncertainty
+from skinrecords.evaluation import metrics
+from skinrecords.evaluation import uncertainty
 
 BINARY = ["NotMelanoma", "Melanoma"]
 

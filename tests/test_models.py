@@ -1,4 +1,4 @@
-"""Tests for skinrecords.models: every backbone trains, preprocesses like keras.applications,
+"""Tests for skinrecords.model.models: every backbone trains, preprocesses like keras.applications,
 freezes, saves in safe mode and fails fast without ImageNet weights."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from skinrecords import backbones
-from skinrecords import explain
-from skinrecords import models
+from skinrecords.evaluation import explain
+from skinrecords.model import backbones
+from skinrecords.model import models
 
 SIZE = 32  # The smallest input keras.applications accepts: keeps DenseNet/EfficientNet steps short.
 

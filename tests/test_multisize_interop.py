@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import run_bin
-from skinrecords import interop
-from skinrecords import manifest
-from skinrecords import neardup
-from skinrecords import synthetic
+from skinrecords.core import interop
+from skinrecords.core import manifest
+from skinrecords.data import neardup
+from skinrecords.data import synthetic
 
 SIZES = (32, 48, 64)
 
@@ -84,7 +84,7 @@ def test_sizes_share_splits_folds_groups_rejections_and_verify(converted):
   # The records themselves: the same image names in the same shards, at each size's pixels.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from skinrecords import features  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import features  # pylint: disable=g-import-not-at-top
 
   names = {}
   for size in SIZES:
@@ -207,7 +207,7 @@ def test_several_sizes_killed_mid_run_resume_to_identical_output(tmp_path):
   import time  # pylint: disable=g-import-not-at-top
 
   from conftest import start_bin  # pylint: disable=g-import-not-at-top
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
 
   synthetic.write_dataset(tmp_path / "in", synthetic.SyntheticConfig(
       num_images=120, min_size=(640, 480), max_size=(800, 600)), progress=False)

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from benchmarks.neardup import find_pairs_python as reference_find_pairs
 from conftest import bin_env
-from skinrecords import neardup
+from skinrecords.data import neardup
 
 
 def planted(n, seed):

@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import convert_folder, write_dark_bright
-from skinrecords import manifest
-from skinrecords import pipeline
+from skinrecords.core import manifest
+from skinrecords.input import pipeline
 
 SIZE = 32
 

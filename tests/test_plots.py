@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from skinrecords import metrics
-from skinrecords import plots
+from skinrecords.evaluation import metrics
+from skinrecords.evaluation import plots
 
 BINARY = ["NotMelanoma", "Melanoma"]
 # Negatives 0.1 0.2 0.3 0.45, positives 0.4 0.6 0.7 0.8 0.9: one inverted pair of 20, AUC 0.95.

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from conftest import BIN, bin_env
-from skinrecords import distribute
-from skinrecords import waiting
+from skinrecords.core import waiting
+from skinrecords.training import distribute
 
 TRAIN = ("--backbone=simple_cnn", "--weights=none", "--batch_size=8", "--epochs=1",
          "--noprogress")

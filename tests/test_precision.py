@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from skinrecords import distribute
+from skinrecords.training import distribute
 
 AVX2 = {"fpu", "sse2", "avx", "avx2", "fma"}  # this machine's kind of CPU: no native bfloat16
 SAPPHIRE = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}

@@ -1,4 +1,4 @@
-"""Tests for skinrecords.preprocess: rejections, decoding, geometry, hair removal, config."""
+"""Tests for skinrecords.data.preprocess: rejections, decoding, geometry, hair removal, config."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from skinrecords import preprocess as pp
+from skinrecords.data import preprocess as pp
 
 SKIN = (205, 150, 130)
 LESION = (120, 80, 60)
@@ -344,7 +344,7 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 
 def test_module_does_not_import_tensorflow():
-  code = ("import sys, skinrecords.preprocess; "
+  code = ("import sys, skinrecords.data.preprocess; "
           "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,

@@ -15,10 +15,10 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_bin
-from skinrecords import convert
-from skinrecords import features
-from skinrecords import preprocess
-from skinrecords import pseudonyms
+from skinrecords.core import features
+from skinrecords.data import convert
+from skinrecords.data import preprocess
+from skinrecords.data import pseudonyms
 
 SIZE = 32
 

@@ -13,12 +13,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import convert_folder, run_bin, synthetic_records, write_dark_bright
-from skinrecords import augment
-from skinrecords import distribute
-from skinrecords import models
-from skinrecords import recipes
-from skinrecords import steps as steps_lib
-from skinrecords import train
+from skinrecords.input import augment
+from skinrecords.model import models
+from skinrecords.model import recipes
+from skinrecords.training import distribute
+from skinrecords.training import steps as steps_lib
+from skinrecords.training import train
 
 
 def _config(**fields) -> train.TrainConfig:

@@ -18,10 +18,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, bin_env, convert_folder, run_bin, synthetic_records
-from skinrecords import convert
-from skinrecords import pipeline
-from skinrecords import sources
-from skinrecords import train
+from skinrecords.data import convert
+from skinrecords.data import sources
+from skinrecords.input import pipeline
+from skinrecords.training import train
 
 TINY = ("--backbone=simple_cnn", "--weights=none", "--batch_size=16", "--noprogress")
 
@@ -73,7 +73,7 @@ def test_a_resume_under_other_training_settings_is_refused_naming_them(records, 
 
 
 def test_new_training_fields_are_compared_without_being_listed():
-  from skinrecords import rundir  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import rundir  # pylint: disable=g-import-not-at-top
   old = {"train": {"epochs": 3, "select_by": "val_auc", "model": {"dropout": 0.3}}}
   new = {"train": {"epochs": 5, "select_by": "val_loss", "model": {"dropout": 0.3}}}
   assert rundir.changed_training_settings(old, new) == [("select_by", "val_auc", "val_loss")]
@@ -104,7 +104,8 @@ def test_a_negative_learning_rate_is_one_line_and_trains_nothing(records, tmp_pa
 
 def _set_backup_best_epoch(run: pathlib.Path, records, best: int) -> None:
   """Rewrites the run's backup as if its best epoch were `best` (not the last one)."""
-  from skinrecords import models, run_state  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import models  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import run_state  # pylint: disable=g-import-not-at-top
   config = train.TrainConfig(records_dir=str(records), model_dir=str(run), batch_size=16,
                              epochs=2, model=models.ModelConfig(backbone="simple_cnn",
                                                                 weights="none", image_size=32))

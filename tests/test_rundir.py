@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from skinrecords import rundir
+from skinrecords.core import rundir
 
 # config.json as the release before RunConfig wrote it (train._run_config's dict): no "version",
 # the recipe fields flat in "train".

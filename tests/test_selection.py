@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from skinrecords import selection
+from skinrecords.training import selection
 
 NAN = float("nan")
 

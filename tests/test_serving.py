@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from benchmarks.serving_files import cmyk_jpeg, jpeg, photo, png, with_exif_jpeg, with_exif_png
-from skinrecords import pipeline
-from skinrecords import preprocess
-from skinrecords import serving
+from skinrecords.data import preprocess
+from skinrecords.input import pipeline
+from skinrecords.serving.serving import serving
 
 
 def _predict_pixels(data: bytes, stored: int, model_size: int, **kwargs) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for skinrecords.sources: layouts, CSV matching, rejections, duplicates, accounting."""
+"""Tests for skinrecords.data.sources: layouts, CSV matching, rejections, duplicates, accounting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from skinrecords import sources
+from skinrecords.data import sources
 
 ISIC_COLUMNS = ("image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,"
                 "benign_malignant,target")

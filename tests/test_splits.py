@@ -1,4 +1,4 @@
-"""Tests for skinrecords.splits: fractions, stratified (grouped) splits and folds."""
+"""Tests for skinrecords.data.splits: fractions, stratified (grouped) splits and folds."""
 # pylint: disable=protected-access
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from skinrecords import splits
+from skinrecords.data import splits
 
 
 def test_parse_fractions():

@@ -10,9 +10,9 @@ import pytest
 from sklearn import metrics as skm
 
 from conftest import run_bin
-from skinrecords import evaluate
-from skinrecords import predict
-from skinrecords import submission
+from skinrecords.evaluation import evaluate
+from skinrecords.evaluation import predict
+from skinrecords.evaluation import submission
 import tiny_runs
 
 

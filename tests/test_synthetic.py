@@ -1,4 +1,4 @@
-"""Tests for skinrecords.synthetic and bin/make_synthetic."""
+"""Tests for skinrecords.data.synthetic and bin/make_synthetic."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import run_bin
-from skinrecords import synthetic
+from skinrecords.data import synthetic
 
 TINY = dict(min_size=(64, 48), max_size=(96, 72))
 

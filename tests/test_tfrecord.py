@@ -1,4 +1,4 @@
-"""skinrecords.tfrecord against TensorFlow's own writer and Example, byte for byte."""
+"""skinrecords.core.tfrecord against TensorFlow's own writer and Example, byte for byte."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from conftest import bin_env
-from skinrecords import tfrecord
+from skinrecords.core import tfrecord
 
 
 def _tf_example(*, image, image_name, target, patient_id, fold, height, width) -> bytes:
@@ -78,7 +78,7 @@ def test_worker_side_modules_do_not_import_tensorflow(tmp_path):
                         env=bin_env(), timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["False"], proc.stdout
-  from skinrecords import features  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import features  # pylint: disable=g-import-not-at-top
 
   [raw] = list(tf.data.TFRecordDataset(str(out)))  # framing and CRCs checked by TensorFlow
   example = tf.io.parse_single_example(raw, features.feature_spec())

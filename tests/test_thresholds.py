@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skinrecords import rundir
-from skinrecords import thresholds
+from skinrecords.core import rundir
+from skinrecords.evaluation import thresholds
 
 
 def _shifted(n=200, seed=0):

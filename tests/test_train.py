@@ -18,15 +18,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_bin, start_bin, synthetic_records
-from skinrecords import augment
-from skinrecords import distribute
-from skinrecords import models
-from skinrecords import pipeline
-from skinrecords import rundir
-from skinrecords import selection
-from skinrecords import steps as steps_lib
-from skinrecords import train
-from skinrecords import xla
+from skinrecords.core import rundir
+from skinrecords.input import augment
+from skinrecords.input import pipeline
+from skinrecords.model import models
+from skinrecords.model import xla
+from skinrecords.training import distribute
+from skinrecords.training import selection
+from skinrecords.training import steps as steps_lib
+from skinrecords.training import train
 
 NO_AUGMENT = augment.AugmentConfig.none()
 

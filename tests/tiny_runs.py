@@ -11,9 +11,9 @@ import keras
 import numpy as np
 
 from conftest import convert_folder, write_dark_bright
-from skinrecords import models
-from skinrecords import pipeline
-from skinrecords import rundir
+from skinrecords.core import rundir
+from skinrecords.input import pipeline
+from skinrecords.model import models
 
 
 def make_records(root: pathlib.Path, size: int = 48, folds: int = 0, counts=(36, 24),

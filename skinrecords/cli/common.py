@@ -9,7 +9,7 @@ import sys
 from absl import app
 from absl import flags
 
-from skinrecords import tflog
+from skinrecords.core import tflog
 
 
 VERBOSE_ENV = "SKINRECORDS_VERBOSE"

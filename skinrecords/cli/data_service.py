@@ -46,13 +46,13 @@ flags.mark_flag_as_required("role")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from skinrecords import waiting  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import waiting  # pylint: disable=g-import-not-at-top
 
   try:  # before TensorFlow loads (seconds): a port in use is said at once
     waiting.check_port_free(_PORT.value, f"tf.data service {_ROLE.value}")
   except ValueError as err:
     raise app.UsageError(str(err)) from err
-  from skinrecords import data_service  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import data_service  # pylint: disable=g-import-not-at-top
 
   config = data_service.DataServiceConfig(
       role=_ROLE.value, port=_PORT.value, dispatcher_address=_DISPATCHER.value,

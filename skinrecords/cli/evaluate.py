@@ -73,8 +73,9 @@ flags.mark_flag_as_required("model_dir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from skinrecords import evaluate, fileio  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from skinrecords import pipeline  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import evaluate  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from skinrecords.core import fileio  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
 
   config = cli_common.make_config(
       evaluate.EvalConfig,

@@ -19,8 +19,8 @@ import sys
 from absl import app
 from absl import flags
 
-from skinrecords import fileio
 from skinrecords.cli import common as cli_common
+from skinrecords.core import fileio
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder written by training (model.keras and "
                                  "config.json), a cross-validation folder (every fold_k), or a "
@@ -61,7 +61,8 @@ _FLAG_NAMES = ("format", "max_examples", "threshold", "version", "records_dir", 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a flag")
-  from skinrecords import export  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  # Imports TensorFlow, so only here.
+  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
 
   config = cli_common.make_config(
       export.ExportConfig,

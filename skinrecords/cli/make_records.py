@@ -17,8 +17,8 @@ import sys
 from absl import app
 from absl import flags
 
-from skinrecords import fileio
 from skinrecords.cli import common as cli_common
+from skinrecords.core import fileio
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder of images (class folders, pre-split "
                                  "train/valid|val/test folders, or any tree with --labels_csv).")
@@ -104,7 +104,7 @@ _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_
 
 
 def _config():
-  from skinrecords import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
 
   try:
     split = splits.parse_fractions(_SPLIT.value)
@@ -137,7 +137,7 @@ def _config():
 
 
 def _say_pseudonymized(written: dict, config) -> None:
-  from skinrecords import pseudonyms  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import pseudonyms  # pylint: disable=g-import-not-at-top
 
   entry = written["inputs"].get("pseudonymized")
   if entry:
@@ -163,7 +163,7 @@ def _sizes(minimum: int) -> tuple[int, ...]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from skinrecords import convert  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import convert  # pylint: disable=g-import-not-at-top
 
   config = _config()
   if str(config.output_dir).startswith("ram://"):

@@ -15,7 +15,7 @@ from absl import flags
 
 from skinrecords.cli import common as cli_common
 
-from skinrecords import synthetic
+from skinrecords.data import synthetic
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Directory to create; must not exist yet or be empty.", required=True)

@@ -68,7 +68,9 @@ def main(argv):
   if len(argv) < 2 and not _INPUT_DIR.value and not _RECORDS_DIR.value:
     raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER, "
                          "or --records_dir=FOLDER")
-  from skinrecords import fileio, pipeline, predict  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import fileio  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import predict  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
 
   threshold = _threshold()
 
@@ -120,7 +122,8 @@ def _threshold():
 
 def _describe_members(config) -> None:
   """Says on stderr which runs were combined and which calibration was applied."""
-  from skinrecords import ensemble, rundir  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import rundir  # pylint: disable=g-import-not-at-top
+  from skinrecords.evaluation import ensemble  # pylint: disable=g-import-not-at-top
 
   dirs = ensemble.member_dirs(config.model_dir)
   cals = {d: rundir.read_calibration(d) for d in dirs}

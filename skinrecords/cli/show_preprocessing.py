@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 from absl import flags
 
-from skinrecords import fileio
-from skinrecords import hair
-from skinrecords import preprocess as pp
-from skinrecords import sources
 from skinrecords.cli import common as cli_common
+from skinrecords.core import fileio
+from skinrecords.data import hair
+from skinrecords.data import preprocess as pp
+from skinrecords.data import sources
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder searched recursively for images.")
 _OUTPUT = flags.DEFINE_string("output", "preprocessing.png", "Contact sheet PNG to write.")

@@ -134,7 +134,8 @@ _RESTORE_MODEL = flags.DEFINE_boolean(
     "without it.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
-# Training recipe (skinrecords/recipes.py); the defaults are the recipe from before these flags.
+# Training recipe (skinrecords/model/recipes.py); the defaults are the recipe from before these
+# flags.
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", ["adam", "adamw"], "adamw: decoupled weight "
                                "decay (--weight_decay; biases and norm parameters not decayed).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay, e.g. 0.05; needs "
@@ -199,7 +200,9 @@ _FLAGS = {holder.name: holder for holder in list(globals().values())
 
 def _train_configs() -> tuple:
   # pylint: disable-next=g-import-not-at-top
-  from skinrecords import augment, models, recipes, train
+  from skinrecords.input import augment
+  from skinrecords.model import models, recipes
+  from skinrecords.training import train
   return train.TrainConfig, models.ModelConfig, augment.AugmentConfig, recipes.RecipeConfig
 
 
@@ -237,7 +240,7 @@ def config_flag_problems() -> list[str]:
 
 def _recipe_flags() -> tuple:
   """The recipe's fields, named as --flags in its error messages."""
-  from skinrecords import recipes  # pylint: disable=g-import-not-at-top
+  from skinrecords.model import recipes  # pylint: disable=g-import-not-at-top
   return recipes.FIELDS
 
 
@@ -263,7 +266,9 @@ def _fold():
 
 def _config():
   # pylint: disable-next=g-import-not-at-top
-  from skinrecords import augment, cv, inference, models, pipeline, recipes, train
+  from skinrecords.input import augment, pipeline
+  from skinrecords.model import inference, models, recipes
+  from skinrecords.training import cv, train
 
   fold = _fold()
   try:
@@ -298,7 +303,7 @@ def _config():
 
 def _set_cluster():
   """Turns --worker_hosts/--task_index or SLURM into TF_CONFIG, before TensorFlow runs any op."""
-  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
 
   try:
     tf_config = distribute.configure_cluster(_STRATEGY.value, _CLUSTER.value, _WORKER_HOSTS.value,
@@ -313,7 +318,8 @@ def _set_cluster():
 def _data_service_answers() -> bool:
   """Waits (bounded, with progress lines) for the --data_service dispatcher: without it the input
   pipeline waits forever, silently (issue 27)."""
-  from skinrecords import data_service, waiting  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import waiting  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import data_service  # pylint: disable=g-import-not-at-top
 
   host, port = data_service.parse_address(_DATA_SERVICE.value, "--data_service")
   try:
@@ -357,7 +363,7 @@ def _final_line(result: dict) -> str:
 
 def _cross_validate(config, strategy) -> int:
   """--fold=all: every fold, then the out-of-fold files; one line per fold, the summary last."""
-  from skinrecords import cv, distribute  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import cv, distribute  # pylint: disable=g-import-not-at-top
 
   def echo(line):
     print(line, flush=True)
@@ -387,11 +393,11 @@ def main(argv):
   for flag in (_CLUSTER_TIMEOUT, _DATA_SERVICE_TIMEOUT):
     if not flag.value > 0:
       raise app.UsageError(f"--{flag.name}={flag.value}: give a number of seconds above 0")
-  from skinrecords import distribute  # pylint: disable=g-import-not-at-top
+  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
 
   _set_cluster()
   # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
-  from skinrecords import waiting  # pylint: disable=g-import-not-at-top
+  from skinrecords.core import waiting  # pylint: disable=g-import-not-at-top
 
   try:
     strategy = distribute.make_strategy(_STRATEGY.value, cluster_timeout=_CLUSTER_TIMEOUT.value)
@@ -409,7 +415,10 @@ def main(argv):
   if config.data_service and not _data_service_answers():
     return 2
   # pylint: disable-next=g-import-not-at-top
-  from skinrecords import fileio, models, pipeline, rundir, train
+  from skinrecords.core import fileio, rundir
+  from skinrecords.input import pipeline
+  from skinrecords.model import models
+  from skinrecords.training import train
 
   try:
     if _fold() == "all":

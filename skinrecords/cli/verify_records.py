@@ -12,8 +12,8 @@ import sys
 from absl import app
 from absl import flags
 
-from skinrecords import fileio
 from skinrecords.cli import common as cli_common
+from skinrecords.core import fileio
 
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Folder written by make_records.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
@@ -23,7 +23,7 @@ flags.mark_flag_as_required("records_dir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from skinrecords import records  # pylint: disable=g-import-not-at-top
+  from skinrecords.data import records  # pylint: disable=g-import-not-at-top
 
   several = fileio.exists(fileio.join(_RECORDS_DIR.value, "records_set.json"))
   try:

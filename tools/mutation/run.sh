@@ -2,7 +2,7 @@
 # One-off mutation run (issue 14) of one skinrecords module against its fast tests; not part of CI.
 #   tools/mutation/run.sh MODULE [MUTANT_GLOB ...]
 # MODULE is splits, metrics, pipeline or selection (TESTS below); MUTANT_GLOBs restrict the run to
-# some functions, e.g. 'skinrecords.pipeline.x__check__mutmut_*'. Environment: ISOLATION (fork |
+# some functions, e.g. 'skinrecords.input.pipeline.x__check__mutmut_*'. Environment: ISOLATION (fork |
 # forkserver, default fork), CHILDREN (parallel mutants, default 1). The checkout is copied to
 # $MUT_ROOT/MODULE (default /tmp/skinrecords-mutation) with a pyproject.toml holding the mutmut
 # config, so setup.cfg and the checkout stay untouched. Results: MUT_ROOT/MODULE/results.txt.

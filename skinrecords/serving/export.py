@@ -1,0 +1,549 @@
+"""Exports a trained model directory for serving (SavedModel) and for phones (TFLite).
+
+    OUTPUT_DIR/1/                          SavedModel, TensorFlow Serving's versioned layout
+    OUTPUT_DIR/model_float32.tflite        uint8 [B, S, S, 3] in, float32 weights
+    OUTPUT_DIR/model_dynamic_range.tflite  the same with int8 weights (dynamic-range quantised)
+    OUTPUT_DIR/preprocessing.json          what the graph does, and what the client must do first
+
+SavedModel signatures: `serving_default` takes a batch of encoded JPEG/PNG bytes (tf.string [B])
+and decodes them with `pipeline.decode_image`, the function training read its records with;
+`serving_uint8` takes uint8 [B, S, S, 3]. Both return `probabilities` (P(class 1) [B] for two
+classes, [B, K] otherwise), `predicted_class` (int32 [B]) and `predicted_label` (tf.string [B]).
+
+What the converter did with OpenCV (centre crop, INTER_AREA resize, hair removal, the notebook's
+clean-up, the JPEG round trip) is not in the graph: images must arrive as the records stored them.
+preprocessing.json holds the exact settings, and hair removal or clean-up is announced loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+from sklearn import metrics as skm
+import tensorflow as tf
+
+from skinrecords.core import fileio
+from skinrecords.core import rundir
+from skinrecords.core import tflog
+from skinrecords.data import preprocess
+from skinrecords.evaluation import ensemble
+from skinrecords.input import pipeline
+from skinrecords.model import inference
+from skinrecords.serving.serving import serving
+
+FORMATS = ("saved_model", "tflite", "all")
+TFLITE_FILES = {"float32": "model_float32.tflite", "dynamic_range": "model_dynamic_range.tflite"}
+PREPROCESSING_FILE = "preprocessing.json"
+# Float32 TFLite runs the same float graph through other kernels: 1e-6-scale differences are
+# rounding; anything above 1e-4 in a probability means a wrong conversion, not noise.
+FLOAT_TOLERANCE = 1e-4
+_OPENCV_ONLY = ("remove_hair", "notebook_cleanup")
+IDENTITY_FILE = "assets.extra/skinrecords_export.json"  # inside each SavedModel version folder
+SMOKE_SCRIPT = "score_folder.py"  # written next to the SavedModel: TensorFlow only
+# A rank ensemble replaces each member's score by its rank among the images scored together: a
+# served image would be ranked against whatever else was in its request (alone: rank 1, always).
+RANK_REFUSED = ("ensemble=rank ranks each image among the images scored with it, so a served "
+                "answer would depend on the other images in the request; export ensemble=mean "
+                "(the default), which scores each image on its own")
+
+
+class ExportCheckError(RuntimeError):
+  """The float32 TFLite model disagrees with the Keras model beyond FLOAT_TOLERANCE."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What `export` does (bin/export). Validated on construction."""
+  model_dir: str
+  output_dir: str
+  format: str = "all"  # "saved_model" | "tflite" | "all"
+  records_dir: str | None = None  # images for the TFLite check; default: config.json's records
+  max_examples: int = 256  # TFLite check on at most this many images of the valid (or test) split
+  # Two classes: predicted class 1 when P(class 1) >= threshold; None: the run's threshold.json.
+  threshold: float | None = None
+  version: int = 1  # TF Serving version folder: OUTPUT_DIR/<version>/
+  ensemble: str = "mean"  # several members: only "mean" can be served (RANK_REFUSED)
+  member_outputs: bool = False  # also return each member's probability (member_probabilities)
+  overwrite: bool = False  # replace another model's export in output_dir (else refused)
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    if self.format not in FORMATS:
+      raise ValueError(f"ExportConfig.format={self.format!r}: expected one of {', '.join(FORMATS)}")
+    if self.ensemble not in ensemble.METHODS:
+      raise ValueError(f"ExportConfig.ensemble={self.ensemble!r}: expected one of "
+                       f"{', '.join(ensemble.METHODS)}")
+    for name in ("max_examples", "version"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"ExportConfig.{name}={v!r}: expected an integer >= 1")
+    if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or
+                                       not 0.0 < self.threshold < 1.0):
+      raise ValueError(f"ExportConfig.threshold={self.threshold!r}: expected a float strictly "
+                       "between 0 and 1")
+
+
+@dataclasses.dataclass
+class ExportReport:
+  """What `export` wrote and measured; `lines()` is what bin/export prints."""
+  output_dir: str
+  saved_model: str | None = None
+  tflite: dict = dataclasses.field(default_factory=dict)  # kind -> path
+  sizes: dict = dataclasses.field(default_factory=dict)  # path -> bytes
+  max_diff: dict = dataclasses.field(default_factory=dict)  # kind -> max |p_tflite - p_keras|
+  auc: dict = dataclasses.field(default_factory=dict)  # "keras" / kind -> ROC AUC (two classes)
+  checked_on: str = ""  # e.g. "64 images of valid split of /data/records"
+  warnings: list = dataclasses.field(default_factory=list)
+  members: list = dataclasses.field(default_factory=list)  # run folders; > 1: a mean ensemble
+  smoke_script: str | None = None  # OUTPUT_DIR/score_folder.py (with a SavedModel)
+
+  def lines(self) -> list[str]:
+    out = [f"WARNING: {w}" for w in self.warnings]
+    for path in [self.saved_model, *self.tflite.values()]:
+      if path:
+        out.append(f"wrote {path} ({self.sizes[path] / 1e6:.2f} MB)")
+    for kind, diff in self.max_diff.items():
+      auc = (f", AUC {self.auc[kind]:.4f} vs Keras {self.auc['keras']:.4f}" if kind in self.auc
+             else "")
+      out.append(f"{kind} TFLite: largest probability difference vs Keras {diff:.2e}{auc} "
+                 f"({self.checked_on})")
+    out.append(f"wrote {fileio.join(self.output_dir, PREPROCESSING_FILE)}")
+    if len(self.members) > 1:
+      out.append(f"ensemble: mean of {len(self.members)} runs ({', '.join(self.members)}), each "
+                 "with its own temperature where calibration.json has one")
+    if self.smoke_script:
+      out.append(f"check it without skinrecords: python {self.smoke_script} IMAGE_FOLDER "
+                 "(prints predict's CSV)")
+    return out
+
+
+# ------------------------------------------------------------------------------- settings
+
+def preprocessing_settings(cfg: dict, threshold: float) -> tuple[dict, list[str]]:
+  """The contents of preprocessing.json, and the warnings a user must see."""
+  size = cfg["image_size"]
+  pre = cfg.get("preprocessing")
+  stored = pre.get("image_size") if isinstance(pre, dict) else None
+  warn = []
+  used = [k for k in _OPENCV_ONLY if isinstance(pre, dict) and pre.get(k)]
+  if used:
+    warn.append(f"the training records were made with {' and '.join(used)} (OpenCV), which is NOT "
+                "inside the exported graph: run skinrecords.data.preprocess.preprocess_file "
+                f"(settings in {PREPROCESSING_FILE}) on each image before sending it, or predictions will "
+                "differ from evaluation")
+  if pre is None:
+    warn.append("config.json records no preprocessing (records made elsewhere?): the client-side "
+                f"steps in {PREPROCESSING_FILE} are unknown")
+  settings = {
+      "classes": [str(c) for c in cfg["classes"]],
+      "image_size": size,
+      "threshold": threshold if len(cfg["classes"]) == 2 else None,
+      "in_graph": ["decode JPEG/PNG to RGB with EXIF orientation (serving.converter_image)",
+                   "centre crop to a square, INTER_AREA down / INTER_CUBIC up to the stored "
+                   "size, the stored JPEG round trip (skipped for an image already at the "
+                   "stored size without EXIF rotation: taken as client-preprocessed)",
+                   f"resize to {size}x{size} (antialiased, rounded) unless already that size",
+                   "backbone normalisation, forward pass, sigmoid/softmax"],
+      "client_side": pre,  # the converter's PreprocessConfig: crop, size, hair removal, JPEG
+      "opencv_only_steps_used": used,
+      "note": "serving_default takes the raw JPEG/PNG file (any size, aspect ratio, EXIF "
+              "orientation) and applies the converter's geometry in the graph; steps in "
+              "opencv_only_steps_used must run on the client first (preprocess_file with "
+              f"client_side, which gives {stored or size} px squares, sent as they are); "
+              "serving_uint8 and TFLite take pixels at image_size",
+  }
+  return settings, warn
+
+
+# ------------------------------------------------------------------------------- SavedModel
+
+# calibration.apply_temperature clips probabilities to [1e-7, 1 - 1e-7] before taking logits:
+# logit(1 - 1e-7) = 16.118095. Float32 cannot hold 1 - 1e-7 (its neighbours are 0.99999988 and
+# 0.99999994), so the clip is applied to the logit, which float32 holds to 1e-7.
+_LOGIT_CLIP = 16.118095
+
+
+def _calibrated(probs, temperature):
+  """calibration.apply_temperature in-graph, so a calibrated run serves the probabilities
+  bin/predict prints. Float32 only: TFLite has no float64 Log1p (the conversion failed)."""
+  if not temperature:
+    return probs
+  t = tf.constant(temperature, tf.float32)
+  if probs.shape.rank == 1:
+    z = tf.math.log(probs) - tf.math.log1p(-probs)
+    z = tf.where(probs > 1.0 - 1e-7, _LOGIT_CLIP, tf.where(probs < 1e-7, -_LOGIT_CLIP, z))
+    return tf.sigmoid(z / t)
+  return tf.nn.softmax(tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0 - 1e-7)) / t, axis=-1)
+
+
+def _member_probs(member, images):
+  """One member's calibrated probabilities on uint8 images at its own size."""
+  logits = member.model(tf.cast(images, tf.float32), training=False)
+  return _calibrated(inference.probabilities(logits),
+                     (member.calibration or {}).get("temperature"))
+
+
+def _outputs(per_member: list, classes: list[str], threshold: float, member_outputs: bool,
+             extra: dict | None = None) -> dict:
+  """The signature's outputs from each member's probabilities: their mean (ensemble.combine's
+  "mean"), the decision, and optionally each member's own answer."""
+  probs = per_member[0] if len(per_member) == 1 else tf.add_n(per_member) / len(per_member)
+  if len(classes) == 2:
+    predicted = tf.cast(probs >= threshold, tf.int32)
+  else:
+    predicted = tf.argmax(probs, axis=-1, output_type=tf.int32)
+  out = {"probabilities": probs, "predicted_class": predicted,
+         "predicted_label": tf.gather(tf.constant(classes), predicted)}
+  if member_outputs:
+    out["member_probabilities"] = tf.stack(per_member, axis=1)  # [B, M] or [B, M, K]
+  out.update(extra or {})
+  return out
+
+
+def _pixel_specs(members) -> list[tuple]:
+  """The distinct (preprocessing, model size) pairs: members sharing one share its pixels."""
+  keys = []
+  for m in members:
+    key = (_pconfig(m.cfg), m.image_size)
+    if key not in keys:
+      keys.append(key)
+  return keys
+
+
+def _pconfig(cfg: dict) -> preprocess.PreprocessConfig:
+  """The converter's settings the run's records were made with (predict's default without)."""
+  if cfg.get("preprocessing"):
+    return preprocess.PreprocessConfig.from_dict(cfg["preprocessing"])
+  return preprocess.PreprocessConfig(image_size=cfg["image_size"])
+
+
+def write_saved_model(members, classes: list[str], path, threshold: float = 0.5,
+                      member_outputs: bool = False) -> None:
+  """SavedModel at `path` with `serving_default` (raw encoded bytes) and, when every member takes
+  the same size, `serving_uint8`. `members`: ensemble.Member (one for a single run)."""
+  specs = _pixel_specs(members)
+  which = [specs.index((_pconfig(m.cfg), m.image_size)) for m in members]
+
+  def from_bytes(image_bytes):
+    def one(data):
+      images = [serving.converter_image(data, pconfig, size)[0] for pconfig, size in specs]
+      return (*images, serving.exif_orientation(data))
+
+    signature = (*[tf.TensorSpec([size, size, 3], tf.uint8) for _, size in specs],
+                 tf.TensorSpec([], tf.int32))
+    *images, orientation = tf.map_fn(one, image_bytes, fn_output_signature=signature)
+    per_member = [_member_probs(m, images[k]) for m, k in zip(members, which)]
+    return _outputs(per_member, classes, threshold, member_outputs,
+                    {"exif_orientation": orientation})
+
+  def from_uint8(images):
+    return _outputs([_member_probs(m, images) for m in members], classes, threshold,
+                    member_outputs)
+
+  archive = keras.export.ExportArchive()
+  for m in members:
+    archive.track(m.model)
+  archive.add_endpoint("serving_default", from_bytes,
+                       input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  sizes = {m.image_size for m in members}
+  if len(sizes) == 1:
+    size = sizes.pop()
+    archive.add_endpoint("serving_uint8", from_uint8,
+                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8,
+                                                        name="images")])
+  archive.write_out(str(path), verbose=False)
+
+
+# ------------------------------------------------------------------------------- TFLite
+
+def convert_tflite(saved_model_dir, quantize: bool) -> bytes:
+  """The `serving_uint8` signature as TFLite; `quantize`: int8 weights, float activations."""
+  converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir),
+                                                       signature_keys=["serving_uint8"])
+  if quantize:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
+  return converter.convert()
+
+
+_XNNPACK_INFO = "Created TensorFlow Lite XNNPACK delegate"
+
+
+def tflite_probabilities(model_bytes: bytes, images: np.ndarray, batch_size: int = 32):
+  """Runs a TFLite model from this module on uint8 [N, S, S, 3]; returns probabilities."""
+  # TFLite's C++ runtime prints `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.` on every
+  # interpreter, whatever TF_CPP_MIN_LOG_LEVEL says; it read like a problem in export's output.
+  with warnings.catch_warnings(), tflog.stderr_held_back(replay=True, drop=_XNNPACK_INFO):
+    # tf.lite.Interpreter warns it moves to ai_edge_litert; it still works in TF 2.21.
+    warnings.simplefilter("ignore")
+    runner = tf.lite.Interpreter(model_content=model_bytes).get_signature_runner("serving_uint8")
+    out = [runner(images=images[i:i + batch_size])["probabilities"]
+           for i in range(0, len(images), batch_size)]
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def check_images(cfg: dict, records_dir, max_examples: int):
+  """Up to `max_examples` (images, labels) of the valid split (fold-aware), else test; and where."""
+  info = pipeline.load_info(records_dir)
+  fold = cfg.get("fold")
+  split = "valid" if ("valid" in info.shards or fold is not None) else "test"
+  if split == "test" and "test" not in info.shards:
+    raise ValueError(f"{records_dir} has neither a valid nor a test split to check TFLite on; "
+                     "pass --records_dir with one")
+  ds = pipeline.make_dataset(info, split, batch_size=64, training=False,
+                             image_size=cfg["image_size"], fold=fold if split == "valid" else None)
+  images, labels, n = [], [], 0
+  for x, y in pipeline.iterate(ds, info, split, fold):
+    images.append(x.numpy())
+    labels.append(y.numpy())
+    n += len(labels[-1])
+    if n >= max_examples:
+      break
+  images, labels = np.concatenate(images)[:max_examples], np.concatenate(labels)[:max_examples]
+  where = f"{split}{f' fold {fold}' if split == 'valid' and fold is not None else ''}"
+  return images, labels, f"{len(labels)} images of the {where} split of {records_dir}"
+
+
+def _auc(probs, labels):
+  if probs.ndim != 1 or len(set(labels.tolist())) < 2:
+    return None
+  return float(skm.roc_auc_score(labels, probs))
+
+
+# ------------------------------------------------------------------------------- the command
+
+def _check_records(config: ExportConfig, cfg: dict) -> str | None:
+  """The records folder the TFLite check reads; fails before any conversion work."""
+  if config.format == "saved_model":
+    return None
+  records = config.records_dir or cfg.get("records_dir")
+  if not records or not fileio.isdir(records):
+    raise FileNotFoundError(
+        f"records {records!r} for the TFLite check not found (the training records named in "
+        "config.json by default); pass records_dir=FOLDER holding a valid or test split")
+  return str(records)
+
+
+def _check_tflite(tmp: str, members, records, config, report) -> dict:
+  """Converts both TFLite models into `tmp`, compares them with Keras; returns kind -> tmp path.
+
+  The reference is computed as bin/predict does (each member's forward pass, its temperature,
+  the mean), not through the SavedModel being checked."""
+  cfg = dict(members[0].cfg, fold=members[0].cfg.get("fold") if len(members) == 1 else None)
+  images, labels, report.checked_on = check_images(cfg, records, config.max_examples)
+  batches = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, len(images), 32)]
+  keras_probs = ensemble.combine(
+      [m.calibrated(inference.predict_dataset(m.model, batches)[0]) for m in members], "mean")
+  if (auc := _auc(keras_probs, labels)) is not None:
+    report.auc["keras"] = auc
+  written = {}
+  for kind, quantize in (("float32", False), ("dynamic_range", True)):
+    data = convert_tflite(os.path.join(tmp, "saved_model"), quantize)
+    written[kind] = os.path.join(tmp, TFLITE_FILES[kind])
+    fileio.write_bytes_atomic(written[kind], data)
+    probs = tflite_probabilities(data, images)
+    report.max_diff[kind] = float(np.max(np.abs(probs - keras_probs)))
+    if (auc := _auc(probs, labels)) is not None:
+      report.auc[kind] = auc
+  if report.max_diff["float32"] > FLOAT_TOLERANCE:
+    raise ExportCheckError(
+        f"float32 TFLite differs from the Keras model by {report.max_diff['float32']:.2e} "
+        f"(> {FLOAT_TOLERANCE:g}) on {report.checked_on}; nothing was written")
+  return written
+
+
+# ------------------------------------------------------------------------------- which model
+
+def load_members(config: ExportConfig) -> list:
+  """The run(s) `model_dir` names (ensemble.load_members), refused when they cannot be served."""
+  members = ensemble.load_members(config.model_dir)
+  if len(members) > 1 and config.ensemble == "rank":
+    raise ValueError(RANK_REFUSED)
+  sizes = sorted({m.image_size for m in members})
+  if len(sizes) > 1 and config.format != "saved_model":
+    raise ValueError(f"the members take different image sizes ({', '.join(map(str, sizes))} px) "
+                     "and a TFLite model takes one pixel size; pass format=saved_model (its "
+                     "serving_default takes the raw files and sizes them for each member)")
+  return members
+
+
+def model_identity(members, config: ExportConfig) -> dict:
+  """What the exported files answer with: each member (run folder, model.keras hash,
+  temperature) and the settings built into the graph. `fingerprint` names it in one string."""
+  runs = [{"model_dir": fileio.canonical(m.model_dir),
+           "model_sha256": fileio.sha256_file(fileio.join(m.model_dir, rundir.MODEL_FILE)),
+           "backbone": m.backbone, "image_size": m.image_size,
+           "temperature": (m.calibration or {}).get("temperature")} for m in members]
+  built_in = {"members": [(r["model_sha256"], r["temperature"]) for r in runs],
+              "ensemble": "mean" if len(members) > 1 else None, "threshold": config.threshold,
+              "member_outputs": config.member_outputs}
+  digest = hashlib.sha256(json.dumps(built_in, sort_keys=True).encode()).hexdigest()[:16]
+  return {"fingerprint": digest, "ensemble": built_in["ensemble"],
+          "member_outputs": config.member_outputs, "members": runs}
+
+
+def _read_json(path) -> dict | None:
+  try:
+    value = json.loads(fileio.read_text(path))
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def existing_exports(out: str) -> list[tuple[str, dict | None]]:
+  """(file set, the model identity it records, or None when it names none) for each export file
+  in `out`."""
+  recorded = _read_json(fileio.join(out, PREPROCESSING_FILE))
+  top = (recorded or {}).get("model") or None
+  sets = [(PREPROCESSING_FILE, top)] if fileio.exists(fileio.join(out, PREPROCESSING_FILE)) else []
+  hashes = (recorded or {}).get("files") or {}
+  for name in TFLITE_FILES.values():
+    path = fileio.join(out, name)
+    if fileio.exists(path):
+      same = hashes.get(name) == fileio.sha256_file(path)
+      sets.append((name, top if same else None))
+  for entry in sorted(fileio.listdir(out)):
+    name = entry.rstrip("/")
+    if name.isdigit() and fileio.exists(fileio.join(out, name, "saved_model.pb")):
+      sets.append((f"{name}/", _read_json(fileio.join(out, name, IDENTITY_FILE))))
+  return sets
+
+
+def _whose(found: list[dict | None], identity: dict) -> str:
+  if not all(found):
+    return "an export that names no model (or whose files changed since it was written)"
+  ours = [m["model_sha256"] for m in identity["members"]]
+  if all([m.get("model_sha256") for m in f.get("members", [])] == ours for f in found):
+    return ("an export of this model with other settings built in (threshold, member_outputs "
+            "or temperatures)")
+  runs = sorted({m.get("model_dir", "?") for f in found for m in f.get("members", [])})
+  return f"another model's export (of {', '.join(runs)})"
+
+
+def check_no_mix(out: str, identity: dict, overwrite: bool) -> list[str]:
+  """Refuses an output folder holding another model's export; returns what --overwrite removes."""
+  other = [(what, found) for what, found in existing_exports(out)
+           if (found or {}).get("fingerprint") != identity["fingerprint"]]
+  if not other or overwrite:
+    return [what for what, _ in other]
+  names = ", ".join(what for what, _ in other)
+  raise ValueError(f"{out} already holds {_whose([f for _, f in other], identity)}: {names}; "
+                   "files of two models in one folder would be served together: export into a "
+                   "new output_dir, or pass overwrite=True to replace them")
+
+
+def _install(src: str, dst: str, trash: str) -> None:
+  """Puts the local folder `src` at `dst`. Local: renamed over it, an old folder moved into
+  `trash` first (rename is atomic). Remote: uploaded beside it (`.NAME.tmp/`), the old folder
+  removed, then each file renamed into place with saved_model.pb last: an object store cannot
+  swap a folder at once, and a loader that finds the .pb finds its variables too."""
+  if not fileio.is_remote(dst):
+    if fileio.isdir(dst):
+      fileio.rename(dst, os.path.join(trash, fileio.basename(dst) + ".old"))
+    fileio.rename(src, dst)
+    return
+  staging = fileio.join(fileio.dirname(dst), f".{fileio.basename(dst)}.tmp")
+  fileio.rmtree(staging)
+  files = sorted(fileio.walk_files(src), key=lambda rel: (rel == "saved_model.pb", rel))
+  for rel in files:
+    fileio.makedirs(fileio.dirname(fileio.join(staging, rel)))
+    fileio.copy(os.path.join(src, rel), fileio.join(staging, rel))
+  fileio.rmtree(dst)
+  for rel in files:
+    fileio.makedirs(fileio.dirname(fileio.join(dst, rel)))
+    fileio.rename(fileio.join(staging, rel), fileio.join(dst, rel))
+  fileio.rmtree(staging)
+
+
+def _remove(out: str, stale: list[str], trash: str) -> None:
+  """--overwrite: another model's file sets (existing_exports' names) leave `out`."""
+  for what in stale:
+    path = fileio.join(out, what.rstrip("/"))
+    if what.endswith("/") and not fileio.is_remote(out):
+      fileio.rename(path, os.path.join(trash, f"stale-{what.rstrip('/')}"))
+    elif what.endswith("/"):
+      fileio.rmtree(path)
+    else:
+      fileio.remove(path)
+
+
+def _smoke_script() -> str:
+  return fileio.read_text(os.path.join(os.path.dirname(__file__), SMOKE_SCRIPT))
+
+
+def _resolve_threshold(config: ExportConfig) -> tuple[ExportConfig, str]:
+  """The decision threshold built into the export, and where it came from: --threshold, else the
+  run's (or CV folder's) threshold.json chosen on validation, else 0.5, said so."""
+  if config.threshold is not None:
+    return config, "fixed (--threshold)"
+  stored = rundir.read_threshold(config.model_dir)
+  if stored and stored.split != "none":
+    threshold, source = stored.value, stored.describe(config.model_dir)
+  else:
+    threshold, source = 0.5, "0.5 by default: the run stored no threshold chosen on validation"
+  return dataclasses.replace(config, threshold=threshold), source
+
+
+def export(config: ExportConfig) -> ExportReport:
+  """bin/export: writes what `config.format` asks for into config.output_dir.
+
+  Everything is built in a hidden folder inside output_dir and renamed into place only when every
+  check passed, so a failed export leaves the previous one intact.
+
+  Raises:
+    FileNotFoundError / ValueError: bad model directory, output or records, another model's
+      export in output_dir (before any work).
+    ExportCheckError: float32 TFLite disagrees with Keras (nothing is written).
+  """
+  config.validate()
+  members = load_members(config)
+  cfg = members[0].cfg
+  out = fileio.check_writable_dir(config.output_dir)
+  config, threshold_source = _resolve_threshold(config)
+  identity = model_identity(members, config)
+  stale = check_no_mix(out, identity, config.overwrite)
+  records = _check_records(config, cfg)
+  classes = members[0].classes
+  settings, warn = preprocessing_settings(cfg, config.threshold)
+  for m in members[1:]:  # every member's client-side steps are announced, not just the first's
+    warn += [w for w in preprocessing_settings(m.cfg, config.threshold)[1] if w not in warn]
+  settings["model"] = identity
+  settings["threshold_source"] = threshold_source if len(classes) == 2 else None
+  report = ExportReport(output_dir=out, warnings=warn)
+  # Built locally: in a hidden folder inside a local output (renamed into place, atomically), in
+  # a temporary folder for a remote one (uploaded at the end, only when every check passed).
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=None if fileio.is_remote(out) else out)
+  try:
+    saved = os.path.join(tmp, "saved_model")
+    write_saved_model(members, classes, saved, config.threshold, config.member_outputs)
+    fileio.makedirs(os.path.dirname(os.path.join(saved, IDENTITY_FILE)))
+    fileio.write_json_atomic(os.path.join(saved, IDENTITY_FILE), identity)
+    tflite = _check_tflite(tmp, members, records, config, report) if records else {}
+    _remove(out, stale, tmp)
+    if config.format != "tflite":
+      report.saved_model = fileio.join(out, str(config.version))
+      _install(saved, report.saved_model, tmp)
+      report.sizes[report.saved_model] = sum(
+          fileio.size(fileio.join(report.saved_model, rel))
+          for rel in fileio.walk_files(report.saved_model))
+      report.smoke_script = fileio.join(out, SMOKE_SCRIPT)
+      fileio.write_text_atomic(report.smoke_script, _smoke_script())
+    settings["files"] = {}
+    for kind, path in tflite.items():
+      report.tflite[kind] = fileio.join(out, os.path.basename(path))
+      settings["files"][os.path.basename(path)] = fileio.sha256_file(path)
+      fileio.publish(path, report.tflite[kind])
+      report.sizes[report.tflite[kind]] = fileio.size(report.tflite[kind])
+    fileio.write_json_atomic(fileio.join(out, PREPROCESSING_FILE), settings)
+  finally:
+    fileio.rmtree(tmp)
+  report.members = [m.model_dir for m in members]
+  return report
