@@ -75,7 +75,7 @@ def main(argv):
   del argv
   from skinrecords.evaluation import ensemble  # pylint: disable=g-import-not-at-top
   from skinrecords.evaluation import predict  # pylint: disable=g-import-not-at-top
-  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
+  from skinrecords.serving import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   work = _WORK_DIR.value

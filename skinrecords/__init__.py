@@ -11,7 +11,7 @@ imports only the packages above it; "never:" names one it must not import even s
 cli/ and no library module imports absl.flags; core/ and data/ import neither TensorFlow nor Keras
 at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it).
 
-    core/        fileio features tfrecord manifest rundir tflog waiting interop
+    core/        fileio features tfrecord manifest metadata rundir tflog waiting interop
                  - file access, record schema, manifest.json, run directory, TF logs, bounded waits
     data/        labels patients dedup sources splits hair preprocess synthetic_structures
                  synthetic pseudonyms neardup records workers convert

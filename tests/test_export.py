@@ -25,7 +25,7 @@ from skinrecords.data import preprocess
 from skinrecords.evaluation import predict
 from skinrecords.input import pipeline
 from skinrecords.model import models
-from skinrecords.serving.serving import export
+from skinrecords.serving import export
 
 SIZE = 32
 

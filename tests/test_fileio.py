@@ -31,7 +31,7 @@ from skinrecords.evaluation import plots
 from skinrecords.input import augment
 from skinrecords.input import pipeline
 from skinrecords.model import models
-from skinrecords.serving.serving import export
+from skinrecords.serving import export
 from skinrecords.training import distribute
 
 SIZE = 32

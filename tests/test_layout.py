@@ -276,7 +276,7 @@ def test_flags_and_library_configs_share_their_defaults():
 
   from skinrecords.data import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
   from skinrecords.evaluation import evaluate, predict  # pylint: disable=g-import-not-at-top
-  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
+  from skinrecords.serving import export  # pylint: disable=g-import-not-at-top
   # train's flags are checked against its configs by cli/train.py itself (the test below).
   pairs = [("evaluate", [evaluate.EvalConfig]), ("predict", [predict.PredictConfig]),
            ("export", [export.ExportConfig]),

@@ -11,7 +11,7 @@ import tensorflow as tf
 from benchmarks.serving_files import cmyk_jpeg, jpeg, photo, png, with_exif_jpeg, with_exif_png
 from skinrecords.data import preprocess
 from skinrecords.input import pipeline
-from skinrecords.serving.serving import serving
+from skinrecords.serving import serving
 
 
 def _predict_pixels(data: bytes, stored: int, model_size: int, **kwargs) -> np.ndarray:

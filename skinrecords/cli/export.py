@@ -62,7 +62,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a flag")
   # Imports TensorFlow, so only here.
-  from skinrecords.serving.serving import export  # pylint: disable=g-import-not-at-top
+  from skinrecords.serving import export  # pylint: disable=g-import-not-at-top
 
   config = cli_common.make_config(
       export.ExportConfig,

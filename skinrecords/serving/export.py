@@ -36,7 +36,7 @@ from skinrecords.data import preprocess
 from skinrecords.evaluation import ensemble
 from skinrecords.input import pipeline
 from skinrecords.model import inference
-from skinrecords.serving.serving import serving
+from skinrecords.serving import serving
 
 FORMATS = ("saved_model", "tflite", "all")
 TFLITE_FILES = {"float32": "model_float32.tflite", "dynamic_range": "model_dynamic_range.tflite"}
