@@ -94,16 +94,28 @@ class Column:
   fold_stats: Mapping[int, Stats] = dataclasses.field(default_factory=dict)
   missing: Mapping[str, int] = dataclasses.field(default_factory=dict)
   source: str = ""  # where the values came from, e.g. "labels_csv:age_approx" or "kaggle int64 code"
+  # How the records store it. Ours: "meta/<name>", float (numeric) or bytes (categorical), absent
+  # when missing. The SIIM-ISIC Kaggle files: the bare name, int64, with -1 (or absence) as missing;
+  # a categorical int64 code is encoded as its decimal string ("0", "1", ...).
+  record_key: str = ""  # "" -> PREFIX + name
+  record_dtype: str = ""  # "float" | "bytes" | "int64"; "" -> float for numeric, bytes otherwise
+  missing_code: int | None = None  # int64 only: the stored value that means missing (Kaggle: -1)
 
   def validate(self) -> None:
     if self.kind not in KINDS:
       raise ValueError(f"metadata column {self.name!r}: kind {self.kind!r}, expected one of {KINDS}")
+    if self.record_dtype not in ("", "float", "bytes", "int64"):
+      raise ValueError(f"metadata column {self.name!r}: record dtype {self.record_dtype!r}")
     if not self.name or "/" in self.name:
       raise ValueError(f"metadata column {self.name!r}: a name must be non-empty, without '/'")
 
   @property
   def key(self) -> str:
-    return record_key(self.name)
+    return self.record_key or record_key(self.name)
+
+  @property
+  def dtype(self) -> str:
+    return self.record_dtype or ("float" if self.kind == NUMERIC else "bytes")
 
   def for_fold(self, fold: int | None) -> "Column":
     """This column with the statistics of `fold`'s training part (None: the training split's)."""
@@ -118,8 +130,10 @@ class Column:
     return 2 if self.kind == NUMERIC else len(self.stats.vocabulary) + 1
 
   def to_dict(self) -> dict:
-    out = {"name": self.name, "kind": self.kind, "key": self.key, "source": self.source,
-           **self.stats.to_dict(self.kind), "missing": dict(self.missing)}
+    out = {"name": self.name, "kind": self.kind, "key": self.key, "dtype": self.dtype,
+           "source": self.source, **self.stats.to_dict(self.kind), "missing": dict(self.missing)}
+    if self.missing_code is not None:
+      out["missing_code"] = self.missing_code
     if self.fold_stats:
       out["folds"] = {str(k): s.to_dict(self.kind) for k, s in sorted(self.fold_stats.items())}
     return out
@@ -129,7 +143,8 @@ class Column:
     column = cls(str(raw["name"]), str(raw["kind"]), Stats.from_dict(raw),
                  {int(k): Stats.from_dict(v) for k, v in (raw.get("folds") or {}).items()},
                  {str(k): int(v) for k, v in (raw.get("missing") or {}).items()},
-                 str(raw.get("source", "")))
+                 str(raw.get("source", "")), str(raw.get("key", "")), str(raw.get("dtype", "")),
+                 None if raw.get("missing_code") is None else int(raw["missing_code"]))
     column.validate()
     return column
 
