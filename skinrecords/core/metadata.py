@@ -140,10 +140,14 @@ class Column:
 
   @classmethod
   def from_dict(cls, raw: Mapping) -> "Column":
-    column = cls(str(raw["name"]), str(raw["kind"]), Stats.from_dict(raw),
+    name, kind = str(raw["name"]), str(raw["kind"])
+    key, dtype = str(raw.get("key", "")), str(raw.get("dtype", ""))
+    key = "" if key == record_key(name) else key  # the defaults stay implicit: round trips equal
+    dtype = "" if dtype == ("float" if kind == NUMERIC else "bytes") else dtype
+    column = cls(name, kind, Stats.from_dict(raw),
                  {int(k): Stats.from_dict(v) for k, v in (raw.get("folds") or {}).items()},
                  {str(k): int(v) for k, v in (raw.get("missing") or {}).items()},
-                 str(raw.get("source", "")), str(raw.get("key", "")), str(raw.get("dtype", "")),
+                 str(raw.get("source", "")), key, dtype,
                  None if raw.get("missing_code") is None else int(raw["missing_code"]))
     column.validate()
     return column
