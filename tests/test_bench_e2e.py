@@ -37,6 +37,8 @@ def test_bench_e2e_prints_every_row_and_removes_its_folder(tmp_path):
   assert "simple_cnn:" in out, out
   (convert_s,) = _row(out, "conversion, once (s)", r"\s+-" + _NUM + r"\s+-")
   assert convert_s > 0
+  (load_s,) = _row(out, "loading model.keras (s)", r"\s+-" + _NUM + r"\s+-")
+  assert load_s > 0
   values = {label: _row(out, label, _NUM * 2 + r"\s+(\d+\.\d+)x") for label in _ROWS}
   for label, (notebook, ours, gain) in values.items():
     assert notebook > 0 and ours > 0 and gain > 0, (label, out)

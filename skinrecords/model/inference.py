@@ -73,7 +73,7 @@ def forward(model: keras.Model, tta: int):
 
     devices = [d.name for d in tf.config.list_logical_devices()]
     jit = xla.resolve_xla("auto", devices, augmenting=False) == "on"
-    fns[tta] = tf.function(forward, jit_compile=jit)
+    fns[tta] = tf.function(forward, jit_compile=jit, autograph=False)
   return fns[tta]
 
 

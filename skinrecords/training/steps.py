@@ -60,7 +60,7 @@ class CompiledSteps:
       optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduce happens here
       return loss, probs, labels
 
-    @tf.function
+    @tf.function(autograph=False)
     def train_step(iterator, step):
       images, labels = next(iterator)
       loss, probs, labels = strategy.run(replica_train, args=(images, labels, step))
@@ -69,7 +69,7 @@ class CompiledSteps:
 
     forward = _predict_forward_fn(model, loss_fn, jit=xla_mode == "on")
 
-    @tf.function
+    @tf.function(autograph=False)
     def predict_step(images, labels):
       per_example, probs = strategy.run(forward, args=(images, labels))
       return (strategy.gather(per_example, axis=0), strategy.gather(probs, axis=0),
@@ -89,7 +89,7 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
 
   # "augment": the warp compiled on its own (it needs XLA: ~5x faster at 512 px), the model on
   # TensorFlow's oneDNN kernels (an XLA conv net ran at ~0.5x of them on the CPU).
-  @tf.function(jit_compile=xla_mode != "off")
+  @tf.function(jit_compile=xla_mode != "off", autograph=False)
   def augment_fn(images, seed):
     return augment.augment_batch(images, seed, aug)
 
@@ -102,7 +102,7 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
       scaled = optimizer.scale_loss(loss) if mixed else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     return loss, grads, inference.probabilities(logits)
-  return forward_backward if inline else tf.function(forward_backward,
+  return forward_backward if inline else tf.function(forward_backward, autograph=False,
                                                      jit_compile=xla_mode == "on")
 
 
@@ -122,12 +122,12 @@ def _predict_forward_fn(model, loss_fn, jit: bool):
     return loss_fn(tf.maximum(labels, 0), logits), inference.probabilities(logits)
 
   if not jit:
-    @tf.function
+    @tf.function(autograph=False)
     def forward(images, labels):
       return scored(model(tf.cast(images, tf.float32), training=False), labels)
     return forward
 
-  @tf.function(jit_compile=True)
+  @tf.function(jit_compile=True, autograph=False)
   def pure_forward(trainable, non_trainable, images, labels):
     logits, _ = model.stateless_call(trainable, non_trainable, tf.cast(images, tf.float32),
                                      training=False)
