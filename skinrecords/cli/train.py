@@ -184,7 +184,7 @@ _MAX_IMAGE_SIZE = 8192  # make_records' largest --image_size (preprocess)
 # The fields of the train configs (train.TrainConfig and the ModelConfig, AugmentConfig and
 # RecipeConfig it holds) NOT set from the flag of their name, and why. Every other field must have
 # a flag of its name with its default: _from_flags refuses to build a config otherwise, and
-# config_flag_problems() (tests/test_layout.py) checks the defaults, so a field added to a config
+# config_flag_problems() (tests/test_help.py) checks the defaults, so a field added to a config
 # cannot be forgotten here (AugmentConfig.fill_value was: --fill_value exists since issue 22).
 _NOT_FLAGS = {
     "model": "a nested config (ModelConfig, from its own fields' flags)",
@@ -194,9 +194,6 @@ _NOT_FLAGS = {
     "num_classes": "the records' number of classes",
     "fold": "--fold also takes 'all' (cross-validation)",
 }
-_FLAGS = {holder.name: holder for holder in list(globals().values())
-          if isinstance(holder, flags.FlagHolder)}
-
 
 def _train_configs() -> tuple:
   # pylint: disable-next=g-import-not-at-top
@@ -206,36 +203,18 @@ def _train_configs() -> tuple:
   return train.TrainConfig, models.ModelConfig, augment.AugmentConfig, recipes.RecipeConfig
 
 
+# Every train config field is the flag of its name but the _NOT_FLAGS (cli_common.ConfigFlags).
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _train_configs, "train", _NOT_FLAGS)
+
+
 def _from_flags(cls, **given):
   """`cls` with each field from the flag of its name, `given` (the _NOT_FLAGS fields) excepted."""
-  values = {}
-  for field in dataclasses.fields(cls):
-    if field.name in given:
-      values[field.name] = given.pop(field.name)
-    elif field.name in _FLAGS and field.name not in _NOT_FLAGS:
-      values[field.name] = _FLAGS[field.name].value
-    else:
-      raise AssertionError(f"{cls.__name__}.{field.name} has no --{field.name} flag in "
-                           "cli/train.py: define one, or list it in _NOT_FLAGS with the reason")
-  if given:
-    raise AssertionError(f"{cls.__name__} has no fields {sorted(given)}")
-  return cls(**values)
+  return _CONFIG_FLAGS.build(cls, **given)
 
 
 def config_flag_problems() -> list[str]:
   """Every train config field without a flag of its name and default (or a _NOT_FLAGS reason)."""
-  problems = []
-  for cls in _train_configs():
-    for field in dataclasses.fields(cls):
-      if field.name in _NOT_FLAGS:
-        continue
-      if field.name not in _FLAGS:
-        problems.append(f"{cls.__name__}.{field.name}: no --{field.name} flag")
-      elif (field.default is not dataclasses.MISSING and
-            _FLAGS[field.name].default != field.default):
-        problems.append(f"{cls.__name__}.{field.name}={field.default!r} but --{field.name}="
-                        f"{_FLAGS[field.name].default!r}")
-  return problems
+  return _CONFIG_FLAGS.problems()
 
 
 def _recipe_flags() -> tuple:
