@@ -315,3 +315,19 @@ def test_only_fileio_touches_user_paths_directly():
   assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "
                          f"skinrecords.core.fileio): {offenders}")
   assert not stale, f"no direct file access left in {stale}: remove them from _DIRECT_FILE_ACCESS"
+
+
+MAX_FUNCTION_LINES = 60  # the brief's "functions of named phases (<= ~60 lines)", docstring included
+
+
+def test_no_function_is_longer_than_60_lines():
+  """A longer function is split into named phases (issue 22 found three: train's main, list_sources,
+  verify)."""
+  long = []
+  for path in sorted(LIB.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_FUNCTION_LINES:
+          long.append(f"{path.relative_to(LIB.parent)}:{node.lineno} {node.name}: {lines} lines")
+  assert not long, "split into named phases:\n" + "\n".join(long)

@@ -360,10 +360,10 @@ def _cross_validate(config, strategy) -> int:
   os._exit(0)  # pylint: disable=protected-access
 
 
-def main(argv):
+def _check_flags(argv) -> None:
+  """Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included.
   if not 0 <= _IMAGE_SIZE.value <= _MAX_IMAGE_SIZE:  # 100000 ran out of memory after 15 s
     raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: expected 0 (the records' size) or a "
                          f"side in pixels up to {_MAX_IMAGE_SIZE}, as make_records accepts")
@@ -372,27 +372,33 @@ def main(argv):
   for flag in (_CLUSTER_TIMEOUT, _DATA_SERVICE_TIMEOUT):
     if not flag.value > 0:
       raise app.UsageError(f"--{flag.name}={flag.value}: give a number of seconds above 0")
-  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
+
+
+def _strategy():
+  """The tf.distribute strategy (None: the cluster did not come up; said on stderr). It comes
+  first: MultiWorkerMirroredStrategy must exist before any other TF op."""
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords.core import waiting
+  from skinrecords.training import distribute
 
   _set_cluster()
-  # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
-  from skinrecords.core import waiting  # pylint: disable=g-import-not-at-top
-
   try:
     strategy = distribute.make_strategy(_STRATEGY.value, cluster_timeout=_CLUSTER_TIMEOUT.value)
   except ValueError as err:  # this worker's port is in use
     raise app.UsageError(cli_common.as_flags(str(err), ("worker_hosts",))) from err
   except waiting.WaitTimeout as err:
     print(f"train: {err}", file=sys.stderr)
-    return 2
+    return None
   _quiet_keras_internals()
   if _BATCH.value % strategy.num_replicas_in_sync:
     raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
                          f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
                          f"{strategy.num_replicas_in_sync}")
-  config = _config()
-  if config.data_service and not _data_service_answers():
-    return 2
+  return strategy
+
+
+def _train(config, strategy):
+  """train.train's result, or the exit status of a user error (said on stderr) or of --fold=all."""
   # pylint: disable-next=g-import-not-at-top
   from skinrecords.core import fileio, rundir
   from skinrecords.input import pipeline
@@ -402,7 +408,7 @@ def main(argv):
   try:
     if _fold() == "all":
       return _cross_validate(config, strategy)
-    result = train.train(config, strategy)
+    return train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError) as err:
     print(f"train: {cli_common.as_flags(str(err), _recipe_flags() + ('freeze',))}",
@@ -417,7 +423,21 @@ def main(argv):
       raise
     print(f"train: {line}", file=sys.stderr)
     return 2
+
+
+def main(argv):
+  _check_flags(argv)
+  strategy = _strategy()
+  if strategy is None:
+    return 2
+  config = _config()
+  if config.data_service and not _data_service_answers():
+    return 2
+  result = _train(config, strategy)
+  if isinstance(result, int):
+    return result
   if not result["chief"]:
+    from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
     return 0
   if result["epochs_this_run"] == 0 and result.get("stopped_early"):
