@@ -152,13 +152,6 @@ def write_cv_metrics(model_dir: str | os.PathLike, cv_metrics: dict) -> None:
   _write_json(model_dir, CV_METRICS_FILE, cv_metrics)
 
 
-def read_config(model_dir: str | os.PathLike) -> dict | None:
-  """config.json as a dict (RunConfig.to_dict's shape, whatever version wrote it), or None when the
-  run has not written one yet."""
-  run = read_run_config(model_dir)
-  return None if run is None else run.to_dict()
-
-
 def read_run_config(model_dir: str | os.PathLike) -> RunConfig | None:
   """config.json as a RunConfig, or None when the run has not written one yet."""
   raw = _read_json(model_dir, CONFIG_FILE)
