@@ -305,6 +305,7 @@ def test_non_chief_workers_write_to_a_local_temporary_folder():
   assert not os.path.exists(again.dir)
 
 
+@pytest.mark.slow  # the whole command in a subprocess (the converter's remote output: quick above)
 def test_make_records_command_with_a_remote_output(images):
   proc = run_bin("make_records", f"--input_dir={images}", "--output_dir=ram://cli/records",
                  "--image_size=32", "--workers=1", "--noprogress")

@@ -317,7 +317,7 @@ def test_only_fileio_touches_user_paths_directly():
   assert not stale, f"no direct file access left in {stale}: remove them from _DIRECT_FILE_ACCESS"
 
 
-MAX_FUNCTION_LINES = 60  # the brief's "functions of named phases (<= ~60 lines)", docstring included
+MAX_FUNCTION_LINES = 60  # the brief: functions of named phases, <= ~60 lines (docstring included)
 
 
 def test_no_function_is_longer_than_60_lines():
