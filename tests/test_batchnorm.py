@@ -198,6 +198,7 @@ def _run_dir(tmp_path, model, name):
   return d
 
 
+@pytest.mark.slow  # builds MobileNetV2 three times: 45 s of the quick subset at load 7
 def test_build_model_fuses_every_backbone_batchnorm_and_saved_runs_load_both_ways(tmp_path):
   config = models.ModelConfig(backbone="MobileNetV2", image_size=32, weights="none")
   model = models.build_model(config)

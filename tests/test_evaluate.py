@@ -281,9 +281,9 @@ def test_load_model_dir_names_missing_files(tmp_path, constant_dir):
   with pytest.raises(FileNotFoundError, match="model.keras"):
     models.load_model_dir(tmp_path / "m")
   with pytest.raises(ValueError, match="youden"):
-    evaluate.EvalConfig(model_dir="m", threshold="1.5")
+    evaluate.EvalConfig(model_dir="m", threshold="1.5").validate()
   with pytest.raises(ValueError, match="tta=9"):
-    evaluate.EvalConfig(model_dir="m", tta=9)
+    evaluate.EvalConfig(model_dir="m", tta=9).validate()
 
 
 @pytest.mark.slow

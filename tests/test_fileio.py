@@ -105,7 +105,8 @@ def test_unknown_scheme_is_one_clear_error():
 
 def test_fileio_does_not_import_tensorflow_for_local_paths(tmp_path):
   # The converter's spawned workers import fileio: TensorFlow would cost each 3.4-3.8 s, 675 MB.
-  code = ("import sys; from skinrecords import fileio, records, workers; "
+  code = ("import sys; from skinrecords.core import fileio; "
+          "from skinrecords.data import records, workers; "
           f"fileio.write_json_atomic({str(tmp_path / 'x.json')!r}, {{}}); "
           f"fileio.listdir({str(tmp_path)!r}); fileio.join('gs://b', 'c'); "
           "print('tensorflow' in sys.modules)")
@@ -250,7 +251,7 @@ def test_run_directory_files_on_a_remote_folder():
   loaded, cfg = models.load_model_dir(d)
   x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
   np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)
-  assert cfg["classes"] == ["a", "b"]
+  assert cfg.classes == ["a", "b"]
   assert fileio.listdir(d) == ["config.json", "history.csv", "model.keras"]
   fileio.makedirs(rundir.fold_dir(d, 1))
   rundir.save_model(model, rundir.fold_dir(d, 1))
@@ -304,6 +305,7 @@ def test_non_chief_workers_write_to_a_local_temporary_folder():
   assert not os.path.exists(again.dir)
 
 
+@pytest.mark.slow  # the whole command in a subprocess (the converter's remote output: quick above)
 def test_make_records_command_with_a_remote_output(images):
   proc = run_bin("make_records", f"--input_dir={images}", "--output_dir=ram://cli/records",
                  "--image_size=32", "--workers=1", "--noprogress")

@@ -5,6 +5,7 @@ main module defines none, and `--help` showed no flag at all until cli.common ad
 """
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -47,3 +48,61 @@ def test_console_script_style_entry_lists_the_flags():
   proc = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True,
                         env=bin_env(), timeout=120, check=False)
   assert _defined_flags("evaluate") <= _listed(proc.stdout)
+
+
+# Commands without a config of their own: their flags are checked by --help above.
+_NO_CONFIG = {"verify_records": "two flags passed to records.verify",
+              "show_preprocessing": "three flags, one of them PreprocessConfig.image_size"}
+
+
+def test_every_config_field_is_a_flag_with_its_default():
+  """Each command builds its configs from the flags named like their fields
+  (cli_common.ConfigFlags); a field without one, or with another default, is listed here. In a
+  subprocess, each command's flags removed before the next is imported: absl keeps one global flag
+  registry, and commands share flag names (--model_dir)."""
+  commands = [c for c in COMMANDS if c not in _NO_CONFIG]
+  code = ("import importlib, json\n"
+          "from absl import flags\n"
+          "found = {}\n"
+          f"for command in {commands!r}:\n"
+          "  c = importlib.import_module('skinrecords.cli.' + command)\n"
+          "  found[command] = [len(c._CONFIG_FLAGS.flags), c.config_flag_problems()]\n"
+          "  for name in list(flags.FLAGS.get_key_flags_for_module(c.__name__)):\n"
+          "    delattr(flags.FLAGS, name.name)\n"
+          "print(json.dumps(found))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=bin_env(), check=False, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  found = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert sorted(found) == commands
+  for command, (count, problems) in found.items():
+    assert count >= 5, (command, count)  # the module's flags were found
+    assert not problems, f"cli/{command}.py: " + "\n".join(problems)
+
+
+def test_a_config_field_without_a_flag_is_found():
+  """The check can fail: a field added to a config with no flag of its name, and a flag whose
+  default differs from its field's, are both reported (and the build refuses the first)."""
+  code = ("import dataclasses\n"
+          "from absl import flags\n"
+          "from skinrecords.cli import common\n"
+          "A = flags.DEFINE_integer('alpha', 1, 'a')\n"
+          "B = flags.DEFINE_integer('beta', 2, 'b')\n"
+          "@dataclasses.dataclass\n"
+          "class C:\n"
+          "  alpha: int = 1\n"
+          "  beta: int = 3\n"
+          "  gamma: int = 0\n"
+          "cf = common.ConfigFlags(globals(), lambda: (C,), 'x')\n"
+          "print('\\n'.join(cf.problems()))\n"
+          "flags.FLAGS(['x'])\n"
+          "try:\n"
+          "  cf.build(C)\n"
+          "except AssertionError as err:\n"
+          "  print(err)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=bin_env(), check=True, timeout=120)
+  assert proc.stdout.splitlines() == [
+      "C.beta=3 but --beta=2", "C.gamma: no --gamma flag",
+      "C.gamma has no --gamma flag in cli/x.py: define one, or list it in _NOT_FLAGS with the "
+      "reason"], proc.stdout

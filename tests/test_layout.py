@@ -256,72 +256,6 @@ def test_installed_commands_are_namespaced_and_benchmarks_not_installed():
   assert "benchmarks" in cfg["options.packages.find"]["exclude"]
 
 
-def _flag_defaults(module: str) -> dict:
-  """{flag: default} of the literal-default flags a cli module defines (read, not imported: absl
-  keeps one global flag registry, and two commands define --output_dir)."""
-  found = {}
-  for node in ast.walk(ast.parse((LIB / "cli" / f"{module}.py").read_text())):
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
-        node.func.attr.startswith("DEFINE_") and len(node.args) >= 2):
-      try:
-        found[ast.literal_eval(node.args[0])] = ast.literal_eval(node.args[1])
-      except ValueError:
-        pass
-  return found
-
-
-def test_flags_and_library_configs_share_their_defaults():
-  """One source of defaults: a flag named like a config field has that field's default."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
-  from skinrecords.data import convert, preprocess, splits  # pylint: disable=g-import-not-at-top
-  from skinrecords.evaluation import evaluate, predict  # pylint: disable=g-import-not-at-top
-  from skinrecords.serving import export  # pylint: disable=g-import-not-at-top
-  # train's flags are checked against its configs by cli/train.py itself (the test below).
-  pairs = [("evaluate", [evaluate.EvalConfig]), ("predict", [predict.PredictConfig]),
-           ("export", [export.ExportConfig]),
-           ("make_records", [convert.ConvertConfig, preprocess.PreprocessConfig])]
-  checked, differ = 0, []
-  for module, configs in pairs:
-    flag_defaults = _flag_defaults(module)
-    for config in configs:
-      for field in dataclasses.fields(config):
-        if field.name not in flag_defaults or field.default is dataclasses.MISSING:
-          continue
-        flag, lib = flag_defaults[field.name], field.default
-        if dataclasses.is_dataclass(lib):
-          continue
-        checked += 1
-        if (module, field.name) == ("make_records", "split"):
-          flag = splits.parse_fractions(flag)
-        if (module, field.name) == ("make_records", "image_size"):
-          flag = int(flag)  # --image_size also takes several sizes, "256,384,512"
-        if isinstance(lib, tuple) and flag is not None:
-          flag = tuple(flag)
-        if flag != lib and not (flag is None and lib in ((), None)):
-          differ.append(f"cli/{module}.py --{field.name}={flag!r} vs "
-                        f"{config.__name__}.{field.name}={lib!r}")
-  assert checked > 30, checked
-  assert not differ, "\n".join(differ)
-
-
-def test_every_train_config_field_is_a_flag_with_its_default():
-  """cli/train.py builds TrainConfig (and its ModelConfig, AugmentConfig, RecipeConfig) from the
-  flags named like their fields; a field without one, or with another default, is listed here.
-  In a subprocess: absl keeps one global flag registry, and other commands define --model_dir."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
-  from conftest import bin_env  # pylint: disable=g-import-not-at-top
-  code = ("from skinrecords.cli import train\n"
-          "print(len(train._FLAGS)); print('\\n'.join(train.config_flag_problems()))")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env=bin_env(), check=True, timeout=300)
-  count, *problems = proc.stdout.strip().split("\n")
-  assert int(count) > 50, proc.stdout  # the module's flags were found
-  assert not [p for p in problems if p], "\n".join(problems)
-
-
 # Direct file access (builtin open, os.path checks, os renames and listings, shutil, glob, pathlib)
 # is for fileio.py alone: every user path may be gs://, and pathlib.Path("gs://b/x") is "gs:/b/x".
 # The modules below may still do it, each for the reason given. Shrink this list; never grow it
@@ -381,3 +315,19 @@ def test_only_fileio_touches_user_paths_directly():
   assert not offenders, ("direct file access outside fileio (a gs:// path would break; use "
                          f"skinrecords.core.fileio): {offenders}")
   assert not stale, f"no direct file access left in {stale}: remove them from _DIRECT_FILE_ACCESS"
+
+
+MAX_FUNCTION_LINES = 60  # the brief: functions of named phases, <= ~60 lines (docstring included)
+
+
+def test_no_function_is_longer_than_60_lines():
+  """A longer function is split into named phases (issue 22 found three: train's main, list_sources,
+  verify)."""
+  long = []
+  for path in sorted(LIB.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_FUNCTION_LINES:
+          long.append(f"{path.relative_to(LIB.parent)}:{node.lineno} {node.name}: {lines} lines")
+  assert not long, "split into named phases:\n" + "\n".join(long)

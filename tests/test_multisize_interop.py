@@ -71,6 +71,7 @@ def _where(m: dict) -> dict:
               for e in info["shards"]] for s, info in m["splits"].items()}
 
 
+@pytest.mark.slow  # make_records and verify_records as commands (subprocesses)
 def test_sizes_share_splits_folds_groups_rejections_and_verify(converted):
   data, out, proc = converted
   manifests = [manifest.read(out / str(size)) for size in SIZES]
@@ -113,6 +114,7 @@ def test_near_duplicates_grouped_conflict_reported_patients_not_merged(converted
     assert len(group["splits"]) == 1, group  # copy and original in one split and fold
 
 
+@pytest.mark.slow  # make_records and verify_records as commands (subprocesses)
 def test_verify_catches_a_near_duplicate_group_across_splits_and_a_bad_index(converted, tmp_path):
   _, out, _ = converted
   folder = tmp_path / "copy"

@@ -87,6 +87,9 @@ def test_port_checks_and_peer_parsing():
       waiting.check_port_free(busy.getsockname()[1], "tf.data service dispatcher")
   waiting.check_port_free(_free_port(), "dispatcher")
   waiting.check_port_free(0, "dispatcher")
+  # Not bind()'s OverflowError:
+  with pytest.raises(ValueError, match=r"port=70000 must be within 0\.\.65535"):
+    waiting.check_port_free(70000, "dispatcher")
   with pytest.raises(ValueError, match="1..65535"):
     distribute.tf_config_from_hosts(["localhost:99999", "localhost:1234"], 0)
   me, peers = distribute.cluster_peers(distribute.tf_config_from_hosts(

@@ -327,10 +327,14 @@ def test_config_validation_names_field_and_value():
            "max_pixels": -1, "reduced_decode": 1}
   for field, value in cases.items():
     with pytest.raises(ValueError) as info:
-      pp.PreprocessConfig(**{field: value})
+      pp.PreprocessConfig(**{field: value}).validate()
     assert field in str(info.value) and repr(value) in str(info.value), str(info.value)
   with pytest.raises(ValueError, match="'jpeg', 'png'"):
-    pp.PreprocessConfig(image_format="webp")
+    pp.PreprocessConfig(image_format="webp").validate()
+  with pytest.raises(ValueError, match="image_size=0"):  # every entry point validates
+    pp.preprocess_array(np.zeros((40, 40, 3), np.uint8), pp.PreprocessConfig(image_size=0))
+  with pytest.raises(ValueError, match="jpeg_quality=0"):
+    pp.PreprocessConfig.from_dict({"jpeg_quality": 0})
 
 
 def test_config_dict_round_trip_and_unknown_keys():

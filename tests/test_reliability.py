@@ -363,7 +363,7 @@ def test_make_records_does_not_import_tensorflow(tmp_path):
   for i in range(3):
     _write(root / "A" / f"a{i}", i)
     _write(root / "B" / f"b{i}", 10 + i)
-  code = ("import sys; from skinrecords import convert, preprocess; "
+  code = ("import sys; from skinrecords.data import convert, preprocess; "
           "convert.convert(convert.ConvertConfig("
           f"input_dir={str(root)!r}, output_dir={str(tmp_path / 'rec')!r}, progress=False, "
           "workers=1, split=(1, 0, 0), min_train_shards=1, "

@@ -75,8 +75,10 @@ def _xla_functions(steps, images, labels) -> list[str]:
           if f.attr["_XlaMustCompile"].b]
 
 
+# The two-replica cases are slow (18-20 s each at load 7): the quick subset keeps one_device.
 @pytest.mark.parametrize("strategy_name,num_classes",
-                         [("mirrored", 2), ("mirrored", 3), ("one_device", 2)])
+                         [pytest.param("mirrored", 2, marks=pytest.mark.slow),
+                          pytest.param("mirrored", 3, marks=pytest.mark.slow), ("one_device", 2)])
 def test_xla_validation_pass_matches_tf_kernels(strategy_name, num_classes):
   assert len(tf.config.list_logical_devices("CPU")) == 2, "conftest sets up 2 logical CPUs"
   strategy = distribute.make_strategy(strategy_name)

@@ -139,9 +139,9 @@ def test_submission_errors(run, tmp_path):
   for kwargs, message in [(dict(format="isic"), "pass output_csv too"),
                           (dict(isic_columns="a:X", output_csv=out), "pass format=isic too")]:
     with pytest.raises(ValueError, match=message):
-      predict.PredictConfig(model_dir=str(model_dir), records_dir=str(records), **kwargs)
+      predict.PredictConfig(model_dir=str(model_dir), records_dir=str(records), **kwargs).validate()
   with pytest.raises(ValueError, match="pass isic_truth_csv too"):  # not silently ignored
-    evaluate.EvalConfig(model_dir=str(model_dir), isic_columns="a:X")
+    evaluate.EvalConfig(model_dir=str(model_dir), isic_columns="a:X").validate()
   with pytest.raises(ValueError, match="class 'x', which the model does not have"):
     evaluate.evaluate(evaluate.EvalConfig(model_dir=str(model_dir), isic_columns="x:Y",
                                           isic_truth_csv=str(tmp_path / "t.csv"), bootstrap=0))

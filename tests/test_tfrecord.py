@@ -68,7 +68,8 @@ def test_worker_side_modules_do_not_import_tensorflow(tmp_path):
   out = tmp_path / "one.tfrecord"
   code = (
       "import pathlib, sys\n"
-      "from skinrecords import convert, preprocess, records, tfrecord, workers\n"
+      "from skinrecords.core import tfrecord\n"
+      "from skinrecords.data import convert, preprocess, records, workers\n"
       "pool = workers.RecordPool(1, preprocess.PreprocessConfig(image_size=32))\n"
       f"[(record, reason)] = pool.imap([({str(source)!r}, 'a', 1, 'P', -1)])\n"
       "assert reason is None, reason\n"

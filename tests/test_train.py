@@ -204,14 +204,13 @@ def test_bad_flags_are_usage_errors(abcd_records, tmp_path):
 
 @pytest.mark.slow
 def test_imagenet_weights_offline_fail_fast_with_the_file_to_place(abcd_records, tmp_path):
-  start = time.time()
+  # How fast: one attempt under a socket timeout (test_models); no wall-clock assertion here.
   proc = run_bin("train", f"--records_dir={abcd_records}", f"--model_dir={tmp_path / 'm'}",
                  "--backbone=vgg16", "--weights=imagenet", "--strategy=one_device",
                  check=False, env={"KERAS_HOME": str(tmp_path / "keras_home")})
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in proc.stderr
   assert "--weights" in proc.stderr
-  assert time.time() - start < 120
 
 
 @pytest.mark.slow

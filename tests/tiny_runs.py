@@ -65,7 +65,7 @@ def member_probs(run_dir, records, split="test", fold=None, tta=0) -> tuple:
   model, cfg = models.load_model_dir(run_dir)
   probs, labels, names = [], [], []
   for images, y, n in pipeline.make_dataset(records, split, training=False, with_names=True,
-                                            image_size=cfg["image_size"], fold=fold):
+                                            image_size=cfg.image_size, fold=fold):
     logits = model(images.numpy().astype(np.float32), training=False).numpy()
     probs.append(1 / (1 + np.exp(-logits[:, 0])) if logits.shape[1] == 1 else
                  np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -75,12 +77,83 @@ def run(main, command: str) -> None:
 
 
 def make_config(cls, **fields):
-  """`cls(**fields)` for a config that validates on construction; its ValueError becomes a usage
-  error in flag terms (`EvalConfig.tta=9` reads `--tta=9`)."""
+  """`cls(**fields)`, validated (`.validate()`); its ValueError becomes a usage error in flag terms
+  (`EvalConfig.tta=9` reads `--tta=9`). Commands build theirs with ConfigFlags.usage_config."""
+  return validated(cls(**fields))
+
+
+def validated(config):
+  """`config` after its `.validate()`, whose ValueError becomes a usage error in flag terms."""
   try:
-    return cls(**fields)
+    config.validate()
   except ValueError as err:
-    raise app.UsageError(str(err).replace(f"{cls.__name__}.", "--")) from err
+    raise app.UsageError(str(err).replace(f"{type(config).__name__}.", "--")) from err
+  return config
+
+
+class ConfigFlags:
+  """A command's flags as the one source of its configs' fields, so that a field added to a config
+  cannot be forgotten in the CLI (issue 22: AugmentConfig.fill_value was, for a release).
+
+  Every field of `configs()` is set from the flag of its name, unless `not_flags` names it with
+  the reason (a nested config, a value the command derives). `converters` turns a flag's text into
+  the field's type (--split "0.6,0.2,0.2" -> (0.6, 0.2, 0.2)); it also converts the flag's default
+  for the comparison with the field's. `build` refuses (AssertionError: a programming error, not
+  a user's) a field without a flag; `problems` lists every field without a flag of its name or
+  with another default, and a test runs it for every command (tests/test_help.py).
+  """
+
+  def __init__(self, namespace: dict, configs: Callable[[], tuple], command: str,
+               not_flags: dict[str, str] | None = None,
+               converters: dict[str, Callable[[Any], Any]] | None = None):
+    # The module's FlagHolders by flag name (not by variable name): --noaugment is "augment".
+    self.flags = {h.name: h for h in list(namespace.values()) if isinstance(h, flags.FlagHolder)}
+    self.configs, self.command = configs, command
+    self.not_flags, self.converters = dict(not_flags or {}), dict(converters or {})
+
+  def _value(self, name: str) -> Any:
+    value = self.flags[name].value
+    return self.converters[name](value) if name in self.converters else value
+
+  def build(self, cls, **given):
+    """`cls` with each field from the flag of its name; `given` fields (the not_flags ones, or a
+    value the command has already converted) as given. Not validated (the caller validates the
+    whole config once: `usage_config`, or train's)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+      if field.name in given:
+        values[field.name] = given.pop(field.name)
+      elif field.name in self.flags and field.name not in self.not_flags:
+        values[field.name] = self._value(field.name)
+      else:
+        raise AssertionError(f"{cls.__name__}.{field.name} has no --{field.name} flag in "
+                             f"cli/{self.command}.py: define one, or list it in _NOT_FLAGS with "
+                             "the reason")
+    if given:
+      raise AssertionError(f"{cls.__name__} has no fields {sorted(given)}")
+    return cls(**values)
+
+  def usage_config(self, cls, **given):
+    """`build`, validated; its ValueError becomes a usage error in flag terms (`--tta=9`)."""
+    return validated(self.build(cls, **given))
+
+  def problems(self) -> list[str]:
+    """Every config field without a flag of its name and default (or a not_flags reason)."""
+    problems = []
+    for cls in self.configs():
+      for field in dataclasses.fields(cls):
+        if field.name in self.not_flags:
+          continue
+        if field.name not in self.flags:
+          problems.append(f"{cls.__name__}.{field.name}: no --{field.name} flag")
+          continue
+        default = self.flags[field.name].default
+        if field.name in self.converters and default is not None:
+          default = self.converters[field.name](default)
+        if field.default is not dataclasses.MISSING and default != field.default:
+          problems.append(f"{cls.__name__}.{field.name}={field.default!r} but --{field.name}="
+                          f"{self.flags[field.name].default!r}")
+    return problems
 
 
 def as_flags(message: str, names) -> str:

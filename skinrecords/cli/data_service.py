@@ -43,6 +43,21 @@ _DISPATCHER_TIMEOUT = flags.DEFINE_float("dispatcher_timeout", 300.0, "Worker on
 flags.mark_flag_as_required("role")
 
 
+def _configs() -> tuple:
+  from skinrecords.input import data_service  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return (data_service.DataServiceConfig,)
+
+
+# Every DataServiceConfig field is the flag of its name (cli_common.ConfigFlags;
+# tests/test_help.py), but this one:
+_NOT_FLAGS = {"progress_interval": "the seconds between waiting lines; tests shorten it"}
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "data_service", _NOT_FLAGS)
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -54,10 +69,8 @@ def main(argv):
     raise app.UsageError(str(err)) from err
   from skinrecords.input import data_service  # pylint: disable=g-import-not-at-top
 
-  config = data_service.DataServiceConfig(
-      role=_ROLE.value, port=_PORT.value, dispatcher_address=_DISPATCHER.value,
-      worker_address=_WORKER_ADDRESS.value, work_dir=_WORK_DIR.value,
-      dispatcher_timeout=_DISPATCHER_TIMEOUT.value)
+  config = _CONFIG_FLAGS.build(data_service.DataServiceConfig,
+                               progress_interval=data_service.DataServiceConfig.progress_interval)
   try:
     config.validate()
     server = data_service.start_server(config)

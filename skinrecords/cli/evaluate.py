@@ -70,6 +70,19 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report files go
 flags.mark_flag_as_required("model_dir")
 
 
+def _configs() -> tuple:
+  from skinrecords.evaluation import evaluate  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return (evaluate.EvalConfig,)
+
+
+# Every EvalConfig field is the flag of its name (cli_common.ConfigFlags; tests/test_help.py).
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "evaluate")
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,13 +90,7 @@ def main(argv):
   from skinrecords.core import fileio  # pylint: disable=g-import-not-at-top  (TensorFlow)
   from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
 
-  config = cli_common.make_config(
-      evaluate.EvalConfig,
-      model_dir=_MODEL_DIR.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
-      fold=_FOLD.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-      tta=_TTA.value, output_dir=_OUTPUT_DIR.value, allow_other_records=_ALLOW_OTHER.value,
-      bootstrap=_BOOTSTRAP.value, ensemble=_ENSEMBLE.value, calibrate=_CALIBRATE.value,
-      isic_truth_csv=_ISIC_TRUTH_CSV.value, isic_columns=_ISIC_COLUMNS.value)
+  config = _CONFIG_FLAGS.usage_config(evaluate.EvalConfig)
   try:
     result = evaluate.evaluate(config)
   except (ValueError, pipeline.CorruptShardError) as err:

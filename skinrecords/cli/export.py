@@ -54,6 +54,19 @@ _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace another model's e
                                   "folder would be served together).")
 flags.mark_flags_as_required(["model_dir", "output_dir"])
 
+
+def _configs() -> tuple:
+  from skinrecords.serving import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return (export.ExportConfig,)
+
+
+# Every ExportConfig field is the flag of its name (cli_common.ConfigFlags; tests/test_help.py).
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "export")
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
 _FLAG_NAMES = ("format", "max_examples", "threshold", "version", "records_dir", "ensemble",
                "member_outputs", "overwrite=True", "output_dir", "model_dir")
 
@@ -64,12 +77,7 @@ def main(argv):
   # Imports TensorFlow, so only here.
   from skinrecords.serving import export  # pylint: disable=g-import-not-at-top
 
-  config = cli_common.make_config(
-      export.ExportConfig,
-      model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, format=_FORMAT.value,
-      records_dir=_RECORDS_DIR.value, max_examples=_MAX_EXAMPLES.value,
-      threshold=_THRESHOLD.value, version=_VERSION.value, ensemble=_ENSEMBLE.value,
-      member_outputs=_MEMBER_OUTPUTS.value, overwrite=_OVERWRITE.value)
+  config = _CONFIG_FLAGS.usage_config(export.ExportConfig)
   try:
     report = export.export(config)
   except (FileNotFoundError, ValueError, export.ExportCheckError) as err:

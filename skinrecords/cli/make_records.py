@@ -97,6 +97,31 @@ _PSEUDONYMIZE_NAMES = flags.DEFINE_boolean("pseudonymize_names", False, "With "
 flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
+def _configs() -> tuple:
+  from skinrecords.data import convert, preprocess  # pylint: disable=g-import-not-at-top
+  return convert.ConvertConfig, preprocess.PreprocessConfig
+
+
+def _fractions(text: str) -> tuple:
+  from skinrecords.data import splits  # pylint: disable=g-import-not-at-top
+  return splits.parse_fractions(text)
+
+
+# Every ConvertConfig and PreprocessConfig field is the flag of its name (cli_common.ConfigFlags;
+# tests/test_help.py), but these:
+_NOT_FLAGS = {"preprocess": "a nested config (PreprocessConfig, from its own fields' flags)",
+              "image_sizes": "--image_size with several sizes"}
+_CONFIG_FLAGS = cli_common.ConfigFlags(
+    globals(), _configs, "make_records", _NOT_FLAGS,
+    converters={"split": _fractions, "classes": lambda names: tuple(names) if names else None,
+                # one size or several ("256,384,512"): PreprocessConfig gets the largest
+                "image_size": lambda text: max(int(p) for p in text.split(",") if p.strip())})
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
+
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
                "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels",
                "pseudonymize_patients", "pseudonymize_names", "near_duplicates",
@@ -112,23 +137,13 @@ def _config():
     raise app.UsageError(f"--split={_SPLIT.value}: {err}") from err
   sizes = _sizes(convert.MIN_TRAIN_IMAGE_SIZE)
   try:
-    pre = preprocess.PreprocessConfig(
-        image_size=max(sizes), image_format=_FORMAT.value, jpeg_quality=_QUALITY.value,
-        remove_hair=_REMOVE_HAIR.value, notebook_cleanup=_CLEANUP.value,
-        reduced_decode=_REDUCED.value, max_pixels=_MAX_PIXELS.value)
+    pre = _CONFIG_FLAGS.build(preprocess.PreprocessConfig, image_size=max(sizes))
+    pre.validate()
   except ValueError as err:
     raise app.UsageError(cli_common.as_flags(str(err).replace("PreprocessConfig.", ""),
                                              _FLAG_NAMES)) from err
-  config = convert.ConvertConfig(
-      input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, labels_csv=_LABELS_CSV.value,
-      image_column=_IMAGE_COLUMN.value, label_column=_LABEL_COLUMN.value,
-      patient_column=_PATIENT_COLUMN.value, patients_csv=_PATIENTS_CSV.value,
-      classes=tuple(_CLASSES.value) if _CLASSES.value else None, split=split, folds=_FOLDS.value,
-      seed=_SEED.value, shard_size_mb=_SHARD_MB.value, min_train_shards=_MIN_TRAIN_SHARDS.value,
-      workers=_WORKERS.value, strict=_STRICT.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, preprocess=pre, pseudonymize_patients=_PSEUDONYMIZE.value,
-      pseudonymize_names=_PSEUDONYMIZE_NAMES.value, image_sizes=sizes if len(sizes) > 1 else (),
-      near_duplicates=_NEAR.value, near_duplicate_distance=_NEAR_DISTANCE.value)
+  config = _CONFIG_FLAGS.build(convert.ConvertConfig, split=split, preprocess=pre,
+                               image_sizes=sizes if len(sizes) > 1 else ())
   try:
     config.validate()
   except ValueError as err:

@@ -46,18 +46,23 @@ _HAIR_MASKS_DIR = flags.DEFINE_string(
 _WORKERS = flags.DEFINE_integer(
     "workers", 1, "Processes drawing images (spawned); output does not depend on it.")
 
+# Every SyntheticConfig field is the flag of its name (cli_common.ConfigFlags; tests/test_help.py),
+# but this one:
+_NOT_FLAGS = {"write_csv": "--csv (the flag's name since the first release)"}
+_CONFIG_FLAGS = cli_common.ConfigFlags(
+    globals(), lambda: (synthetic.SyntheticConfig,), "make_synthetic", _NOT_FLAGS,
+    converters={"min_size": synthetic.parse_size, "max_size": synthetic.parse_size})
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    config = synthetic.SyntheticConfig(
-        num_images=_NUM_IMAGES.value, seed=_SEED.value,
-        melanoma_fraction=_MELANOMA_FRACTION.value,
-        min_size=synthetic.parse_size(_MIN_SIZE.value),
-        max_size=synthetic.parse_size(_MAX_SIZE.value), write_csv=_CSV.value, flat=_FLAT.value,
-        images_per_patient=_IMAGES_PER_PATIENT.value, jpeg_quality=_JPEG_QUALITY.value,
-        workers=_WORKERS.value)
+    config = _CONFIG_FLAGS.build(synthetic.SyntheticConfig, write_csv=_CSV.value)
     config.validate()
   except ValueError as err:  # in the flags the user typed, not the config's field names
     message = str(err).replace("flat=True", "--flat").replace("write_csv=True", "--csv")

@@ -64,6 +64,20 @@ _ISIC_COLUMNS = flags.DEFINE_string("isic_columns", None, "With --format=isic: r
 flags.mark_flag_as_required("model_dir")
 
 
+def _configs() -> tuple:
+  from skinrecords.evaluation import predict  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return (predict.PredictConfig,)
+
+
+# Every PredictConfig field is the flag of its name (cli_common.ConfigFlags; tests/test_help.py).
+_NOT_FLAGS = {"images": "the command's arguments"}
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "predict", _NOT_FLAGS)
+
+
+def config_flag_problems() -> list[str]:
+  return _CONFIG_FLAGS.problems()
+
+
 def main(argv):
   if len(argv) < 2 and not _INPUT_DIR.value and not _RECORDS_DIR.value:
     raise app.UsageError("no images: pass image paths as arguments and/or --input_dir=FOLDER, "
@@ -74,13 +88,8 @@ def main(argv):
 
   threshold = _threshold()
 
-  config = cli_common.make_config(
-      predict.PredictConfig,
-      model_dir=_MODEL_DIR.value, images=tuple(argv[1:]), input_dir=_INPUT_DIR.value,
-      output_csv=_OUTPUT_CSV.value, batch_size=_BATCH_SIZE.value, threshold=threshold,
-      tta=_TTA.value, records_dir=_RECORDS_DIR.value, split=_SPLIT.value,
-      explain_dir=_EXPLAIN_DIR.value, ensemble=_ENSEMBLE.value, format=_FORMAT.value,
-      isic_columns=_ISIC_COLUMNS.value)
+  config = _CONFIG_FLAGS.usage_config(predict.PredictConfig, images=tuple(argv[1:]),
+                                      threshold=threshold)
   try:
     rows, rejected, classes = predict.run(config)
   except (ValueError, pipeline.CorruptShardError) as err:

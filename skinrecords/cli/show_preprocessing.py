@@ -50,7 +50,7 @@ def main(argv):
           file=sys.stderr)
     return 2
   try:  # before listing: --image_size=0 read as a config name (PreprocessConfig.image_size=0)
-    pp.PreprocessConfig(image_size=_IMAGE_SIZE.value)
+    pp.PreprocessConfig(image_size=_IMAGE_SIZE.value).validate()
   except ValueError as err:
     print(f"show_preprocessing: --image_size={_IMAGE_SIZE.value}: "
           f"{str(err).split(': ', 1)[-1]}", file=sys.stderr)

@@ -184,7 +184,7 @@ _MAX_IMAGE_SIZE = 8192  # make_records' largest --image_size (preprocess)
 # The fields of the train configs (train.TrainConfig and the ModelConfig, AugmentConfig and
 # RecipeConfig it holds) NOT set from the flag of their name, and why. Every other field must have
 # a flag of its name with its default: _from_flags refuses to build a config otherwise, and
-# config_flag_problems() (tests/test_layout.py) checks the defaults, so a field added to a config
+# config_flag_problems() (tests/test_help.py) checks the defaults, so a field added to a config
 # cannot be forgotten here (AugmentConfig.fill_value was: --fill_value exists since issue 22).
 _NOT_FLAGS = {
     "model": "a nested config (ModelConfig, from its own fields' flags)",
@@ -194,9 +194,6 @@ _NOT_FLAGS = {
     "num_classes": "the records' number of classes",
     "fold": "--fold also takes 'all' (cross-validation)",
 }
-_FLAGS = {holder.name: holder for holder in list(globals().values())
-          if isinstance(holder, flags.FlagHolder)}
-
 
 def _train_configs() -> tuple:
   # pylint: disable-next=g-import-not-at-top
@@ -206,36 +203,18 @@ def _train_configs() -> tuple:
   return train.TrainConfig, models.ModelConfig, augment.AugmentConfig, recipes.RecipeConfig
 
 
+# Every train config field is the flag of its name but the _NOT_FLAGS (cli_common.ConfigFlags).
+_CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _train_configs, "train", _NOT_FLAGS)
+
+
 def _from_flags(cls, **given):
   """`cls` with each field from the flag of its name, `given` (the _NOT_FLAGS fields) excepted."""
-  values = {}
-  for field in dataclasses.fields(cls):
-    if field.name in given:
-      values[field.name] = given.pop(field.name)
-    elif field.name in _FLAGS and field.name not in _NOT_FLAGS:
-      values[field.name] = _FLAGS[field.name].value
-    else:
-      raise AssertionError(f"{cls.__name__}.{field.name} has no --{field.name} flag in "
-                           "cli/train.py: define one, or list it in _NOT_FLAGS with the reason")
-  if given:
-    raise AssertionError(f"{cls.__name__} has no fields {sorted(given)}")
-  return cls(**values)
+  return _CONFIG_FLAGS.build(cls, **given)
 
 
 def config_flag_problems() -> list[str]:
   """Every train config field without a flag of its name and default (or a _NOT_FLAGS reason)."""
-  problems = []
-  for cls in _train_configs():
-    for field in dataclasses.fields(cls):
-      if field.name in _NOT_FLAGS:
-        continue
-      if field.name not in _FLAGS:
-        problems.append(f"{cls.__name__}.{field.name}: no --{field.name} flag")
-      elif (field.default is not dataclasses.MISSING and
-            _FLAGS[field.name].default != field.default):
-        problems.append(f"{cls.__name__}.{field.name}={field.default!r} but --{field.name}="
-                        f"{_FLAGS[field.name].default!r}")
-  return problems
+  return _CONFIG_FLAGS.problems()
 
 
 def _recipe_flags() -> tuple:
@@ -381,10 +360,10 @@ def _cross_validate(config, strategy) -> int:
   os._exit(0)  # pylint: disable=protected-access
 
 
-def main(argv):
+def _check_flags(argv) -> None:
+  """Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Flag errors before TensorFlow loads (5-15 s here): --fold is parsed now, typos included.
   if not 0 <= _IMAGE_SIZE.value <= _MAX_IMAGE_SIZE:  # 100000 ran out of memory after 15 s
     raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: expected 0 (the records' size) or a "
                          f"side in pixels up to {_MAX_IMAGE_SIZE}, as make_records accepts")
@@ -393,27 +372,33 @@ def main(argv):
   for flag in (_CLUSTER_TIMEOUT, _DATA_SERVICE_TIMEOUT):
     if not flag.value > 0:
       raise app.UsageError(f"--{flag.name}={flag.value}: give a number of seconds above 0")
-  from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
+
+
+def _strategy():
+  """The tf.distribute strategy (None: the cluster did not come up; said on stderr). It comes
+  first: MultiWorkerMirroredStrategy must exist before any other TF op."""
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords.core import waiting
+  from skinrecords.training import distribute
 
   _set_cluster()
-  # The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TF op.
-  from skinrecords.core import waiting  # pylint: disable=g-import-not-at-top
-
   try:
     strategy = distribute.make_strategy(_STRATEGY.value, cluster_timeout=_CLUSTER_TIMEOUT.value)
   except ValueError as err:  # this worker's port is in use
     raise app.UsageError(cli_common.as_flags(str(err), ("worker_hosts",))) from err
   except waiting.WaitTimeout as err:
     print(f"train: {err}", file=sys.stderr)
-    return 2
+    return None
   _quiet_keras_internals()
   if _BATCH.value % strategy.num_replicas_in_sync:
     raise app.UsageError(f"--batch_size={_BATCH.value} does not split evenly over "
                          f"{strategy.num_replicas_in_sync} replicas; use a multiple of "
                          f"{strategy.num_replicas_in_sync}")
-  config = _config()
-  if config.data_service and not _data_service_answers():
-    return 2
+  return strategy
+
+
+def _train(config, strategy):
+  """train.train's result, or the exit status of a user error (said on stderr) or of --fold=all."""
   # pylint: disable-next=g-import-not-at-top
   from skinrecords.core import fileio, rundir
   from skinrecords.input import pipeline
@@ -423,7 +408,7 @@ def main(argv):
   try:
     if _fold() == "all":
       return _cross_validate(config, strategy)
-    result = train.train(config, strategy)
+    return train.train(config, strategy)
   except (models.WeightsUnavailableError, pipeline.CorruptShardError, rundir.RunDirError,
           train.TrainError) as err:
     print(f"train: {cli_common.as_flags(str(err), _recipe_flags() + ('freeze',))}",
@@ -438,7 +423,21 @@ def main(argv):
       raise
     print(f"train: {line}", file=sys.stderr)
     return 2
+
+
+def main(argv):
+  _check_flags(argv)
+  strategy = _strategy()
+  if strategy is None:
+    return 2
+  config = _config()
+  if config.data_service and not _data_service_answers():
+    return 2
+  result = _train(config, strategy)
+  if isinstance(result, int):
+    return result
   if not result["chief"]:
+    from skinrecords.training import distribute  # pylint: disable=g-import-not-at-top
     print(f"worker done ({distribute.task_name(strategy)}); the chief writes {config.model_dir}")
     return 0
   if result["epochs_this_run"] == 0 and result.get("stopped_early"):

@@ -46,7 +46,7 @@ class RecordSchema:
   DTYPES = ("bytes", "int64", "float")
   FORMATS = ("jpeg", "png", "any")
 
-  def __post_init__(self):
+  def validate(self) -> None:
     bad = [(k, v) for k, v in self.dtypes if v not in self.DTYPES]
     if bad or self.image_format not in self.FORMATS:
       raise ValueError(f"RecordSchema: dtypes {bad} / image_format {self.image_format!r}; "
@@ -54,7 +54,10 @@ class RecordSchema:
 
   @classmethod
   def of(cls, dtypes: dict[str, str], image_format: str = "any") -> "RecordSchema":
-    return cls(tuple(sorted(dtypes.items())), image_format)
+    """The one way to make one: validated (ValueError naming a dtype or format it does not know)."""
+    schema = cls(tuple(sorted(dtypes.items())), image_format)
+    schema.validate()
+    return schema
 
   @classmethod
   def ours(cls, image_format: str = "any") -> "RecordSchema":

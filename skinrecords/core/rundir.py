@@ -152,13 +152,6 @@ def write_cv_metrics(model_dir: str | os.PathLike, cv_metrics: dict) -> None:
   _write_json(model_dir, CV_METRICS_FILE, cv_metrics)
 
 
-def read_config(model_dir: str | os.PathLike) -> dict | None:
-  """config.json as a dict (RunConfig.to_dict's shape, whatever version wrote it), or None when the
-  run has not written one yet."""
-  run = read_run_config(model_dir)
-  return None if run is None else run.to_dict()
-
-
 def read_run_config(model_dir: str | os.PathLike) -> RunConfig | None:
   """config.json as a RunConfig, or None when the run has not written one yet."""
   raw = _read_json(model_dir, CONFIG_FILE)
@@ -493,8 +486,8 @@ DAMAGED_FIX = ("rerun the same train command into this directory: it restores mo
                "backup/ (add --restore_model when it asks), or train with --overwrite")
 
 
-def check_model_dir(model_dir) -> dict:
-  """MODEL_DIR/config.json, once MODEL_DIR holds a non-empty model.keras and a config.json that
+def check_model_dir(model_dir) -> RunConfig:
+  """MODEL_DIR/config.json as a RunConfig, once MODEL_DIR holds a non-empty model.keras and a config.json that
   names at least 2 classes and an image size (FileNotFoundError or ValueError otherwise).
   A damaged model.keras (empty or truncated zip) is a ValueError naming the repair."""
   d = os.fspath(model_dir)
@@ -510,4 +503,4 @@ def check_model_dir(model_dir) -> dict:
     raise ValueError(f"{model_path} is damaged: {problem}; {DAMAGED_FIX}")
   run = read_run_config(d)
   run.validate(config_path)
-  return run.to_dict()
+  return run

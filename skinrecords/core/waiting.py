@@ -62,6 +62,8 @@ def check_port_free(port: int, what: str) -> None:
   """
   if not port:
     return
+  if not 0 < port < 65536:  # bind() raised OverflowError, a traceback in data_service (issue 22)
+    raise ValueError(f"port={port} must be within 0..65535 (0: any free port)")
   for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
     try:
       probe = socket.socket(family, socket.SOCK_STREAM)

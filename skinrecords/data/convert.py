@@ -94,6 +94,7 @@ class ConvertConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would be accepted."""
+    self.preprocess.validate()
     splits.check_fractions(self.split)
     if self.folds == 1 or self.folds < 0:
       raise ValueError(f"folds={self.folds}: use 0 (no folds) or a number >= 2")

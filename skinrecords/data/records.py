@@ -122,9 +122,7 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
     if not fileio.exists(path):
       report.problems.append(f"{path}: missing (listed in manifest.json under split {split!r})")
       continue
-    digest = fileio.sha256_file(path)
-    if digest != entry["sha256"]:
-      report.problems.append(f"{path}: sha256 {digest} does not match manifest {entry['sha256']}")
+    report.problems += _file_problems(m, records_dir, entry)
     count = 0
     try:
       for index, raw in enumerate(tf.data.TFRecordDataset(path)):
@@ -152,15 +150,25 @@ def verify(records_dir: str | os.PathLike, progress: bool = True) -> VerifyRepor
       report.problems.append(
           f"{path}: {count} records readable, manifest says {entry['num_examples']}")
     report.examples += count
-    if "index_files" in m and fileio.exists(path):
-      from skinrecords.core import interop  # pylint: disable=g-import-not-at-top
-
-      problem = interop.check_index(records_dir, entry["file"])
-      if problem:
-        report.problems.append(problem)
   bar.close()
   report.problems += _near_duplicate_problems(m, placed)
   return report
+
+
+def _file_problems(m: dict, records_dir: str, entry: dict) -> list[str]:
+  """What is wrong with one existing shard file as a whole: its sha256, its index file."""
+  path = fileio.join(records_dir, entry["file"])
+  problems = []
+  digest = fileio.sha256_file(path)
+  if digest != entry["sha256"]:
+    problems.append(f"{path}: sha256 {digest} does not match manifest {entry['sha256']}")
+  if "index_files" in m:
+    from skinrecords.core import interop  # pylint: disable=g-import-not-at-top
+
+    problem = interop.check_index(records_dir, entry["file"])
+    if problem:
+      problems.append(problem)
+  return problems
 
 
 def _near_duplicate_problems(m: dict, placed: dict[str, set[str]]) -> list[str]:

@@ -366,26 +366,16 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
   classes = labels.given_classes(classes)
   root = os.path.abspath(input_dir)
   root_real = os.path.realpath(root)
-  if labels_csv is not None:
-    layout, kind, where = "csv", "label", f"labels CSV {labels_csv}"
-    scan = _scan_csv(root, root_real, labels_csv, {
-        "image_column": image_column, "label_column": label_column,
-        "patient_column": patient_column})
-  else:
-    layout, scan = _scan_folders(root, root_real)
-    kind, where = "class folder", input_dir
+  layout, kind, where, scan = _scan(input_dir, root, root_real, labels_csv, {
+      "image_column": image_column, "label_column": label_column,
+      "patient_column": patient_column})
   _exclude(scan, root_real, exclude)
   if classes is not None:
     labels.check_given(classes, scan.class_names, where, kind)
   class_list = classes if classes is not None else labels.class_order(scan.class_names)
   items, duplicates = _labelled(scan, class_list, deduplicate, hashes := {})
   if not items:
-    reasons = collections.Counter(r.reason for r in scan.rejected).most_common(3)
-    shown = "; ".join(f"{n} x {reason}" for reason, n in reasons)
-    raise ValueError(
-        f"no usable images under {input_dir} ({layout} layout: {scan.found} found, "
-        f"{len(scan.rejected)} rejected{': ' + shown if shown else ''}, "
-        f"{len(duplicates)} duplicates); accepted layouts: {LAYOUTS}")
+    raise _no_usable_images(input_dir, layout, scan, duplicates)
   if layout != "csv":
     _explain_empty_classes(class_list, items, scan.rejected, layout, input_dir)
   labels.check_classes(class_list, classes is not None, [c.label for c in scan.candidates],
@@ -402,6 +392,25 @@ def list_sources(input_dir: str, *, labels_csv: str | None = None,
     listing.warnings.append(f"left out {', '.join(skipped)}: a records folder (it holds "
                             f"{_RECORDS_MANIFEST}), not images")
   return listing
+
+
+def _scan(input_dir: str, root: str, root_real: str, labels_csv: str | None, columns: dict):
+  """(layout, what a label is called, where labels come from, the scan) of the CSV or folders."""
+  if labels_csv is not None:
+    return "csv", "label", f"labels CSV {labels_csv}", _scan_csv(root, root_real, labels_csv,
+                                                                  columns)
+  layout, scan = _scan_folders(root, root_real)
+  return layout, "class folder", input_dir, scan
+
+
+def _no_usable_images(input_dir: str, layout: str, scan, duplicates) -> ValueError:
+  """The error for an input without one usable image, with its three most common reasons."""
+  reasons = collections.Counter(r.reason for r in scan.rejected).most_common(3)
+  shown = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+  return ValueError(
+      f"no usable images under {input_dir} ({layout} layout: {scan.found} found, "
+      f"{len(scan.rejected)} rejected{': ' + shown if shown else ''}, "
+      f"{len(duplicates)} duplicates); accepted layouts: {LAYOUTS}")
 
 
 def _explain_empty_classes(class_list, items, rejected, layout: str, input_dir: str) -> None:

@@ -117,6 +117,7 @@ class RecordPool:
                timeout: float = 300.0, sizes: tuple[int, ...] | None = None):
     """`sizes`: several output sizes (the largest is `config.image_size`); `imap` then yields a
     list of records, one per size, for each task."""
+    config.validate()  # here, not in each spawned worker's first task
     self.workers, self.config, self.sizes = workers, config, sizes
     self._pool = None
     if workers == 1:

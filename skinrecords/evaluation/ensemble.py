@@ -44,20 +44,20 @@ class Member:
   """One run of an ensemble: its directory, model, config.json and calibration.json (or None)."""
   model_dir: str
   model: object
-  cfg: dict
+  cfg: rundir.RunConfig
   calibration: dict | None = None
 
   @property
   def classes(self) -> list[str]:
-    return [str(c) for c in self.cfg["classes"]]
+    return [str(c) for c in self.cfg.classes]
 
   @property
   def image_size(self) -> int:
-    return int(self.cfg["image_size"])
+    return int(self.cfg.image_size)
 
   @property
   def backbone(self) -> str | None:
-    return (self.cfg.get("model") or {}).get("backbone")
+    return self.cfg.model.get("backbone")
 
   def calibrated(self, probs) -> np.ndarray:
     return calibration.apply(self.calibration, probs)

@@ -49,7 +49,7 @@ CALIBRATE_CHOICES = ("stored", "temperature", "platt", "none")
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """What `evaluate` does. Validated on construction."""
+  """What `evaluate` does; `evaluate` validates it (.validate())."""
   model_dir: str
   records_dir: str | None = None  # default: config.json's records_dir
   split: str = "test"
@@ -68,9 +68,6 @@ class EvalConfig:
   calibrate: str = "stored"  # CALIBRATE_CHOICES
   isic_truth_csv: str | None = None  # also write the ISIC ground-truth CSV here
   isic_columns: str | None = None  # "Class:Column,..." renames for the ISIC CSV
-
-  def __post_init__(self):
-    self.validate()
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would be accepted."""
@@ -115,20 +112,20 @@ def parse_threshold(text: str | float) -> float | str:
   return value
 
 
-def _same_records(info: manifest.DatasetInfo, cfg: dict) -> bool:
+def _same_records(info: manifest.DatasetInfo, cfg: rundir.RunConfig) -> bool:
   """Whether `info` is the records the model was trained on: the manifest fingerprint when both
   sides have one (a copied or moved folder still matches), else the resolved path."""
-  trained = cfg.get("records_fingerprint")
+  trained = cfg.records_fingerprint
   if trained and info.fingerprint:
     return trained == info.fingerprint
-  return fileio.canonical(info.records_dir) == fileio.canonical(str(cfg.get("records_dir", "")))
+  return fileio.canonical(info.records_dir) == fileio.canonical(str(cfg.records_dir or ""))
 
 
-def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fold,
-                   youden: bool, same: bool) -> None:
+def _check_leakage(config: EvalConfig, cfg: rundir.RunConfig, info: manifest.DatasetInfo,
+                   fold, youden: bool, same: bool) -> None:
   """Refuses evaluations that would score (or pick a threshold on) the model's training data;
   `same`: whether `info` holds the model's own training records (_same_records)."""
-  trained_fold = cfg.get("fold")
+  trained_fold = cfg.fold
   uses_folds = config.split in ("train", "valid") or youden
   if same and uses_folds and fold != trained_fold:
     trained = (f"fold={trained_fold} (fold {trained_fold} held out)" if trained_fold is not None
@@ -138,7 +135,7 @@ def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fo
                      f"would leak. Evaluate with fold={trained_fold}, or on split=test")
   if not same and config.split in ("train", "valid") and not config.allow_other_records:
     raise ValueError(f"split={config.split} of {info.records_dir}, which are not the records "
-                     f"{config.model_dir} was trained on ({cfg.get('records_dir')}); pass "
+                     f"{config.model_dir} was trained on ({cfg.records_dir}); pass "
                      "allow_other_records to do it anyway, or evaluate split=test")
   if youden and "valid" not in info.shards and fold is None:
     raise ValueError(f"threshold='youden' needs a validation split to be chosen on, and "
@@ -146,9 +143,9 @@ def _check_leakage(config: EvalConfig, cfg: dict, info: manifest.DatasetInfo, fo
                      "threshold or a fold")
 
 
-def _preprocessing_warnings(cfg: dict, info: manifest.DatasetInfo) -> list[str]:
+def _preprocessing_warnings(cfg: rundir.RunConfig, info: manifest.DatasetInfo) -> list[str]:
   """Differences between the preprocessing of the model's training records and of these."""
-  trained, here = cfg.get("preprocessing") or {}, info.preprocessing or {}
+  trained, here = cfg.preprocessing or {}, info.preprocessing or {}
   keys = sorted(k for k in set(trained) | set(here)
                 if k not in ("jpeg_quality", "max_pixels", "reduced_decode")
                 and trained.get(k) != here.get(k))
@@ -205,7 +202,7 @@ def _galleries(out, model, info, split, fold, cfg, m, probs, labels, names) -> d
                explain.most_confident(probs, labels, "false_positive", k // 2, threshold)]),
            "examples.png": explain.most_confident(probs, labels, "true_positive", k, threshold)}
   picks = {file: idx.astype(int) for file, idx in picks.items() if len(idx)}
-  images = _images_by_name(info, split, fold, cfg["image_size"],
+  images = _images_by_name(info, split, fold, cfg.image_size,
                            {names[i] for idx in picks.values() for i in idx})
   for file, idx in picks.items():
     explain.write_gallery(fileio.join(out, file), model, np.stack([images[names[i]] for i in idx]),
@@ -217,7 +214,7 @@ def _inputs(config: EvalConfig):
   """Members, records and the guards that keep training data out of the scores."""
   members = ensemble.load_members(config.model_dir, config.calibrate == "stored")
   lead, classes = members[0], members[0].classes
-  records_dir = config.records_dir or lead.cfg.get("records_dir")
+  records_dir = config.records_dir or lead.cfg.records_dir
   if not records_dir:
     raise ValueError(f"{lead.model_dir}/{rundir.CONFIG_FILE} names no records_dir; pass "
                      "records_dir")
@@ -239,9 +236,9 @@ def _inputs(config: EvalConfig):
   # The ensemble's own refusals first, on the folds the members trained with: with --fold=1 the
   # per-member check told fold_0 to "evaluate with fold=0", which then failed on fold_1.
   sames = [_same_records(info, m.cfg) for m in members]
-  ensemble.check_leakage(members, config.split, youden, [m.cfg.get("fold") for m in members],
+  ensemble.check_leakage(members, config.split, youden, [m.cfg.fold for m in members],
                          sames)
-  folds = [config.fold if config.fold is not None else m.cfg.get("fold") for m in members]
+  folds = [config.fold if config.fold is not None else m.cfg.fold for m in members]
   for m, f, same in zip(members, folds, sames):
     _check_leakage(dataclasses.replace(config, model_dir=m.model_dir), m.cfg, info, f, youden,
                    same)

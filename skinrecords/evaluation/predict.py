@@ -42,7 +42,7 @@ from skinrecords.model import models
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-  """What `run` does (bin/predict). Validated on construction."""
+  """What `run` does (bin/predict); `run` validates it (.validate())."""
   model_dir: str
   images: tuple[str, ...] = ()
   input_dir: str | None = None  # every image under it, recursively (hidden files skipped)
@@ -58,9 +58,6 @@ class PredictConfig:
   ensemble: str = "mean"  # how several members combine: ensemble.METHODS
   format: str = "default"  # submission.FORMATS
   isic_columns: str | None = None  # "Class:Column,..." renames for format=isic
-
-  def __post_init__(self):
-    self.validate()
 
   def validate(self) -> None:
     if self.records_dir and (self.images or self.input_dir):
@@ -108,16 +105,16 @@ def _decode(data: bytes, image_size: int, stored_size: int) -> np.ndarray:
   return pipeline.decode_image(data, image_size, stored_size).numpy()
 
 
-def _preprocess_config(cfg: dict, model_dir) -> preprocess.PreprocessConfig:
-  if cfg.get("preprocessing"):
+def _preprocess_config(cfg: rundir.RunConfig, model_dir) -> preprocess.PreprocessConfig:
+  if cfg.preprocessing:
     try:
-      return preprocess.PreprocessConfig.from_dict(cfg["preprocessing"])
+      return preprocess.PreprocessConfig.from_dict(cfg.preprocessing)
     except (TypeError, ValueError) as err:
       raise ValueError(f"{model_dir}/{rundir.CONFIG_FILE}: bad 'preprocessing' ({err})") from err
   logging.warning("%s/%s records no preprocessing (records made elsewhere?): using a plain "
                   "%d px centre crop, JPEG q95; predictions may differ from evaluation", model_dir,
-                  rundir.CONFIG_FILE, cfg["image_size"])
-  return preprocess.PreprocessConfig(image_size=cfg["image_size"])
+                  rundir.CONFIG_FILE, cfg.image_size)
+  return preprocess.PreprocessConfig(image_size=cfg.image_size)
 
 
 def _batches(paths, pconfig, image_size, batch_size, rejected):
@@ -179,10 +176,10 @@ def _rows(probs, names, classes, threshold) -> list[dict]:
 
 def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
   """(probabilities, names, rejected) for image files."""
-  classes = [str(c) for c in cfg["classes"]]
+  classes = [str(c) for c in cfg.classes]
   pconfig = _preprocess_config(cfg, model_dir)
   rejected: list[dict] = []
-  batches = _batches([str(p) for p in paths], pconfig, cfg["image_size"], batch_size, rejected)
+  batches = _batches([str(p) for p in paths], pconfig, cfg.image_size, batch_size, rejected)
   if explain_dir:
     batches = _explaining(batches, model, classes, threshold, explain_dir,
                           _overlay_names([str(p) for p in paths]))
@@ -195,7 +192,7 @@ def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explai
 def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
   probs, names, rejected = _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir,
                                        explain_dir)
-  return _rows(probs, names, [str(c) for c in cfg["classes"]], threshold), rejected
+  return _rows(probs, names, [str(c) for c in cfg.classes], threshold), rejected
 
 
 def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 0.5,
@@ -212,12 +209,12 @@ def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 
 def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta, model_dir,
                   explain_dir):
   """(probabilities, names) for every record of `split`."""
-  classes = [str(c) for c in cfg["classes"]]
+  classes = [str(c) for c in cfg.classes]
   info = pipeline.load_info(records_dir)
   inference.check_classes(info, classes, model_dir)
   through = explain_dir and functools.partial(_explaining, model=model, classes=classes,
                                               threshold=threshold, folder=explain_dir)
-  probs, _, names = inference.predict_split(model, info, split, image_size=cfg["image_size"],
+  probs, _, names = inference.predict_split(model, info, split, image_size=cfg.image_size,
                                             batch_size=batch_size, tta=tta, through=through)
   return probs, names
 

@@ -336,7 +336,7 @@ def set_freeze(model: keras.Model, freeze: str) -> None:
     layer.trainable = False
 
 
-def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
+def load_model_dir(model_dir) -> tuple[keras.Model, rundir.RunConfig]:
   """Loads MODEL_DIR/model.keras and MODEL_DIR/config.json (`rundir.check_model_dir`); checks they
   agree. Safe mode stays on: it loads only registered classes, such as `BackbonePreprocess` here."""
   cfg = rundir.check_model_dir(model_dir)
@@ -347,7 +347,7 @@ def load_model_dir(model_dir) -> tuple[keras.Model, dict]:
     raise ValueError(f"{model_path}: could not load the Keras model "
                      f"({type(err).__name__}: {err})") from err
   batchnorm.fuse(model)  # a run saved before the fused layer existed predicts on it too
-  classes = cfg["classes"]
+  classes = cfg.classes
   units = model.outputs[0].shape[-1]
   expected = 1 if len(classes) == 2 else len(classes)
   if units != expected:

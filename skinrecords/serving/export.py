@@ -60,7 +60,7 @@ class ExportCheckError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-  """What `export` does (bin/export). Validated on construction."""
+  """What `export` does (bin/export); `export` validates it (.validate())."""
   model_dir: str
   output_dir: str
   format: str = "all"  # "saved_model" | "tflite" | "all"
@@ -72,9 +72,6 @@ class ExportConfig:
   ensemble: str = "mean"  # several members: only "mean" can be served (RANK_REFUSED)
   member_outputs: bool = False  # also return each member's probability (member_probabilities)
   overwrite: bool = False  # replace another model's export in output_dir (else refused)
-
-  def __post_init__(self):
-    self.validate()
 
   def validate(self) -> None:
     if self.format not in FORMATS:
@@ -128,10 +125,10 @@ class ExportReport:
 
 # ------------------------------------------------------------------------------- settings
 
-def preprocessing_settings(cfg: dict, threshold: float) -> tuple[dict, list[str]]:
+def preprocessing_settings(cfg: rundir.RunConfig, threshold: float) -> tuple[dict, list[str]]:
   """The contents of preprocessing.json, and the warnings a user must see."""
-  size = cfg["image_size"]
-  pre = cfg.get("preprocessing")
+  size = cfg.image_size
+  pre = cfg.preprocessing
   stored = pre.get("image_size") if isinstance(pre, dict) else None
   warn = []
   used = [k for k in _OPENCV_ONLY if isinstance(pre, dict) and pre.get(k)]
@@ -144,9 +141,9 @@ def preprocessing_settings(cfg: dict, threshold: float) -> tuple[dict, list[str]
     warn.append("config.json records no preprocessing (records made elsewhere?): the client-side "
                 f"steps in {PREPROCESSING_FILE} are unknown")
   settings = {
-      "classes": [str(c) for c in cfg["classes"]],
+      "classes": [str(c) for c in cfg.classes],
       "image_size": size,
-      "threshold": threshold if len(cfg["classes"]) == 2 else None,
+      "threshold": threshold if len(cfg.classes) == 2 else None,
       "in_graph": ["decode JPEG/PNG to RGB with EXIF orientation (serving.converter_image)",
                    "centre crop to a square, INTER_AREA down / INTER_CUBIC up to the stored "
                    "size, the stored JPEG round trip (skipped for an image already at the "
@@ -219,11 +216,11 @@ def _pixel_specs(members) -> list[tuple]:
   return keys
 
 
-def _pconfig(cfg: dict) -> preprocess.PreprocessConfig:
+def _pconfig(cfg: rundir.RunConfig) -> preprocess.PreprocessConfig:
   """The converter's settings the run's records were made with (predict's default without)."""
-  if cfg.get("preprocessing"):
-    return preprocess.PreprocessConfig.from_dict(cfg["preprocessing"])
-  return preprocess.PreprocessConfig(image_size=cfg["image_size"])
+  if cfg.preprocessing:
+    return preprocess.PreprocessConfig.from_dict(cfg.preprocessing)
+  return preprocess.PreprocessConfig(image_size=cfg.image_size)
 
 
 def write_saved_model(members, classes: list[str], path, threshold: float = 0.5,
@@ -290,16 +287,16 @@ def tflite_probabilities(model_bytes: bytes, images: np.ndarray, batch_size: int
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def check_images(cfg: dict, records_dir, max_examples: int):
+def check_images(cfg: rundir.RunConfig, records_dir, max_examples: int):
   """Up to `max_examples` (images, labels) of the valid split (fold-aware), else test; and where."""
   info = pipeline.load_info(records_dir)
-  fold = cfg.get("fold")
+  fold = cfg.fold
   split = "valid" if ("valid" in info.shards or fold is not None) else "test"
   if split == "test" and "test" not in info.shards:
     raise ValueError(f"{records_dir} has neither a valid nor a test split to check TFLite on; "
                      "pass --records_dir with one")
   ds = pipeline.make_dataset(info, split, batch_size=64, training=False,
-                             image_size=cfg["image_size"], fold=fold if split == "valid" else None)
+                             image_size=cfg.image_size, fold=fold if split == "valid" else None)
   images, labels, n = [], [], 0
   for x, y in pipeline.iterate(ds, info, split, fold):
     images.append(x.numpy())
@@ -320,11 +317,11 @@ def _auc(probs, labels):
 
 # ------------------------------------------------------------------------------- the command
 
-def _check_records(config: ExportConfig, cfg: dict) -> str | None:
+def _check_records(config: ExportConfig, cfg: rundir.RunConfig) -> str | None:
   """The records folder the TFLite check reads; fails before any conversion work."""
   if config.format == "saved_model":
     return None
-  records = config.records_dir or cfg.get("records_dir")
+  records = config.records_dir or cfg.records_dir
   if not records or not fileio.isdir(records):
     raise FileNotFoundError(
         f"records {records!r} for the TFLite check not found (the training records named in "
@@ -337,7 +334,8 @@ def _check_tflite(tmp: str, members, records, config, report) -> dict:
 
   The reference is computed as bin/predict does (each member's forward pass, its temperature,
   the mean), not through the SavedModel being checked."""
-  cfg = dict(members[0].cfg, fold=members[0].cfg.get("fold") if len(members) == 1 else None)
+  lead = members[0].cfg
+  cfg = dataclasses.replace(lead, fold=lead.fold if len(members) == 1 else None)
   images, labels, report.checked_on = check_images(cfg, records, config.max_examples)
   batches = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, len(images), 32)]
   keras_probs = ensemble.combine(

@@ -133,7 +133,7 @@ def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_si
                  tta: int = 0) -> dict:
   """Fold `fold`'s model on the fold it held out: probs ([N] or [N, K]), labels, names, groups."""
   model, cfg = models.load_model_dir(model_dir)
-  probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg["image_size"],
+  probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg.image_size,
                                                  batch_size=batch_size, tta=tta, fold=fold)
   groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,

@@ -96,9 +96,8 @@ class TrainConfig:
   # __post_init__. The CLI assembles the whole config first and turns the first ValueError into one
   # UsageError line (cli/train.py); cv derives each fold's config with dataclasses.replace and
   # validates the result once; and a config rebuilt from an older config.json must load, to be
-  # compared and shown, even where today's rules are stricter. (EvalConfig, PredictConfig,
-  # ExportConfig and PreprocessConfig still also call .validate() from __post_init__: their
-  # entry points must call it first before that goes.)
+  # compared and shown, even where today's rules are stricter. EvalConfig, PredictConfig,
+  # ExportConfig, PreprocessConfig and manifest.RecordSchema follow the same rule.
   def validate(self) -> None:
     if self.balance not in BALANCE:
       raise ValueError(f"balance={self.balance!r}; choose one of {', '.join(BALANCE)}")
@@ -557,7 +556,7 @@ def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> run
   else:
     model, cfg = models.load_model_dir(model_dir)
     ds = pipeline.make_dataset(setup.info, "valid", batch_size=config.batch_size, training=False,
-                               image_size=cfg["image_size"], fold=fold)
+                               image_size=cfg.image_size, fold=fold)
     probs, labels, _ = inference.predict_dataset(model, ds, 0, info=setup.info, split="valid",
                                                  fold=fold)
     value, source = thresholds.choose(rule, probs, labels)
