@@ -21,7 +21,7 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
     model/       backbones batchnorm models recipes xla inference
                  - backbones, the model, the training recipe, the XLA policy, the one forward pass
     evaluation/  uncertainty metrics thresholds calibration plots submission ensemble explain evaluate
-                 predict
+                 metadata_csv predict
                  - metrics with intervals, calibration, figures, submissions, ensembles, reports
     training/    distribute feeding selection run_state steps train cv
                  - strategies and clusters, distributed input, epoch selection, the loop, CV
