@@ -59,7 +59,9 @@ def cam_model(model: keras.Model) -> keras.Model:
     return _CAM_MODELS[model]
   backbone = models.get_backbone(model)
   inner = keras.Model(backbone.inputs, [last_conv_layer(model).output, backbone.outputs[0]])
-  inputs = [keras.Input(t.shape[1:], dtype=t.dtype, name=t.name) for t in model.inputs]
+  # The model's own input structure (a dict {"image", "metadata"} for a metadata model).
+  inputs = keras.tree.map_structure(
+      lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name), model.input)
   seen = {}
 
   def with_maps(x, **kwargs):
@@ -71,23 +73,20 @@ def cam_model(model: keras.Model) -> keras.Model:
       inputs, operation_fn=lambda op: with_maps if op is backbone else op)
   if isinstance(logits, (list, tuple)):
     logits = logits[0]
-  _CAM_MODELS[model] = keras.Model(inputs[0] if len(inputs) == 1 else inputs,
-                                   [seen["maps"], logits])
+  _CAM_MODELS[model] = keras.Model(inputs, [seen["maps"], logits])
   return _CAM_MODELS[model]
 
 
 def _model_inputs(model: keras.Model, images, metadata=None):
-  """What `model` is called with: the images, or [images, metadata] for a metadata model (in the
-  model's input order); a metadata model without `metadata` is refused, never fed zeros."""
+  """What `model` is called with: the images, or {"image", "metadata"} for a metadata model; a
+  metadata model without `metadata` is refused, never fed zeros."""
   x = tf.cast(tf.convert_to_tensor(images), tf.float32)
-  names = [t.name.split(":")[0] for t in model.inputs]
-  if len(names) == 1:
+  if not isinstance(model.input, dict):
     return x
   if metadata is None:
-    raise ValueError(f"model {model.name!r} takes patient metadata ({', '.join(names)}): pass the "
-                     "images' metadata vectors (core.metadata.encode_rows) too")
-  by_name = {"image": x, "metadata": tf.cast(tf.convert_to_tensor(metadata), tf.float32)}
-  return [by_name[n] for n in names]
+    raise ValueError(f"model {model.name!r} takes patient metadata ({', '.join(model.input)}): "
+                     "pass the images' metadata vectors (core.metadata.encode_rows) too")
+  return {"image": x, "metadata": tf.cast(tf.convert_to_tensor(metadata), tf.float32)}
 
 
 def gradcam(model: keras.Model, images, class_index=None, metadata=None) -> np.ndarray:
