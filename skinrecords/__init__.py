@@ -25,7 +25,7 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
                  - metrics with intervals, calibration, figures, submissions, ensembles, reports
     training/    distribute feeding selection run_state steps train cv
                  - strategies and clusters, distributed input, epoch selection, the loop, CV
-    serving/     serving export score_folder
+    serving/     serving metadata_inputs export score_folder
                  - SavedModel and TFLite export, the converter's geometry as a graph
                  never: training
     cli/         common data_service evaluate export make_records make_synthetic predict
