@@ -16,7 +16,7 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
     data/        labels patients dedup sources splits hair preprocess synthetic_structures
                  synthetic pseudonyms neardup records workers convert
                  - the converter's write side: inputs, labels, splits, OpenCV preprocessing, shards
-    input/       kaggle pipeline data_service augment
+    input/       kaggle metadata_input pipeline data_service augment
                  - the tf.data reader (ours and SIIM-ISIC files), the tf.data service, augmentation
     model/       backbones batchnorm models recipes xla inference
                  - backbones, the model, the training recipe, the XLA policy, the one forward pass

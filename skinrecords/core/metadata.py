@@ -14,7 +14,8 @@ images exactly as the model was trained, whatever records they read.
                                     missing value and for a category the training split never had.
 
 `encode_rows` is the NumPy reference of that encoding (predict's CSV, tests); the TensorFlow
-version (`input/metadata.py`) must equal it. TensorFlow-free: the converter's workers import it.
+version (`input/metadata_input.py`) must equal it. TensorFlow-free: the converter's workers
+import it.
 """
 
 from __future__ import annotations

@@ -328,7 +328,7 @@ def _metadata(config: PredictConfig, members, paths):
   """(each member's metadata spec or None, the metadata CSV or None), every member's needs
   checked before the first forward pass; `run.last_metadata`: the lines predict prints about it
   (how many images had missing values, unseen categories, a CSV no member uses)."""
-  specs = [inference.run_metadata(m.model, m.model_dir) for m in members]
+  specs = [m.metadata for m in members]  # each run's metadata.json, checked against its model
   table = metadata_csv_lib.read(config.metadata_csv) if config.metadata_csv else None
   run.last_metadata = []
   if config.records_dir:

@@ -630,7 +630,7 @@ def export(config: ExportConfig) -> ExportReport:
   """
   config.validate()
   members = load_members(config)
-  specs = [inference.run_metadata(m.model, m.model_dir) for m in members]
+  specs = [m.metadata for m in members]  # each run's metadata.json, checked against its model
   cfg = members[0].cfg
   out = fileio.check_writable_dir(config.output_dir)
   config, threshold_source = _resolve_threshold(config)
