@@ -210,6 +210,9 @@ def main(argv=None):
           f"({', '.join(i['column'] for i in inputs)}): pass --metadata_csv=FILE",
           file=sys.stderr)
     return 2
+  if args.metadata_csv and not inputs:
+    print(f"score_folder: WARNING: --metadata_csv={args.metadata_csv} ignored: the model was "
+          "trained without metadata", file=sys.stderr)
   try:
     table = read_metadata(args.metadata_csv, inputs) if inputs else None
   except (OSError, ValueError) as err:
