@@ -351,3 +351,30 @@ def test_image_signal_draws_some_melanomas_as_nevi():
   assert synthetic.render(part, i, True) == synthetic.render(full, i, False)  # drawn as a nevus
   j = hidden.index(False)
   assert synthetic.render(part, j, True) == synthetic.render(full, j, True)
+
+
+def test_interrupted_run_resumes_to_the_same_records_and_statistics(tmp_path, monkeypatch):
+  root = tmp_path / "data"
+  _csv_dataset(root, n=24)
+  ref = _convert(root, tmp_path / "ref", folds=2)
+  commit, done = records.ShardWriter.commit, []
+
+  def killed_after_two(self):
+    if len(done) == 2:
+      raise KeyboardInterrupt  # a kill between shards: two are in place, with their states
+    done.append(self.path)
+    commit(self)
+
+  monkeypatch.setattr(records.ShardWriter, "commit", killed_after_two)
+  out = tmp_path / "out"
+  with pytest.raises(KeyboardInterrupt):
+    _convert(root, out, folds=2)
+  monkeypatch.undo()
+  assert not (out / manifest.FILE).exists()
+  config = _config(root / "images", out, labels_csv=str(root / "labels.csv"), folds=2,
+                   patient_column="patient_id", metadata_columns=COLUMNS)
+  result = convert.convert(config)
+  assert result.resumed_shards == 2
+  assert result.manifest["metadata"] == ref["metadata"]
+  for shard in (tmp_path / "ref").glob("*.tfrecord"):
+    assert (out / shard.name).read_bytes() == shard.read_bytes()

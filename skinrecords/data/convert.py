@@ -135,6 +135,10 @@ class ConvertConfig:
     requests = meta_columns.parse_requests(self.metadata_columns)
     if self.metadata_csv and not requests:
       raise ValueError("metadata_csv needs metadata_columns (which of its columns to store)")
+    if (any(r.name != "images_per_patient" for r in requests) and not self.labels_csv
+        and not self.metadata_csv):
+      raise ValueError("metadata_columns need the CSV they are in: labels_csv, or metadata_csv="
+                       "CSV (image name -> columns) for a folder layout")
     if any(r.name == "images_per_patient" for r in requests) and not self.patient_column:
       raise ValueError("metadata_columns images_per_patient needs patient_column (with "
                        "labels_csv or patients_csv)")
@@ -517,7 +521,9 @@ def _write_manifests(config, listing, key, plan, done_all, fingerprint, grouped,
     m = _manifest(config, listing, list(listing.classes), plan, done, fingerprint, grouped,
                   warnings, size, near, keys)
     if table is not None:
-      m["metadata"] = _metadata_spec(table, listing, plan, done).to_dict()
+      spec = _metadata_spec(table, listing, plan, done)
+      m["metadata"] = spec.to_dict()
+      m["inputs"]["warnings"] += _metadata_warnings(spec, m["splits"])
     if key is not None:
       m["inputs"]["pseudonymized"] = pseudonyms.manifest_entry(config.pseudonymize_names)
       if config.pseudonymize_names:
@@ -667,6 +673,15 @@ def _metadata_spec(table: meta_columns.Table, listing: sources.Listing, plan, do
   # Item order, not shard order: the statistics' float sums then never depend on the plan.
   return meta_columns.spec(table, {s: sorted(v) for s, v in written.items()},
                            {k: sorted(v) for k, v in folds.items()})
+
+
+def _metadata_warnings(spec, split_info: dict) -> list[str]:
+  """Columns the training split has no value of: their statistics are placeholders (0 +- 1, no
+  vocabulary) and a model can learn nothing from them."""
+  train = split_info.get("train", {}).get("num_examples", 0)
+  return [f"metadata column {c.name!r} has no value in any of the {train} training images "
+          "(every cell empty or unmatched): a model learns nothing from it; check the CSV or "
+          "leave it out" for c in spec.columns if train and c.missing.get("train") == train]
 
 
 def _near_manifest(config, listing, plan, near) -> dict:
