@@ -159,3 +159,38 @@ def test_train_command_names_what_the_records_have(records, tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "holds no metadata columns; convert with make_records --metadata_columns" in proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_published_kaggle_files_train_with_their_int64_codes(tmp_path):
+  from test_kaggle import write_kaggle  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import metadata_input  # pylint: disable=g-import-not-at-top
+  from skinrecords.input import pipeline  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path / "melanoma-32x32"
+  write_kaggle(folder)
+  info = pipeline.load_info(folder)
+  spec = metadata_input.select(info, "all", 0)
+  assert spec.names == ("sex", "age_approx", "anatom_site_general_challenge")
+  result = train.train(_config(folder, tmp_path / "run", epochs=1, fold=0))
+  assert result["epochs_done"] == 1
+  assert rundir.read_metadata(tmp_path / "run") == spec  # fold 0's training files' statistics
+  model, _ = models.load_model_dir(tmp_path / "run")
+  probs, labels, names = inference.predict_split(
+      model, info, "test", image_size=32, batch_size=8,
+      metadata=inference.run_metadata(model, tmp_path / "run"))
+  assert len(probs) == info.num_examples("test") and (labels == -1).all()
+  assert np.isfinite(probs).all()
+
+
+@pytest.mark.slow
+def test_two_replicas_under_xla_with_augmentation_train_the_metadata_model(records, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  assert len(tf.config.list_logical_devices("CPU")) == 2, "conftest sets up 2 logical CPUs"
+  # Op determinism off: XLA has no deterministic MaxPool gradient (simple_cnn's), metadata or not.
+  result = train.train(_config(records, tmp_path / "m", epochs=2, strategy="mirrored", xla="on",
+                               deterministic="off"))
+  saved = json.loads((tmp_path / "m" / rundir.CONFIG_FILE).read_text())
+  assert saved["replicas"] == 2 and saved["xla"] == "on" and saved["metadata"] == ["age", "site"]
+  assert result["best_metrics"]["val_auc"] >= 0.9  # the metadata reached the model on both
