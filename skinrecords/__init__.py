@@ -14,7 +14,7 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
     core/        fileio features tfrecord manifest metadata rundir tflog waiting interop
                  - file access, record schema, manifest.json, run directory, TF logs, bounded waits
     data/        labels patients dedup sources splits hair preprocess synthetic_structures
-                 synthetic pseudonyms neardup records workers convert
+                 synthetic pseudonyms neardup records workers meta_columns convert
                  - the converter's write side: inputs, labels, splits, OpenCV preprocessing, shards
     input/       kaggle metadata_input pipeline data_service augment
                  - the tf.data reader (ours and SIIM-ISIC files), the tf.data service, augmentation

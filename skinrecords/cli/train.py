@@ -296,7 +296,8 @@ def _config():
   aug = _from_flags(augment.AugmentConfig) if _AUGMENT.value else augment.AugmentConfig.none()
   config = _from_flags(
       train.TrainConfig, fold=None if fold == "all" else fold, augment=aug,
-      model=_from_flags(models.ModelConfig, image_size=size, num_classes=max(info.num_classes, 2)),
+      model=_from_flags(models.ModelConfig, image_size=size, num_classes=max(info.num_classes, 2),
+                        metadata_features=0),
       recipe=_from_flags(recipes.RecipeConfig))
   try:
     config.validate()

@@ -24,9 +24,11 @@ import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
 
+from skinrecords.core import features
+
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 KINDS = (NUMERIC, CATEGORICAL)
-PREFIX = "meta/"  # record feature key of column c: PREFIX + c
+PREFIX = features.METADATA_PREFIX  # record feature key of column c: PREFIX + c ("meta/")
 INPUT = "metadata"  # the model's metadata input name (the image input is "image")
 SPEC_FILE = "metadata.json"  # in a run directory
 # A derived, opt-in column: how many images the patient has (the SIIM-ISIC 2020 winners used it).
