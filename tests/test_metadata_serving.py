@@ -234,20 +234,44 @@ def test_score_folder_takes_the_metadata_csv(world, exported, tmp_path):
   assert proc.returncode == 2 and "pass --metadata_csv" in proc.stderr, proc.stderr
 
 
+# A second metadata run as a CV fold would have it: other statistics, a vocabulary without
+# head/neck (its fold's training part never had one), so one raw value encodes differently.
+SPEC2 = md.MetadataSpec((
+    md.Column("age_approx", md.NUMERIC, md.Stats(mean=40.0, std=10.0)),
+    md.Column("sex", md.CATEGORICAL, md.Stats(vocabulary=("female", "male"))),
+    md.Column("anatom_site_general_challenge", md.CATEGORICAL,
+              md.Stats(vocabulary=("lower extremity", "torso"))),
+))
+
+
 @pytest.mark.slow
-def test_an_ensemble_with_and_without_metadata_exports_as_one_mean_model(world, tmp_path):
-  dirs = f"{world['run']},{world['image_only']}"
-  out = tmp_path / "ens"
+def test_an_ensemble_of_members_with_other_specs_and_none_exports_as_one_mean_model(world):
+  second = save_run(metadata_model(world["records"], seed=1, spec=SPEC2),
+                    world["root"] / "meta_run2", world["records"], spec=SPEC2)
+  dirs = f"{world['run']},{second},{world['image_only']}"
+  out = world["root"] / "ens"
   report = export.export(export.ExportConfig(model_dir=dirs, output_dir=str(out),
-                                             format="saved_model", threshold=0.5))
-  assert report.metadata_check
-  plain, _ = models.load_model_dir(world["image_only"])
+                                             threshold=0.5))
+  assert report.metadata_check and report.max_diff["float32"] <= export.FLOAT_TOLERANCE
   pixels, encoded = _pixels(world["paths"], world["run"])
+  plain, _ = models.load_model_dir(world["image_only"])
+  model2, _ = models.load_model_dir(second)
   alone = tf.sigmoid(plain(pixels.astype(np.float32))[:, 0]).numpy()
+  other = tf.sigmoid(model2({"image": pixels.astype(np.float32), "metadata": np.asarray(
+      md.encode_rows(SPEC2, world["rows"]), np.float32)})[:, 0]).numpy()
+  want = (_by_hand(world) + other + alone) / 3
+  rows, _, _ = predict.run(predict.PredictConfig(
+      model_dir=dirs, images=tuple(world["paths"]), metadata_csv=str(world["csv"]),
+      threshold=0.5))
+  np.testing.assert_allclose([r["probability"] for r in rows], want, atol=1e-6)
   serve = tf.saved_model.load(str(out / "1")).signatures["serving_default"]
-  raw = metadata_inputs.raw_inputs(metadata_inputs.layout([SPEC]), world["rows"])
+  columns = metadata_inputs.layout([SPEC, SPEC2, None])
+  raw = metadata_inputs.raw_inputs(columns, world["rows"])
   result = serve(image_bytes=tf.constant(encoded),
                  **{k: tf.constant(v.astype(str) if v.dtype == object else v)
                     for k, v in raw.items()})
-  np.testing.assert_allclose(result["probabilities"].numpy(), (_by_hand(world) + alone) / 2,
-                             atol=1e-5)
+  np.testing.assert_allclose(result["probabilities"].numpy(), want, atol=1e-5)
+  # TFLite: one code per category over both vocabularies; each member maps it to its own slot.
+  got = export.tflite_probabilities((out / export.TFLITE_FILES["float32"]).read_bytes(), pixels,
+                                    metadata=metadata_inputs.codes_inputs(columns, world["rows"]))
+  np.testing.assert_allclose(got, want, atol=1e-4)
