@@ -1,4 +1,4 @@
-"""The exported model's patient-metadata inputs (issue 24): raw values in, the run's encoding in-graph.
+"""The exported model's patient-metadata inputs (issue 24): raw values in, encoded in the graph.
 
 A client should not re-implement core.metadata's encoding (standardisation with the training
 statistics, missing indicators, one-hot with an unknown slot), so the SavedModel signatures take
@@ -8,8 +8,8 @@ each metadata column RAW, one input per column, named after it:
     categorical  tf.string [B]  "" (or NA, unknown, ...) = missing; a value training never saw is
                                 encoded as unknown      e.g. sex = "male"
 
-and each member encodes them with its own run's spec (input/metadata_input.py's `encode`, the TensorFlow
-twin of core.metadata.encode_rows), so a cross-validation ensemble whose folds have different
+and each member encodes them with its own run's spec (input/metadata_input.py's `encode`, the
+TensorFlow twin of core.metadata.encode_rows), so a cross-validation ensemble whose folds have different
 statistics is served from one set of raw values.
 
 TFLite has no string kernels without the Flex delegate, so its model takes two numeric inputs

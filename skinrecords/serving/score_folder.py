@@ -178,6 +178,18 @@ def _rows(results, classes):
       yield [path, f"{max(q):.8g}", label] + [f"{x:.8g}" for x in q]
 
 
+def _metadata_table(path, inputs):
+  """The CSV's rows for a model with metadata inputs (None without); ValueError when it needs
+  one and has none."""
+  if inputs and not path:
+    raise ValueError(f"the model takes patient metadata "
+                     f"({', '.join(i['column'] for i in inputs)}): pass --metadata_csv=FILE")
+  if path and not inputs:
+    print(f"score_folder: WARNING: --metadata_csv={path} ignored: the model was trained without "
+          "metadata", file=sys.stderr)
+  return read_metadata(path, inputs) if inputs else None
+
+
 def main(argv=None):
   here = os.path.dirname(os.path.abspath(__file__))
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -205,16 +217,8 @@ def main(argv=None):
   with open(os.path.join(args.export_dir, "preprocessing.json"), encoding="utf-8") as f:
     settings = json.load(f)
   inputs = (settings.get("metadata") or {}).get("inputs") or []
-  if inputs and not args.metadata_csv:
-    print(f"score_folder: the model takes patient metadata "
-          f"({', '.join(i['column'] for i in inputs)}): pass --metadata_csv=FILE",
-          file=sys.stderr)
-    return 2
-  if args.metadata_csv and not inputs:
-    print(f"score_folder: WARNING: --metadata_csv={args.metadata_csv} ignored: the model was "
-          "trained without metadata", file=sys.stderr)
   try:
-    table = read_metadata(args.metadata_csv, inputs) if inputs else None
+    table = _metadata_table(args.metadata_csv, inputs)
   except (OSError, ValueError) as err:
     print(f"score_folder: {err}", file=sys.stderr)
     return 2
