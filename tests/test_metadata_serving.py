@@ -141,6 +141,12 @@ def test_predict_refuses_a_metadata_model_without_its_csv_or_a_column(world, tmp
   with pytest.raises(ValueError, match=r"no column age_approx \(did you mean age_aprox\?\)"):
     predict.run(predict.PredictConfig(model_dir=str(world["run"]), images=tuple(world["paths"]),
                                       metadata_csv=str(typo)))
+  other = tmp_path / "other_names.csv"
+  other.write_text("image_name,age_approx,sex,anatom_site_general_challenge\n"
+                   "ISIC_9,50,male,torso\n")
+  with pytest.raises(ValueError, match=r"has a row for none of the 8 images"):
+    predict.run(predict.PredictConfig(model_dir=str(world["run"]), images=tuple(world["paths"]),
+                                      metadata_csv=str(other)))
 
 
 def test_an_ensemble_mixes_members_with_and_without_metadata(world):

@@ -341,7 +341,13 @@ def _metadata(config: PredictConfig, members, paths):
                          f"{'no member' if len(members) > 1 else 'the model'} was trained with "
                          "metadata"]
   elif used:
-    run.last_metadata = metadata_csv_lib.coverage(used, table, paths).summary()
+    cover = metadata_csv_lib.coverage(used, table, paths)
+    if paths and cover.without_row == len(paths):  # a naming mismatch, not patients without data
+      example = submission.image_id(paths[0])
+      raise ValueError(f"metadata_csv={config.metadata_csv} has a row for none of the "
+                       f"{len(paths)} images (looked up by file name without extension, e.g. "
+                       f"{example!r}, in its {table.name_column} column); fix the names")
+    run.last_metadata = cover.summary()
     if len(used) < len(members):
       run.last_metadata.append(f"metadata: used by {len(used)} of {len(members)} members; the "
                                "others score the image alone")
