@@ -132,11 +132,14 @@ def rows_for(table: MetadataTable, paths: Sequence[str]) -> list[dict]:
 
 def coverage(specs: Iterable[md.MetadataSpec], table: MetadataTable,
              paths: Sequence[str]) -> Coverage:
-  """How complete the metadata of `paths` is, over the columns any of `specs` uses."""
+  """How complete the metadata of `paths` is, over the columns any of `specs` uses; a category is
+  unseen when no member's training saw it (CV folds' vocabularies differ)."""
   columns: dict[str, md.Column] = {}
+  seen: dict[str, set] = {}
   for spec in specs:
     for c in spec.columns:
       columns.setdefault(c.name, c)
+      seen.setdefault(c.name, set()).update(c.stats.vocabulary)
   out = Coverage(images=len(paths), missing={c: 0 for c in columns})
   for path in paths:
     row = table.lookup(path)
@@ -149,7 +152,7 @@ def coverage(specs: Iterable[md.MetadataSpec], table: MetadataTable,
     for name, column in columns.items():
       value = row.get(name)
       if column.kind == md.CATEGORICAL and not md.is_missing(value) and \
-          value.strip() not in column.stats.vocabulary:
+          value.strip() not in seen[name]:
         out.unseen.setdefault(name, {}).setdefault(value.strip(), 0)
         out.unseen[name][value.strip()] += 1
   return out
