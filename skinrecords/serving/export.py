@@ -426,7 +426,10 @@ def _check_tflite(tmp: str, members, records, config, report, specs=None) -> dic
   return written
 
 
-METADATA_CHECK_IMAGES = 24  # rows of metadata_inputs.check_rows: > 2x a site vocabulary + 2
+# Rows of metadata_inputs.check_rows: > 2x a site vocabulary + 2. 32, the reference's batch size:
+# with 24 each member's forward pass traced a second shape, and TensorFlow printed its retracing
+# warning on every CV export.
+METADATA_CHECK_IMAGES = 32
 
 
 def check_served_metadata(saved: str, members, specs) -> tuple[float, str]:
