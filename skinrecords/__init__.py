@@ -14,18 +14,18 @@ at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it
     core/        fileio features tfrecord manifest metadata rundir tflog waiting interop
                  - file access, record schema, manifest.json, run directory, TF logs, bounded waits
     data/        labels patients dedup sources splits hair preprocess synthetic_structures
-                 synthetic pseudonyms neardup records workers convert
+                 synthetic pseudonyms neardup records workers meta_columns convert
                  - the converter's write side: inputs, labels, splits, OpenCV preprocessing, shards
-    input/       kaggle pipeline data_service augment
+    input/       kaggle metadata_input pipeline data_service augment
                  - the tf.data reader (ours and SIIM-ISIC files), the tf.data service, augmentation
     model/       backbones batchnorm models recipes xla inference
                  - backbones, the model, the training recipe, the XLA policy, the one forward pass
     evaluation/  uncertainty metrics thresholds calibration plots submission ensemble explain evaluate
-                 predict
+                 metadata_csv predict
                  - metrics with intervals, calibration, figures, submissions, ensembles, reports
     training/    distribute feeding selection run_state steps train cv
                  - strategies and clusters, distributed input, epoch selection, the loop, CV
-    serving/     serving export score_folder
+    serving/     serving metadata_inputs export score_folder
                  - SavedModel and TFLite export, the converter's geometry as a graph
                  never: training
     cli/         common data_service evaluate export make_records make_synthetic predict

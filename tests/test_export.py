@@ -181,7 +181,7 @@ def test_bad_inputs_fail_in_one_line(data, tmp_path, case):
 def test_float_tflite_beyond_tolerance_fails_and_writes_nothing(data, tmp_path, monkeypatch):
   real = export.tflite_probabilities
   monkeypatch.setattr(export, "tflite_probabilities",
-                      lambda model_bytes, images: real(model_bytes, images) + 2e-4)
+                      lambda model_bytes, images, **kw: real(model_bytes, images, **kw) + 2e-4)
   out = tmp_path / "e"
   with pytest.raises(export.ExportCheckError, match=r"differs from the Keras model by 2\.0"):
     export.export(export.ExportConfig(model_dir=str(data / "model"), output_dir=str(out)))

@@ -5,7 +5,11 @@ does the converter's EXIF orientation, centre crop and resize in the graph; `ser
 uint8 [B, S, S, 3]), OUTPUT_DIR/score_folder.py (scores a folder with TensorFlow only), OUTPUT_DIR/model_float32.tflite and model_dynamic_range.tflite (uint8
 input), and OUTPUT_DIR/preprocessing.json (what the client must do before sending an image). The
 TFLite models are checked against the Keras model on the records' valid (or test) split; the
-export fails, writing nothing, when float32 differs by more than 1e-4.
+export fails, writing nothing, when float32 differs by more than 1e-4. A run trained with patient
+metadata exports signatures that also take each metadata column raw (float32, NaN = missing; string,
+"" = missing), encoded in the graph with the run's statistics; TFLite takes metadata_numeric and
+metadata_codes (preprocessing.json["metadata"]); served-vs-Keras parity is checked on rows with
+missing values and an unseen category.
 
 Example:
   export --model_dir=/runs/densenet_fold0 --output_dir=/serving/melanoma

@@ -38,6 +38,19 @@ _PATIENTS_CSV = flags.DEFINE_string("patients_csv", None, "For class-folder or p
                                     "(--patient_column), so that splits and folds keep each "
                                     "patient's images together. Without patient ids images are "
                                     "split one by one (the summary warns).")
+_METADATA_COLUMNS = flags.DEFINE_list(
+    "metadata_columns", None, "Patient metadata to store in every record, e.g. sex,age_approx,"
+    "anatom_site_general_challenge (from --labels_csv, or --metadata_csv). Numeric when every "
+    "present cell is a number, else categorical; force with NAME:numeric or NAME:categorical. "
+    "Empty/NaN/unknown cells are stored as missing (no feature), never 0. images_per_patient "
+    "(derived; needs --patient_column) counts each patient's images. The manifest keeps each "
+    "column's kind, vocabulary or mean/std from the train split only (and per fold), and the "
+    "missing counts per split. The label and its synonyms (diagnosis, benign_malignant, ...) "
+    "are refused.")
+_METADATA_CSV = flags.DEFINE_string(
+    "metadata_csv", None, "CSV of image name (--image_column) -> the --metadata_columns, for "
+    "class-folder or pre-split inputs, or when the metadata sits apart from the labels (ISIC "
+    "2019's ISIC_2019_Training_Metadata.csv: --image_column=image).")
 _CLASSES = flags.DEFINE_list("classes", None, "Class names in id order (binary: negative first, so "
                              "id 1 is the positive class), e.g. NotMelanoma,Melanoma. Default: "
                              "sorted names (warned when that makes e.g. Melanoma class 0). Inputs with other labels are "
@@ -125,7 +138,7 @@ def config_flag_problems() -> list[str]:
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
                "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels",
                "pseudonymize_patients", "pseudonymize_names", "near_duplicates",
-               "near_duplicate_distance")
+               "near_duplicate_distance", "metadata_columns", "metadata_csv")
 
 
 def _config():
@@ -143,7 +156,8 @@ def _config():
     raise app.UsageError(cli_common.as_flags(str(err).replace("PreprocessConfig.", ""),
                                              _FLAG_NAMES)) from err
   config = _CONFIG_FLAGS.build(convert.ConvertConfig, split=split, preprocess=pre,
-                               image_sizes=sizes if len(sizes) > 1 else ())
+                               image_sizes=sizes if len(sizes) > 1 else (),
+                               metadata_columns=tuple(_METADATA_COLUMNS.value or ()))
   try:
     config.validate()
   except ValueError as err:

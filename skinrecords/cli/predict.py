@@ -15,6 +15,8 @@ Example:
       --output_csv=submission_probs.csv
   predict --model_dir=/runs/cv5 --records_dir=/data/melanoma-512x512 --format=kaggle \
       --output_csv=submission.csv      # the 5 folds' mean, as Kaggle wants it
+  predict --model_dir=/runs/meta --input_dir=/clinic/today --metadata_csv=today_patients.csv
+      # a model trained with --metadata: image_name,age_approx,sex,... per image
 """
 
 import sys
@@ -61,6 +63,16 @@ _FORMAT = flags.DEFINE_enum("format", "default", ["default", "isic", "kaggle"], 
 _ISIC_COLUMNS = flags.DEFINE_string("isic_columns", None, "With --format=isic: rename class "
                                     "columns, e.g. NotMelanoma:NV,Melanoma:MEL (the scorer wants "
                                     "the ground truth's exact, case-sensitive names).")
+_METADATA_CSV = flags.DEFINE_string("metadata_csv", None, "For a model trained with patient "
+                                    "metadata (train --metadata; MODEL_DIR/metadata.json), the "
+                                    "images' metadata: a CSV with an image name column "
+                                    "(image_name, image, image_id or isic_id: the file name, with "
+                                    "or without extension) and the columns the model was trained "
+                                    "with (extra columns ignored). Empty cells, NA, unknown are "
+                                    "missing and encoded as such; an image without a row has "
+                                    "every value missing; a category training never saw is "
+                                    "encoded as unknown. Both are counted on stderr. Required for "
+                                    "such a model with image files; records carry their own.")
 flags.mark_flag_as_required("model_dir")
 
 
@@ -101,6 +113,8 @@ def main(argv):
   if rows:
     print(predict.format_table(rows, classes))
   _describe_members(config)
+  for line in getattr(predict.run, "last_metadata", None) or []:
+    print(line, file=sys.stderr)
   applied = getattr(predict.run, "last_threshold", None)
   if applied:
     line = f"decision threshold {applied[0]:.4g}: {applied[1]}".replace(

@@ -132,6 +132,19 @@ _RESTORE_MODEL = flags.DEFINE_boolean(
     "no longer holds its best epoch, save backup/'s last epoch as model.keras (summary.json says "
     "which epoch it is) and go on. A damaged model.keras whose epoch backup/ holds is restored "
     "without it.")
+# Patient metadata (issue 24; README "Metadata").
+_METADATA = flags.DEFINE_string(
+    "metadata", "", "Patient metadata as a second model input: all (every column the records "
+    "hold: make_records --metadata_columns, or the SIIM-ISIC files' sex, age_approx and "
+    "anatom_site_general_challenge) or COL,COL. Numeric columns are standardised with the "
+    "training split's statistics (with --fold, that fold's training part's) plus a missing "
+    "indicator; categorical ones one-hot with an 'unknown' slot. The encoding is kept in "
+    "MODEL_DIR/metadata.json. Empty: image only.")
+_METADATA_WIDTH = flags.DEFINE_integer("metadata_width", 32, "With --metadata: units of each of "
+                                       "the two dense layers of the metadata branch, whose "
+                                       "output joins the pooled image features before the head.")
+_METADATA_DROPOUT = flags.DEFINE_float("metadata_dropout", 0.3, "With --metadata: dropout after "
+                                       "each dense layer of the metadata branch.")
 _CACHE = flags.DEFINE_boolean("cache", False, "Keep the encoded records in memory after epoch 1.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 # Training recipe (skinrecords/model/recipes.py); the defaults are the recipe from before these
@@ -193,6 +206,7 @@ _NOT_FLAGS = {
     "image_size": "--image_size=0 means the records' size",
     "num_classes": "the records' number of classes",
     "fold": "--fold also takes 'all' (cross-validation)",
+    "metadata_features": "the encoded width of --metadata's columns, from the records",
 }
 
 def _train_configs() -> tuple:
@@ -261,7 +275,8 @@ def _config():
   aug = _from_flags(augment.AugmentConfig) if _AUGMENT.value else augment.AugmentConfig.none()
   config = _from_flags(
       train.TrainConfig, fold=None if fold == "all" else fold, augment=aug,
-      model=_from_flags(models.ModelConfig, image_size=size, num_classes=max(info.num_classes, 2)),
+      model=_from_flags(models.ModelConfig, image_size=size, num_classes=max(info.num_classes, 2),
+                        metadata_features=0),
       recipe=_from_flags(recipes.RecipeConfig))
   try:
     config.validate()
@@ -277,7 +292,23 @@ def _config():
   if not info.has_labels("train"):
     raise app.UsageError(f"--records_dir={_RECORDS_DIR.value}: the training files carry no "
                          "labels (target); train on labelled records")
+  _check_metadata(info, config.metadata, cv.fold_ids(info) if fold == "all" else [config.fold])
   return config
+
+
+def _check_metadata(info, names: str, folds) -> None:
+  """--metadata against the records, before anything is built: every column known, with the
+  statistics of each fold that will train (ValueError, one line, naming what the records have)."""
+  # pylint: disable-next=g-import-not-at-top
+  from skinrecords.input import metadata_input as input_metadata
+
+  for fold in folds:
+    try:
+      input_metadata.select(info, names, fold)
+    except ValueError as err:  # "metadata=...: ..." or a column without fold statistics
+      text = str(err)
+      raise app.UsageError(("--" if text.startswith("metadata=") else "--metadata: ") +
+                           text) from err
 
 
 def _set_cluster():

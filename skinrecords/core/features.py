@@ -60,6 +60,25 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
   return m["split"], int(m["index"]), int(m["count"])
 
 
+# The dynamic part of the schema: patient metadata columns, one feature each, keyed METADATA_PREFIX +
+# column name (core.metadata.PREFIX), float (numeric) or bytes (categorical), absent when missing.
+# Which columns a records folder has is the manifest's "metadata" entry (core.metadata.MetadataSpec).
+METADATA_PREFIX = "meta/"
+
+
+def check_metadata_value(key: str, value) -> None:
+  """TypeError unless `key` is a metadata key and `value` a finite number or a non-empty str."""
+  import math  # pylint: disable=g-import-not-at-top
+
+  if not key.startswith(METADATA_PREFIX) or len(key) == len(METADATA_PREFIX):
+    raise TypeError(f"metadata feature {key!r}: keys are {METADATA_PREFIX}<column>")
+  if isinstance(value, str):
+    if not value.strip():
+      raise TypeError(f"metadata feature {key!r}: an empty string; a missing value is left out")
+  elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise TypeError(f"metadata feature {key!r}: {value!r} is neither a finite number nor a str")
+
+
 def feature_spec():
   """`tf.io.parse_example` spec of every key our converter writes (tests, verify_records)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -16,6 +16,7 @@ import os
 
 from skinrecords.core import features
 from skinrecords.core import fileio
+from skinrecords.core import metadata as metadata_lib
 
 FILE = "manifest.json"
 VERSION = 1
@@ -81,6 +82,9 @@ class DatasetInfo:
   shards: dict[str, tuple[Shard, ...]]  # split -> shards in manifest order
   manifest: dict | None = None
   schemas: dict[str, RecordSchema] | None = None  # split -> its files' schema; None: ours
+  # The metadata of files without a manifest (the SIIM-ISIC Kaggle files' int64 codes); ours is
+  # the manifest's "metadata" entry. Read both through `metadata`.
+  metadata_spec: metadata_lib.MetadataSpec | None = None
 
   def schema(self, split: str) -> RecordSchema:
     """The features `split`'s files store (with fold=k, "valid" is read from "train" files)."""
@@ -136,6 +140,13 @@ class DatasetInfo:
   @property
   def preprocessing(self) -> dict | None:
     return (self.manifest or {}).get("preprocessing")
+
+  @property
+  def metadata(self) -> metadata_lib.MetadataSpec:
+    """The records' metadata columns, their statistics and how they are stored (empty: none)."""
+    if self.metadata_spec is not None:
+      return self.metadata_spec
+    return metadata_lib.MetadataSpec.from_dict((self.manifest or {}).get("metadata"))
 
 
 def read(records_dir: str | os.PathLike) -> dict:

@@ -14,7 +14,8 @@ images exactly as the model was trained, whatever records they read.
                                     missing value and for a category the training split never had.
 
 `encode_rows` is the NumPy reference of that encoding (predict's CSV, tests); the TensorFlow
-version (`input/metadata.py`) must equal it. TensorFlow-free: the converter's workers import it.
+version (`input/metadata_input.py`) must equal it. TensorFlow-free: the converter's workers
+import it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
 
+from skinrecords.core import features
+
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 KINDS = (NUMERIC, CATEGORICAL)
-PREFIX = "meta/"  # record feature key of column c: PREFIX + c
+PREFIX = features.METADATA_PREFIX  # record feature key of column c: PREFIX + c ("meta/")
 INPUT = "metadata"  # the model's metadata input name (the image input is "image")
 SPEC_FILE = "metadata.json"  # in a run directory
 # A derived, opt-in column: how many images the patient has (the SIIM-ISIC 2020 winners used it).

@@ -9,6 +9,8 @@
     MODEL_DIR/calibration.json  optional: the temperature or Platt scaling `evaluate --calibrate`
                              fitted
     MODEL_DIR/threshold.json the two-class decision threshold chosen on validation (StoredThreshold)
+    MODEL_DIR/metadata.json  a run trained with patient metadata: the columns and the statistics
+                             its "metadata" input was encoded with (core.metadata.MetadataSpec)
 A cross-validation run (`train --fold=all`) is a folder of such runs, one per fold:
     CV_DIR/fold_0/ ... fold_{K-1}/   each a run directory as above, trained with --fold=k
     CV_DIR/oof.csv, cv_metrics.json, cv_roc.png   out-of-fold predictions and their metrics
@@ -31,6 +33,7 @@ import os
 import zipfile
 
 from skinrecords.core import fileio
+from skinrecords.core import metadata as md
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
@@ -90,6 +93,9 @@ class RunConfig:
   workers: int | None = None
   mixed_precision: str | None = None  # the resolved policy ("float32", "mixed_float16", ...)
   xla: str | None = None  # the resolved mode
+  # The metadata columns the model takes, in input order ([] for an image-only run; a config.json
+  # from before issue 24 has none: its run had no metadata). Their encoding: metadata.json.
+  metadata: list | None = None
   version: int = RUN_CONFIG_VERSION
   # Keys this version does not know (a newer minor writer, a user's note): kept, written back.
   extra: dict = dataclasses.field(default_factory=dict)
@@ -194,12 +200,15 @@ RESUME_MAY_CHANGE = (
     "deterministic",
     "mixed_precision",  # the flag ("auto"); config.json's resolved top-level value is compared
     "restore_model",  # a repair of model.keras from backup/, asked for once
+    # --metadata=all and --metadata=age,sex may name the same columns: check_resumable compares
+    # the resolved column list (config.json's top-level "metadata") instead.
+    "metadata",
 )
 # Top-level config.json values compared besides RESUME_KEYS: float16 or float32 compute.
 _RESOLVED_KEYS = ("mixed_precision",)
 # What `clear` removes for --overwrite: only files training writes.
 _RUN_FILES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, "accuracy.png", "loss.png",
-              "auc.png", CALIBRATION_FILE, THRESHOLD_FILE)
+              "auc.png", CALIBRATION_FILE, THRESHOLD_FILE, md.SPEC_FILE)
 
 
 FOLD_PREFIX = "fold_"
@@ -317,6 +326,25 @@ def read_threshold(model_dir: str | os.PathLike) -> StoredThreshold | None:
   return t
 
 
+def write_metadata(model_dir: str | os.PathLike, spec: md.MetadataSpec) -> None:
+  """metadata.json (atomically): the spec a run's "metadata" input was encoded with."""
+  _write_json(model_dir, md.SPEC_FILE, spec.to_dict())
+
+
+def read_metadata(model_dir: str | os.PathLike) -> md.MetadataSpec:
+  """metadata.json as a MetadataSpec; an empty one when the run has none (image only); ValueError
+  (one line, with the fix) when it is unusable."""
+  fix = "; copy the run's metadata.json back, or train again"
+  raw = _read_json(model_dir, md.SPEC_FILE, fix)
+  if raw is None:
+    return md.MetadataSpec()
+  try:
+    return md.MetadataSpec.from_dict(raw)
+  except (KeyError, TypeError, ValueError, AttributeError) as err:
+    raise ValueError(f"{fileio.join(model_dir, md.SPEC_FILE)}: not a metadata spec "
+                     f"({type(err).__name__}: {err}){fix}") from err
+
+
 class RunDirError(ValueError):
   """MODEL_DIR holds a run this one must not continue (or cannot be written); one-line message."""
 
@@ -408,6 +436,13 @@ def check_resumable(model_dir: str | os.PathLike, config: RunConfig | dict) -> N
       raise RunDirError(
           f"{model_dir} holds a run with {key}={before[key]!r}, this one has {key}={now[key]!r}; "
           "use another --model_dir, or --overwrite to start afresh there")
+  was, now = old.get("metadata") or [], config.get("metadata")
+  if now is not None and list(was) != list(now):
+    raise RunDirError(
+        f"{model_dir} holds a run trained with metadata columns {','.join(was) or '(none)'}, this "
+        f"one has {','.join(now) or '(none)'}; resume with --metadata="
+        f"{','.join(was) or '(empty)'}, use another --model_dir, or --overwrite to start afresh "
+        "there")
   changed = changed_training_settings(old, config)
   if changed:
     shown = ", ".join(f"--{k}={_as_flag(a)} (now {_as_flag(b)})" for k, a, b in changed)

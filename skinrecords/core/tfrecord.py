@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from typing import Mapping
 
 import google_crc32c
 
@@ -81,9 +82,14 @@ def _example_class():
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
-def serialize_example(**values) -> bytes:
+def serialize_example(*, metadata: Mapping[str, float | str] | None = None, **values) -> bytes:
   """One record as serialized `tf.train.Example` bytes: a value for every key of
-  `features.SCHEMA` (str for "bytes" features is UTF-8 encoded; optional ones may be left out)."""
+  `features.SCHEMA` (str for "bytes" features is UTF-8 encoded; optional ones may be left out).
+
+  `metadata`: the dynamic part of the schema, {record key "meta/<name>": float (a numeric column)
+  or str (a categorical one)}, described by the manifest's `core.metadata.MetadataSpec`; a missing
+  value is left out of the mapping, so the record has no such feature (never 0 or "").
+  """
   unknown = sorted(set(values) - {f.key for f in features.SCHEMA})
   if unknown:
     raise TypeError(f"serialize_example: unknown feature(s) {unknown}")
@@ -99,6 +105,12 @@ def serialize_example(**values) -> bytes:
                                              else value)
     else:
       feature[f.key].int64_list.value.append(int(value))
+  for key, value in sorted((metadata or {}).items()):
+    features.check_metadata_value(key, value)
+    if isinstance(value, str):
+      feature[key].bytes_list.value.append(value.encode("utf-8"))
+    else:
+      feature[key].float_list.value.append(float(value))
   # deterministic=True fixes the order of the feature map, so shards are byte-for-byte reproducible.
   return example.SerializeToString(deterministic=True)
 

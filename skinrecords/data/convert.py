@@ -25,6 +25,7 @@ from skinrecords.core import fileio
 from skinrecords.core import interop
 from skinrecords.core import manifest
 from skinrecords.data import dedup
+from skinrecords.data import meta_columns
 from skinrecords.data import neardup
 from skinrecords.data import preprocess
 from skinrecords.data import pseudonyms
@@ -77,6 +78,10 @@ class ConvertConfig:
   image_sizes: tuple[int, ...] = ()
   near_duplicates: str = "group"  # neardup.MODES
   near_duplicate_distance: int = neardup.DEFAULT_MAX_DISTANCE
+  # Patient metadata stored in every record (data/meta_columns): "name" or "name:numeric|
+  # categorical", from labels_csv or metadata_csv (image_column -> columns).
+  metadata_columns: tuple[str, ...] = ()
+  metadata_csv: str | None = None
 
   @property
   def sizes(self) -> tuple[int, ...]:
@@ -119,12 +124,25 @@ class ConvertConfig:
     if self.multi_size and self.preprocess.image_size != self.sizes[-1]:
       raise ValueError(f"image_size={self.preprocess.image_size}: with image_sizes "
                        f"{list(self.sizes)} it must be the largest, {self.sizes[-1]}")
+    self._validate_metadata()
     if self.near_duplicates not in neardup.MODES:
       raise ValueError(f"near_duplicates={self.near_duplicates!r}: use one of "
                        f"{', '.join(neardup.MODES)}")
     if not 0 <= self.near_duplicate_distance < neardup.BITS // 4:
       raise ValueError(f"near_duplicate_distance={self.near_duplicate_distance}: use 0 to "
                        f"{neardup.BITS // 4 - 1} bits (default {neardup.DEFAULT_MAX_DISTANCE})")
+
+  def _validate_metadata(self) -> None:
+    requests = meta_columns.parse_requests(self.metadata_columns)
+    if self.metadata_csv and not requests:
+      raise ValueError("metadata_csv needs metadata_columns (which of its columns to store)")
+    if (any(r.name != "images_per_patient" for r in requests) and not self.labels_csv
+        and not self.metadata_csv):
+      raise ValueError("metadata_columns need the CSV they are in: labels_csv, or metadata_csv="
+                       "CSV (image name -> columns) for a folder layout")
+    if any(r.name == "images_per_patient" for r in requests) and not self.patient_column:
+      raise ValueError("metadata_columns images_per_patient needs patient_column (with "
+                       "labels_csv or patients_csv)")
 
   def plan_dict(self) -> dict:
     """Settings that change the output bytes (not where it goes or how fast it is made)."""
@@ -134,6 +152,11 @@ class ConvertConfig:
       d.pop(key)
     if not self.pseudonymize_patients:  # records made before these fields keep their fingerprint
       d.pop("pseudonymize_names")
+    if not self.metadata_columns:  # likewise: records without metadata keep their fingerprint
+      d.pop("metadata_columns")
+      d.pop("metadata_csv")
+    else:
+      d["metadata_columns"] = list(self.metadata_columns)
     d["preprocess"] = self.preprocess.to_dict()
     d["classes"] = list(self.classes) if self.classes else None
     d["split"] = list(self.split)
@@ -192,7 +215,8 @@ def _plan_shards(split_items: dict[str, list[int]], folds: list[int], config: Co
   return named
 
 
-def _fingerprint(config: ConvertConfig, listing: sources.Listing) -> str:
+def _fingerprint(config: ConvertConfig, listing: sources.Listing,
+                 table: meta_columns.Table | None = None) -> str:
   """The flags and the inputs themselves: a changed folder must not resume or reuse old shards.
 
   Content hashes, not sizes alone: an image replaced by one of the same size (a re-export, a
@@ -206,6 +230,8 @@ def _fingerprint(config: ConvertConfig, listing: sources.Listing) -> str:
   for item in listing.items:
     h.update(f"{item.relpath}\t{item.label}\t{item.patient_id}\t{hashes[item.relpath]}\n"
              .encode())
+  for line in (table.fingerprint_lines() if table else ()):  # a corrected cell must not resume
+    h.update(line.encode())
   return h.hexdigest()
 
 
@@ -408,18 +434,35 @@ def convert(config: ConvertConfig, pool: workers.RecordPool | None = None) -> Re
       label_column=config.label_column, patient_column=config.patient_column,
       patients_csv=config.patients_csv, classes=list(config.classes) if config.classes else None,
       exclude=None if fileio.is_remote(config.output_dir) else config.output_dir)
+  table = _metadata_table(config, listing)  # before pseudonyms rename images: rows match names
   key = _pseudonymize(config, listing)
-  fingerprint = _fingerprint(config, listing)
+  fingerprint = _fingerprint(config, listing, table)
   lock = _take_lock(config.output_dir)
   try:
-    return _convert_locked(config, listing, key, fingerprint, warnings, pool)
+    return _convert_locked(config, listing, key, fingerprint, warnings, pool, table)
   finally:
     if lock:
       fileio.remove(lock)
 
 
+def _metadata_table(config: ConvertConfig, listing: sources.Listing
+                    ) -> meta_columns.Table | None:
+  """--metadata_columns' values for the listed items (None without metadata columns)."""
+  requests = meta_columns.parse_requests(config.metadata_columns)
+  if not requests:
+    return None
+  table = meta_columns.read(
+      listing.items, requests, csv_path=config.metadata_csv or config.labels_csv,
+      csv_kind="metadata CSV" if config.metadata_csv else "labels CSV",
+      image_column=config.image_column, label_column=config.label_column,
+      patient_column=config.patient_column)
+  listing.warnings += table.notes
+  return table
+
+
 def _convert_locked(config: ConvertConfig, listing: sources.Listing, key: bytes | None,
-                    fingerprint: str, warnings: list[str], pool) -> Result:
+                    fingerprint: str, warnings: list[str], pool,
+                    table: meta_columns.Table | None = None) -> Result:
   """convert()'s writing half, with the output folder's lock held: near-duplicates, the plan,
   the shards of every size, then the manifests."""
   import tqdm  # pylint: disable=g-import-not-at-top
@@ -446,6 +489,7 @@ def _convert_locked(config: ConvertConfig, listing: sources.Listing, key: bytes 
     done_all = _finished(outs, plan)
     todo = [p for p in plan if p[0] not in done_all[0]]
     tasks = [(items[i].path, items[i].image_name, labels[i], items[i].patient_id, fold)
+             + ((table.record_values(i),) if table else ())
              for _, _, fold, members in todo for i in members]
     bar = tqdm.tqdm(total=sum(len(p[3]) for p in plan), initial=sum(
         len(p[3]) for p in plan if p[0] in done_all[0]), unit="img", desc="convert",
@@ -465,18 +509,22 @@ def _convert_locked(config: ConvertConfig, listing: sources.Listing, key: bytes 
     if bar is not None:
       bar.close()
   written = _write_manifests(config, listing, key, plan, done_all, fingerprint, grouped,
-                             warnings, near, keys)
+                             warnings, near, keys, table)
   return Result(written, str(config.output_dir), resumed_shards=len(plan) - len(todo),
                 folders=dict(zip(config.sizes, outs)))
 
 
 def _write_manifests(config, listing, key, plan, done_all, fingerprint, grouped, warnings, near,
-                     keys) -> dict:
+                     keys, table=None) -> dict:
   """Each size folder's manifest (and TFDS metadata), the set file; the first size's manifest."""
   written = {}
   for size, out, done in zip(config.sizes, config.size_dirs(), done_all):
     m = _manifest(config, listing, list(listing.classes), plan, done, fingerprint, grouped,
                   warnings, size, near, keys)
+    if table is not None:
+      spec = _metadata_spec(table, listing, plan, done)
+      m["metadata"] = spec.to_dict()
+      m["inputs"]["warnings"] += _metadata_warnings(spec, m["splits"])
     if key is not None:
       m["inputs"]["pseudonymized"] = pseudonyms.manifest_entry(config.pseudonymize_names)
       if config.pseudonymize_names:
@@ -612,6 +660,31 @@ def _manifest(config, listing, classes, plan, done, fingerprint, grouped, warnin
   return m
 
 
+def _metadata_spec(table: meta_columns.Table, listing: sources.Listing, plan, done):
+  """The manifest's metadata entry from the records actually written: a training image that
+  preprocessing rejected adds nothing to the statistics (nor to a split's missing count)."""
+  rejected = {r["path"] for s in done.values() for r in s["rejected"]}
+  written: dict[str, list[int]] = {}
+  folds: dict[int, list[int]] = {}
+  for _, split, fold, members in plan:
+    kept = [i for i in members if listing.items[i].relpath not in rejected]
+    written.setdefault(split, []).extend(kept)
+    if split == "train" and fold >= 0:
+      folds.setdefault(fold, []).extend(kept)
+  # Item order, not shard order: the statistics' float sums then never depend on the plan.
+  return meta_columns.spec(table, {s: sorted(v) for s, v in written.items()},
+                           {k: sorted(v) for k, v in folds.items()})
+
+
+def _metadata_warnings(spec, split_info: dict) -> list[str]:
+  """Columns the training split has no value of: their statistics are placeholders (0 +- 1, no
+  vocabulary) and a model can learn nothing from them."""
+  train = split_info.get("train", {}).get("num_examples", 0)
+  return [f"metadata column {c.name!r} has no value in any of the {train} training images "
+          "(every cell empty or unmatched): a model learns nothing from it; check the CSV or "
+          "leave it out" for c in spec.columns if train and c.missing.get("train") == train]
+
+
 def _near_manifest(config, listing, plan, near) -> dict:
   """The manifest's near-duplicate section: pairs with distance, groups with where they went,
   and pairs whose labels differ (label conflicts)."""
@@ -657,6 +730,10 @@ def summary(result: Result, max_listed: int = 10) -> str:
     lines.append(f"  {split:5s} {info['num_examples']:7d}  ({counts}) in {len(info['shards'])} shards")
   notes = inputs.get("warnings", []) + [inputs.get("patient_warning")]
   lines += [f"  WARNING: {note}" for note in notes if note]
+  if m.get("metadata"):
+    from skinrecords.core import metadata  # pylint: disable=g-import-not-at-top
+
+    lines += meta_columns.describe(metadata.MetadataSpec.from_dict(m["metadata"]))
   lines += _near_summary(inputs.get("near_duplicates"), max_listed)
   if len(result.folders) > 1:
     lines.append("  one records folder per size, same splits, folds and shard contents: "

@@ -31,6 +31,19 @@ CLASSES = ("Melanoma", "NotMelanoma")
 FLAT_DIR = "images"
 CSV_NAME = "labels.csv"
 CSV_COLUMNS = ("image_name", "patient_id", "target", "diagnosis")
+# With metadata: the SIIM-ISIC 2020 train.csv's columns, in its order.
+METADATA_CSV_COLUMNS = ("image_name", "patient_id", "sex", "age_approx",
+                        "anatom_site_general_challenge", "diagnosis", "benign_malignant", "target")
+# ISIC 2020's sites and their shares of its 33,126 training images (the 527 without a site left
+# out); melanomas at metadata_signal=1 lean to head/neck and the upper extremity instead.
+SITES = ("torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital")
+_SITE_BENIGN = np.array([0.51, 0.26, 0.15, 0.056, 0.011, 0.004])
+_SITE_MELANOMA = np.array([0.33, 0.20, 0.24, 0.20, 0.02, 0.01])
+# Age: patients of ISIC 2020 are ~49 +- 14 years; a melanoma patient is AGE_SHIFT * signal older
+# (18 years at signal 1: age alone then ranks melanoma images with an AUC of ~0.8; ISIC's own ~7
+# years gives ~0.63).
+AGE_MEAN, AGE_STD, AGE_SHIFT = 48.0, 15.0, 18.0
+_MALE_BENIGN, _MALE_SHIFT = 0.5, 0.15  # P(male) of a benign patient; + signal * shift if melanoma
 _MIN_SIDE = 16  # below this a lesion, its border and a hair are no longer distinguishable
 
 # RGB colours. Skin under polarised dermoscopy is pink to light tan.
@@ -55,6 +68,13 @@ class SyntheticConfig:
   images_per_patient: int = 4
   jpeg_quality: int = 95
   workers: int = 1
+  # Patient metadata with a known signal (`draw_metadata`): labels.csv gets ISIC 2020's columns.
+  metadata: bool = False
+  metadata_signal: float = 1.0  # 0: independent of the label; 1: age, site and sex all shifted
+  metadata_missing: float = 0.05  # each metadata cell missing (empty) with this probability
+  # Fraction of melanomas drawn with their malignant cues; the rest look exactly like nevi (the
+  # image then cannot tell them apart; metadata still can). 1.0: every image is informative.
+  image_signal: float = 1.0
 
   def validate(self) -> None:
     """Raises ValueError naming the bad value and what would be accepted."""
@@ -76,6 +96,11 @@ class SyntheticConfig:
       raise ValueError(f"jpeg_quality={self.jpeg_quality}: must lie in [1, 100]")
     if self.workers < 1:
       raise ValueError(f"workers={self.workers}: need at least 1")
+    for name in ("metadata_signal", "metadata_missing", "image_signal"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name}={getattr(self, name)}: must lie in [0, 1]")
+    if self.metadata and not self.write_csv:
+      raise ValueError("metadata=True needs write_csv=True: the metadata goes into labels.csv")
     if self.flat and not self.write_csv:
       raise ValueError("flat=True needs write_csv=True: without the CSV the labels would be lost")
 
@@ -113,6 +138,42 @@ def assign_labels(config: SyntheticConfig) -> np.ndarray:
     labels[starts[p]:stop] = sorted_labels[taken:taken + stop - starts[p]]
     taken += stop - starts[p]
   return labels
+
+
+def draw_metadata(config: SyntheticConfig, labels: np.ndarray) -> list[dict[str, str]]:
+  """ISIC-2020-like metadata per image ({column: cell}, "" for missing), drawn given the labels.
+
+  Sex and age are the patient's (from the patient's class: melanoma if any of its images is one),
+  the site is the image's. At signal s a melanoma patient is s * AGE_SHIFT years older on average,
+  male with probability 0.5 + s * 0.15, and its site is drawn from (1-s) * benign shares + s *
+  melanoma shares; at s = 0 the metadata is independent of the label. Each cell is then emptied
+  with probability `metadata_missing`. One stream of its own ([seed, n, 0x3E7A]): images unchanged.
+  """
+  rng = np.random.default_rng([config.seed, config.num_images, 0x3E7A])
+  s, k = config.metadata_signal, config.images_per_patient
+  benign, malignant = _SITE_BENIGN / _SITE_BENIGN.sum(), _SITE_MELANOMA / _SITE_MELANOMA.sum()
+  site_p = {False: benign, True: (1 - s) * benign + s * malignant}
+  rows = []
+  for start in range(0, len(labels), k):
+    sick = bool(labels[start:start + k].any())
+    male = rng.uniform() < _MALE_BENIGN + (_MALE_SHIFT * s if sick else 0.0)
+    age = float(np.clip(5 * round((rng.normal(AGE_MEAN + (AGE_SHIFT * s if sick else 0.0),
+                                               AGE_STD)) / 5), 0, 90))
+    for i in range(start, min(start + k, len(labels))):
+      site = SITES[rng.choice(len(SITES), p=site_p[bool(labels[i])])]
+      row = {"sex": "male" if male else "female", "age_approx": f"{age:.1f}",
+             "anatom_site_general_challenge": site}
+      gone = rng.uniform(size=len(row)) < config.metadata_missing
+      rows.append({c: "" if g else v for (c, v), g in zip(row.items(), gone)})
+  return rows
+
+
+def disguised(config: SyntheticConfig, index: int, melanoma: bool) -> bool:
+  """Whether melanoma `index` is drawn without its malignant cues (`image_signal` < 1): a stream of
+  its own, so the other images keep their bytes."""
+  if not melanoma or config.image_signal >= 1.0:
+    return False
+  return bool(np.random.default_rng([config.seed, index, 0xD15C]).uniform() >= config.image_signal)
 
 
 def draw_size(rng: np.random.Generator, min_size: tuple[int, int],
@@ -289,7 +350,8 @@ def render(config: SyntheticConfig, index: int, melanoma: bool) -> bytes:
   """JPEG bytes of image `index`; depends only on (seed, index, melanoma, sizes, quality)."""
   rng = np.random.default_rng([config.seed, index])
   width, height = draw_size(rng, config.min_size, config.max_size)
-  return encode_jpeg(make_image(rng, melanoma, width, height), config.jpeg_quality)
+  looks = melanoma and not disguised(config, index, melanoma)
+  return encode_jpeg(make_image(rng, looks, width, height), config.jpeg_quality)
 
 
 def render_with_truth(config: SyntheticConfig, index: int,
@@ -297,7 +359,8 @@ def render_with_truth(config: SyntheticConfig, index: int,
   """Image `index` as RGB uint8 (before JPEG) and its `Truth`; the same pixels `render` encodes."""
   rng = np.random.default_rng([config.seed, index])
   width, height = draw_size(rng, config.min_size, config.max_size)
-  return make_image(rng, melanoma, width, height, return_truth=True)
+  looks = melanoma and not disguised(config, index, melanoma)
+  return make_image(rng, looks, width, height, return_truth=True)
 
 
 def hair_mask_png(truth: synthetic_structures.Truth) -> bytes:
@@ -342,6 +405,7 @@ def write_dataset(output_dir: str | pathlib.Path, config: SyntheticConfig,
     raise FileExistsError(f"output_dir {out} exists and is not an empty directory: "
                           "choose a new one or delete it")
   labels = assign_labels(config)
+  meta = draw_metadata(config, labels) if config.metadata else None
   folders = {c: out / (FLAT_DIR if config.flat else c) for c in CLASSES}
   for folder in set(folders.values()):
     folder.mkdir(parents=True, exist_ok=True)
@@ -360,8 +424,7 @@ def write_dataset(output_dir: str | pathlib.Path, config: SyntheticConfig,
       (folders[cls] / f"{image_name(i)}.jpg").write_bytes(data)
       if mask is not None:
         _write_atomic(masks / f"{image_name(i)}.png", mask)
-      rows.append((image_name(i), patient_id(i, config.images_per_patient), int(labels[i]),
-                   "melanoma" if labels[i] else "nevus"))
+      rows.append(_csv_row(config, i, bool(labels[i]), meta[i] if meta else None))
       bar.update()
   bar.close()
   csv_path = None
@@ -369,10 +432,19 @@ def write_dataset(output_dir: str | pathlib.Path, config: SyntheticConfig,
     csv_path = out / CSV_NAME
     with csv_path.open("w", newline="", encoding="utf-8") as f:
       writer = csv.writer(f)
-      writer.writerow(CSV_COLUMNS)
+      writer.writerow(METADATA_CSV_COLUMNS if config.metadata else CSV_COLUMNS)
       writer.writerows(rows)
   counts = {CLASSES[0]: int(labels.sum()), CLASSES[1]: int((~labels).sum())}
   return {"counts": counts, "csv": str(csv_path) if csv_path else None, "output_dir": str(out)}
+
+
+def _csv_row(config: SyntheticConfig, i: int, melanoma: bool, meta: dict | None) -> tuple:
+  name, patient = image_name(i), patient_id(i, config.images_per_patient)
+  diagnosis = "melanoma" if melanoma else "nevus"
+  if meta is None:
+    return (name, patient, int(melanoma), diagnosis)
+  return (name, patient, meta["sex"], meta["age_approx"], meta["anatom_site_general_challenge"],
+          diagnosis, "malignant" if melanoma else "benign", int(melanoma))
 
 
 class _SerialPool:

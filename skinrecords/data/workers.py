@@ -17,8 +17,10 @@ from skinrecords.core import fileio
 from skinrecords.core import tfrecord
 from skinrecords.data import preprocess
 
-# One example for a worker: (source path, image_name, target, patient_id, fold).
-Task = tuple[str, str, int, str, int]
+# One example for a worker: (source path, image_name, target, patient_id, fold[, metadata]); the
+# optional last element is {"meta/<name>": float | str} of the values present (tfrecord's
+# `metadata`): a missing value has no key.
+Task = tuple
 
 
 def _init_worker(config: preprocess.PreprocessConfig, ready=None, sizes=None) -> None:
@@ -44,12 +46,13 @@ def _preprocess_and_frame(task: Task):
   record in the coordinator, 2 workers reached 0.75-0.77 of this machine's 2-process ceiling
   (issue 17).
   """
-  path, image_name, target, patient_id, fold = task
+  path, image_name, target, patient_id, fold, *meta = task
   try:
     image = preprocess.preprocess_file(path, _WORKER_CONFIG)
     size = _WORKER_CONFIG.image_size
     return tfrecord.example_record(image=image, image_name=image_name, target=target,
-                                   patient_id=patient_id, fold=fold, height=size, width=size), None
+                                   patient_id=patient_id, fold=fold, height=size, width=size,
+                                   metadata=meta[0] if meta else None), None
   except Exception as err:  # pylint: disable=broad-except  (one odd file must not end the run)
     return None, preprocess.describe_rejection(err)
 
@@ -61,7 +64,7 @@ def _preprocess_sizes(task: Task):
   (`_WORKER_CONFIG.image_size` is the largest), then cropped, resized and encoded per size: for
   2000x1500 sources to 256/384/512, separate runs decode at 1/4, 1/2 and 1/2.
   """
-  path, image_name, target, patient_id, fold = task
+  path, image_name, target, patient_id, fold, *meta = task
   try:
     data = fileio.read_bytes(path)
   except OSError as err:
@@ -75,7 +78,7 @@ def _preprocess_sizes(task: Task):
       image = preprocess.encode(preprocess.preprocess_array(rgb, config), config)
       out.append(tfrecord.example_record(image=image, image_name=image_name, target=target,
                                          patient_id=patient_id, fold=fold, height=size,
-                                         width=size))
+                                         width=size, metadata=meta[0] if meta else None))
     return out, None
   except Exception as err:  # pylint: disable=broad-except  (one odd file must not end the run)
     return None, preprocess.describe_rejection(err)

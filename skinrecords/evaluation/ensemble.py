@@ -46,6 +46,9 @@ class Member:
   model: object
   cfg: rundir.RunConfig
   calibration: dict | None = None
+  # The run's metadata.json (None: image only): each member encodes the records' metadata with
+  # the statistics it was trained with, so members with and without metadata sit side by side.
+  metadata: object = None
 
   @property
   def classes(self) -> list[str]:
@@ -116,7 +119,7 @@ def load_members(model_dir: str, use_stored_calibration: bool = True) -> list[Me
   for d in member_dirs(model_dir):
     model, cfg = models.load_model_dir(d)
     members.append(Member(d, model, cfg, _stored_calibration(d) if use_stored_calibration
-                          else None))
+                          else None, inference.run_metadata(model, d)))
   first = members[0]
   for m in members[1:]:
     if m.classes != first.classes:
@@ -209,7 +212,8 @@ def predict_member(member: Member, info, split: str, fold, batch_size: int, tta:
   """(probabilities before calibration, labels, names) of one member on one split, decoded at the
   member's own image size."""
   return inference.predict_split(member.model, info, split, image_size=member.image_size,
-                                 batch_size=batch_size, tta=tta, fold=fold)
+                                 batch_size=batch_size, tta=tta, fold=fold,
+                                 metadata=member.metadata)
 
 
 def check_aligned(names_per_member: list[list[str]], dirs: list[str]) -> None:

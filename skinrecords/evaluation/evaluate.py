@@ -319,7 +319,8 @@ def evaluate(config: EvalConfig) -> dict:
         metrics.compute_metrics(p, labels, classes, threshold, bootstrap=0),
         **calibration.calibration_metrics(p, labels)) for p in member_probs])
   _annotate(config, m, members, info, records_dir, sames, split_fold, source, out)
-  if len(members) == 1:
+  m["metadata"] = _metadata_used(members)
+  if len(members) == 1 and not members[0].metadata:
     m["galleries"] = _galleries(out, members[0].model, info, config.split, split_fold,
                                 members[0].cfg, m, probs, labels, names)
   _write_outputs(out, m, probs, labels, names)
@@ -330,6 +331,27 @@ def evaluate(config: EvalConfig) -> dict:
     bar = "!" * 100
     print(f"{bar}\nWARNING: {text}\n{bar}", file=sys.stderr, flush=True)
   return m
+
+
+def _metadata_used(members) -> dict:
+  """Which metadata columns each member's model took (read from the records' values, encoded with
+  the member's own MODEL_DIR/metadata.json), for the report."""
+  return {x.model_dir: list(x.metadata.names) if x.metadata else [] for x in members}
+
+
+def _metadata_note(m: dict) -> str | None:
+  used = m.get("metadata")
+  if not used or not any(used.values()):  # image-only reports stay as they were
+    return None
+
+  def one(cols):
+    return ("metadata " + ", ".join(cols) + " (from the records, encoded with MODEL_DIR/"
+            "metadata.json)") if cols else "image only"
+  if len(used) == 1:
+    cols = next(iter(used.values()))
+    return "inputs: " + one(cols) + ("; no Grad-CAM galleries for a model with metadata"
+                                     if cols else "")
+  return "inputs per member:" + "".join(f"\n  {d}: {one(c)}" for d, c in used.items())
 
 
 def _validation_operating_points(config, m, run, members, info, folds, sames, probs,
@@ -422,6 +444,8 @@ def report_text(m: dict) -> str:
              "NOT the records the model was trained on")
     fold = f" fold {m['fold']}" if m.get("fold") is not None else ""
     notes.append(f"records: {m['records_dir']} ({whose}), split {m['split']}{fold}")
+  if _metadata_note(m):
+    notes.append(_metadata_note(m))
   if m.get("threshold_source"):
     notes.append(f"threshold: {m['threshold_source']}")
   if m.get("operating_points_source"):

@@ -49,31 +49,56 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
 
 
 def cam_model(model: keras.Model) -> keras.Model:
-  """`image -> (last conv block's maps, logits)` sharing `model`'s weights (cached per model)."""
+  """`inputs -> (last conv block's maps, logits)` sharing `model`'s weights (cached per model).
+
+  The inputs are the model's own: the image, and for a model with patient metadata (issue 24) the
+  "metadata" vector too, which reaches the logits through its dense branch without touching the
+  maps. The model's graph is replayed with the backbone swapped for one that also returns its
+  maps, so any head around the backbone (a metadata branch fused before the logits) is kept."""
   if model in _CAM_MODELS:
     return _CAM_MODELS[model]
   backbone = models.get_backbone(model)
   inner = keras.Model(backbone.inputs, [last_conv_layer(model).output, backbone.outputs[0]])
-  inputs = keras.Input(model.inputs[0].shape[1:])
-  x, maps = inputs, None
-  for layer in model.layers:
-    if isinstance(layer, keras.layers.InputLayer):
-      continue
-    if layer is backbone:
-      maps, x = inner(x)
-    else:
-      x = layer(x)
-  _CAM_MODELS[model] = keras.Model(inputs, [maps, x])
+  # The model's own input structure (a dict {"image", "metadata"} for a metadata model).
+  inputs = keras.tree.map_structure(
+      lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name), model.input)
+  seen = {}
+
+  def with_maps(x, **kwargs):
+    seen["maps"], features = inner(x, **kwargs)
+    return features
+
+  # Keras 3's own graph walk (Functional.call uses it): the same layers on new inputs, in order.
+  logits = model._run_through_graph(  # pylint: disable=protected-access
+      inputs, operation_fn=lambda op: with_maps if op is backbone else op)
+  if isinstance(logits, (list, tuple)):
+    logits = logits[0]
+  _CAM_MODELS[model] = keras.Model(inputs, [seen["maps"], logits])
   return _CAM_MODELS[model]
 
 
-def gradcam(model: keras.Model, images, class_index=None) -> np.ndarray:
+def _model_inputs(model: keras.Model, images, metadata=None):
+  """What `model` is called with: the images, or {"image", "metadata"} for a metadata model; a
+  metadata model without `metadata` is refused, never fed zeros."""
+  x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+  if not isinstance(model.input, dict):
+    return x
+  if metadata is None:
+    raise ValueError(f"model {model.name!r} takes patient metadata ({', '.join(model.input)}): "
+                     "pass the images' metadata vectors (core.metadata.encode_rows) too")
+  return {"image": x, "metadata": tf.cast(tf.convert_to_tensor(metadata), tf.float32)}
+
+
+def gradcam(model: keras.Model, images, class_index=None, metadata=None) -> np.ndarray:
   """Grad-CAM heatmaps [B, h, w] in 0..1 for the predicted class (or `class_index` [B]).
 
   `images`: RGB 0..255, [B, S, S, 3] (uint8 or float). With one binary logit the score is the
   logit for class 1 and its negative for class 0. A map with no positive evidence is all zeros.
+  `metadata`: a metadata model's encoded input [B, width], held at each image's own values: the
+  gradient is taken with respect to the image branch's maps only, so the heatmap shows where in
+  the image the evidence is, given that patient's metadata.
   """
-  x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+  x = _model_inputs(model, images, metadata)
   with tf.GradientTape() as tape:
     maps, logits = cam_model(model)(x, training=False)
     tape.watch(maps)
@@ -160,14 +185,15 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5):
+def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5, metadata=None):
   """(heatmaps [B, h, w], predicted class ids [B], P(predicted) [B]) for a batch.
 
   Two classes: class 1 when P(class 1) >= threshold (as predict), and Grad-CAM for that class.
+  `metadata`: a metadata model's encoded input for these images (see `gradcam`).
   """
   if len(classes) < 2:
     raise ValueError(f"classes={classes!r}: need the class names in id order")
-  x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+  x = _model_inputs(model, images, metadata)
   probs = _probabilities(model(x, training=False).numpy())
   if probs.ndim == 1:
     predicted = (probs >= threshold).astype(np.int32)
@@ -175,16 +201,17 @@ def explain_batch(model: keras.Model, images, classes, threshold: float = 0.5):
   else:
     predicted = probs.argmax(axis=-1).astype(np.int32)
     p_pred = probs.max(axis=-1)
-  return gradcam(model, x, predicted), predicted, p_pred
+  return gradcam(model, images, predicted, metadata), predicted, p_pred
 
 
 def write_gallery(path, model: keras.Model, images, names, classes, labels=None,
-                  threshold: float = 0.5, columns: int = 4) -> str:
+                  threshold: float = 0.5, columns: int = 4, metadata=None) -> str:
   """One call for evaluate's errors.png / examples.png: predicts, explains and renders `images`.
 
   `labels` (true class ids) are shown when given; titles read "name / true X, predicted Y / P=..".
+  `metadata`: a metadata model's encoded input for these images.
   """
-  heats, predicted, p_pred = explain_batch(model, images, classes, threshold)
+  heats, predicted, p_pred = explain_batch(model, images, classes, threshold, metadata)
   titles = [example_title(str(n), None if labels is None else str(classes[int(labels[i])]),
                           str(classes[predicted[i]]), float(p_pred[i]))
             for i, n in enumerate(names)]
@@ -192,9 +219,10 @@ def write_gallery(path, model: keras.Model, images, names, classes, labels=None,
 
 
 def write_overlays(folder, model: keras.Model, images, names, classes,
-                   threshold: float = 0.5) -> list[str]:
-  """predict --explain_dir: FOLDER/<name stem>.gradcam.png per image (RGB overlay, atomic)."""
-  heats, _, _ = explain_batch(model, images, classes, threshold)
+                   threshold: float = 0.5, metadata=None) -> list[str]:
+  """predict --explain_dir: FOLDER/<name stem>.gradcam.png per image (RGB overlay, atomic);
+  `metadata`: a metadata model's encoded input for these images."""
+  heats, _, _ = explain_batch(model, images, classes, threshold, metadata)
   written = []
   for image, heat, name in zip(images, heats, names):
     ok, png = cv2.imencode(".png", cv2.cvtColor(overlay(image, heat), cv2.COLOR_RGB2BGR))

@@ -9,6 +9,11 @@ when the model's image_size differs from the stored size, resized exactly as `pi
 files are reported with a reason, never fatal. Records go through `pipeline.make_dataset` as in
 evaluation; the "image" column then holds each record's image_name.
 
+A model trained with patient metadata (MODEL_DIR/metadata.json) takes each image's metadata too:
+from `metadata_csv` for image files (`metadata_csv`: image name -> columns, encoded with the run's
+own spec; missing cells encoded as missing), from the records themselves for records_dir, as
+evaluate reads them. Such a model without its metadata is refused, never fed "all missing".
+
 `model_dir` may name an ensemble (a CV folder or a comma list, see `ensemble`): each member
 preprocesses and decodes at its own settings, its stored temperature (calibration.json) is applied,
 and the members' probabilities are combined. `format` picks the CSV: ours, the ISIC Challenge's or
@@ -34,7 +39,9 @@ from skinrecords.data import preprocess
 from skinrecords.data import sources
 from skinrecords.evaluation import ensemble
 from skinrecords.evaluation import explain
+from skinrecords.evaluation import metadata_csv as metadata_csv_lib
 from skinrecords.evaluation import submission
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.model import inference
 from skinrecords.model import models
@@ -58,6 +65,7 @@ class PredictConfig:
   ensemble: str = "mean"  # how several members combine: ensemble.METHODS
   format: str = "default"  # submission.FORMATS
   isic_columns: str | None = None  # "Class:Column,..." renames for format=isic
+  metadata_csv: str | None = None  # image files' patient metadata (evaluation/metadata_csv.py)
 
   def validate(self) -> None:
     if self.records_dir and (self.images or self.input_dir):
@@ -84,6 +92,9 @@ class PredictConfig:
                        f"{', '.join(submission.FORMATS)}")
     if self.format != "default" and not self.output_csv:
       raise ValueError(f"format={self.format} describes the CSV file: pass output_csv too")
+    if self.metadata_csv and self.records_dir:
+      raise ValueError("metadata_csv gives image files their metadata; records carry their own "
+                       "(read as evaluate reads them): drop metadata_csv with records_dir")
     if self.isic_columns and self.format != "isic":
       raise ValueError("isic_columns renames the columns of format=isic; pass format=isic too")
 
@@ -149,8 +160,18 @@ def _explaining(batches, model, classes, threshold, folder, overlay_names=None):
     names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
     if overlay_names:
       names = [overlay_names.get(n, n) for n in names]
-    explain.write_overlays(folder, model, np.asarray(batch[0]), names, classes, threshold)
+    meta = batch[0].get(input_metadata.INPUT) if isinstance(batch[0], dict) else None
+    explain.write_overlays(folder, model, np.asarray(input_metadata.image_of(batch[0])), names,
+                           classes, threshold, None if meta is None else np.asarray(meta))
     yield batch
+
+
+def _with_metadata(batches, spec, table):
+  """(images, labels, paths) -> ({"image", "metadata"}, labels, paths): each image's CSV row
+  encoded with the run's spec (core.metadata.encode_rows; no row: every value missing)."""
+  for images, labels, names in batches:
+    meta = metadata_csv_lib.encode(spec, metadata_csv_lib.rows_for(table, names))
+    yield input_metadata.as_input(images, meta), labels, names
 
 
 def _overlay_names(paths: list[str]) -> dict[str, str]:
@@ -174,12 +195,16 @@ def _rows(probs, names, classes, threshold) -> list[dict]:
   return rows
 
 
-def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
-  """(probabilities, names, rejected) for image files."""
+def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None,
+                metadata=None):
+  """(probabilities, names, rejected) for image files; `metadata`: (the run's spec, the
+  MetadataTable) for a model with metadata."""
   classes = [str(c) for c in cfg.classes]
   pconfig = _preprocess_config(cfg, model_dir)
   rejected: list[dict] = []
   batches = _batches([str(p) for p in paths], pconfig, cfg.image_size, batch_size, rejected)
+  if metadata:
+    batches = _with_metadata(batches, *metadata)
   if explain_dir:
     batches = _explaining(batches, model, classes, threshold, explain_dir,
                           _overlay_names([str(p) for p in paths]))
@@ -189,33 +214,47 @@ def _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir, explai
   return probs, names, rejected
 
 
-def _predict(model, cfg, paths, batch_size, threshold, tta, model_dir, explain_dir=None):
-  probs, names, rejected = _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir,
-                                       explain_dir)
-  return _rows(probs, names, [str(c) for c in cfg.classes], threshold), rejected
-
-
 def predict_files(model_dir, paths, batch_size: int = 32, *, threshold: float = 0.5,
-                  tta: int = 0) -> tuple[list[dict], list[dict]]:
-  """Predicts each file in `paths` (in order).
+                  tta: int = 0, metadata_csv: str | None = None) -> tuple[list[dict], list[dict]]:
+  """Predicts each file in `paths` (in order); `metadata_csv` for a model with metadata.
 
   Returns rows {"image": path, "probability": P(class 1) (two classes) or [P(class k)...],
   "predicted": class name} and rejected [{"image": path, "reason": str}].
   """
   model, cfg = models.load_model_dir(model_dir)
-  return _predict(model, cfg, paths, batch_size, threshold, tta, model_dir)
+  table = metadata_csv_lib.read(metadata_csv) if metadata_csv else None
+  meta = _file_metadata(inference.run_metadata(model, model_dir), table, model_dir)
+  probs, names, rejected = _file_probs(model, cfg, paths, batch_size, threshold, tta, model_dir,
+                                       metadata=meta)
+  return _rows(probs, names, [str(c) for c in cfg.classes], threshold), rejected
+
+
+def _file_metadata(spec, table, model_dir):
+  """(spec, table) for a member with metadata, None for an image-only one; a member with metadata
+  and no CSV, or a CSV without one of its columns, is refused in one line."""
+  if not spec:
+    return None
+  if table is None:
+    raise ValueError(f"{model_dir} was trained with patient metadata ({', '.join(spec.names)}): "
+                     "pass metadata_csv=FILE with an image_name column and those columns (empty "
+                     "cells count as missing); predictions without it would not be the model's")
+  table.check_columns(spec, model_dir)
+  table.check_numbers(spec)
+  return spec, table
 
 
 def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta, model_dir,
-                  explain_dir):
-  """(probabilities, names) for every record of `split`."""
+                  explain_dir, metadata=None):
+  """(probabilities, names) for every record of `split`; `metadata`: the run's spec, for a model
+  with metadata (the records' own values, encoded with it, as evaluate does)."""
   classes = [str(c) for c in cfg.classes]
   info = pipeline.load_info(records_dir)
   inference.check_classes(info, classes, model_dir)
   through = explain_dir and functools.partial(_explaining, model=model, classes=classes,
                                               threshold=threshold, folder=explain_dir)
   probs, _, names = inference.predict_split(model, info, split, image_size=cfg.image_size,
-                                            batch_size=batch_size, tta=tta, through=through)
+                                            batch_size=batch_size, tta=tta, through=through,
+                                            metadata=metadata)
   return probs, names
 
 
@@ -258,18 +297,20 @@ def _check_outputs(config: PredictConfig, classes: list[str], members: int):
   return columns
 
 
-def _member_probs(config: PredictConfig, member, paths):
-  """One member's calibrated probabilities, names and rejected files."""
+def _member_probs(config: PredictConfig, member, paths, spec=None, table=None):
+  """One member's calibrated probabilities, names and rejected files; `spec`: its metadata spec
+  (None: image only), `table`: the metadata CSV for image files."""
   kwargs = dict(threshold=config.threshold, tta=config.tta, model_dir=member.model_dir,
                 explain_dir=config.explain_dir)
   if config.records_dir:
     probs, names = _record_probs(member.model, member.cfg, config.records_dir, config.split,
-                                 config.batch_size, **kwargs)
+                                 config.batch_size, metadata=spec, **kwargs)
     rejected = []
   else:
     probs, names, rejected = _file_probs(member.model, member.cfg, paths, config.batch_size,
                                          kwargs.pop("threshold"), config.tta, member.model_dir,
-                                         config.explain_dir)
+                                         config.explain_dir,
+                                         _file_metadata(spec, table, member.model_dir))
   return member.calibrated(probs), names, rejected
 
 
@@ -280,10 +321,41 @@ def resolve_threshold(config: PredictConfig, members) -> tuple[float, str, bool]
   return ensemble.stored_threshold(config.model_dir, members)
 
 
+def _metadata(config: PredictConfig, members, paths):
+  """(each member's metadata spec or None, the metadata CSV or None), every member's needs
+  checked before the first forward pass; `run.last_metadata`: the lines predict prints about it
+  (how many images had missing values, unseen categories, a CSV no member uses)."""
+  specs = [m.metadata for m in members]  # each run's metadata.json, checked against its model
+  table = metadata_csv_lib.read(config.metadata_csv) if config.metadata_csv else None
+  run.last_metadata = []
+  if config.records_dir:
+    return specs, None
+  for m, spec in zip(members, specs):
+    _file_metadata(spec, table, m.model_dir)
+  used = [s for s in specs if s]
+  if table is not None and not used:
+    run.last_metadata = [f"WARNING: metadata_csv={config.metadata_csv} ignored: "
+                         f"{'no member' if len(members) > 1 else 'the model'} was trained with "
+                         "metadata"]
+  elif used:
+    cover = metadata_csv_lib.coverage(used, table, paths)
+    if paths and cover.without_row == len(paths):  # a naming mismatch, not patients without data
+      example = submission.image_id(paths[0])
+      raise ValueError(f"metadata_csv={config.metadata_csv} has a row for none of the "
+                       f"{len(paths)} images (looked up by file name without extension, e.g. "
+                       f"{example!r}, in its {table.name_column} column); fix the names")
+    run.last_metadata = cover.summary()
+    if len(used) < len(members):
+      run.last_metadata.append(f"metadata: used by {len(used)} of {len(members)} members; the "
+                               "others score the image alone")
+  return specs, table
+
+
 def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   """bin/predict: lists the images, predicts them (with every member), writes the CSV when asked.
 
-  Returns (rows, rejected, classes); `config` with the threshold applied is `run.last_threshold`.
+  Returns (rows, rejected, classes); `config` with the threshold applied is `run.last_threshold`,
+  the metadata report `run.last_metadata`.
   """
   config.validate()
   if config.output_csv:
@@ -298,10 +370,11 @@ def run(config: PredictConfig) -> tuple[list[dict], list[dict], list[str]]:
   members = ensemble.load_members(config.model_dir)
   classes = members[0].classes
   columns = _check_outputs(config, classes, len(members))
+  specs, table = _metadata(config, members, paths)
   threshold, source, fallback = resolve_threshold(config, members)
   run.last_threshold = (threshold, source, fallback) if len(classes) == 2 else None
   config = dataclasses.replace(config, threshold=threshold)
-  results = [_member_probs(config, m, paths) for m in members]
+  results = [_member_probs(config, m, paths, s, table) for m, s in zip(members, specs)]
   ensemble.check_aligned([r[1] for r in results], [m.model_dir for m in members])
   probs = ensemble.combine([r[0] for r in results], config.ensemble)
   names, rejected = results[0][1], results[0][2]

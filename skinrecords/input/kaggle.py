@@ -14,6 +14,10 @@ count after the dash) and no manifest. Their records store `image` (JPEG bytes) 
   number of train files), fold k = the k-th contiguous group of files (15 files: 0-2, 3-5, ...).
   The published training files were built patient-stratified, so no patient spans two files and a
   file-level fold does not leak patients.
+- their int64 `sex`, `age_approx` and `anatom_site_general_challenge` are patient metadata
+  (`DatasetInfo.metadata`): age numeric, sex and site categorical with the code's decimal string
+  as the category, -1 (pandas' code for NaN) or an absent feature missing. The counting pass reads
+  them too; statistics come from the training files, and per fold from the other folds' files.
 
 `pipeline.load_info` calls `read_info` for any folder without manifest.json; the result is cached
 per folder listing (names, sizes, mtimes), so `bin/train`'s two look-ups cost one pass.
@@ -34,6 +38,7 @@ import tensorflow as tf
 from skinrecords.core import features
 from skinrecords.core import fileio
 from skinrecords.core import manifest
+from skinrecords.core import metadata
 from skinrecords.data import preprocess
 
 CLASSES = ("0", "1")  # `target`: 0 benign, 1 melanoma (id 1 is the positive class in metrics)
@@ -41,6 +46,11 @@ MAX_FOLDS = 5  # the public notebooks' K
 _COUNT = re.compile(r"-(\d+)\.tfrec(ord)?$")  # train00-2071.tfrec: 2071 records
 _KINDS = {"bytes_list": "bytes", "int64_list": "int64", "float_list": "float"}
 _CACHE: dict[tuple, manifest.DatasetInfo] = {}
+# The metadata the published files carry, label-encoded (README "Metadata" says what is known of
+# the codes). `diagnosis` is the label in other words: never metadata.
+METADATA_COLUMNS = (("sex", metadata.CATEGORICAL), ("age_approx", metadata.NUMERIC),
+                    ("anatom_site_general_challenge", metadata.CATEGORICAL))
+MISSING_CODE = -1  # pandas.factorize's code for NaN
 
 
 def list_files(records_dir: str) -> list[str]:
@@ -115,9 +125,19 @@ def _group_schema(files: list[str]) -> manifest.RecordSchema:
   return schema
 
 
+def _metadata_keys(schema: manifest.RecordSchema) -> list[str]:
+  """The METADATA_COLUMNS these files store as int64 codes (the published form; a file that
+  stores them otherwise was not made the published way, and they are not read as metadata)."""
+  return [name for name, _ in METADATA_COLUMNS if schema.dtype(name) == "int64"]
+
+
 def _count_dataset(files: list[str], schema: manifest.RecordSchema) -> tf.data.Dataset:
-  """(file index, target or -1, height, width) per record, in large batches."""
+  """(file index, target or -1, height, width, metadata [n, columns] as float64) per record, in
+  large batches; an absent metadata feature reads as MISSING_CODE."""
   spec = {features.IMAGE: tf.io.FixedLenFeature([], tf.string)}
+  keys = _metadata_keys(schema)
+  for key in keys:
+    spec[key] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_CODE)
   label_dtype = schema.dtype(features.TARGET)
   if label_dtype:
     spec[features.TARGET] = tf.io.FixedLenFeature([], tf.float32 if label_dtype == "float"
@@ -131,7 +151,9 @@ def _count_dataset(files: list[str], schema: manifest.RecordSchema) -> tf.data.D
       shape = tf.shape(tf.io.decode_image(ex[features.IMAGE], channels=3,
                                           expand_animations=False))
     label = tf.cast(ex[features.TARGET], tf.int64) if label_dtype else tf.constant(-1, tf.int64)
-    return i, label, tf.cast(shape[0], tf.int64), tf.cast(shape[1], tf.int64)
+    meta = tf.stack([tf.cast(ex[k], tf.float64) for k in keys]) if keys else tf.zeros([0],
+                                                                                     tf.float64)
+    return i, label, tf.cast(shape[0], tf.int64), tf.cast(shape[1], tf.int64), meta
 
   ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64),
                                            list(files)))
@@ -141,11 +163,15 @@ def _count_dataset(files: list[str], schema: manifest.RecordSchema) -> tf.data.D
 
 
 def _count(files, schema, num_classes: int):
-  """Per file: records and class counts; and the set of (height, width) seen."""
+  """Per file: records, class counts and metadata values ([records, columns] of
+  `_metadata_keys(schema)`); and the set of (height, width) seen."""
   records = np.zeros(len(files), np.int64)
   counts = np.zeros((len(files), num_classes), np.int64)
   sizes: set[tuple[int, int]] = set()
-  for i, label, h, w in _count_dataset(files, schema).as_numpy_iterator():
+  meta: list[list[np.ndarray]] = [[] for _ in files]
+  for i, label, h, w, values in _count_dataset(files, schema).as_numpy_iterator():
+    for j in np.unique(i):
+      meta[int(j)].append(values[i == j])
     np.add.at(records, i, 1)
     labelled = label >= 0
     if np.any(labelled & (label >= num_classes)):
@@ -154,7 +180,8 @@ def _count(files, schema, num_classes: int):
                        f"hold 0 (benign) or 1 (melanoma)")
     np.add.at(counts, (i[labelled], label[labelled]), 1)
     sizes.update(zip(h.tolist(), w.tolist()))
-  return records, counts, sizes
+  width = len(_metadata_keys(schema))
+  return records, counts, sizes, [np.concatenate(m) if m else np.zeros((0, width)) for m in meta]
 
 
 def _shards(files, schema, records, counts, folds) -> tuple[manifest.Shard, ...]:
@@ -180,6 +207,39 @@ def _image_size(records_dir, all_sizes: set) -> int | None:
   return None
 
 
+def metadata_spec(schemas: dict, shards: dict, values: dict) -> metadata.MetadataSpec:
+  """The files' metadata as a MetadataSpec: statistics from the training files (per fold: from
+  the other folds' files), missing counts per split. `values[split][j]`: file j's
+  [records, columns] array of `_metadata_keys(schemas[split])`, MISSING_CODE where missing."""
+  train = schemas.get("train")
+  columns = []
+  for name, kind in METADATA_COLUMNS:
+    if train is None or name not in _metadata_keys(train):
+      continue
+
+    def column_of(split, files, name=name, kind=kind):
+      keys = _metadata_keys(schemas[split])
+      if name not in keys:  # a split without it: every record misses it
+        return [None] * sum(len(v) for v in files)
+      # Sorted: the statistics never depend on the order records were counted in.
+      codes = sorted(float(x) for v in files for x in v[:, keys.index(name)])
+      return [None if x == MISSING_CODE else (str(int(x)) if kind == metadata.CATEGORICAL else x)
+              for x in codes]
+
+    folds = [s.fold for s in shards["train"]]
+    fold_stats = {k: metadata.compute_stats(kind, column_of(
+        "train", [v for v, f in zip(values["train"], folds) if f != k])) for k in sorted(set(folds))
+                  if k >= 0}
+    missing = {split: sum(v is None for v in column_of(split, values[split])) for split in values}
+    columns.append(metadata.Column(
+        name, kind, metadata.compute_stats(kind, column_of("train", values["train"])), fold_stats,
+        missing, source="SIIM-ISIC Kaggle int64 code", record_key=name, record_dtype="int64",
+        missing_code=MISSING_CODE))
+  spec = metadata.MetadataSpec(tuple(columns))
+  spec.validate()
+  return spec
+
+
 def _key(records_dir: str, files) -> tuple:
   return (fileio.canonical(records_dir),) + tuple((fileio.basename(p), *fileio.stat(p)) for p in files)
 
@@ -195,10 +255,10 @@ def read_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:
   for p in files:
     groups.setdefault(split_of(fileio.basename(p)), []).append(p)
   start = time.perf_counter()
-  shards, schemas, sizes = {}, {}, set()
+  shards, schemas, sizes, values = {}, {}, set(), {}
   for split, group in groups.items():
     schema = schemas[split] = _group_schema(group)
-    records, counts, split_sizes = _count(group, schema, len(CLASSES))
+    records, counts, split_sizes, values[split] = _count(group, schema, len(CLASSES))
     folds = folds_of(len(group)) if split == "train" else None
     shards[split] = _shards(group, schema, records, counts, folds)
     sizes |= split_sizes
@@ -208,6 +268,6 @@ def read_info(records_dir: str | os.PathLike) -> manifest.DatasetInfo:
                    f"{k}: {len(v)} files{'' if schemas[k].has_labels else ', no target'}"
                    for k, v in shards.items()))
   info = manifest.DatasetInfo(str(records_dir), CLASSES, _image_size(records_dir, sizes), shards,
-                              None, schemas)
+                              None, schemas, metadata_spec(schemas, shards, values))
   _CACHE[key] = info
   return info

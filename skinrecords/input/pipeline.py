@@ -21,7 +21,9 @@ import tensorflow as tf
 from skinrecords.core import features
 from skinrecords.core import fileio
 from skinrecords.core import manifest
+from skinrecords.core import metadata as md
 from skinrecords.input import kaggle
+from skinrecords.input import metadata_input as input_metadata
 
 AUTOTUNE = tf.data.AUTOTUNE
 NO_LABEL = -1  # the label of records that carry none (SIIM-ISIC test files)
@@ -86,15 +88,21 @@ def _name(ex: dict) -> tf.Tensor:
 
 
 def _decoder(schema: manifest.RecordSchema, image_size: int | None, stored_size: int | None,
-             with_names: bool):
+             with_names: bool, metadata: md.MetadataSpec | None = None):
   """serialized -> (image, label[, name]) in one map: only the features used are parsed (a
-  Kaggle record holds 8; parsing them all cost time), and JPEG decodes without sniffing."""
+  Kaggle record holds 8; parsing them all cost time), and JPEG decodes without sniffing. With a
+  metadata spec the first element is {"image": image, "metadata": float32 [width]}."""
   spec = parse_spec(schema, (features.IMAGE, features.TARGET) +
                     ((features.IMAGE_NAME,) if with_names else ()))
+  if metadata:
+    # Absent keys parse to each column's missing mark (input_metadata.parse_spec).
+    spec.update(input_metadata.parse_spec(metadata))
 
   def decode(serialized):
     ex = tf.io.parse_single_example(serialized, spec)
     image = decode_image(ex[features.IMAGE], image_size, stored_size, schema.image_format)
+    if metadata:
+      image = input_metadata.as_input(image, input_metadata.encode(metadata, ex))
     if with_names:
       return image, _label(ex), _name(ex)
     return image, _label(ex)
@@ -198,7 +206,8 @@ def make_dataset(records_dir: str | os.PathLike | manifest.DatasetInfo, split: s
                  batch_size: int = 64, training: bool | None = None, image_size: int | None = None,
                  fold: int | None = None, balance: str | None = None, seed: int = 0,
                  cache: bool = False, shuffle_buffer: int = 2048, with_names: bool = False,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+                 input_context: tf.distribute.InputContext | None = None,
+                 metadata: md.MetadataSpec | None = None) -> tf.data.Dataset:
   """The dataset for one split.
 
   Training (default for split "train"): files shuffled every epoch and read in parallel, records
@@ -208,6 +217,8 @@ def make_dataset(records_dir: str | os.PathLike | manifest.DatasetInfo, split: s
   input is sharded per pipeline: by file when there are at least as many files as pipelines.
   `with_names=True` adds the image names as a third element (for reports and predictions).
   Records without a label (SIIM-ISIC test files) get label NO_LABEL (-1): predict, not train.
+  With `metadata` (a spec with columns), each element's image becomes {"image": uint8 image,
+  "metadata": float32 [spec.width]} (input/metadata_input.py); without, elements are as before.
   """
   info = records_dir if isinstance(records_dir, manifest.DatasetInfo) else load_info(records_dir)
   training = (split == "train") if training is None else training
@@ -216,8 +227,8 @@ def make_dataset(records_dir: str | os.PathLike | manifest.DatasetInfo, split: s
   ds = _read(files, split, training, seed, cache, input_context)
   if training:
     ds = _order(ds, schema, info.num_classes, balance, seed, shuffle_buffer)
-  ds = ds.map(_decoder(schema, size, info.image_size, with_names), num_parallel_calls=AUTOTUNE,
-              deterministic=not training)
+  ds = ds.map(_decoder(schema, size, info.image_size, with_names, metadata),
+              num_parallel_calls=AUTOTUNE, deterministic=not training)
   ds = ds.batch(batch_size, drop_remainder=training)
   if training:
     options = tf.data.Options()

@@ -13,9 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from skinrecords.core import fileio
 from skinrecords.core import manifest
+from skinrecords.core import metadata as md
 from skinrecords.core import rundir
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
+from skinrecords.model import models
 from skinrecords.model import xla
 
 # Test-time augmentation order: tta=n averages the probabilities of the first n of these.
@@ -65,10 +69,12 @@ def forward(model: keras.Model, tta: int):
     ref = weakref.ref(model)  # a strong reference here would keep the cache key alive forever
 
     def forward(images):
-      x = tf.cast(images, tf.float32)
+      # With metadata, `images` is {"image", "metadata"}: TTA transforms the pixels only.
+      x = tf.cast(input_metadata.image_of(images), tf.float32)
       probs = []
       for k in range(max(tta, 1)):
-        probs.append(probabilities(ref()(dihedral(x, k), training=False)))
+        inputs = input_metadata.with_image(images, dihedral(x, k))
+        probs.append(probabilities(ref()(inputs, training=False)))
       return tf.add_n(probs) / float(len(probs))  # mean probability, not mean logit
 
     devices = [d.name for d in tf.config.list_logical_devices()]
@@ -86,7 +92,8 @@ def predict_dataset(model: keras.Model, ds, tta: int = 0, *,
                     fold: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """Probabilities ([N] P(class 1) for one logit, [N, K] otherwise), labels [N] and names.
 
-  `ds` yields (images, labels[, names]) batches; a tf.data.Dataset or any iterable of arrays.
+  `ds` yields (images, labels[, names]) batches; a tf.data.Dataset or any iterable of arrays;
+  for a model with metadata, images are {"image": ..., "metadata": ...} dicts.
   With `info`, it is read through `pipeline.iterate(ds, info, split, fold)` so a corrupt shard is
   named. Names default to the running index when batches carry none. The last partial batch is
   padded to the first batch's size so XLA compiles one shape only (DenseNet121 took ~95 s to
@@ -97,12 +104,12 @@ def predict_dataset(model: keras.Model, ds, tta: int = 0, *,
   batches = pipeline.iterate(ds, info, split, fold) if info is not None else iter(ds)
   probs, labels, names, full = [], [], [], None
   for batch in batches:
-    images = tf.convert_to_tensor(batch[0])
-    n = int(images.shape[0])
+    images = tf.nest.map_structure(tf.convert_to_tensor, batch[0])
+    n = int(input_metadata.image_of(images).shape[0])
     full = full or n
     if n < full:
-      pad = tf.zeros([full - n, *images.shape[1:]], images.dtype)
-      images = tf.concat([images, pad], axis=0)
+      images = tf.nest.map_structure(lambda t: tf.concat(
+          [t, tf.zeros([full - n, *t.shape[1:]], t.dtype)], axis=0), images)
     probs.append(fn(images).numpy()[:n])
     labels.append(np.asarray(batch[1]).astype(np.int64).reshape(-1))
     if len(batch) > 2:
@@ -125,14 +132,42 @@ def check_classes(info: manifest.DatasetInfo, classes, model_dir) -> None:
                      "same classes in the same order")
 
 
+def check_metadata(model: keras.Model, spec: md.MetadataSpec | None, model_dir) -> None:
+  """ValueError unless `spec` (the run's metadata.json) fits the model's "metadata" input: a
+  model with metadata scored without its spec would have nothing to encode new images with."""
+  want, have = models.metadata_features(model), (spec.width if spec else 0)
+  if want != have:
+    raise ValueError(
+        f"{model_dir}: the model takes {want} metadata features but "
+        f"{fileio.join(str(model_dir), md.SPEC_FILE)} " +
+        (f"encodes {have} ({', '.join(spec.names)})" if spec else "is missing") +
+        "; copy the run's metadata.json back, or train again")
+
+
+def run_metadata(model: keras.Model, model_dir) -> md.MetadataSpec | None:
+  """The metadata spec a run was trained with (MODEL_DIR/metadata.json), checked against its
+  model; None for an image-only run."""
+  spec = rundir.read_metadata(model_dir)
+  check_metadata(model, spec, model_dir)
+  return spec or None
+
+
 def predict_split(model: keras.Model, info: manifest.DatasetInfo, split: str, *, image_size: int,
                   batch_size: int, tta: int = 0, fold: int | None = None,
-                  through=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  through=None, metadata: md.MetadataSpec | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(probabilities, labels, names) of `model` on every record of `split` (with `fold=k`, "valid"
   is fold k), decoded at `image_size`, the model's own. `through(batches)`, if given, sees every
-  batch on its way to the model (predict's Grad-CAM overlays)."""
+  batch on its way to the model (predict's Grad-CAM overlays). A model with metadata needs
+  `metadata`, its run's spec (rundir.read_metadata): the records' values are encoded with the
+  statistics it was trained with, whatever statistics these records carry."""
+  if models.metadata_features(model) and not metadata:
+    raise ValueError(f"model {model.name!r} takes metadata: pass its run's spec "
+                     "(inference.run_metadata(model, model_dir))")
+  input_metadata.check_records(info, metadata, "the model")
   ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
-                             image_size=image_size, fold=fold, with_names=True)
+                             image_size=image_size, fold=fold, with_names=True,
+                             metadata=metadata or None)
   if through:
     return predict_dataset(model, through(ds), tta)
   return predict_dataset(model, ds, tta, info=info, split=split, fold=fold)

@@ -10,6 +10,12 @@ and decodes them with `pipeline.decode_image`, the function training read its re
 `serving_uint8` takes uint8 [B, S, S, 3]. Both return `probabilities` (P(class 1) [B] for two
 classes, [B, K] otherwise), `predicted_class` (int32 [B]) and `predicted_label` (tf.string [B]).
 
+A model trained with patient metadata (issue 24) takes it in every signature: `serving_default`
+and `serving_uint8` add one RAW input per metadata column (float32 NaN = missing, or tf.string ""
+= missing), encoded in the graph with each member's stored spec; the TFLite files are converted
+from `serving_uint8_codes` (images, metadata_numeric float32 [B, N], metadata_codes int32 [B, C]:
+serving/metadata_inputs.py). Names, order and vocabularies: preprocessing.json["metadata"].
+
 What the converter did with OpenCV (centre crop, INTER_AREA resize, hair removal, the notebook's
 clean-up, the JPEG round trip) is not in the graph: images must arrive as the records stored them.
 preprocessing.json holds the exact settings, and hair removal or clean-up is announced loudly.
@@ -30,12 +36,15 @@ from sklearn import metrics as skm
 import tensorflow as tf
 
 from skinrecords.core import fileio
+from skinrecords.core import metadata as md
 from skinrecords.core import rundir
 from skinrecords.core import tflog
 from skinrecords.data import preprocess
 from skinrecords.evaluation import ensemble
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.model import inference
+from skinrecords.serving import metadata_inputs
 from skinrecords.serving import serving
 
 FORMATS = ("saved_model", "tflite", "all")
@@ -102,6 +111,7 @@ class ExportReport:
   warnings: list = dataclasses.field(default_factory=list)
   members: list = dataclasses.field(default_factory=list)  # run folders; > 1: a mean ensemble
   smoke_script: str | None = None  # OUTPUT_DIR/score_folder.py (with a SavedModel)
+  metadata_check: str | None = None  # the served-vs-Keras parity line of a metadata model
 
   def lines(self) -> list[str]:
     out = [f"WARNING: {w}" for w in self.warnings]
@@ -113,6 +123,8 @@ class ExportReport:
              else "")
       out.append(f"{kind} TFLite: largest probability difference vs Keras {diff:.2e}{auc} "
                  f"({self.checked_on})")
+    if self.metadata_check:
+      out.append(self.metadata_check)
     out.append(f"wrote {fileio.join(self.output_dir, PREPROCESSING_FILE)}")
     if len(self.members) > 1:
       out.append(f"ensemble: mean of {len(self.members)} runs ({', '.join(self.members)}), each "
@@ -182,9 +194,11 @@ def _calibrated(probs, temperature):
   return tf.nn.softmax(tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0 - 1e-7)) / t, axis=-1)
 
 
-def _member_probs(member, images):
-  """One member's calibrated probabilities on uint8 images at its own size."""
-  logits = member.model(tf.cast(images, tf.float32), training=False)
+def _member_probs(member, images, meta=None):
+  """One member's calibrated probabilities on uint8 images at its own size (and its encoded
+  metadata, for a member trained with it)."""
+  x = tf.cast(images, tf.float32)
+  logits = member.model(x if meta is None else {"image": x, "metadata": meta}, training=False)
   return _calibrated(inference.probabilities(logits),
                      (member.calibration or {}).get("temperature"))
 
@@ -223,49 +237,73 @@ def _pconfig(cfg: rundir.RunConfig) -> preprocess.PreprocessConfig:
   return preprocess.PreprocessConfig(image_size=cfg.image_size)
 
 
-def write_saved_model(members, classes: list[str], path, threshold: float = 0.5,
-                      member_outputs: bool = False) -> None:
-  """SavedModel at `path` with `serving_default` (raw encoded bytes) and, when every member takes
-  the same size, `serving_uint8`. `members`: ensemble.Member (one for a single run)."""
-  specs = _pixel_specs(members)
-  which = [specs.index((_pconfig(m.cfg), m.image_size)) for m in members]
+def _encoders(specs, columns):
+  """Per member: raw inputs -> its "metadata" vector (None for an image-only member)."""
+  return [None if not spec else
+          (lambda values, spec=spec: metadata_inputs.encode_raw(spec, columns, values))
+          for spec in specs]
 
-  def from_bytes(image_bytes):
+
+def write_saved_model(members, classes: list[str], path, threshold: float = 0.5,
+                      member_outputs: bool = False, specs=None) -> None:
+  """SavedModel at `path` with `serving_default` (raw encoded bytes) and, when every member takes
+  the same size, `serving_uint8`. `members`: ensemble.Member (one for a single run); `specs`: each
+  member's metadata spec (None: image only), whose raw columns every signature then takes."""
+  pixel_specs = _pixel_specs(members)
+  which = [pixel_specs.index((_pconfig(m.cfg), m.image_size)) for m in members]
+  specs = list(specs or [None] * len(members))
+  columns = metadata_inputs.layout(specs) if any(specs) else []
+  encoders = _encoders(specs, columns)
+
+  def probs(images_per_member, raw):
+    return [_member_probs(m, x, enc and enc(raw))
+            for m, x, enc in zip(members, images_per_member, encoders)]
+
+  def from_bytes(image_bytes, *raw):
     def one(data):
-      images = [serving.converter_image(data, pconfig, size)[0] for pconfig, size in specs]
+      images = [serving.converter_image(data, pconfig, size)[0] for pconfig, size in pixel_specs]
       return (*images, serving.exif_orientation(data))
 
-    signature = (*[tf.TensorSpec([size, size, 3], tf.uint8) for _, size in specs],
+    signature = (*[tf.TensorSpec([size, size, 3], tf.uint8) for _, size in pixel_specs],
                  tf.TensorSpec([], tf.int32))
     *images, orientation = tf.map_fn(one, image_bytes, fn_output_signature=signature)
-    per_member = [_member_probs(m, images[k]) for m, k in zip(members, which)]
-    return _outputs(per_member, classes, threshold, member_outputs,
+    return _outputs(probs([images[k] for k in which], raw), classes, threshold, member_outputs,
                     {"exif_orientation": orientation})
 
-  def from_uint8(images):
-    return _outputs([_member_probs(m, images) for m in members], classes, threshold,
-                    member_outputs)
+  def from_uint8(images, *raw):
+    return _outputs(probs([images] * len(members), raw), classes, threshold, member_outputs)
+
+  def from_codes(images, *coded):
+    numeric = coded[0] if any(c.kind == "numeric" for c in columns) else None
+    codes = coded[-1] if any(c.kind == "categorical" for c in columns) else None
+    per_member = [_member_probs(m, images, spec and metadata_inputs.encode_codes(
+        spec, columns, numeric, codes)) for m, spec in zip(members, specs)]
+    return _outputs(per_member, classes, threshold, member_outputs)
 
   archive = keras.export.ExportArchive()
   for m in members:
     archive.track(m.model)
-  archive.add_endpoint("serving_default", from_bytes,
-                       input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  raw_specs = metadata_inputs.raw_signature(columns)
+  archive.add_endpoint("serving_default", from_bytes, input_signature=[
+      tf.TensorSpec([None], tf.string, name="image_bytes"), *raw_specs])
   sizes = {m.image_size for m in members}
   if len(sizes) == 1:
     size = sizes.pop()
-    archive.add_endpoint("serving_uint8", from_uint8,
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8,
-                                                        name="images")])
+    pixels = tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")
+    archive.add_endpoint("serving_uint8", from_uint8, input_signature=[pixels, *raw_specs])
+    if columns:
+      archive.add_endpoint(metadata_inputs.CODES_SIGNATURE, from_codes, input_signature=[
+          pixels, *metadata_inputs.codes_signature(columns)])
   archive.write_out(str(path), verbose=False)
 
 
 # ------------------------------------------------------------------------------- TFLite
 
-def convert_tflite(saved_model_dir, quantize: bool) -> bytes:
-  """The `serving_uint8` signature as TFLite; `quantize`: int8 weights, float activations."""
+def convert_tflite(saved_model_dir, quantize: bool, signature: str = "serving_uint8") -> bytes:
+  """The `serving_uint8` signature (for a metadata model `serving_uint8_codes`) as TFLite;
+  `quantize`: int8 weights, float activations."""
   converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir),
-                                                       signature_keys=["serving_uint8"])
+                                                       signature_keys=[signature])
   if quantize:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
   return converter.convert()
@@ -274,15 +312,20 @@ def convert_tflite(saved_model_dir, quantize: bool) -> bytes:
 _XNNPACK_INFO = "Created TensorFlow Lite XNNPACK delegate"
 
 
-def tflite_probabilities(model_bytes: bytes, images: np.ndarray, batch_size: int = 32):
-  """Runs a TFLite model from this module on uint8 [N, S, S, 3]; returns probabilities."""
+def tflite_probabilities(model_bytes: bytes, images: np.ndarray, batch_size: int = 32,
+                         metadata: dict | None = None):
+  """Runs a TFLite model from this module on uint8 [N, S, S, 3] (and, for a metadata model, its
+  `metadata_inputs.codes_inputs`); returns probabilities."""
+  metadata = metadata or {}
   # TFLite's C++ runtime prints `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.` on every
   # interpreter, whatever TF_CPP_MIN_LOG_LEVEL says; it read like a problem in export's output.
   with warnings.catch_warnings(), tflog.stderr_held_back(replay=True, drop=_XNNPACK_INFO):
     # tf.lite.Interpreter warns it moves to ai_edge_litert; it still works in TF 2.21.
     warnings.simplefilter("ignore")
-    runner = tf.lite.Interpreter(model_content=model_bytes).get_signature_runner("serving_uint8")
-    out = [runner(images=images[i:i + batch_size])["probabilities"]
+    interpreter = tf.lite.Interpreter(model_content=model_bytes)
+    runner = interpreter.get_signature_runner(next(iter(interpreter.get_signature_list())))
+    out = [runner(images=images[i:i + batch_size],
+                  **{k: v[i:i + batch_size] for k, v in metadata.items()})["probabilities"]
            for i in range(0, len(images), batch_size)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -329,33 +372,83 @@ def _check_records(config: ExportConfig, cfg: rundir.RunConfig) -> str | None:
   return str(records)
 
 
-def _check_tflite(tmp: str, members, records, config, report) -> dict:
+def keras_probabilities(members, specs, images, rows, labels=None) -> np.ndarray:
+  """The reference the exports are checked against, computed as bin/predict does: each member's
+  forward pass (a metadata member fed core.metadata.encode_rows of the raw `rows`, the NumPy
+  reference encoding), its temperature, the mean."""
+  labels = np.zeros(len(images), np.int64) if labels is None else labels
+  out = []
+  for m, spec in zip(members, specs or [None] * len(members)):
+    meta = (np.asarray(md.encode_rows(spec, rows), np.float32).reshape(len(images), spec.width)
+            if spec else None)
+    batches = [(input_metadata.as_input(images[i:i + 32], None if meta is None else
+                                        meta[i:i + 32]), labels[i:i + 32])
+               for i in range(0, len(images), 32)]
+    out.append(m.calibrated(inference.predict_dataset(m.model, batches)[0]))
+  return ensemble.combine(out, "mean")
+
+
+def _check_tflite(tmp: str, members, records, config, report, specs=None) -> dict:
   """Converts both TFLite models into `tmp`, compares them with Keras; returns kind -> tmp path.
 
   The reference is computed as bin/predict does (each member's forward pass, its temperature,
-  the mean), not through the SavedModel being checked."""
+  the mean), not through the SavedModel being checked. A metadata model is checked on generated
+  metadata rows (metadata_inputs.check_rows: every category, missing values, an unseen one) with
+  the records' images; its AUCs are not shown, the metadata not being those images'."""
   lead = members[0].cfg
   cfg = dataclasses.replace(lead, fold=lead.fold if len(members) == 1 else None)
   images, labels, report.checked_on = check_images(cfg, records, config.max_examples)
-  batches = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, len(images), 32)]
-  keras_probs = ensemble.combine(
-      [m.calibrated(inference.predict_dataset(m.model, batches)[0]) for m in members], "mean")
-  if (auc := _auc(keras_probs, labels)) is not None:
+  columns = metadata_inputs.layout(specs) if specs and any(specs) else []
+  rows = metadata_inputs.check_rows(columns, len(images)) if columns else []
+  if columns:
+    report.checked_on += (" with generated metadata (every category, missing values, an unseen "
+                          "category; AUC not shown: the metadata is not these images')")
+  keras_probs = keras_probabilities(members, specs, images, rows, labels)
+  if not columns and (auc := _auc(keras_probs, labels)) is not None:
     report.auc["keras"] = auc
+  coded = metadata_inputs.codes_inputs(columns, rows) if columns else None
+  signature = metadata_inputs.CODES_SIGNATURE if columns else "serving_uint8"
   written = {}
   for kind, quantize in (("float32", False), ("dynamic_range", True)):
-    data = convert_tflite(os.path.join(tmp, "saved_model"), quantize)
+    data = convert_tflite(os.path.join(tmp, "saved_model"), quantize, signature)
     written[kind] = os.path.join(tmp, TFLITE_FILES[kind])
     fileio.write_bytes_atomic(written[kind], data)
-    probs = tflite_probabilities(data, images)
+    probs = tflite_probabilities(data, images, metadata=coded)
     report.max_diff[kind] = float(np.max(np.abs(probs - keras_probs)))
-    if (auc := _auc(probs, labels)) is not None:
+    if not columns and (auc := _auc(probs, labels)) is not None:
       report.auc[kind] = auc
   if report.max_diff["float32"] > FLOAT_TOLERANCE:
     raise ExportCheckError(
         f"float32 TFLite differs from the Keras model by {report.max_diff['float32']:.2e} "
         f"(> {FLOAT_TOLERANCE:g}) on {report.checked_on}; nothing was written")
   return written
+
+
+# Rows of metadata_inputs.check_rows: > 2x a site vocabulary + 2. 32, the reference's batch size:
+# with 24 each member's forward pass traced a second shape, and TensorFlow printed its retracing
+# warning on every CV export.
+METADATA_CHECK_IMAGES = 32
+
+
+def check_served_metadata(saved: str, members, specs) -> tuple[float, str]:
+  """(largest |served - Keras| probability, what it was measured on) for a metadata model's
+  `serving_uint8` fed raw values, against Keras fed encode_rows of the same rows: the in-graph
+  encoding (raw strings, NaN, "", an unseen category) must be the NumPy reference's. Noise images
+  (seeded): the check is of the graph, not of accuracy."""
+  columns = metadata_inputs.layout(specs)
+  size = members[0].image_size
+  images = np.random.default_rng(0).integers(0, 256, (METADATA_CHECK_IMAGES, size, size, 3),
+                                             dtype=np.uint8)
+  rows = metadata_inputs.check_rows(columns, len(images))
+  serve = tf.saved_model.load(saved).signatures["serving_uint8"]
+  raw = {k: tf.constant(v.astype(str) if v.dtype == object else v)
+         for k, v in metadata_inputs.raw_inputs(columns, rows).items()}
+  served = serve(images=tf.constant(images), **raw)["probabilities"].numpy()
+  diff = float(np.max(np.abs(served - keras_probabilities(members, specs, images, rows))))
+  missing = sum(any(md.is_missing(v) for v in r.values()) for r in rows)
+  unseen = sum(metadata_inputs.UNSEEN in r.values() for r in rows)
+  return diff, (f"{len(rows)} noise images with raw metadata ({missing} rows with a missing "
+                f"value, {unseen} with an unseen category)")
 
 
 # ------------------------------------------------------------------------------- which model
@@ -373,9 +466,10 @@ def load_members(config: ExportConfig) -> list:
   return members
 
 
-def model_identity(members, config: ExportConfig) -> dict:
+def model_identity(members, config: ExportConfig, specs=None) -> dict:
   """What the exported files answer with: each member (run folder, model.keras hash,
-  temperature) and the settings built into the graph. `fingerprint` names it in one string."""
+  temperature) and the settings built into the graph (a metadata member's spec too: its encoding
+  is in the graph). `fingerprint` names it in one string."""
   runs = [{"model_dir": fileio.canonical(m.model_dir),
            "model_sha256": fileio.sha256_file(fileio.join(m.model_dir, rundir.MODEL_FILE)),
            "backbone": m.backbone, "image_size": m.image_size,
@@ -383,6 +477,8 @@ def model_identity(members, config: ExportConfig) -> dict:
   built_in = {"members": [(r["model_sha256"], r["temperature"]) for r in runs],
               "ensemble": "mean" if len(members) > 1 else None, "threshold": config.threshold,
               "member_outputs": config.member_outputs}
+  if specs and any(specs):  # only then: an image-only export keeps the fingerprint it had
+    built_in["metadata"] = [spec.to_dict() if spec else None for spec in specs]
   digest = hashlib.sha256(json.dumps(built_in, sort_keys=True).encode()).hexdigest()[:16]
   return {"fingerprint": digest, "ensemble": built_in["ensemble"],
           "member_outputs": config.member_outputs, "members": runs}
@@ -473,6 +569,38 @@ def _remove(out: str, stale: list[str], trash: str) -> None:
       fileio.remove(path)
 
 
+def metadata_settings(specs) -> dict:
+  """preprocessing.json["metadata"]: the raw inputs (names, order, types, missing marks, the
+  vocabularies TFLite codes index), the TFLite inputs, and each member's spec."""
+  columns = metadata_inputs.layout(specs)
+  return {
+      "inputs": [c.to_dict() for c in columns],
+      "tflite_inputs": [{"input": t.name, "dtype": t.dtype.name, "shape": [None, t.shape[1]],
+                         "columns": [c.name for c in columns if (c.kind == md.NUMERIC) ==
+                                     (t.name == metadata_inputs.NUMERIC_INPUT)]}
+                        for t in metadata_inputs.codes_signature(columns)],
+      "members": [spec.to_dict() if spec else None for spec in specs],
+      "note": "serving_default and serving_uint8 take each column raw, named by 'input' (numeric "
+              "float32, NaN = missing; categorical string, \"\" = missing; a category not in "
+              "training is encoded as unknown) and encode it in the graph with each member's "
+              "training statistics. The TFLite files take metadata_numeric (the numeric columns, "
+              "raw, NaN = missing) and metadata_codes (per categorical column the index of its "
+              "value in 'vocabulary', -1 = missing or unlisted)",
+  }
+
+
+def _check_metadata_parity(saved: str, members, specs, report: ExportReport) -> None:
+  """The served raw-metadata signature against Keras fed the NumPy encoding; ExportCheckError
+  (nothing written) beyond FLOAT_TOLERANCE."""
+  diff, where = check_served_metadata(saved, members, specs)
+  report.metadata_check = (f"SavedModel with raw metadata: largest probability difference vs "
+                           f"Keras on encode_rows {diff:.2e} ({where})")
+  if not diff <= FLOAT_TOLERANCE:
+    raise ExportCheckError(f"the SavedModel's in-graph metadata encoding differs from Keras fed "
+                           f"core.metadata.encode_rows by {diff:.2e} (> {FLOAT_TOLERANCE:g}) on "
+                           f"{where}; nothing was written")
+
+
 def _smoke_script() -> str:
   return fileio.read_text(os.path.join(os.path.dirname(__file__), SMOKE_SCRIPT))
 
@@ -503,10 +631,11 @@ def export(config: ExportConfig) -> ExportReport:
   """
   config.validate()
   members = load_members(config)
+  specs = [m.metadata for m in members]  # each run's metadata.json, checked against its model
   cfg = members[0].cfg
   out = fileio.check_writable_dir(config.output_dir)
   config, threshold_source = _resolve_threshold(config)
-  identity = model_identity(members, config)
+  identity = model_identity(members, config, specs)
   stale = check_no_mix(out, identity, config.overwrite)
   records = _check_records(config, cfg)
   classes = members[0].classes
@@ -515,16 +644,20 @@ def export(config: ExportConfig) -> ExportReport:
     warn += [w for w in preprocessing_settings(m.cfg, config.threshold)[1] if w not in warn]
   settings["model"] = identity
   settings["threshold_source"] = threshold_source if len(classes) == 2 else None
+  if any(specs):
+    settings["metadata"] = metadata_settings(specs)
   report = ExportReport(output_dir=out, warnings=warn)
   # Built locally: in a hidden folder inside a local output (renamed into place, atomically), in
   # a temporary folder for a remote one (uploaded at the end, only when every check passed).
   tmp = tempfile.mkdtemp(prefix=".export-", dir=None if fileio.is_remote(out) else out)
   try:
     saved = os.path.join(tmp, "saved_model")
-    write_saved_model(members, classes, saved, config.threshold, config.member_outputs)
+    write_saved_model(members, classes, saved, config.threshold, config.member_outputs, specs)
     fileio.makedirs(os.path.dirname(os.path.join(saved, IDENTITY_FILE)))
     fileio.write_json_atomic(os.path.join(saved, IDENTITY_FILE), identity)
-    tflite = _check_tflite(tmp, members, records, config, report) if records else {}
+    if any(specs) and len({m.image_size for m in members}) == 1:
+      _check_metadata_parity(saved, members, specs, report)
+    tflite = _check_tflite(tmp, members, records, config, report, specs) if records else {}
     _remove(out, stale, tmp)
     if config.format != "tflite":
       report.saved_model = fileio.join(out, str(config.version))

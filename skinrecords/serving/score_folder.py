@@ -11,6 +11,13 @@ the converter's geometry in the graph). Files are listed as bin/predict --input_
 (recursively, sorted, hidden entries skipped), and the CSV has predict's columns and number format:
 `image,probability,predicted` (two classes: P(class 1); more: P(predicted) then p_<class>).
 A file the graph cannot decode is reported on stderr and skipped, as predict rejects it.
+
+A model trained with patient metadata needs --metadata_csv=FILE, as bin/predict does: a name
+column (image_name, image, image_id or isic_id: the file name with or without extension) and the
+columns preprocessing.json["metadata"]["inputs"] lists. Each is sent raw (numbers as float32, NaN
+for an empty cell; categories as strings, "" for an empty cell) and encoded by the graph with the
+training statistics; an image without a row is sent with every value missing. How many images had
+missing values is said on stderr.
 """
 
 import argparse
@@ -21,6 +28,8 @@ import os
 import sys
 import tempfile
 
+NAME_COLUMNS = ("image_name", "image", "image_id", "isic_id")  # evaluation/metadata_csv.py
+MISSING = ("", "nan", "na", "n/a", "none", "null", "unknown")  # core.metadata.is_missing
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # sources.IMAGE_EXTENSIONS
 BATCH = 16
 
@@ -71,7 +80,59 @@ def _latest_version(export_dir):
   return max(versions) if versions else None
 
 
-def _score(serve, paths, tf):
+def read_metadata(path, inputs):
+  """{image name: {input name: raw value}} from the CSV; ValueError in one line when unusable."""
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    header = [(c or "").strip() for c in reader.fieldnames or ()]
+    name_column = next((c for c in NAME_COLUMNS if c in header), None)
+    if name_column is None:
+      raise ValueError(f"{path}: no image name column; expected one of {', '.join(NAME_COLUMNS)}")
+    absent = [i["column"] for i in inputs if i["column"] not in header]
+    if absent:
+      raise ValueError(f"{path} has no column {', '.join(absent)}, which the model was trained "
+                       f"with; it has {', '.join(header)} (empty cells count as missing)")
+    table = {}
+    for raw in reader:
+      row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+      if row.get(name_column):
+        table[row[name_column]] = {i["input"]: _raw(i, row[i["column"]], path) for i in inputs}
+  return table
+
+
+def _raw(spec, text, path):
+  if spec["kind"] != "numeric":
+    return "" if text.lower() in MISSING else text
+  if text.lower() in MISSING:
+    return float("nan")
+  try:
+    return float(text)
+  except ValueError:
+    raise ValueError(f"{path}: {spec['column']}={text!r} is not a number; leave the cell empty "
+                     "for missing") from None
+
+
+def _metadata_for(chunk, inputs, table):
+  """{input: [value per image]}: each image's CSV row (by name without extension, or with)."""
+  rows = []
+  for p in chunk:
+    base = os.path.basename(p)
+    rows.append(table.get(os.path.splitext(base)[0], table.get(base)) or {})
+  return {i["input"]: [r.get(i["input"], float("nan") if i["kind"] == "numeric" else "")
+                       for r in rows] for i in inputs}
+
+
+def _is_missing(value):
+  return value != value or value == ""  # NaN, or an empty category
+
+
+def _call(serve, tf, data, meta):
+  feeds = {k: tf.constant(v, tf.float32 if v and isinstance(v[0], float) else tf.string)
+           for k, v in meta.items()}
+  return serve(image_bytes=tf.constant(data), **feeds)
+
+
+def _score(serve, paths, tf, inputs=(), table=None):
   """Yields (path, probabilities row or None, predicted label, reason)."""
   for start in range(0, len(paths), BATCH):
     chunk = paths[start:start + BATCH]
@@ -79,14 +140,15 @@ def _score(serve, paths, tf):
     for p in chunk:
       with open(p, "rb") as f:
         data.append(f.read())
+    meta = _metadata_for(chunk, inputs, table or {})
     try:
-      out = serve(image_bytes=tf.constant(data))
+      out = _call(serve, tf, data, meta)
       labels = [x.decode("utf-8") for x in out["predicted_label"].numpy()]
       yield from zip(chunk, out["probabilities"].numpy(), labels, [None] * len(chunk))
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-      for p, one in zip(chunk, data):  # one bad file must not lose the others
+      for k, (p, one) in enumerate(zip(chunk, data)):  # one bad file must not lose the others
         try:
-          out = serve(image_bytes=tf.constant([one]))
+          out = _call(serve, tf, [one], {i: v[k:k + 1] for i, v in meta.items()})
           yield (p, out["probabilities"].numpy()[0],
                  out["predicted_label"].numpy()[0].decode("utf-8"), None)
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
@@ -116,6 +178,18 @@ def _rows(results, classes):
       yield [path, f"{max(q):.8g}", label] + [f"{x:.8g}" for x in q]
 
 
+def _metadata_table(path, inputs):
+  """The CSV's rows for a model with metadata inputs (None without); ValueError when it needs
+  one and has none."""
+  if inputs and not path:
+    raise ValueError(f"the model takes patient metadata "
+                     f"({', '.join(i['column'] for i in inputs)}): pass --metadata_csv=FILE")
+  if path and not inputs:
+    print(f"score_folder: WARNING: --metadata_csv={path} ignored: the model was trained without "
+          "metadata", file=sys.stderr)
+  return read_metadata(path, inputs) if inputs else None
+
+
 def main(argv=None):
   here = os.path.dirname(os.path.abspath(__file__))
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,6 +199,9 @@ def main(argv=None):
   parser.add_argument("--version", type=int, default=None, help="SavedModel version folder "
                       "(default: the highest)")
   parser.add_argument("--output_csv", default=None, help="write the CSV here (default: stdout)")
+  parser.add_argument("--metadata_csv", default=None, help="a model trained with patient "
+                      "metadata: the images' metadata (an image_name column and the model's "
+                      "columns; empty cells are missing)")
   args = parser.parse_args(argv)
   if not os.path.isdir(args.image_folder):
     print(f"score_folder: {args.image_folder}: not a folder; pass a folder of images",
@@ -139,6 +216,12 @@ def main(argv=None):
     return 2
   with open(os.path.join(args.export_dir, "preprocessing.json"), encoding="utf-8") as f:
     settings = json.load(f)
+  inputs = (settings.get("metadata") or {}).get("inputs") or []
+  try:
+    table = _metadata_table(args.metadata_csv, inputs)
+  except (OSError, ValueError) as err:
+    print(f"score_folder: {err}", file=sys.stderr)
+    return 2
   paths = list_images(args.image_folder)
   if not paths:
     print(f"score_folder: found no images in {args.image_folder} (extensions: "
@@ -147,7 +230,7 @@ def main(argv=None):
   with _stderr_held_back():  # TensorFlow's C++ start-up lines (CUDA probes) are not ours to print
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the argument checks)
     serve = tf.saved_model.load(model).signatures["serving_default"]
-    results = list(_score(serve, paths, tf))
+    results = list(_score(serve, paths, tf, inputs, table))
   out = open(args.output_csv, "w", newline="", encoding="utf-8") if args.output_csv else sys.stdout
   try:
     csv.writer(out).writerows(_rows(results, settings["classes"]))
@@ -157,6 +240,11 @@ def main(argv=None):
   for path, _, _, reason in results:
     if reason:
       print(f"score_folder: rejected {path}: {reason}", file=sys.stderr)
+  if inputs:
+    meta = _metadata_for(paths, inputs, table)
+    gaps = sum(any(_is_missing(v[k]) for v in meta.values()) for k in range(len(paths)))
+    print(f"score_folder: metadata: {gaps} of {len(paths)} images had missing values (sent as "
+          "missing)", file=sys.stderr)
   return 0
 
 

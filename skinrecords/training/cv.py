@@ -41,6 +41,7 @@ from skinrecords.core import tflog
 from skinrecords.evaluation import metrics
 from skinrecords.evaluation import plots
 from skinrecords.evaluation import thresholds
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.model import inference
 from skinrecords.model import models
@@ -102,7 +103,8 @@ def _finished(config: train.TrainConfig, info: manifest.DatasetInfo) -> dict | N
       classes=list(info.classes), image_size=config.model.image_size,
       records_dir=str(config.records_dir), records_fingerprint=info.fingerprint, fold=config.fold,
       model={"backbone": config.model.backbone, "num_classes": info.num_classes},
-      train=train.resolved(config).to_dict()))
+      train=train.resolved(config).to_dict(),
+      metadata=list(input_metadata.select(info, config.metadata, config.fold).names)))
   return summary if summary.get("epochs_done") == config.epochs else None
 
 
@@ -134,7 +136,8 @@ def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_si
   """Fold `fold`'s model on the fold it held out: probs ([N] or [N, K]), labels, names, groups."""
   model, cfg = models.load_model_dir(model_dir)
   probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg.image_size,
-                                                 batch_size=batch_size, tta=tta, fold=fold)
+                                                 batch_size=batch_size, tta=tta, fold=fold,
+                                                 metadata=inference.run_metadata(model, model_dir))
   groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,
           "groups": groups or [""] * len(names)}

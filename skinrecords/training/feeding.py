@@ -11,7 +11,9 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from skinrecords.core import manifest
+from skinrecords.core import metadata as md
 from skinrecords.input import data_service
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.training import distribute
 
@@ -23,7 +25,8 @@ class ValidInput(NamedTuple):
 
 
 def valid_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, batch_size: int,
-                image_size: int, fold: int | None = None) -> ValidInput:
+                image_size: int, fold: int | None = None,
+                metadata: md.MetadataSpec | None = None) -> ValidInput:
   """The validation split for `strategy`, every example scored exactly once, hang-free.
 
   Every worker predicts its own share and the predictions are gathered. Shares differ in size (24
@@ -33,7 +36,8 @@ def valid_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, ba
   the caller drops label -1 after the gather. (The alternative, every worker predicting the whole
   set alone, needs no collectives but costs every worker the full validation time.) The bound on a
   share covers both ways the pipeline shards: by file when there are at least as many files as
-  workers, else by record. `batch_size` is global.
+  workers, else by record. `batch_size` is global. With `metadata`, padding examples carry a zero
+  metadata vector (dropped after scoring like their blank image).
   """
   shards = info.select("valid", fold)
   total = sum(s.num_examples for s in shards)
@@ -48,9 +52,11 @@ def valid_input(strategy: tf.distribute.Strategy, info: manifest.DatasetInfo, ba
 
   def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     ds = pipeline.make_dataset(info, "valid", per_replica, training=False, image_size=image_size,
-                               fold=fold, input_context=ctx)
-    pad = tf.data.Dataset.from_tensors((tf.zeros((image_size, image_size, 3), tf.uint8),
-                                        tf.constant(-1, tf.int32))).repeat()
+                               fold=fold, input_context=ctx, metadata=metadata)
+    blank = tf.zeros((image_size, image_size, 3), tf.uint8)
+    blank = input_metadata.as_input(blank, input_metadata.pad_value(metadata) if metadata
+                                    else None)
+    pad = tf.data.Dataset.from_tensors((blank, tf.constant(-1, tf.int32))).repeat()
     ds = ds.unbatch().concatenate(pad).take(steps * per_step)
     return ds.batch(per_replica, drop_remainder=True).prefetch(pipeline.AUTOTUNE)
 

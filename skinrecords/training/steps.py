@@ -22,6 +22,7 @@ import tensorflow as tf
 from skinrecords.core import manifest
 from skinrecords.evaluation import metrics
 from skinrecords.input import augment
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.model import inference
 from skinrecords.model import recipes
@@ -94,7 +95,10 @@ def _forward_backward_fn(model, optimizer, config, class_weights, loss_fn, xla_m
     return augment.augment_batch(images, seed, aug)
 
   def forward_backward(images, labels, seed):
-    x = augment_fn(images, seed) if aug.enabled else tf.cast(images, tf.float32)
+    # With metadata `images` is {"image", "metadata"}: only the pixels are augmented.
+    pixels = input_metadata.image_of(images)
+    x = input_metadata.with_image(images, augment_fn(pixels, seed) if aug.enabled
+                                  else tf.cast(pixels, tf.float32))
     with tf.GradientTape() as tape:
       logits = model(x, training=True)
       per_example = loss_fn(labels, logits) * tf.gather(weights, labels)
@@ -124,12 +128,12 @@ def _predict_forward_fn(model, loss_fn, jit: bool):
   if not jit:
     @tf.function(autograph=False)
     def forward(images, labels):
-      return scored(model(tf.cast(images, tf.float32), training=False), labels)
+      return scored(model(_as_float(images), training=False), labels)
     return forward
 
   @tf.function(jit_compile=True, autograph=False)
   def pure_forward(trainable, non_trainable, images, labels):
-    logits, _ = model.stateless_call(trainable, non_trainable, tf.cast(images, tf.float32),
+    logits, _ = model.stateless_call(trainable, non_trainable, _as_float(images),
                                      training=False)
     return scored(logits, labels)
 
@@ -139,6 +143,11 @@ def _predict_forward_fn(model, loss_fn, jit: bool):
                         [tf.identity(v.value) for v in model.non_trainable_variables],
                         images, labels)
   return forward
+
+
+def _as_float(images):
+  """The model input with its pixels as float32 (the metadata vector already is)."""
+  return input_metadata.with_image(images, tf.cast(input_metadata.image_of(images), tf.float32))
 
 
 def scores(probs, labels, classes) -> dict:

@@ -33,11 +33,13 @@ from tensorflow.python.framework import config as tf_framework_config
 
 from skinrecords.core import fileio
 from skinrecords.core import manifest
+from skinrecords.core import metadata as md
 from skinrecords.core import rundir
 from skinrecords.evaluation import plots
 from skinrecords.evaluation import thresholds
 from skinrecords.input import augment
 from skinrecords.input import data_service
+from skinrecords.input import metadata_input as input_metadata
 from skinrecords.input import pipeline
 from skinrecords.model import models
 from skinrecords.model import recipes
@@ -89,6 +91,10 @@ class TrainConfig:
   # A model.keras found damaged on resume, whose best epoch backup/ no longer holds, is replaced by
   # backup/'s epoch (summary.json then names that epoch); without it such a resume is refused.
   restore_model: bool = False
+  # Patient metadata as a second model input (issue 24): "" (none), "all" (every column the records
+  # hold) or "COL,COL"; encoded with the training split's statistics (fold k's training part with
+  # fold=k), which MODEL_DIR/metadata.json keeps. The branch: model.metadata_width/_dropout.
+  metadata: str = ""
 
   # How configs validate (TrainConfig, models.ModelConfig, augment.AugmentConfig,
   # recipes.RecipeConfig, rundir.RunConfig): a .validate() method raising a one-line ValueError
@@ -175,6 +181,7 @@ class _Setup:
   steps_per_epoch: int
   has_valid: bool
   workers: int
+  metadata: md.MetadataSpec = md.MetadataSpec()  # empty: an image-only model
 
 
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
@@ -254,6 +261,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
   if start >= config.epochs:
     return _already_done(config, start, state, history, setup, out.chief)
   if out.chief:
+    if setup.metadata:  # before config.json: a config naming columns always has its spec
+      rundir.write_metadata(out.dir, setup.metadata)
     rundir.write_config(out.dir, run_config)
   iterator, valid = _inputs(config, strategy, setup, start)
   _fit(config, strategy, setup, state, out, iterator, valid, history, start)
@@ -294,15 +303,24 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
                     selection.SELECTION["loss"])
   _check_every_class_trains(info, fold, config.records_dir)
   try:
+    spec = input_metadata.select(info, config.metadata, fold)
+  except ValueError as err:
+    raise TrainError(str(err)) from err
+  if spec:
+    logging.info("metadata: %s -> %d input features (%s statistics)", ", ".join(spec.names),
+                 spec.width, "the training split's" if fold is None else
+                 f"fold {fold}'s training part's")
+  try:
     recipes.check_warmup_fits(config, run_state.phase_steps(config, steps_per_epoch))
   except ValueError as err:
     raise TrainError(str(err)) from err
   return _Setup(
-      info=info, model_config=dataclasses.replace(config.model, num_classes=info.num_classes),
+      info=info, model_config=dataclasses.replace(config.model, num_classes=info.num_classes,
+                                                  metadata_features=spec.width),
       mixed=precision.policy == "mixed_float16", precision=precision.policy, xla_mode=xla_mode,
       class_counts=info.class_counts("train", fold),
       class_weights=class_weights, steps_per_epoch=steps_per_epoch,
-      has_valid=has_valid, workers=distribute.num_workers(strategy))
+      has_valid=has_valid, workers=distribute.num_workers(strategy), metadata=spec)
 
 
 def _resolve_xla(config: TrainConfig, strategy, steps_per_epoch: int) -> str:
@@ -348,7 +366,8 @@ def _run_config(config: TrainConfig, strategy, setup: _Setup) -> rundir.RunConfi
       fold=config.fold, preprocessing=info.preprocessing,
       model=setup.model_config.to_dict(), train=config.to_dict(), seed=config.seed,
       deterministic=config.deterministic, replicas=strategy.num_replicas_in_sync,
-      workers=setup.workers, mixed_precision=setup.precision, xla=setup.xla_mode)
+      workers=setup.workers, mixed_precision=setup.precision, xla=setup.xla_mode,
+      metadata=list(setup.metadata.names))
 
 
 def _already_done(config: TrainConfig, start: int, state: run_state.State, history, setup,
@@ -368,14 +387,14 @@ def _inputs(config: TrainConfig, strategy, setup: _Setup, start: int):
   info, fold, size = setup.info, config.fold, config.model.image_size
   kwargs = dict(training=True, image_size=size, fold=fold, seed=config.seed + start,
                 balance="oversample" if config.balance == "oversample" else None,
-                cache=config.cache)
+                cache=config.cache, metadata=setup.metadata or None)
   # With a tf.data service, one job per run and resumed epoch, shared by all trainers.
   job = (f"{fileio.canonical(config.model_dir)}|{info.records_dir}|{fold}|{config.seed}|"
          f"{start}")
   iterator = iter(feeding.train_input(strategy, info, config.batch_size, config.data_service,
                                          job, **kwargs))
-  valid = (feeding.valid_input(strategy, info, config.batch_size, size, fold)
-           if setup.has_valid else None)
+  valid = (feeding.valid_input(strategy, info, config.batch_size, size, fold,
+                               setup.metadata or None) if setup.has_valid else None)
   return iterator, valid
 
 
@@ -556,7 +575,8 @@ def _choose_threshold(config: TrainConfig, setup: _Setup, model_dir: str) -> run
   else:
     model, cfg = models.load_model_dir(model_dir)
     ds = pipeline.make_dataset(setup.info, "valid", batch_size=config.batch_size, training=False,
-                               image_size=cfg.image_size, fold=fold)
+                               image_size=cfg.image_size, fold=fold,
+                               metadata=inference.run_metadata(model, model_dir))
     probs, labels, _ = inference.predict_dataset(model, ds, 0, info=setup.info, split="valid",
                                                  fold=fold)
     value, source = thresholds.choose(rule, probs, labels)
