@@ -39,7 +39,7 @@ _PATIENTS_CSV = flags.DEFINE_string("patients_csv", None, "For class-folder or p
                                     "patient's images together. Without patient ids images are "
                                     "split one by one (the summary warns).")
 _METADATA_COLUMNS = flags.DEFINE_list(
-    "metadata_columns", None, "Patient metadata to store in every record, e.g. sex,age_approx,"
+    "metadata_columns", [], "Patient metadata to store in every record, e.g. sex,age_approx,"
     "anatom_site_general_challenge (from --labels_csv, or --metadata_csv). Numeric when every "
     "present cell is a number, else categorical; force with NAME:numeric or NAME:categorical. "
     "Empty/NaN/unknown cells are stored as missing (no feature), never 0. images_per_patient "
@@ -127,6 +127,7 @@ _NOT_FLAGS = {"preprocess": "a nested config (PreprocessConfig, from its own fie
 _CONFIG_FLAGS = cli_common.ConfigFlags(
     globals(), _configs, "make_records", _NOT_FLAGS,
     converters={"split": _fractions, "classes": lambda names: tuple(names) if names else None,
+                "metadata_columns": lambda names: tuple(names or ()),
                 # one size or several ("256,384,512"): PreprocessConfig gets the largest
                 "image_size": lambda text: max(int(p) for p in text.split(",") if p.strip())})
 
@@ -156,8 +157,7 @@ def _config():
     raise app.UsageError(cli_common.as_flags(str(err).replace("PreprocessConfig.", ""),
                                              _FLAG_NAMES)) from err
   config = _CONFIG_FLAGS.build(convert.ConvertConfig, split=split, preprocess=pre,
-                               image_sizes=sizes if len(sizes) > 1 else (),
-                               metadata_columns=tuple(_METADATA_COLUMNS.value or ()))
+                               image_sizes=sizes if len(sizes) > 1 else ())
   try:
     config.validate()
   except ValueError as err:
