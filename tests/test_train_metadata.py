@@ -74,6 +74,27 @@ def test_image_only_model_is_unchanged_and_metadata_model_takes_both_inputs(tmp_
     models.ModelConfig(metadata_dropout=1.5).validate()
 
 
+def test_tta_transforms_the_image_and_passes_the_metadata_through():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(1)
+  model = models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=32,
+                                                weights="none", metadata_features=3))
+  rng = np.random.default_rng(0)
+  x = {"image": rng.integers(0, 256, (4, 32, 32, 3)).astype(np.uint8),
+       "metadata": rng.normal(size=(4, 3)).astype(np.float32)}
+  got = inference.forward(model, 3)(x).numpy()
+  want = np.mean([inference.probabilities(model({"image": inference.dihedral(
+      tf.cast(x["image"], tf.float32), k), "metadata": tf.constant(x["metadata"])},
+      training=False)).numpy()
+                  for k in range(3)], axis=0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # A last partial batch is padded (image and metadata alike) and cut off again.
+  probs, _, _ = inference.predict_dataset(model, [(x, np.zeros(4)), (
+      {k: v[:1] for k, v in x.items()}, np.zeros(1))], tta=3)
+  np.testing.assert_allclose(probs, np.concatenate([want, want[:1]]), rtol=1e-5, atol=1e-6)
+
+
 def test_a_run_without_its_metadata_json_is_refused_by_name(tmp_path):
   model = models.build_model(models.ModelConfig(backbone="simple_cnn", image_size=32,
                                                 weights="none", metadata_features=5))
@@ -115,8 +136,10 @@ def test_metadata_branch_learns_what_the_image_cannot_show_and_evaluate_resume_e
   # An ensemble of a member with and one without metadata, each fed what it was trained on.
   both = f"{tmp_path / 'meta'},{tmp_path / 'image'}"
   e = evaluate.evaluate(evaluate.EvalConfig(model_dir=both, bootstrap=0, threshold="0.5",
-                                            output_dir=str(tmp_path / "ens")))
-  assert [r["roc_auc"] for r in e["members"]][0] == pytest.approx(m["roc_auc"])
+                                            output_dir=str(tmp_path / "ens"), tta=2,
+                                            calibrate="temperature"))
+  assert (tmp_path / "meta" / rundir.CALIBRATION_FILE).exists()  # fitted on its valid split
+  assert e["members"][0]["roc_auc"] >= 0.9  # with TTA and its own temperature
   report = (tmp_path / "ens" / "report.txt").read_text()
   assert "image only" in report and "metadata age, site" in report
 

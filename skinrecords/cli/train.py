@@ -365,10 +365,13 @@ def _final_line(result: dict) -> str:
   threshold = (f"\ndecision threshold {t['value']:.4g}: {t['source']} (threshold.json; evaluate "
                "and predict use it)" if t.get("split") != "none" else
                f"\ndecision threshold: {t.get('source')}") if t else ""
+  from skinrecords.core import fileio, metadata  # pylint: disable=g-import-not-at-top
+  spec = (", metadata.json (the encoding of its metadata input)" if fileio.exists(
+      fileio.join(result["model_dir"], metadata.SPEC_FILE)) else "")
   return (f"model.keras holds epoch {epoch} of {result['epochs_done']} (best by {by}){stop}: "
           f"{shown}{threshold}\n"
           f"run files in {result['model_dir']}: config.json, history.csv, summary.json, "
-          "accuracy/loss/auc.png, logs/")
+          f"accuracy/loss/auc.png, logs/{spec}")
 
 
 def _cross_validate(config, strategy) -> int:

@@ -213,7 +213,7 @@ def predict_member(member: Member, info, split: str, fold, batch_size: int, tta:
   member's own image size."""
   return inference.predict_split(member.model, info, split, image_size=member.image_size,
                                  batch_size=batch_size, tta=tta, fold=fold,
-                                 metadata=member.metadata)
+                                 metadata=member.metadata, model_dir=member.model_dir)
 
 
 def check_aligned(names_per_member: list[list[str]], dirs: list[str]) -> None:

@@ -254,7 +254,7 @@ def _record_probs(model, cfg, records_dir, split, batch_size, *, threshold, tta,
                                               threshold=threshold, folder=explain_dir)
   probs, _, names = inference.predict_split(model, info, split, image_size=cfg.image_size,
                                             batch_size=batch_size, tta=tta, through=through,
-                                            metadata=metadata)
+                                            metadata=metadata, model_dir=model_dir)
   return probs, names
 
 

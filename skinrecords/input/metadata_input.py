@@ -90,8 +90,9 @@ def check_records(info: manifest.DatasetInfo, spec: md.MetadataSpec, model_dir) 
   missing = [c.name for c in spec.columns if c.name not in have.names]
   if missing:
     raise ValueError(f"{model_dir} was trained with metadata columns {', '.join(spec.names)}, "
-                     f"but {info.records_dir} has {_have(have)} (missing: {', '.join(missing)}); "
-                     "convert the records with those --metadata_columns")
+                     f"but {info.records_dir} has " + (
+                         f"{', '.join(have.names)} (missing: {', '.join(missing)})" if have else
+                         "none") + f"; convert them with --metadata_columns={','.join(spec.names)}")
   stored = {c.name: (c.key, c.dtype) for c in have.columns}
   differ = [c.name for c in spec.columns if stored[c.name] != (c.key, c.dtype)]
   if differ:

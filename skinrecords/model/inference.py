@@ -155,16 +155,17 @@ def run_metadata(model: keras.Model, model_dir) -> md.MetadataSpec | None:
 def predict_split(model: keras.Model, info: manifest.DatasetInfo, split: str, *, image_size: int,
                   batch_size: int, tta: int = 0, fold: int | None = None,
                   through=None, metadata: md.MetadataSpec | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  model_dir=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(probabilities, labels, names) of `model` on every record of `split` (with `fold=k`, "valid"
   is fold k), decoded at `image_size`, the model's own. `through(batches)`, if given, sees every
   batch on its way to the model (predict's Grad-CAM overlays). A model with metadata needs
   `metadata`, its run's spec (rundir.read_metadata): the records' values are encoded with the
-  statistics it was trained with, whatever statistics these records carry."""
+  statistics it was trained with, whatever statistics these records carry (`model_dir` names the
+  run in errors)."""
   if models.metadata_features(model) and not metadata:
     raise ValueError(f"model {model.name!r} takes metadata: pass its run's spec "
                      "(inference.run_metadata(model, model_dir))")
-  input_metadata.check_records(info, metadata, "the model")
+  input_metadata.check_records(info, metadata, model_dir or f"model {model.name!r}")
   ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False,
                              image_size=image_size, fold=fold, with_names=True,
                              metadata=metadata or None)

@@ -105,13 +105,11 @@ class ModelConfig:
                        f"path ending in one of {_WEIGHT_SUFFIXES}.")
 
   def _validate_metadata(self) -> None:
-    for name in ("metadata_features", "metadata_width"):
+    for name, least in (("metadata_features", 0), ("metadata_width", 1)):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"ModelConfig.{name}={value!r} must be an int >= 0.")
-    if self.metadata_features and not self.metadata_width:
-      raise ValueError("ModelConfig.metadata_width=0: a model with metadata needs a branch of "
-                       "at least 1 unit (the default is 32).")
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be an int >= {least}"
+                         f"{' (units of the metadata branch; default 32)' if least else ''}.")
     value = self.metadata_dropout
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
       raise ValueError(f"ModelConfig.metadata_dropout={value!r} must be a float in [0, 1).")

@@ -137,7 +137,8 @@ def predict_fold(info: manifest.DatasetInfo, model_dir: str, fold: int, batch_si
   model, cfg = models.load_model_dir(model_dir)
   probs, labels, names = inference.predict_split(model, info, "valid", image_size=cfg.image_size,
                                                  batch_size=batch_size, tta=tta, fold=fold,
-                                                 metadata=inference.run_metadata(model, model_dir))
+                                                 metadata=inference.run_metadata(model, model_dir),
+                                                 model_dir=model_dir)
   groups = pipeline.patient_ids(info, "valid", fold, names)
   return {"fold": fold, "probs": probs, "labels": labels, "names": names,
           "groups": groups or [""] * len(names)}
