@@ -125,7 +125,7 @@ def train_and_score(records: pathlib.Path, model_dir: pathlib.Path, metadata: st
   model, cfg = models.load_model_dir(model_dir)
   info = pipeline.load_info(str(records))
   probs, labels, names = inference.predict_split(
-      model, info, "test", image_size=cfg["image_size"], batch_size=64,
+      model, info, "test", image_size=cfg.image_size, batch_size=64,
       metadata=inference.run_metadata(model, model_dir))
   return {"probs": probs, "labels": labels,
           "groups": pipeline.patient_ids(info, "test", None, names),
