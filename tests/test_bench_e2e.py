@@ -30,7 +30,7 @@ def _row(out: str, label: str, pattern: str) -> tuple[float, ...]:
 
 def test_bench_e2e_prints_every_row_and_removes_its_folder(tmp_path):
   proc = run_bin("bench_e2e", "--backbones=simple_cnn", "--image_size=32", "--num_images=40",
-                 "--epochs=2", "--batch_size=8", f"--workdir={tmp_path}", timeout=120)
+                 "--epochs=2", "--batch_size=8", f"--workdir={tmp_path}", timeout=300)
   out = proc.stdout
   assert re.search(r"^32 train / 8 test synthetic 32x32 images .* 2 epochs of 4 steps", out,
                    re.M), out
