@@ -407,16 +407,3 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_epochs(abcd_records, 
   text = err.read_text()
   assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("train: interrupted")
   assert (tmp_path / "m" / "model.keras").stat().st_size > 0  # epochs already done are kept
-
-
-def test_auto_xla_skips_compiling_the_warp_for_runs_too_short_to_repay_it():
-  """The CPU warp's compilation (~2-4 CPU s) pays back only above ~5e7 augmented pixels."""
-  cpu = ["/job:localhost/replica:0/task:0/device:CPU:0"]
-  gpu = ["/job:localhost/replica:0/task:0/device:GPU:0"]
-  short = 3 * 15 * 16 * 128 ** 2  # bench_e2e's run: 1.2e7 pixels
-  long = 10 * 1000 * 32 * 512 ** 2  # an ISIC run at 512 px
-  assert xla.resolve_xla("auto", cpu, True, short) == "off"
-  assert xla.resolve_xla("auto", cpu, True, long) == "augment"
-  assert xla.resolve_xla("auto", cpu, True, None) == "augment"  # not known: compile
-  assert xla.resolve_xla("auto", gpu, True, short) == "on"  # GPUs compile the whole step
-  assert xla.resolve_xla("augment", cpu, True, short) == "augment"  # an explicit choice stands

@@ -288,12 +288,17 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
   logging.info("precision: %s (%s)", precision.policy, precision.reason)
   if precision.warning:
     logging.warning("%s", precision.warning)
+  devices = distribute.replica_devices(strategy)
+  try:
+    xla_mode = recipes.xla_mode(config, xla.resolve_xla(config.xla, devices,
+                                                               config.augment.enabled),
+                                strategy.num_replicas_in_sync)
+  except ValueError as err:
+    raise TrainError(str(err)) from err
+  logging.info("XLA: %s (xla=%s on %s)", xla_mode, config.xla, ", ".join(devices))
   keras.mixed_precision.set_global_policy(precision.policy)
   info = pipeline.load_info(config.records_dir)
   fold = config.fold
-  steps_per_epoch = config.steps_per_epoch or max(
-      1, info.num_examples("train", fold) // config.batch_size)
-  xla_mode = _resolve_xla(config, strategy, steps_per_epoch)
   class_weights = [1.0] * info.num_classes
   if config.balance == "class_weights":
     class_weights = [w for _, w in sorted(manifest.class_weights(info, "train", fold).items())]
@@ -302,6 +307,8 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
     logging.warning("no validation split: the best epoch is chosen by %s",
                     selection.SELECTION["loss"])
   _check_every_class_trains(info, fold, config.records_dir)
+  steps_per_epoch = config.steps_per_epoch or max(
+      1, info.num_examples("train", fold) // config.batch_size)
   try:
     spec = input_metadata.select(info, config.metadata, fold)
   except ValueError as err:
@@ -321,25 +328,6 @@ def _resolve(config: TrainConfig, strategy) -> _Setup:
       class_counts=info.class_counts("train", fold),
       class_weights=class_weights, steps_per_epoch=steps_per_epoch,
       has_valid=has_valid, workers=distribute.num_workers(strategy), metadata=spec)
-
-
-def _resolve_xla(config: TrainConfig, strategy, steps_per_epoch: int) -> str:
-  """The XLA mode of this run, logged with why (xla.resolve_xla; a short run on the CPU does not
-  compile the warp: the compilation would cost more than it saves)."""
-  devices = distribute.replica_devices(strategy)
-  pixels = config.epochs * steps_per_epoch * config.batch_size * config.model.image_size ** 2
-  try:
-    xla_mode = recipes.xla_mode(config, xla.resolve_xla(config.xla, devices, config.augment.enabled,
-                                                        pixels),
-                                strategy.num_replicas_in_sync)
-  except ValueError as err:
-    raise TrainError(str(err)) from err
-  short = (config.xla == "auto" and config.augment.enabled and xla_mode == "off"
-           and xla.resolve_xla("auto", devices, True) == "augment")
-  logging.info("XLA: %s (xla=%s on %s)%s", xla_mode, config.xla, ", ".join(devices),
-               f"; the warp is not compiled: this run augments {pixels:.2g} pixels, below the "
-               f"{xla.AUGMENT_BREAK_EVEN_PIXELS:.0g} where compiling it pays back" if short else "")
-  return xla_mode
 
 
 def _build_state(config: TrainConfig, strategy, setup: _Setup) -> run_state.State:
