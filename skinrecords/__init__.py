@@ -5,8 +5,8 @@ augment -> models -> train -> inference -> evaluate/predict/export. Modules are 
 never through this package's namespace, so that importing the package does not pull in TensorFlow
 for tools that only need OpenCV.
 
-The layout, in one place: tests/test_layout.py keeps this map true, and tools/relayout.py moves the
-modules into these sub-packages. Each package lists its modules, then ("- ") what it owns. A package
+The layout, in one place: tests/test_layout.py keeps this map true (a new module goes into its
+package here and in the tree). Each package lists its modules, then ("- ") what it owns. A package
 imports only the packages above it; "never:" names one it must not import even so. Nothing imports
 cli/ and no library module imports absl.flags; core/ and data/ import neither TensorFlow nor Keras
 at module level (a converter worker starts in ~0.15 s without it, ~3.4 s with it).
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 
 def layout() -> tuple[dict[str, list[str]], dict[str, set[str]]]:
   """The map above as data: ({package: its modules} in table order, {package: what it never
-  imports}). Read by tests/test_layout.py, which keeps it true, and by tools/relayout.py."""
+  imports}). Read by tests/test_layout.py, which keeps it true."""
   import re  # pylint: disable=g-import-not-at-top
 
   packages: dict[str, list[str]] = {}

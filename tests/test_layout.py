@@ -3,9 +3,8 @@ skinrecords/__init__.py) matches the files, the import graph has no cycle and ke
 "must never import" rules, flags live only in the command layer, bin/ scripts are thin shims,
 commands are namespaced, and benchmarks stay outside the library.
 
-Written to hold both before and after tools/relayout.py moves the flat modules into the map's
-sub-packages: a module is found at skinrecords/<module>.py or skinrecords/<package>/<module>.py,
-and imports are read in either spelling."""
+A module is found at skinrecords/<package>/<module>.py (or, as before the move into sub-packages,
+skinrecords/<module>.py), and imports are read in either spelling."""
 
 from __future__ import annotations
 
