@@ -66,7 +66,7 @@ def test_every_config_field_is_a_flag_with_its_default():
           "found = {}\n"
           f"for command in {commands!r}:\n"
           "  c = importlib.import_module('skinrecords.cli.' + command)\n"
-          "  found[command] = [len(c._CONFIG_FLAGS.flags), c.config_flag_problems()]\n"
+          "  found[command] = [len(c._CONFIG_FLAGS.flags), c._CONFIG_FLAGS.problems()]\n"
           "  for name in list(flags.FLAGS.get_key_flags_for_module(c.__name__)):\n"
           "    delattr(flags.FLAGS, name.name)\n"
           "print(json.dumps(found))\n")

@@ -54,9 +54,6 @@ _NOT_FLAGS = {"progress_interval": "the seconds between waiting lines; tests sho
 _CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "data_service", _NOT_FLAGS)
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 
 def main(argv):
   if len(argv) > 1:

@@ -79,9 +79,6 @@ def _configs() -> tuple:
 _CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "evaluate")
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 
 def main(argv):
   if len(argv) > 1:

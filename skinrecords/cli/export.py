@@ -68,9 +68,6 @@ def _configs() -> tuple:
 _CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "export")
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 _FLAG_NAMES = ("format", "max_examples", "threshold", "version", "records_dir", "ensemble",
                "member_outputs", "overwrite=True", "output_dir", "model_dir")
 

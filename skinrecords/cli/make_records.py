@@ -132,9 +132,6 @@ _CONFIG_FLAGS = cli_common.ConfigFlags(
                 "image_size": lambda text: max(int(p) for p in text.split(",") if p.strip())})
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 
 _FLAG_NAMES = ("folds", "workers", "shard_size_mb", "min_train_shards", "labels_csv",
                "patient_column", "patients_csv", "image_column", "image_size", "image_format", "jpeg_quality", "max_pixels",

@@ -76,9 +76,6 @@ _CONFIG_FLAGS = cli_common.ConfigFlags(
     converters={"min_size": synthetic.parse_size, "max_size": synthetic.parse_size})
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 
 def main(argv):
   if len(argv) > 1:

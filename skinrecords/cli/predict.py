@@ -86,9 +86,6 @@ _NOT_FLAGS = {"images": "the command's arguments"}
 _CONFIG_FLAGS = cli_common.ConfigFlags(globals(), _configs, "predict", _NOT_FLAGS)
 
 
-def config_flag_problems() -> list[str]:
-  return _CONFIG_FLAGS.problems()
-
 
 def main(argv):
   if len(argv) < 2 and not _INPUT_DIR.value and not _RECORDS_DIR.value:

@@ -197,7 +197,7 @@ _MAX_IMAGE_SIZE = 8192  # make_records' largest --image_size (preprocess)
 # The fields of the train configs (train.TrainConfig and the ModelConfig, AugmentConfig and
 # RecipeConfig it holds) NOT set from the flag of their name, and why. Every other field must have
 # a flag of its name with its default: _from_flags refuses to build a config otherwise, and
-# config_flag_problems() (tests/test_help.py) checks the defaults, so a field added to a config
+# _CONFIG_FLAGS.problems() (tests/test_help.py) checks the defaults, so a field added to a config
 # cannot be forgotten here (AugmentConfig.fill_value was: --fill_value exists since issue 22).
 _NOT_FLAGS = {
     "model": "a nested config (ModelConfig, from its own fields' flags)",
@@ -225,10 +225,6 @@ def _from_flags(cls, **given):
   """`cls` with each field from the flag of its name, `given` (the _NOT_FLAGS fields) excepted."""
   return _CONFIG_FLAGS.build(cls, **given)
 
-
-def config_flag_problems() -> list[str]:
-  """Every train config field without a flag of its name and default (or a _NOT_FLAGS reason)."""
-  return _CONFIG_FLAGS.problems()
 
 
 def _recipe_flags() -> tuple:
